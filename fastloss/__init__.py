@@ -1,0 +1,19 @@
+"""fastloss: fused, compiled loss kernels for numpy (numba on the CPU).
+
+Public API (see ``docs/api.md``): :func:`cross_entropy`,
+:func:`cross_entropy_with_grad`, :func:`logsumexp`, :func:`mse`,
+:func:`mse_with_grad`.
+"""
+
+from ._version import __version__
+from .ops.cross_entropy import cross_entropy, cross_entropy_with_grad, logsumexp
+from .ops.mse import mse, mse_with_grad
+
+__all__ = [
+    "__version__",
+    "cross_entropy",
+    "cross_entropy_with_grad",
+    "logsumexp",
+    "mse",
+    "mse_with_grad",
+]

@@ -1,0 +1,193 @@
+"""Input checking and normalisation shared by every public entry point.
+
+Everything a kernel relies on is established here, once: supported dtypes,
+shapes, option ranges, targets inside ``[0, V)``. Kernels then trust their
+inputs. Half-precision arrays are handed to kernels as integer views (numba
+has no float16/bfloat16 arrays on the CPU): float16 as int16, bfloat16 as
+uint16; ``fastloss.cpu._math.load``/``store`` convert them in registers.
+"""
+
+import math
+import numbers
+import threading
+from contextlib import contextmanager
+
+import ml_dtypes
+import numba
+import numpy as np
+
+from . import config
+
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+FLOAT_DTYPES = (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32), np.dtype(np.float64))
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _dtype_names():
+    return "float16, bfloat16, float32 or float64"
+
+
+def float_array(a, name):
+    """``np.asarray(a)`` checked to have a supported float dtype and at least one dimension."""
+    arr = np.asarray(a)
+    if arr.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected dtype {_dtype_names()}, found {arr.dtype}")
+    return arr
+
+
+def acc_dtype(dtype):
+    """Accumulation dtype: float64 for float64 data, float32 for everything else."""
+    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+
+
+def kernel_view(arr):
+    """A C-contiguous view (copy only if needed) in the dtype the kernels take."""
+    arr = np.ascontiguousarray(arr)
+    if arr.dtype == np.float16:
+        return arr.view(np.int16)
+    if arr.dtype == BFLOAT16:
+        return arr.view(np.uint16)
+    return arr
+
+
+def check_reduction(reduction):
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of 'mean', 'sum', 'none', found {reduction!r}")
+    return reduction
+
+
+def real_scalar(value, name):
+    """A Python float from a real number (0-d arrays accepted); TypeError otherwise."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.ndarray, np.generic)):
+        raise TypeError(f"{name}: expected a real number, found {type(value).__name__}")
+    arr = np.asarray(value)
+    if arr.ndim != 0 or arr.dtype.kind not in "iuf":
+        raise TypeError(f"{name}: expected a real number, found an array of shape {arr.shape} "
+                        f"and dtype {arr.dtype}")
+    return float(arr)
+
+
+def check_range(value, name, *, low=None, high=None, low_open=False, allow_none=False):
+    """Validate a real scalar option against [low, high] (or (low, ...) with low_open)."""
+    if value is None and allow_none:
+        return None
+    v = real_scalar(value, name)
+    if math.isnan(v):
+        raise ValueError(f"{name}: expected a number, found NaN")
+    too_low = low is not None and (v <= low if low_open else v < low)
+    too_high = high is not None and v > high
+    if too_low or too_high or math.isinf(v):
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        interval = f"{'(' if low_open else '['}{lo}, {hi}{']' if high is not None else ')'}"
+        raise ValueError(f"{name}: expected a finite value in {interval}, found {v!r}")
+    return v
+
+
+def check_finite(value, name):
+    v = real_scalar(value, name)
+    if not math.isfinite(v):
+        raise ValueError(f"{name}: expected a finite number, found {v!r}")
+    return v
+
+
+def logits_array(logits):
+    """Validated logits array with at least one dimension and V >= 1."""
+    arr = float_array(logits, "logits")
+    if arr.ndim == 0:
+        raise ValueError("logits: expected shape (..., V) with at least one dimension, found a 0-d array")
+    if arr.shape[-1] == 0:
+        raise ValueError(f"logits: the class dimension (last) must be at least 1, found shape {arr.shape}")
+    return arr
+
+
+def targets_for_kernel(targets, logits_shape, ignore_index):
+    """Validate targets and return them flat as int64 with ignored positions set to -1.
+
+    Raises ValueError naming the number of out-of-range targets, the first
+    bad position and its value.
+    """
+    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(ignore_index, (numbers.Integral, np.integer)):
+        raise TypeError(f"ignore_index: expected an integer, found {type(ignore_index).__name__}")
+    ignore_index = int(ignore_index)
+    t = np.asarray(targets)
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"targets: expected an integer dtype, found {t.dtype}")
+    want = tuple(logits_shape[:-1])
+    if t.shape != want:
+        raise ValueError(f"targets: expected shape {want} (logits.shape[:-1]), found {t.shape}")
+    nclass = logits_shape[-1]
+    flat = t.reshape(-1)
+    t64 = flat.astype(np.int64)
+    # uint64 values past int64's range would wrap to negatives: flag them as bad.
+    huge = flat > np.iinfo(np.int64).max if t.dtype == np.uint64 else np.zeros(flat.shape, bool)
+    info = np.iinfo(np.int64)
+    if info.min <= ignore_index <= info.max:
+        ignored = (t64 == ignore_index) & ~huge
+    else:
+        ignored = np.zeros(flat.shape, bool)
+    bad = ~ignored & ((t64 < 0) | (t64 >= nclass) | huge)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        pos = np.unravel_index(first, t.shape) if t.ndim else ()
+        value = flat[first]
+        raise ValueError(
+            f"targets: {int(bad.sum())} value(s) outside [0, {nclass}) that are not "
+            f"ignore_index={ignore_index}; first at position {tuple(int(p) for p in pos)}: {value}")
+    return np.where(ignored, np.int64(-1), t64), ignored
+
+
+def class_weight(weight, nclass, acc):
+    """Validated class-weight vector of shape (V,) in the accumulation dtype, or None."""
+    if weight is None:
+        return None
+    w = np.asarray(weight)
+    if w.dtype.kind not in "iuf" and w.dtype != BFLOAT16:
+        raise TypeError(f"weight: expected a real (float or integer) array, found dtype {w.dtype}")
+    if w.shape != (nclass,):
+        raise ValueError(f"weight: expected shape ({nclass},) (one weight per class), found {w.shape}")
+    w = np.ascontiguousarray(w, dtype=acc)
+    if not np.all(np.isfinite(w)):
+        raise ValueError("weight: expected finite values, found NaN or inf")
+    if np.any(w < 0):
+        raise ValueError(f"weight: expected non-negative values, found minimum {w.min()}")
+    return w
+
+
+def out_array(out, shape, dtype, name="out"):
+    """Check a caller-provided output buffer: right shape and dtype, writable, C-contiguous."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy array, found {type(out).__name__}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, found {out.shape}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, found {out.dtype}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name}: the array is read-only")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"{name}: expected a C-contiguous array")
+    return out
+
+
+def num_tasks(rows, elements):
+    """How many parallel tasks to split ``rows`` rows of ``elements`` elements into."""
+    by_size = max(1, elements // config.MIN_ELEMENTS_PER_TASK)
+    return max(1, min(numba.get_num_threads(), rows, by_size))
+
+
+_LAUNCH_LOCK = threading.Lock()
+
+
+@contextmanager
+def kernel_launch():
+    """Serialise parallel kernel launches only where numba's threading layer is not
+    thread-safe (``workqueue``); OpenMP and TBB layers run concurrent calls as is."""
+    try:
+        safe = numba.threading_layer() in ("omp", "tbb")
+    except ValueError:  # no parallel region has run yet in this process
+        safe = False
+    if safe:
+        yield
+    else:
+        with _LAUNCH_LOCK:
+            yield

@@ -1,0 +1,1 @@
+"""Public functions: validate, choose the kernel, shape the result."""

@@ -1,0 +1,40 @@
+"""Shared pytest configuration for the fastloss tests.
+
+* ``@pytest.mark.slow`` tests run only with ``--runslow``.
+* ``rng``: a numpy Generator with a fixed seed, fresh for every test.
+"""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+# Make ``import reference`` work from every test module regardless of rootdir
+# or import mode.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--runslow", action="store_true", default=False, help="also run tests marked slow"
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: slow test, run only with --runslow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip_slow = pytest.mark.skip(reason="slow test: pass --runslow to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture
+def rng():
+    """A fresh, fixed-seed numpy random Generator."""
+    return np.random.default_rng(20240607)
