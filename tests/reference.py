@@ -20,6 +20,8 @@ transformed logits ``z`` (see :func:`transform`), ``lse = logsumexp(z)``,
     none: ce_i + zl_i per token, 0 at ignored tokens
 
     d ce_i / d z_k = (1 - eps) * w_t * (p_k - [k == t]) + (eps / V) * (W * p_k - w_k)
+                     (p_t - 1 evaluated as -sum_{j != t} p_j, and 1 - tanh**2 as
+                      sech**2, so tiny gradients keep their relative accuracy)
     d zl_i / d z_k = 2 * z_loss * lse * p_k
     d z_k / d x_k  = logit_scale * (1 - tanh(logit_scale * x_k / softcap)**2)   (softcap)
                    = logit_scale                                                (no softcap)
@@ -57,9 +59,10 @@ def _transform_with_derivative(x, softcap=None, logit_scale=1.0):
         z = float(logit_scale) * x
         if softcap is not None:
             c = float(softcap)
-            th = np.tanh(z / c)
-            z = c * th
-            dz = float(logit_scale) * (1.0 - th * th)
+            u = z / c
+            z = c * np.tanh(u)
+            # 1 - tanh(u)**2 written as sech(u)**2: no cancellation when |u| is large
+            dz = float(logit_scale) / np.cosh(u) ** 2
         else:
             dz = np.full(x.shape, float(logit_scale))
     z = np.where(neginf, -np.inf, z)
@@ -182,8 +185,11 @@ def ce_reference(
     grad2 = np.zeros((N, V))
     if count and V:
         with np.errstate(invalid="ignore", over="ignore"):
+            # p_t - 1 written as -(sum of the other p_j): no cancellation when p_t ~ 1
+            p_others = p.copy()
+            p_others[np.arange(count), t] = 0.0
             gz = (1.0 - eps) * wt[:, None] * p
-            gz[np.arange(count), t] -= (1.0 - eps) * wt
+            gz[np.arange(count), t] = -(1.0 - eps) * wt * p_others.sum(axis=-1)
             if eps != 0.0:
                 gz += (eps / V) * (W * p - w[None, :])
             gz *= c_ce[:, None]

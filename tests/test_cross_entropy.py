@@ -37,10 +37,10 @@ class Tol:
 # float32 one; the gradient is rounded once to the input dtype, so its rtol is
 # about one unit roundoff of that dtype (bf16 2**-8 = 3.9e-3, f16 2**-11 = 4.9e-4).
 DTYPES = [
-    pytest.param(np.dtype(np.float64), Tol(loss=1e-12, grad=1e-11, grad_atol=1e-13), id="float64"),
-    pytest.param(np.dtype(np.float32), Tol(loss=1e-5, grad=1e-5, grad_atol=1e-6), id="float32"),
-    pytest.param(np.dtype(np.float16), Tol(loss=1e-5, grad=1e-3, grad_atol=1e-6, tiny=6e-8), id="float16"),
-    pytest.param(BF16, Tol(loss=1e-5, grad=5e-3, grad_atol=1e-6), id="bfloat16"),
+    pytest.param(np.dtype(np.float64), Tol(loss=1e-13, grad=1e-12, grad_atol=1e-14), id="float64"),
+    pytest.param(np.dtype(np.float32), Tol(loss=2e-6, grad=1e-5, grad_atol=1e-6), id="float32"),
+    pytest.param(np.dtype(np.float16), Tol(loss=2e-6, grad=1e-3, grad_atol=1e-6, tiny=6e-8), id="float16"),
+    pytest.param(BF16, Tol(loss=2e-6, grad=5e-3, grad_atol=1e-6), id="bfloat16"),
 ]
 TOLS = {p.values[0]: p.values[1] for p in DTYPES}
 REDUCTIONS = ["mean", "sum", "none"]
@@ -76,10 +76,14 @@ def assert_grad_close(actual, desired, tol, what="grad"):
     d = to_float64(desired)
     assert a.shape == d.shape, f"{what}: shape {a.shape} != {d.shape}"
     finite = np.isfinite(d)
-    scale = float(np.abs(d[finite]).max()) if finite.any() else 0.0
-    np.testing.assert_allclose(
-        a, d, rtol=tol.grad, atol=tol.grad_atol * scale + tol.tiny, err_msg=what, equal_nan=True
-    )
+    # errors are measured against the row scale of the gradient; an all-zero
+    # reference (V=1, ...) is measured against 1
+    scale = (float(np.abs(d[finite]).max()) if finite.any() else 0.0) or 1.0
+    atol = tol.grad_atol * scale + tol.tiny
+    with np.errstate(invalid="ignore"):
+        ok = np.abs(a - d) <= atol + tol.grad * np.abs(d)  # cheap pre-check for big arrays
+    if not ok.all() or not finite.all():
+        np.testing.assert_allclose(a, d, rtol=tol.grad, atol=atol, err_msg=what, equal_nan=True)
 
 
 def torch_ce(logits, targets, *, grad_output=None, **kw):
@@ -99,7 +103,7 @@ def torch_ce(logits, targets, *, grad_output=None, **kw):
         return loss.detach().numpy(), x.grad.numpy()
     g = 1.0 if grad_output is None else float(grad_output)
     (loss * g).backward()
-    return float(loss), x.grad.numpy()
+    return float(loss.detach()), x.grad.numpy()
 
 
 def check_result(loss, grad, logits, reduction, tol, ref_loss, ref_grad):
@@ -112,7 +116,14 @@ def check_result(loss, grad, logits, reduction, tol, ref_loss, ref_grad):
         assert loss.shape == logits.shape[:-1]
     else:
         assert type(loss) is float, f"{reduction} loss is {type(loss)}, expected Python float"
-    assert_loss_close(loss, ref_loss, tol.loss)
+    # loss = lse - z_t cancels when p_t ~ 1: allow a few ulps (in the accumulation
+    # precision) of the logits' magnitude per token, on top of the relative tolerance
+    x = to_float64(logits)
+    fin = np.abs(x[np.isfinite(x)])
+    mag = (float(fin.max()) if fin.size else 0.0) + np.log(max(logits.shape[-1], 1)) + 1.0
+    acc = 2.0**-52 if logits.dtype == np.float64 else 2.0**-23
+    ntok = max(int(np.prod(logits.shape[:-1])), 1) if reduction == "sum" else 1
+    assert_loss_close(loss, ref_loss, tol.loss, atol=32 * acc * mag * ntok)
     if grad is not None:
         assert isinstance(grad, np.ndarray)
         assert grad.dtype == logits.dtype, f"grad dtype {grad.dtype} != logits dtype {logits.dtype}"
@@ -136,32 +147,18 @@ def both(logits, targets, **kw):
 
 # ------------------------------------------------ main grid: dtypes x shapes x reductions
 
-_REF_CACHE = {}
-
-
-def _cached_case(shape, dtype):
-    """Inputs and float64 references for every reduction, computed once per (shape, dtype)."""
-    key = (shape, dtype.name)
-    if key not in _REF_CACHE:
-        rng = np.random.default_rng(hash(key) % 2**32)
-        logits = make_logits(rng, shape, dtype)
-        targets = make_targets(rng, shape[:-1], shape[-1])
-        refs = {r: ce_reference(logits, targets, reduction=r) for r in REDUCTIONS}
-        _REF_CACHE.clear()  # keep at most one big case alive
-        _REF_CACHE[key] = (logits, targets, refs)
-    return _REF_CACHE[key]
-
-
-@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype,tol", DTYPES)
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_matches_reference_and_torch(shape, dtype, tol, reduction):
-    logits, targets, refs = _cached_case(shape, dtype)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference_and_torch(rng, shape, dtype, tol):
+    """Every reduction, loss and gradient, against the reference and torch."""
+    logits = make_logits(rng, shape, dtype)
+    targets = make_targets(rng, shape[:-1], shape[-1])
     before = logits.copy()
-    loss, grad = both(logits, targets, reduction=reduction)
-    check_result(loss, grad, logits, reduction, tol, *refs[reduction])
-    t_loss, t_grad = torch_ce(logits, targets, reduction=reduction)
-    check_result(loss, grad, logits, reduction, tol, t_loss, t_grad)
+    for reduction in REDUCTIONS:
+        loss, grad = both(logits, targets, reduction=reduction)
+        check_result(loss, grad, logits, reduction, tol, *ce_reference(logits, targets, reduction=reduction))
+        check_result(loss, grad, logits, reduction, tol, *torch_ce(logits, targets, reduction=reduction))
+        del grad
     assert np.array_equal(logits.view(np.uint8), before.view(np.uint8)), "logits were modified"
 
 
@@ -178,9 +175,9 @@ IGNORE_CASES = [
 def _targets_with_ignored(rng, n, V, ignore_index):
     t = rng.integers(0, V, size=n)
     mark = rng.random(n) < 0.25
+    if n >= 2:  # at least one ignored and at least one counted token
+        mark[0], mark[1] = True, False
     t[mark] = -100 if ignore_index is None else ignore_index
-    if not mark.any() and n:
-        t[0] = -100 if ignore_index is None else ignore_index
     return t
 
 
@@ -242,13 +239,18 @@ EXTRA_OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("options", EXTRA_OPTIONS)
-@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize(
+    "options,reduction",
+    [
+        pytest.param(p.values[0], r, id=f"{p.id}-{r}")
+        for p in EXTRA_OPTIONS
+        for r in REDUCTIONS
+        if r == "mean" or "normalizer" not in p.values[0]  # normalizer: mean only
+    ],
+)
 @pytest.mark.parametrize("dtype,tol", DTYPES)
 def test_extra_options_vs_reference(rng, options, reduction, dtype, tol):
     options = dict(options)
-    if "normalizer" in options and reduction != "mean":
-        pytest.skip("normalizer is for reduction='mean' only")
     N, V = 29, 513
     logits = make_logits(rng, (N, V), dtype)
     ii = options.get("ignore_index", -100)

@@ -18,7 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from .. import config
-from ._math import load, store
+from ._math import as_acc, load, store
 
 _FM = config.FASTMATH
 
@@ -29,11 +29,11 @@ def _segment(p, t, w, wmode, inner, lo, hi, scale, grad, loss):
     within one row of ``inner`` elements. Writes grad_k = scale w_k 2 (p_k - t_k)
     if ``grad`` is non-empty and loss_k = w_k (p_k - t_k)^2 if ``loss`` is."""
     acc = 0.0
-    two = load(p[lo]) * 0 + 2
+    two = as_acc(2.0, scale)  # typed from the scale, never from the data (NaN/inf safe)
     if wmode == 3:
         wc = w[lo // inner]
     else:
-        wc = two * 0 + 1
+        wc = as_acc(1.0, scale)
     off = lo % inner if wmode == 2 else 0
     do_grad = grad.shape[0] > 0
     do_loss = loss.shape[0] > 0

@@ -158,7 +158,7 @@ def cross_entropy(logits, targets, *, weight=None, ignore_index=-100, reduction=
     >>> import numpy as np, fastloss
     >>> logits = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]], dtype=np.float32)
     >>> round(fastloss.cross_entropy(logits, np.array([0, 2])), 4)
-    0.6698
+    0.6216
     >>> fastloss.cross_entropy(logits, np.array([-100, -100]))
     0.0
     """
@@ -215,8 +215,10 @@ def cross_entropy_with_grad(logits, targets, *, weight=None, ignore_index=-100,
     >>> import numpy as np, fastloss
     >>> logits = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]], dtype=np.float32)
     >>> loss, grad = fastloss.cross_entropy_with_grad(logits, np.array([0, 2]))
-    >>> grad.shape, grad.dtype, round(float(grad.sum()), 6)
-    ((2, 3), dtype('float32'), 0.0)
+    >>> grad.shape, grad.dtype
+    ((2, 3), dtype('float32'))
+    >>> bool(np.allclose(grad.sum(axis=1), 0.0, atol=1e-6))  # softmax - onehot rows sum to 0
+    True
     """
     plan = _Plan(logits, targets, weight, ignore_index, reduction, label_smoothing, z_loss,
                  softcap, logit_scale, normalizer)
@@ -236,7 +238,8 @@ def cross_entropy_with_grad(logits, targets, *, weight=None, ignore_index=-100,
                        plan.acc.type(plan.zl), gce, gz, gk, zbuf, tbuf, loss, lse)
     if copy_back:
         x[...] = grad
-        grad = x
+    if inplace:
+        grad = logits  # the caller's own object (an ndarray subclass such as np.memmap included)
     return plan.reduce(loss, lse), grad
 
 
@@ -284,7 +287,7 @@ def _grad_buffer(original, x, out, inplace):
     """Where the gradient goes: (buffer, copy_back). ``copy_back`` is set when
     ``inplace`` targets a non-contiguous array, which is computed into a fresh
     buffer and copied over the logits afterwards."""
-    if inplace is not True and inplace is not False:
+    if not isinstance(inplace, (bool, np.bool_)):
         raise TypeError(f"inplace: expected True or False, found {inplace!r}")
     if inplace:
         if out is not None:

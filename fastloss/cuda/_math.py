@@ -1,0 +1,180 @@
+"""Scalar device functions shared by the CUDA kernels: bit casts, float16 /
+bfloat16 <-> float32 conversion, exp/log/tanh and block reductions.
+
+Half-precision storage follows the CPU convention (``fastloss.cpu._math``),
+except that both half types reach the kernels as ``uint16`` bit views (one
+unsigned type keeps the bit arithmetic free of sign extension and of int16
+overflow in the simulator): ``F16`` and ``BF16`` below say how to decode them.
+Conversions happen in registers; no float32 copy of the data is ever made.
+
+The functions run in two worlds: compiled by numba-cuda for a real GPU, and as
+plain Python under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``). Only the
+two bit casts differ (libdevice intrinsics on the GPU, numpy views in the
+simulator); everything else is shared, written so that integer arithmetic
+stays non-negative and within int64 (numba types most of it as int64 on the
+device, Python ints in the simulator: both give the same bits).
+
+Importing this module needs numba-cuda; ``fastloss.cuda`` imports it only
+when a kernel is about to run. Without numba-cuda the module still imports
+(for doctest collection) and ``device`` is the identity.
+"""
+
+import math
+
+import numpy as np
+
+try:
+    from numba import cuda
+except ImportError:  # numba-cuda missing: fastloss.cuda refuses to launch first
+    cuda = None
+
+
+def _simulator():
+    if cuda is None:
+        return False
+    try:
+        from numba.cuda.core import config
+    except ImportError:  # older numba-cuda keeps the flag in numba's config
+        from numba.core import config
+    return bool(config.ENABLE_CUDASIM)
+
+
+#: True when numba-cuda runs kernels in the CUDA simulator (plain Python).
+SIMULATOR = _simulator()
+
+#: Storage kinds of a kernel array: native float32/float64 (or an integer
+#: array read as is), float16 bits, bfloat16 bits (both as uint16).
+NATIVE, F16, BF16 = 0, 1, 2
+
+
+def device(fn):
+    """``cuda.jit(device=True)(fn)``; the identity when numba-cuda is missing."""
+    if cuda is None:
+        return fn
+    return cuda.jit(device=True)(fn)
+
+
+# --- bit casts ---------------------------------------------------------------
+
+if SIMULATOR or cuda is None:
+    def _bits_as_f32(b):
+        """float32 whose bits are the low 32 bits of the integer ``b``."""
+        return np.uint32(int(b) & 0xFFFFFFFF).view(np.float32)
+
+    def _f32_as_bits(f):
+        """The bits of the float32 ``f`` as a non-negative integer."""
+        return int(np.float32(f).view(np.uint32))
+else:
+    from numba.cuda import libdevice
+
+    def _bits_as_f32(b):
+        """float32 whose bits are the low 32 bits of the integer ``b``."""
+        return libdevice.int_as_float(np.int32(b))
+
+    def _f32_as_bits(f):
+        """The bits of the float32 ``f`` as a non-negative integer."""
+        return np.int64(libdevice.float_as_int(np.float32(f))) & 0xFFFFFFFF
+
+bits_as_f32 = device(_bits_as_f32)
+f32_as_bits = device(_f32_as_bits)
+
+
+# --- half precision ------------------------------------------------------------
+
+@device
+def f16_to_f32(h):
+    """Decode float16 bits (0..65535) exactly: subnormals, inf and NaN included."""
+    u = np.int64(h) & 0xFFFF
+    sign = (u & 0x8000) << 16
+    em = u & 0x7FFF
+    # Exponent+mantissa moved into float32 position and rebiased by 2**112;
+    # the multiply also renormalises subnormals. Inf/NaN: all-ones exponent.
+    v = bits_as_f32(em << 13) * np.float32(5.192296858534828e33)
+    if em >= 0x7C00:
+        v = bits_as_f32((em << 13) | 0x7F800000)
+    return bits_as_f32(f32_as_bits(v) | sign)
+
+
+@device
+def f32_to_f16(f):
+    """Round a float32 to float16 bits (nearest-even, overflow to inf, NaN kept)."""
+    u = f32_as_bits(f)
+    sign = (u >> 16) & 0x8000
+    a = u & 0x7FFFFFFF
+    if a > 0x7F800000:
+        o = np.int64(0x7E00)
+    elif a >= 0x47800000:
+        o = np.int64(0x7C00)
+    elif a < 0x38800000:
+        # Subnormal result: let the FPU align the mantissa by adding 0.5.
+        o = f32_as_bits(bits_as_f32(a) + np.float32(0.5)) - 0x3F000000
+    else:
+        # Normal: rebias the exponent, round to nearest even on bit 13.
+        o = (a - 0x38000000 + 0xFFF + ((a >> 13) & 1)) >> 13
+    return np.uint16(o | sign)
+
+
+@device
+def bf16_to_f32(h):
+    """Decode bfloat16 bits: they are the top half of a float32."""
+    return bits_as_f32((np.int64(h) & 0xFFFF) << 16)
+
+
+@device
+def f32_to_bf16(f):
+    """Round a float32 to bfloat16 bits (nearest-even; NaN stays NaN, quieted)."""
+    u = f32_as_bits(f)
+    if (u & 0x7FFFFFFF) > 0x7F800000:
+        return np.uint16((u >> 16) | 0x40)
+    return np.uint16(((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF)
+
+
+# --- loads and stores by storage kind --------------------------------------------
+
+@device
+def load_native(v):
+    """A float32/float64 element is already in its accumulation type."""
+    return v
+
+
+def loader(kind):
+    """Device function: storage element -> accumulation value, for a storage kind."""
+    return {NATIVE: load_native, F16: f16_to_f32, BF16: bf16_to_f32}[kind]
+
+
+@device
+def store_native(v):
+    return v
+
+
+def storer(kind):
+    """Device function: accumulation value -> storage element (rounded once)."""
+    return {NATIVE: store_native, F16: f32_to_f16, BF16: f32_to_bf16}[kind]
+
+
+# --- transcendental functions ------------------------------------------------------
+# math.exp / math.log / math.tanh on float32 compile to expf / logf / tanhf
+# (float64 versions for float64), so the accumulation type is kept.
+
+@device
+def exp(x):
+    """exp in the argument's precision. Callers pass only arguments <= 0, -inf
+    or NaN, so the simulator's ``math.exp`` never overflows."""
+    return math.exp(x)
+
+
+if SIMULATOR or cuda is None:
+    def _log0(s):
+        return -np.inf if s == 0 else math.log(s)
+else:
+    def _log0(s):
+        return math.log(s)
+
+#: log(s) for s >= 0 or NaN, with log(0) = -inf (the simulator's math.log would raise).
+log0 = device(_log0)
+
+
+@device
+def tanh(x):
+    """tanh in the argument's precision."""
+    return math.tanh(x)
