@@ -30,6 +30,8 @@ def _dtype_names():
 def float_array(a, name):
     """``np.asarray(a)`` checked to have a supported float dtype and at least one dimension."""
     arr = np.asarray(a)
+    if arr.dtype.kind == "f" and not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))  # byte-swapped input: one native copy
     if arr.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected dtype {_dtype_names()}, found {arr.dtype}")
     return arr
@@ -121,11 +123,8 @@ def targets_for_kernel(targets, logits_shape, ignore_index):
     t64 = flat.astype(np.int64)
     # uint64 values past int64's range would wrap to negatives: flag them as bad.
     huge = flat > np.iinfo(np.int64).max if t.dtype == np.uint64 else np.zeros(flat.shape, bool)
-    info = np.iinfo(np.int64)
-    if info.min <= ignore_index <= info.max:
-        ignored = (t64 == ignore_index) & ~huge
-    else:
-        ignored = np.zeros(flat.shape, bool)
+    # Compare in the targets' own dtype: numpy compares exactly with any Python int.
+    ignored = flat == ignore_index
     bad = ~ignored & ((t64 < 0) | (t64 >= nclass) | huge)
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
@@ -146,12 +145,19 @@ def class_weight(weight, nclass, acc):
         raise TypeError(f"weight: expected a real (float or integer) array, found dtype {w.dtype}")
     if w.shape != (nclass,):
         raise ValueError(f"weight: expected shape ({nclass},) (one weight per class), found {w.shape}")
-    w = np.ascontiguousarray(w, dtype=acc)
-    if not np.all(np.isfinite(w)):
-        raise ValueError("weight: expected finite values, found NaN or inf")
-    if np.any(w < 0):
-        raise ValueError(f"weight: expected non-negative values, found minimum {w.min()}")
-    return w
+    return finite_nonnegative(w, "weight", acc)
+
+
+def finite_nonnegative(w, name, acc):
+    """``w`` converted to ``acc``, checked finite (also after the conversion) and >= 0."""
+    w64 = np.asarray(w, dtype=np.float64)
+    if not np.all(np.isfinite(w64)):
+        raise ValueError(f"{name}: expected finite values, found NaN or inf")
+    if np.any(w64 < 0):
+        raise ValueError(f"{name}: expected non-negative values, found minimum {w64.min()}")
+    if w64.size and w64.max() > np.finfo(acc).max:
+        raise ValueError(f"{name}: values up to {w64.max()} overflow the {acc} accumulation")
+    return np.ascontiguousarray(w64, dtype=acc)
 
 
 def out_array(out, shape, dtype, name="out"):
@@ -165,7 +171,7 @@ def out_array(out, shape, dtype, name="out"):
     if not out.flags.writeable:
         raise ValueError(f"{name}: the array is read-only")
     if not out.flags.c_contiguous:
-        raise ValueError(f"{name}: expected a C-contiguous array")
+        raise ValueError(f"{name}: expected a C-contiguous array, found strides {out.strides}")
     return out
 
 

@@ -12,3 +12,5 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 #: Rows handed to one parallel task are never fewer than this many elements
 #: (rows * classes), so tiny batches do not pay thread start-up per row.
 MIN_ELEMENTS_PER_TASK = 1 << 16
+
+CUDA_THREADS_PER_BLOCK = 256  # threads per block of the CUDA kernels (any of 1..1024; read at call time)

@@ -36,6 +36,9 @@ class Tol:
 # and returned in float32 (none) or as a Python float, so its tolerance is the
 # float32 one; the gradient is rounded once to the input dtype, so its rtol is
 # about one unit roundoff of that dtype (bf16 2**-8 = 3.9e-3, f16 2**-11 = 4.9e-4).
+# Observed worst errors (512x32000 and 37x1001, with and without softcap/z_loss/
+# smoothing): loss f64 1.3e-15, f32/f16/bf16 1.7e-7; grad rel f64 1.3e-14,
+# f32 1.9e-6, f16 4.9e-4 (normal range), bf16 3.9e-3.
 DTYPES = [
     pytest.param(np.dtype(np.float64), Tol(loss=1e-13, grad=1e-12, grad_atol=1e-14), id="float64"),
     pytest.param(np.dtype(np.float32), Tol(loss=2e-6, grad=1e-5, grad_atol=1e-6), id="float32"),

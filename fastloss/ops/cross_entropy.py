@@ -294,6 +294,9 @@ def _grad_buffer(original, x, out, inplace):
             raise ValueError("out: cannot be combined with inplace=True (the gradient goes into logits)")
         if not isinstance(original, np.ndarray):
             raise TypeError(f"logits: inplace=True needs a numpy array, found {type(original).__name__}")
+        if x is not original and not np.shares_memory(x, original):
+            raise ValueError(f"logits: inplace=True needs a native-byte-order float array, "
+                             f"found dtype {original.dtype}")
         if not x.flags.writeable:
             raise ValueError("logits: inplace=True needs a writable array, found a read-only one")
         if x.flags.c_contiguous:

@@ -67,11 +67,7 @@ def _weight_layout(weight, shape, acc):
         full_shape = None
     if full_shape != tuple(shape):
         raise ValueError(f"weight: shape {w.shape} does not broadcast to pred's shape {tuple(shape)}")
-    w = w.astype(acc)
-    if not np.all(np.isfinite(w)):
-        raise ValueError("weight: expected finite values, found NaN or inf")
-    if np.any(w < 0):
-        raise ValueError(f"weight: expected non-negative values, found minimum {w.min()}")
+    w = V.finite_nonnegative(w, "weight", acc)
     ws = (1,) * (len(shape) - w.ndim) + w.shape
     ndim = len(shape)
     if all(s == 1 for s in ws) or size == 0:

@@ -1,0 +1,95 @@
+"""CUDA backend: numba-cuda twins of the CPU kernels (one module per op, same
+names as ``fastloss.cpu``) and the device-array API in ``fastloss.cuda.api``.
+
+Importing this package needs neither numba-cuda nor a GPU: ``numba.cuda`` is
+imported only inside functions. Running a kernel without a usable GPU raises
+one ``RuntimeError`` (:func:`require_gpu`). Under the numba CUDA simulator
+(``NUMBA_ENABLE_CUDASIM=1`` set before ``numba.cuda`` is imported) everything
+runs, slowly, on the CPU; the test suite uses it.
+"""
+
+import sys
+
+__all__ = ["cuda_available", "is_device_array", "require_gpu", "simulator_enabled"]
+
+
+def _numba_cuda():
+    """The ``numba.cuda`` module, or None when numba-cuda cannot be imported."""
+    try:
+        from numba import cuda
+    except Exception:  # ImportError, or a broken CUDA install raising on import
+        return None
+    return cuda
+
+
+def simulator_enabled():
+    """True when numba-cuda runs kernels in its CPU simulator."""
+    if _numba_cuda() is None:
+        return False
+    from . import _math
+    return _math.SIMULATOR
+
+
+def cuda_available():
+    """Whether GPU arrays can be processed here: numba-cuda imports and a real,
+    usable GPU is present (or the CUDA simulator is enabled).
+
+    Examples
+    --------
+    >>> import fastloss.cuda
+    >>> isinstance(fastloss.cuda.cuda_available(), bool)
+    True
+    """
+    cuda = _numba_cuda()
+    if cuda is None:
+        return False
+    if simulator_enabled():
+        return True
+    try:
+        return bool(cuda.is_available()) and len(cuda.gpus) > 0
+    except Exception:  # driver present but unusable
+        return False
+
+
+def require_gpu():
+    """Raise the one clear ``RuntimeError`` used when GPU arrays meet a machine
+    that cannot run the CUDA kernels."""
+    if cuda_available():
+        return
+    if _numba_cuda() is None:
+        why = "numba-cuda is not installed (pip install 'fastloss[cuda]')"
+    else:
+        why = "numba-cuda found no usable CUDA GPU (check the driver and CUDA_VISIBLE_DEVICES)"
+    raise RuntimeError(f"fastloss: GPU arrays were passed, but the CUDA backend cannot run: {why}")
+
+
+def _torch_tensor_type():
+    torch = sys.modules.get("torch")  # never import torch just to ask
+    return getattr(torch, "Tensor", None) if torch is not None else None
+
+
+def is_torch_tensor(obj):
+    tensor = _torch_tensor_type()
+    return tensor is not None and isinstance(obj, tensor)
+
+
+def is_device_array(obj):
+    """Whether ``obj`` lives on a GPU: a numba device array (simulator arrays
+    included), any object exposing ``__cuda_array_interface__`` (CuPy, ...), or
+    a PyTorch CUDA tensor of any dtype (bfloat16 CUDA tensors do not expose
+    the interface).
+
+    Examples
+    --------
+    >>> import numpy as np, fastloss.cuda
+    >>> fastloss.cuda.is_device_array(np.zeros(3))
+    False
+    """
+    if is_torch_tensor(obj):
+        return obj.device.type == "cuda"
+    if getattr(obj, "__cuda_ndarray__", False):
+        return True
+    try:
+        return hasattr(obj, "__cuda_array_interface__")
+    except Exception:  # a property that raises something else than AttributeError
+        return False

@@ -1,0 +1,806 @@
+"""Device-array API: the public functions of ``fastloss.ops`` for GPU inputs.
+
+Same signatures, defaults, option checks (the helpers of ``fastloss._validate``,
+so the same messages) and semantics as the CPU functions, with the GPU rules
+of the contract:
+
+* Inputs are numba device arrays, any object with ``__cuda_array_interface__``
+  (CuPy, ...) or PyTorch CUDA tensors of any float dtype, bfloat16 included.
+  Side inputs (targets, class weights, ``grad_output``) may also be host
+  arrays; they are copied to the GPU (small).
+* Outputs are GPU arrays: PyTorch tensors (allocated by PyTorch's caching
+  allocator, on the tensor's device and current stream) when ``logits``/``pred``
+  is a tensor, numba device arrays otherwise. Mean and sum give a one-element
+  array (shape ``()`` for tensors, ``(1,)`` for numba arrays), float32 (float64
+  for float64 data); none gives an array of ``targets.shape``.
+* Launch order of a cross-entropy call: ``validate`` (one block), the forward
+  or fused kernel, ``finalize`` (one block, mean/sum). The only host
+  synchronisation is reading the eight numbers of ``validate`` (bad targets,
+  non-finite class weights) to raise the contract's ``ValueError``; the mean's
+  denominators stay on the device, where the gradient kernel reads them.
+  ``logsumexp`` and ``mse`` never synchronise.
+* Kernels take C-contiguous arrays, or 2-D (logits) / 1-D (other) strided
+  views as they are. PyTorch inputs are made contiguous on the device; other
+  non-contiguous GPU arrays of more dimensions raise ``ValueError``.
+* Class weights and MSE weights given as GPU arrays are not checked for
+  negative values on the MSE path (that would cost a synchronisation);
+  cross-entropy checks them in ``validate``.
+"""
+
+import contextlib
+import sys
+
+import numpy as np
+
+from .. import _validate as V
+from .. import config
+from . import is_device_array, is_torch_tensor, require_gpu
+
+__all__ = ["cross_entropy", "cross_entropy_with_grad", "logsumexp", "mse", "mse_with_grad"]
+
+#: Cap on the number of blocks of the row and element kernels; None: about
+#: one full wave of resident blocks (SMs x 2048 / threads per block). Tests
+#: lower it so the grid-stride loops run several rounds.
+GRID_LIMIT = None
+
+_SIM_GRID = 3  # in the simulator every block is a batch of Python threads
+
+NATIVE, F16, BF16 = 0, 1, 2  # storage kinds (fastloss.cuda._math)
+
+
+def _threads_per_block():
+    tpb = config.CUDA_THREADS_PER_BLOCK
+    if isinstance(tpb, bool) or not isinstance(tpb, (int, np.integer)) or not 1 <= tpb <= 1024:
+        raise ValueError("fastloss.config.CUDA_THREADS_PER_BLOCK: expected an integer in "
+                         f"[1, 1024], found {tpb!r}")
+    return int(tpb)
+
+
+def _kind(dtype):
+    if dtype == np.float16:
+        return F16
+    if dtype == V.BFLOAT16:
+        return BF16
+    return NATIVE
+
+
+class _Arr:
+    """A GPU array as the kernels see it: ``dev`` (numba device array; half
+    precision as uint16 bits), ``dtype`` (the logical numpy dtype), ``kind``,
+    ``shape`` and ``obj`` (the user-facing object: tensor or numba array)."""
+
+    __slots__ = ("dev", "dtype", "kind", "shape", "obj")
+
+    def __init__(self, dev, dtype, shape, obj):
+        self.dev = dev
+        self.dtype = dtype
+        self.kind = _kind(dtype)
+        self.shape = tuple(shape)
+        self.obj = obj
+
+
+class _Gpu:
+    """The GPU side of one call: numba.cuda, stream, device, threads per block,
+    and how arrays are viewed, allocated and handed back."""
+
+    def __init__(self, like):
+        require_gpu()
+        from numba import cuda
+
+        from . import _math
+        self.cuda = cuda
+        self.sim = _math.SIMULATOR
+        self.tpb = _threads_per_block()
+        self.torch = sys.modules["torch"] if is_torch_tensor(like) else None
+        if self.torch is not None:
+            self.device = like.device
+            ptr = self.torch.cuda.current_stream(self.device).cuda_stream
+            self.stream = cuda.external_stream(ptr) if ptr else cuda.default_stream()
+            self._scope = cuda.gpus[self.device.index if self.device.index is not None else 0]
+        else:
+            self.device = None
+            self.stream = 0 if self.sim else cuda.default_stream()
+            self._scope = None
+
+    # -- viewing ------------------------------------------------------------
+    def meta(self, obj):
+        """(shape, numpy dtype or None) of a GPU array without touching its data."""
+        if is_torch_tensor(obj):
+            return tuple(obj.shape), _torch_to_numpy_dtype(obj.dtype)
+        if getattr(obj, "__cuda_ndarray__", False):
+            return tuple(obj.shape), np.dtype(obj.dtype)
+        desc = obj.__cuda_array_interface__
+        return tuple(desc["shape"]), np.dtype(desc["typestr"])
+
+    def view(self, obj, name):
+        """An :class:`_Arr` for a GPU array (a torch tensor is first made contiguous)."""
+        shape, dtype = self.meta(obj)
+        if is_torch_tensor(obj):
+            if self.device is not None and obj.device != self.device:
+                raise ValueError(f"{name}: expected a tensor on {self.device} (like the first "
+                                 f"argument), found one on {obj.device}")
+            t = obj.contiguous()
+            if dtype in (np.dtype(np.float16), V.BFLOAT16):
+                desc = dict(t.view(self.torch.int16).__cuda_array_interface__)
+                desc["typestr"] = "<u2"
+            else:
+                desc = dict(t.__cuda_array_interface__)
+            desc.pop("stream", None)  # we launch on the tensor's current stream
+            dev = self.cuda.from_cuda_array_interface(desc, owner=t, sync=False)
+            return _Arr(dev, dtype, shape, t)
+        if getattr(obj, "__cuda_ndarray__", False):
+            dev = obj.view(np.uint16) if _kind(dtype) != NATIVE else obj
+            return _Arr(dev, dtype, shape, obj)
+        desc = dict(obj.__cuda_array_interface__)
+        if dtype == np.float16:
+            desc["typestr"] = "<u2"
+        dev = self.cuda.from_cuda_array_interface(desc, owner=obj)
+        return _Arr(dev, dtype, shape, obj)
+
+    def flat(self, arr, shape, name):
+        """``arr.dev`` reshaped to ``shape`` (1-D or (rows, V)); a strided array
+        of that rank is used as is."""
+        dev = arr.dev
+        if dev.is_c_contiguous():
+            return dev.reshape(*shape)
+        if len(arr.shape) == len(shape):
+            return dev
+        raise ValueError(f"{name}: non-contiguous GPU arrays are supported only with "
+                         f"{len(shape)} dimension(s), found shape {arr.shape}; pass a contiguous array")
+
+    # -- allocation and copies ----------------------------------------------------
+    def empty(self, shape, dtype):
+        """A new GPU array: (kernel view, user-facing object)."""
+        dtype = np.dtype(dtype)
+        if self.torch is not None:
+            t = self.torch.empty(shape, dtype=_numpy_to_torch_dtype(dtype), device=self.device)
+            return self.view(t, "output").dev, t
+        d = self.cuda.device_array(shape, dtype=dtype, stream=self.stream)
+        return (d.view(np.uint16) if _kind(dtype) != NATIVE else d), d
+
+    def to_device(self, a):
+        """Copy a (small) host array to the GPU: (kernel view, object)."""
+        a = np.ascontiguousarray(a)
+        if self.torch is not None:
+            t = self.torch.as_tensor(a, device=self.device)
+            return self.view(t, "input").dev, t
+        d = self.cuda.to_device(a, stream=self.stream)
+        return d, d
+
+    def to_host(self, dev, obj):
+        if self.torch is not None:
+            return obj.cpu().numpy()
+        h = dev.copy_to_host(stream=self.stream)
+        if not self.sim:
+            self.stream.synchronize()
+        return h
+
+    def launch(self, kernel, grid, *args):
+        with self._scope if self._scope is not None else contextlib.nullcontext():
+            kernel[grid, self.tpb, self.stream](*args)
+
+    def grid(self, work_blocks):
+        """Blocks for ``work_blocks`` independent units of block-sized work."""
+        limit = GRID_LIMIT
+        if limit is None:
+            limit = _SIM_GRID if self.sim else _wave(self.cuda, self.tpb)
+        return max(1, min(int(work_blocks), int(limit)))
+
+    def reduced(self, obj):
+        """A one-element reduced loss as handed back."""
+        return obj.reshape(()) if self.torch is not None else obj
+
+
+def _wave(cuda, tpb):
+    dev = cuda.get_current_device()
+    return dev.MULTIPROCESSOR_COUNT * max(1, 2048 // tpb)
+
+
+_TORCH_DTYPES = None
+
+
+def _torch_dtype_table():
+    global _TORCH_DTYPES
+    if _TORCH_DTYPES is None:
+        torch = sys.modules["torch"]
+        pairs = [(torch.float16, np.float16), (torch.bfloat16, V.BFLOAT16),
+                 (torch.float32, np.float32), (torch.float64, np.float64),
+                 (torch.int8, np.int8), (torch.int16, np.int16), (torch.int32, np.int32),
+                 (torch.int64, np.int64), (torch.uint8, np.uint8), (torch.bool, np.bool_)]
+        _TORCH_DTYPES = [(t, np.dtype(n)) for t, n in pairs]
+    return _TORCH_DTYPES
+
+
+def _torch_to_numpy_dtype(tdtype):
+    for t, n in _torch_dtype_table():
+        if t == tdtype:
+            return n
+    return _Unsupported(tdtype)
+
+
+def _numpy_to_torch_dtype(dtype):
+    for t, n in _torch_dtype_table():
+        if n == dtype:
+            return t
+    raise TypeError(f"no PyTorch dtype for {dtype}")
+
+
+class _Unsupported:
+    """Stands for a torch dtype numpy has no name for (complex32, ...); it
+    compares unequal to every numpy dtype and prints as the torch dtype."""
+
+    kind = "?"
+
+    def __init__(self, tdtype):
+        self._t = tdtype
+
+    def __eq__(self, other):
+        return False
+
+    def __hash__(self):
+        return hash(self._t)
+
+    def __str__(self):
+        return str(self._t)
+
+
+# --- shared checks -------------------------------------------------------------
+
+def _side_array(gpu, obj, name):
+    """A side input (targets, weights, grad_output) as an :class:`_Arr`:
+    a GPU array as is, a host array copied to the GPU."""
+    if is_device_array(obj):
+        return gpu.view(obj, name)
+    a = np.asarray(obj)
+    if a.dtype == V.BFLOAT16:
+        a = a.astype(np.float32)
+    dev, o = gpu.to_device(a)
+    return _Arr(dev, a.dtype, a.shape, o)
+
+
+def _side_meta(gpu, obj):
+    if is_device_array(obj):
+        return gpu.meta(obj)
+    a = np.asarray(obj)
+    return a.shape, a.dtype
+
+
+def _is_real(dtype):
+    return dtype == V.BFLOAT16 or getattr(dtype, "kind", "?") in "iuf"
+
+
+def _as_vector(gpu, arr, acc, n, name):
+    """A 1-D kernel array of ``arr``'s values in dtype ``acc`` (converting on the
+    device when needed), length ``n``."""
+    from .cross_entropy import convert_kernel
+    src = gpu.flat(arr, (n,), name)
+    if arr.dtype == acc:
+        return src
+    if gpu.torch is not None and is_torch_tensor(arr.obj):
+        t = arr.obj.to(_numpy_to_torch_dtype(np.dtype(acc))).reshape(-1)
+        return gpu.view(t, name).dev
+    dst, _ = gpu.empty((n,), acc)
+    if n:
+        gpu.launch(convert_kernel(arr.kind, gpu.tpb), gpu.grid(-(-n // gpu.tpb)), src, dst)
+    return dst
+
+
+def _grad_output(gpu, grad_output, reduction, want_shape, what):
+    """(gmode, go, gvec): the upstream gradient as the kernels take it, with the
+    CPU API's checks and messages. ``what`` names the shape in messages."""
+    from .cross_entropy import G_DEVICE_SCALAR, G_ROWS, G_SCALAR
+    none_vec = gpu.empty((1,), np.float64)[0]
+    if grad_output is None:
+        return G_SCALAR, 1.0, none_vec
+    on_gpu = is_device_array(grad_output)
+    if reduction == "none":
+        if not on_gpu and np.ndim(grad_output) == 0:
+            return G_SCALAR, V.real_scalar(grad_output, "grad_output"), none_vec
+        shape, dtype = _side_meta(gpu, grad_output)
+        if not _is_real(dtype):
+            raise TypeError(f"grad_output: expected a real array, found dtype {dtype}")
+        if tuple(shape) != tuple(want_shape):
+            raise ValueError(f"grad_output: expected a scalar or shape {tuple(want_shape)} "
+                             f"({what}) for reduction='none', found {tuple(shape)}")
+        n = int(np.prod(want_shape, dtype=np.int64))
+        arr = _side_array(gpu, grad_output, "grad_output")
+        return G_ROWS, 1.0, _as_vector(gpu, arr, np.dtype(np.float64), n, "grad_output")
+    if on_gpu:
+        shape, dtype = gpu.meta(grad_output)
+        if int(np.prod(shape, dtype=np.int64)) != 1:
+            raise ValueError(f"grad_output: expected a scalar for reduction={reduction!r}, "
+                             f"found shape {tuple(shape)}")
+        if not _is_real(dtype):
+            raise TypeError(f"grad_output: expected a real number, found an array of shape "
+                            f"{tuple(shape)} and dtype {dtype}")
+        arr = gpu.view(grad_output, "grad_output")
+        arr.shape = (1,)
+        return G_DEVICE_SCALAR, 1.0, _as_vector(gpu, arr, np.dtype(np.float64), 1, "grad_output")
+    if np.ndim(grad_output) != 0 and np.size(grad_output) != 1:
+        raise ValueError(f"grad_output: expected a scalar for reduction={reduction!r}, "
+                         f"found shape {np.shape(grad_output)}")
+    return G_SCALAR, V.real_scalar(np.asarray(grad_output).reshape(()), "grad_output"), none_vec
+
+
+def _span(gpu, dev):
+    """Byte range [lo, hi) a kernel array covers."""
+    if gpu.sim:
+        ptr = dev._ary.__array_interface__["data"][0]
+    else:
+        ptr = dev.__cuda_array_interface__["data"][0]
+    lo = hi = ptr
+    for s, st in zip(dev.shape, dev.strides):
+        if s == 0:
+            return ptr, ptr
+        if st >= 0:
+            hi += (s - 1) * st
+        else:
+            lo += (s - 1) * st
+    return lo, hi + dev.dtype.itemsize
+
+
+def _overlaps(gpu, a, b):
+    (alo, ahi), (blo, bhi) = _span(gpu, a), _span(gpu, b)
+    return alo < bhi and blo < ahi
+
+
+def _same(gpu, a, b):
+    return (_span(gpu, a) == _span(gpu, b) and a.shape == b.shape
+            and tuple(a.strides) == tuple(b.strides))
+
+
+def _out_array(gpu, out, shape, dtype, name="out"):
+    """Check a caller-provided GPU output buffer (as ``_validate.out_array``)."""
+    if not is_device_array(out):
+        raise TypeError(f"{name}: expected a GPU array (like the inputs), found {type(out).__name__}")
+    oshape, odtype = gpu.meta(out)
+    if tuple(oshape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, found {tuple(oshape)}")
+    if odtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, found {odtype}")
+    contiguous = out.is_contiguous() if is_torch_tensor(out) else _cai_contiguous(gpu, out)
+    if not contiguous:
+        raise ValueError(f"{name}: expected a C-contiguous array")
+    return gpu.view(out, name)
+
+
+def _cai_contiguous(gpu, obj):
+    if getattr(obj, "__cuda_ndarray__", False):
+        return obj.is_c_contiguous()
+    desc = obj.__cuda_array_interface__
+    if desc.get("strides") is None:
+        return True
+    expect, stride = [], np.dtype(desc["typestr"]).itemsize
+    for s in reversed(desc["shape"]):
+        expect.append(stride)
+        stride *= s
+    return tuple(reversed(expect)) == tuple(desc["strides"]) or 0 in desc["shape"]
+
+
+# --- cross-entropy -----------------------------------------------------------------
+
+class _CEPlan:
+    """Validated GPU inputs and derived constants of one cross-entropy call
+    (the GPU twin of ``fastloss.ops.cross_entropy._Plan``)."""
+
+    def __init__(self, gpu, logits, targets, weight, ignore_index, reduction, label_smoothing,
+                 z_loss, softcap, logit_scale, normalizer):
+        from . import cross_entropy as K
+        self.gpu = gpu
+        self.logits = logits
+        shape, dtype = gpu.meta(logits)
+        _check_logits(shape, dtype)
+        self.shape, self.dtype = shape, dtype
+        self.reduction = V.check_reduction(reduction)
+        self.red = {"none": K.NONE, "sum": K.SUM, "mean": K.MEAN}[self.reduction]
+        self.eps = V.check_range(label_smoothing, "label_smoothing", low=0.0, high=1.0)
+        self.zl = V.check_range(z_loss, "z_loss", low=0.0)
+        self.norm = V.check_range(normalizer, "normalizer", low=0.0, low_open=True, allow_none=True)
+        if self.norm is not None and self.reduction != "mean":
+            raise ValueError(f"normalizer: only used with reduction='mean', found reduction={self.reduction!r}")
+        self.mode, scale, cap = _transform(softcap, logit_scale)
+        self.nclass = shape[-1]
+        self.n = int(np.prod(shape[:-1], dtype=np.int64))
+        self.acc = V.acc_dtype(dtype)
+        acc = self.acc.type
+        self.scale, self.inv, self.cap = acc(scale), acc(scale / cap), acc(cap)
+        self.ign, self.has_ign = _ignore_index(ignore_index)
+        self.ignore_index = int(ignore_index)
+        tshape, tdtype = _side_meta(gpu, targets)
+        if getattr(tdtype, "kind", "?") not in "iu":
+            raise TypeError(f"targets: expected an integer dtype, found {tdtype}")
+        want = tuple(shape[:-1])
+        if tuple(tshape) != want:
+            raise ValueError(f"targets: expected shape {want} (logits.shape[:-1]), found {tuple(tshape)}")
+        self.targets = targets
+        self.tshape = want
+        self.weight = weight
+        if weight is not None:
+            wshape, wdtype = _side_meta(gpu, weight)
+            if not _is_real(wdtype):
+                raise TypeError(f"weight: expected a real (float or integer) array, found dtype {wdtype}")
+            if tuple(wshape) != (self.nclass,):
+                raise ValueError(f"weight: expected shape ({self.nclass},) (one weight per class), "
+                                 f"found {tuple(wshape)}")
+
+    def device_inputs(self):
+        """Put the inputs on the device: logits (n, V), targets (n,), weights (V,)."""
+        gpu = self.gpu
+        self.x = gpu.view(self.logits, "logits")
+        self.x2 = gpu.flat(self.x, (self.n, self.nclass), "logits")
+        t = _side_array(gpu, self.targets, "targets")
+        self.t_arr = t
+        self.tgt = gpu.flat(t, (self.n,), "targets")
+        if self.weight is None:
+            self.w, self.has_w = gpu.empty((1,), self.acc)[0], False
+        elif is_device_array(self.weight):
+            w = gpu.view(self.weight, "weight")
+            self.w, self.has_w = _as_vector(gpu, w, self.acc, self.nclass, "weight"), True
+        else:
+            wh = V.class_weight(self.weight, self.nclass, self.acc)
+            self.w, self.has_w = gpu.to_device(wh)[0], True
+
+    def validate(self):
+        """Launch ``validate``, read its eight numbers (the call's one
+        synchronisation) and raise the contract's errors. Returns the device
+        ``stats`` array that the loss kernels read."""
+        from .cross_entropy import support_kernels
+        gpu = self.gpu
+        validate, _ = support_kernels(gpu.tpb)
+        stats, stats_obj = gpu.empty((8,), np.float64)
+        norm = self.norm if self.norm is not None else 0.0
+        gpu.launch(validate, 1, self.tgt, self.ign, self.has_ign, np.int64(self.nclass),
+                   self.w, self.has_w, norm, stats)
+        h = gpu.to_host(stats, stats_obj)
+        nbad = int(h[0])
+        if nbad:
+            first = int(h[1])
+            pos = np.unravel_index(first, self.tshape) if self.tshape else ()
+            value = self._target_at(first)
+            raise ValueError(
+                f"targets: {nbad} value(s) outside [0, {self.nclass}) that are not "
+                f"ignore_index={self.ignore_index}; first at position "
+                f"{tuple(int(p) for p in pos)}: {value}")
+        if h[3]:
+            raise ValueError("weight: expected finite values, found NaN or inf")
+        if self.has_w and h[7] < 0:
+            raise ValueError(f"weight: expected non-negative values, found minimum {self.acc.type(h[7])}")
+        return stats
+
+    def _target_at(self, k):
+        t = self.t_arr
+        if is_torch_tensor(t.obj):
+            return t.obj.reshape(-1)[k].item()
+        return self.tgt[k:k + 1].copy_to_host()[0]
+
+    def kernels(self):
+        from .cross_entropy import ce_kernels
+        return ce_kernels(self.acc.name, self.x.kind, self.mode, self.gpu.tpb)
+
+    def outputs(self, grid):
+        """(loss, loss_obj, partial): per-row loss (none) or per-block partials."""
+        gpu = self.gpu
+        if self.reduction == "none":
+            loss, loss_obj = gpu.empty((self.n,), self.acc)
+            return loss, loss_obj, gpu.empty((1, 2), np.float64)[0]
+        return gpu.empty((1,), self.acc)[0], None, gpu.empty((grid, 2), np.float64)[0]
+
+    def finish(self, stats, partial, loss_obj):
+        """The loss as handed back: finalize the partials for mean/sum."""
+        from .cross_entropy import support_kernels
+        gpu = self.gpu
+        if self.reduction == "none":
+            return _reshape(gpu, loss_obj, self.tshape)
+        _, finalize = support_kernels(gpu.tpb)
+        out, out_obj = gpu.empty((1,), self.acc)
+        gpu.launch(finalize, 1, partial, stats, self.red, self.zl, out)
+        return gpu.reduced(out_obj)
+
+    def empty_loss(self):
+        """The loss of an empty batch (mean/sum 0, none an empty array)."""
+        if self.reduction == "none":
+            return _reshape(self.gpu, self.gpu.empty((0,), self.acc)[1], self.tshape)
+        return _zero_scalar(self.gpu, self.acc)
+
+
+def _check_logits(shape, dtype):
+    if dtype not in V.FLOAT_DTYPES:
+        raise TypeError(f"logits: expected dtype {V._dtype_names()}, found {dtype}")
+    if len(shape) == 0:
+        raise ValueError("logits: expected shape (..., V) with at least one dimension, found a 0-d array")
+    if shape[-1] == 0:
+        raise ValueError(f"logits: the class dimension (last) must be at least 1, found shape {tuple(shape)}")
+
+
+def _transform(softcap, logit_scale):
+    from .cross_entropy import PLAIN, SCALED, SOFTCAP
+    scale = V.check_range(logit_scale, "logit_scale", low=0.0, low_open=True)
+    cap = V.check_range(softcap, "softcap", low=0.0, low_open=True, allow_none=True)
+    if cap is not None:
+        return SOFTCAP, scale, cap
+    return (PLAIN if scale == 1.0 else SCALED), scale, 1.0
+
+
+def _ignore_index(ignore_index):
+    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(ignore_index, (int, np.integer)):
+        raise TypeError(f"ignore_index: expected an integer, found {type(ignore_index).__name__}")
+    v = int(ignore_index)
+    info = np.iinfo(np.int64)
+    if info.min <= v <= info.max:
+        return np.int64(v), True
+    return np.int64(0), False
+
+
+def _reshape(gpu, obj, shape):
+    if gpu.torch is not None:
+        return obj.reshape(shape)
+    return obj.reshape(*shape) if len(shape) else obj.reshape(())
+
+
+def _zero_scalar(gpu, acc):
+    dev, obj = gpu.to_device(np.zeros(1, acc))
+    return gpu.reduced(obj)
+
+
+def cross_entropy(logits, targets, *, weight=None, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0,
+                  normalizer=None):
+    """:func:`fastloss.cross_entropy` for GPU logits; returns GPU arrays (see the module doc)."""
+    gpu = _Gpu(logits)
+    plan = _CEPlan(gpu, logits, targets, weight, ignore_index, reduction, label_smoothing,
+                   z_loss, softcap, logit_scale, normalizer)
+    if plan.n == 0:
+        return plan.empty_loss()
+    plan.device_inputs()
+    stats = plan.validate()
+    forward, _, _ = plan.kernels()
+    grid = gpu.grid(plan.n)
+    loss, loss_obj, partial = plan.outputs(grid)
+    gpu.launch(forward, grid, plan.x2, plan.tgt, plan.ign, plan.has_ign, plan.w, plan.has_w,
+               plan.scale, plan.inv, plan.cap, plan.eps, plan.zl, stats, plan.red, loss, partial)
+    return plan.finish(stats, partial, loss_obj)
+
+
+def cross_entropy_with_grad(logits, targets, *, weight=None, ignore_index=-100,
+                            reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None,
+                            logit_scale=1.0, normalizer=None, grad_output=None, out=None,
+                            inplace=False):
+    """:func:`fastloss.cross_entropy_with_grad` for GPU logits: loss and gradient in
+    one fused kernel; ``grad`` is a new GPU array, ``out``, or ``logits`` itself
+    (``inplace=True``, ``grad is logits``)."""
+    gpu = _Gpu(logits)
+    plan = _CEPlan(gpu, logits, targets, weight, ignore_index, reduction, label_smoothing,
+                   z_loss, softcap, logit_scale, normalizer)
+    gmode, go, gvec = _grad_output(gpu, grad_output, plan.reduction, plan.tshape, "targets.shape")
+    if inplace is not True and inplace is not False:
+        raise TypeError(f"inplace: expected True or False, found {inplace!r}")
+    if inplace and out is not None:
+        raise ValueError("out: cannot be combined with inplace=True (the gradient goes into logits)")
+    out_arr = _out_array(gpu, out, plan.shape, plan.dtype) if out is not None else None
+    if plan.n == 0:
+        if inplace:
+            return plan.empty_loss(), logits
+        if out is not None:
+            return plan.empty_loss(), out
+        return plan.empty_loss(), gpu.empty(plan.shape, plan.dtype)[1]
+    plan.device_inputs()
+    copy_back = None
+    if inplace:
+        dest, grad = plan.x2, logits
+        if plan.x.obj is not logits:  # a non-contiguous tensor: computed in a contiguous copy
+            copy_back = plan.x.obj
+    elif out_arr is not None:
+        dest = gpu.flat(out_arr, (plan.n, plan.nclass), "out")
+        if not _same(gpu, dest, plan.x2) and _overlaps(gpu, dest, plan.x2):
+            raise ValueError("out: overlaps logits; pass inplace=True to overwrite the logits")
+        grad = out
+    else:
+        dest, grad = gpu.empty((plan.n, plan.nclass), plan.dtype)
+        grad = _reshape(gpu, grad, plan.shape)
+    stats = plan.validate()
+    _, fused, _ = plan.kernels()
+    grid = gpu.grid(plan.n)
+    loss, loss_obj, partial = plan.outputs(grid)
+    gpu.launch(fused, grid, plan.x2, plan.tgt, plan.ign, plan.has_ign, plan.w, plan.has_w,
+               plan.scale, plan.inv, plan.cap, plan.eps, plan.zl, stats, plan.red,
+               gmode, go, gvec, dest, loss, partial)
+    if copy_back is not None:
+        logits.copy_(copy_back)
+    return plan.finish(stats, partial, loss_obj), grad
+
+
+def logsumexp(logits, *, softcap=None, logit_scale=1.0):
+    """:func:`fastloss.logsumexp` for GPU logits; a GPU array of ``logits.shape[:-1]``."""
+    gpu = _Gpu(logits)
+    shape, dtype = gpu.meta(logits)
+    _check_logits(shape, dtype)
+    mode, scale, cap = _transform(softcap, logit_scale)
+    acc = V.acc_dtype(dtype)
+    nclass = shape[-1]
+    n = int(np.prod(shape[:-1], dtype=np.int64))
+    out, out_obj = gpu.empty((n,), acc)
+    if n:
+        from .cross_entropy import ce_kernels
+        x = gpu.view(logits, "logits")
+        x2 = gpu.flat(x, (n, nclass), "logits")
+        _, _, lse = ce_kernels(acc.name, x.kind, mode, gpu.tpb)
+        a = acc.type
+        gpu.launch(lse, gpu.grid(n), x2, gpu.empty((1,), acc)[0], a(scale), a(scale / cap),
+                   a(cap), out)
+    return _reshape(gpu, out_obj, tuple(shape[:-1]))
+
+
+# --- mean squared error ---------------------------------------------------------------
+
+class _MSEPlan:
+    """Validated GPU inputs of one MSE call (twin of ``fastloss.ops.mse._Plan``)."""
+
+    def __init__(self, gpu, pred, target, reduction, weight):
+        from . import mse as K
+        self.gpu = gpu
+        pshape, pdtype = gpu.meta(pred)
+        if pdtype not in V.FLOAT_DTYPES:
+            raise TypeError(f"pred: expected dtype {V._dtype_names()}, found {pdtype}")
+        tshape, tdtype = _side_meta(gpu, target)
+        if tdtype not in V.FLOAT_DTYPES:
+            raise TypeError(f"target: expected dtype {V._dtype_names()}, found {tdtype}")
+        if tuple(pshape) != tuple(tshape):
+            raise ValueError(f"target: expected the shape of pred {tuple(pshape)}, found {tuple(tshape)}")
+        self.reduction = V.check_reduction(reduction)
+        self.red = {"none": K.NONE, "sum": K.SUM, "mean": K.MEAN}[self.reduction]
+        self.shape, self.dtype = tuple(pshape), pdtype
+        self.acc = V.acc_dtype(np.result_type(V.acc_dtype(pdtype), V.acc_dtype(tdtype)))
+        self.size = int(np.prod(pshape, dtype=np.int64))
+        self.pred, self.target = pred, target
+        self.weight = weight
+        if weight is None:
+            self.wmode, self.inner, self.den_val, self.w_host, self.w_dev = 0, 1, float(self.size), None, None
+        elif is_device_array(weight):
+            wshape, wdtype = gpu.meta(weight)
+            if not _is_real(wdtype):
+                raise TypeError(f"weight: expected a real (float or integer) array, found dtype {wdtype}")
+            try:
+                full = np.broadcast_shapes(tuple(wshape), self.shape)
+            except ValueError:
+                full = None
+            if full != self.shape:
+                raise ValueError(f"weight: shape {tuple(wshape)} does not broadcast to pred's shape {self.shape}")
+            if tuple(wshape) != self.shape and not is_torch_tensor(weight):
+                raise ValueError(f"weight: a GPU weight that is not a PyTorch tensor must have "
+                                 f"pred's shape {self.shape}, found {tuple(wshape)}")
+            self.wmode, self.inner, self.den_val, self.w_host, self.w_dev = 1, 1, 0.0, None, weight
+        else:
+            self.wmode, self.w_host, self.inner, self.den_val = _weight_layout(weight, self.shape, self.acc)
+            self.w_dev = None
+
+    def device_inputs(self):
+        gpu = self.gpu
+        n = self.size
+        self.p = gpu.view(self.pred, "pred")
+        self.p1 = gpu.flat(self.p, (n,), "pred")
+        t = _side_array(gpu, self.target, "target")
+        self.t = t
+        self.t1 = gpu.flat(t, (n,), "target")
+        self.use_den = False
+        if self.w_dev is not None:
+            w = self.w_dev
+            if is_torch_tensor(w) and tuple(w.shape) != self.shape:
+                w = gpu.torch.broadcast_to(w, self.shape)
+            self.w = _as_vector(gpu, gpu.view(w, "weight"), self.acc, n, "weight")
+            if self.reduction == "mean":
+                from .mse import mse_kernels
+                _, weight_sum, _ = mse_kernels(self.acc.name, self.p.kind, self.t.kind, gpu.tpb)
+                self.den, _ = gpu.empty((1,), np.float64)
+                gpu.launch(weight_sum, 1, self.w, 1.0, self.den)
+                self.use_den = True
+            else:
+                self.den = gpu.empty((1,), np.float64)[0]
+        else:
+            if self.w_host is None:
+                self.w = gpu.empty((1,), self.acc)[0]
+            else:
+                self.w = gpu.to_device(self.w_host)[0]
+            self.den = gpu.empty((1,), np.float64)[0]
+
+    def run(self, gmode, go, gvec, grad):
+        """Launch the MSE kernel (and finalize); returns the loss as handed back."""
+        from .mse import mse_kernels
+        gpu = self.gpu
+        n = self.size
+        kernel, _, finalize = mse_kernels(self.acc.name, self.p.kind, self.t.kind, gpu.tpb)
+        grid = gpu.grid(-(-n // gpu.tpb))
+        none = self.reduction == "none"
+        if none:
+            loss, loss_obj = gpu.empty((n,), self.acc)
+        else:
+            loss, loss_obj = gpu.empty((1,), self.acc)[0], None
+        partial, _ = gpu.empty((grid,), np.float64)
+        do_grad = grad is not None
+        if grad is None:
+            grad = gpu.empty((1,), self.dtype)[0]
+        gpu.launch(kernel, grid, self.p1, self.t1, self.w, self.wmode, np.int64(self.inner),
+                   self.red, float(self.den_val), self.den, self.use_den, gmode, go, gvec,
+                   do_grad, grad, loss, partial)
+        if none:
+            return _reshape(gpu, loss_obj, self.shape)
+        out, out_obj = gpu.empty((1,), self.acc)
+        gpu.launch(finalize, 1, partial, self.red, float(self.den_val), self.den, self.use_den, out)
+        return gpu.reduced(out_obj)
+
+    def empty_loss(self):
+        if self.reduction == "none":
+            return _reshape(self.gpu, self.gpu.empty((0,), self.acc)[1], self.shape)
+        return _zero_scalar(self.gpu, self.acc)
+
+
+def _weight_layout(weight, shape, acc):
+    """A host weight broadcast to ``shape``, described without materialising it:
+    (wmode, w, inner, wsum) as in ``fastloss.cpu.mse`` (same checks and messages
+    as the CPU API)."""
+    size = int(np.prod(shape, dtype=np.int64))
+    w = np.asarray(weight)
+    if w.dtype.kind not in "iuf" and w.dtype != V.BFLOAT16:
+        raise TypeError(f"weight: expected a real (float or integer) array, found dtype {w.dtype}")
+    try:
+        full_shape = np.broadcast_shapes(w.shape, shape)
+    except ValueError:
+        full_shape = None
+    if full_shape != tuple(shape):
+        raise ValueError(f"weight: shape {w.shape} does not broadcast to pred's shape {tuple(shape)}")
+    w = w.astype(acc)
+    if not np.all(np.isfinite(w)):
+        raise ValueError("weight: expected finite values, found NaN or inf")
+    if np.any(w < 0):
+        raise ValueError(f"weight: expected non-negative values, found minimum {w.min()}")
+    ws = (1,) * (len(shape) - w.ndim) + w.shape
+    if all(s == 1 for s in ws) or size == 0:
+        wc = w.reshape(-1)[:1] if w.size else np.ones(1, acc)
+        return 3, np.ascontiguousarray(wc), max(size, 1), float(wc[0]) * size
+    if ws == tuple(shape):
+        flat = np.ascontiguousarray(w).reshape(-1)
+        return 1, flat, 1, float(flat.sum(dtype=np.float64))
+    for k in range(1, len(shape)):
+        lead, trail = ws[:k], ws[k:]
+        inner = int(np.prod(shape[k:], dtype=np.int64))
+        if all(s == 1 for s in lead) and trail == tuple(shape[k:]):
+            row = np.ascontiguousarray(w).reshape(-1)
+            return 2, row, inner, float(row.sum(dtype=np.float64)) * (size // inner)
+        if lead == tuple(shape[:k]) and all(s == 1 for s in trail):
+            col = np.ascontiguousarray(w).reshape(-1)
+            return 3, col, inner, float(col.sum(dtype=np.float64)) * inner
+    flat = np.ascontiguousarray(np.broadcast_to(w, shape)).reshape(-1)
+    return 1, flat, 1, float(flat.sum(dtype=np.float64))
+
+
+def mse(pred, target, *, reduction="mean", weight=None):
+    """:func:`fastloss.mse` for GPU ``pred``; returns GPU arrays (see the module doc)."""
+    gpu = _Gpu(pred)
+    plan = _MSEPlan(gpu, pred, target, reduction, weight)
+    if plan.size == 0:
+        return plan.empty_loss()
+    plan.device_inputs()
+    from .cross_entropy import G_SCALAR
+    return plan.run(G_SCALAR, 1.0, gpu.empty((1,), np.float64)[0], None)
+
+
+def mse_with_grad(pred, target, *, reduction="mean", weight=None, grad_output=None, out=None):
+    """:func:`fastloss.mse_with_grad` for GPU ``pred``: loss and ``grad_pred`` (a new
+    GPU array, or ``out``) in one kernel."""
+    gpu = _Gpu(pred)
+    plan = _MSEPlan(gpu, pred, target, reduction, weight)
+    gmode, go, gvec = _grad_output(gpu, grad_output, plan.reduction, plan.shape, "pred.shape")
+    out_arr = _out_array(gpu, out, plan.shape, plan.dtype) if out is not None else None
+    if plan.size == 0:
+        grad = out if out is not None else gpu.empty(plan.shape, plan.dtype)[1]
+        return plan.empty_loss(), grad
+    plan.device_inputs()
+    if out_arr is not None:
+        dest = gpu.flat(out_arr, (plan.size,), "out")
+        if _overlaps(gpu, dest, plan.t1) or (
+                _overlaps(gpu, dest, plan.p1) and not _same(gpu, dest, plan.p1)):
+            raise ValueError("out: overlaps pred or target")
+        grad = out
+    else:
+        dest, grad = gpu.empty((plan.size,), plan.dtype)
+        grad = _reshape(gpu, grad, plan.shape)
+    return plan.run(gmode, go, gvec, dest), grad

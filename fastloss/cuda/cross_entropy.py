@@ -1,0 +1,408 @@
+"""CUDA kernels for softmax cross-entropy with class-index targets.
+
+The twin of ``fastloss.cpu.cross_entropy``: the same per-row formulas (see
+that module's docstring for ``ce_i``, ``lse_i`` and the fused gradient
+``dL/dx_j = [A e_j - C w_j - [j == t] gce (1 - eps) w_t] dz_j/dx_j``). The
+public entry points are in ``fastloss.cuda.api``, which validates and launches.
+
+Mapping. One thread block per row, with a grid-stride loop over rows (the
+grid is capped near the number of resident blocks). The threads of a block
+stride over the row's classes (``j = tid, tid + T, ...``, coalesced). Each
+thread keeps an online softmax in the accumulation type (float32; float64 for
+float64 logits): a running max ``m`` and a sum ``s`` of ``exp(z - m)``,
+rescaled when ``m`` grows, so each element costs one exp. A masked ``-inf``
+is skipped (an all ``-inf`` prefix leaves ``m = -inf, s = 0``, never NaN);
+NaN never wins the max, but poisons ``s`` and so only its own row. The
+block then merges the per-thread ``(m, s)`` (and the smoothing sum
+``sum_j w_j z_j``) by a tree in shared memory.
+
+Passes over memory per row: the forward and logsumexp kernels read the row
+once. The fused kernel reads it twice (statistics, then gradient; the second
+read mostly hits L2) and writes the gradient once, in the storage dtype,
+possibly over the logits (each element is read and then written by the same
+thread, after the block barrier that ends the statistics pass).
+
+Reductions stay on the device. ``validate`` (one block) counts bad targets,
+counted tokens, the counted target-weight sum and the class-weight sum and
+writes them to ``stats`` (float64):
+
+    stats = [n_bad, first_bad, count, n_nonfinite_w, D_ce, D_z, W, min_w]
+
+The host reads ``stats`` once (the only synchronisation of a call) to raise
+the contract's errors; the kernels read the denominators ``D_ce``/``D_z`` and
+``W`` from device memory. For mean/sum, thread 0 of each block accumulates
+its rows' ``ce_i`` and ``lse_i**2`` in float64 and writes one partial per
+block; ``finalize`` (one block) merges the partials into the one-element loss.
+
+Indexing is 64-bit: rows and classes are int64 and the kernels index 2-D
+arrays, so ``row * V`` offsets are computed in int64.
+"""
+
+import functools
+
+import numpy as np
+
+from . import _math as M
+from ._math import cuda
+
+#: Logit transform modes (as in the CPU kernels), fixed per compiled kernel.
+PLAIN, SCALED, SOFTCAP = 0, 1, 2
+
+#: Reductions as the kernels see them.
+NONE, SUM, MEAN = 0, 1, 2
+
+#: Where the upstream gradient of a row comes from: a scalar argument, a
+#: one-element device array, or one value per row.
+G_SCALAR, G_DEVICE_SCALAR, G_ROWS = 0, 1, 2
+
+_NINF = -np.inf
+
+
+@M.device
+def _block_softmax(sh_m, sh_s, sh_q, tid, m, s, q):
+    """Merge the per-thread online-softmax states (m, s) and sums q of a block
+    (tree in shared memory; any block size). Every thread gets the result."""
+    nt = sh_m.shape[0]
+    sh_m[tid] = m
+    sh_s[tid] = s
+    sh_q[tid] = q
+    cuda.syncthreads()
+    stride = 1
+    while stride * 2 < nt:
+        stride *= 2
+    while stride > 0:
+        if tid < stride and tid + stride < nt:
+            m1 = sh_m[tid]
+            m2 = sh_m[tid + stride]
+            mx = m1 if m1 >= m2 else m2
+            s1 = sh_s[tid]
+            s2 = sh_s[tid + stride]
+            if mx != _NINF:
+                s1 = s1 * M.exp(m1 - mx) + s2 * M.exp(m2 - mx)
+            else:
+                s1 = s1 + s2
+            sh_m[tid] = mx
+            sh_s[tid] = s1
+            sh_q[tid] = sh_q[tid] + sh_q[tid + stride]
+        cuda.syncthreads()
+        stride //= 2
+    m = sh_m[0]
+    s = sh_s[0]
+    q = sh_q[0]
+    cuda.syncthreads()  # before the arrays are reused for the next row
+    return m, s, q
+
+
+@M.device
+def _block_reduce(sh, tid, v, is_min):
+    """Sum (or minimum) of one value per thread over the block; every thread gets it."""
+    nt = sh.shape[0]
+    sh[tid] = v
+    cuda.syncthreads()
+    stride = 1
+    while stride * 2 < nt:
+        stride *= 2
+    while stride > 0:
+        if tid < stride and tid + stride < nt:
+            a = sh[tid]
+            b = sh[tid + stride]
+            if is_min:
+                sh[tid] = a if a <= b else b
+            else:
+                sh[tid] = a + b
+        cuda.syncthreads()
+        stride //= 2
+    r = sh[0]
+    cuda.syncthreads()
+    return r
+
+
+@functools.lru_cache(maxsize=None)
+def ce_kernels(acc, kind, mode, tpb):
+    """Compile-time specialised kernels for one accumulation dtype (``"float32"``
+    or ``"float64"``), storage kind (``_math.NATIVE/F16/BF16``), transform mode
+    and threads per block. Returns ``(forward, fused, lse)``."""
+    ACC = np.float64 if acc == "float64" else np.float32
+    TPB = tpb
+    MODE = mode
+    load = M.loader(kind)
+    store = M.storer(kind)
+
+    @M.device
+    def zval(v, scale, inv, cap):
+        """The logit transform z(x) in the accumulation type; -inf stays -inf."""
+        if MODE == PLAIN:
+            return v
+        if MODE == SCALED:
+            return scale * v
+        if v == _NINF:
+            return v
+        return cap * M.tanh(inv * v)
+
+    @M.device
+    def row_stats(x, i, tid, w, has_w, want_q, scale, inv, cap):
+        """This thread's online softmax (m, s) over its strided classes of row i,
+        and q = sum w_j z_j over them when ``want_q`` (label smoothing)."""
+        nclass = x.shape[1]
+        m = ACC(_NINF)
+        s = ACC(0)
+        q = ACC(0)
+        for j in range(tid, nclass, TPB):
+            z = zval(load(x[i, j]), scale, inv, cap)
+            if z > m:
+                # New running max: rescale. exp(z - z) is 1, or NaN for z = +inf
+                # (as the CPU kernels, whose exp(inf - inf) makes such a row NaN).
+                s = s * M.exp(m - z) + M.exp(z - z)
+                m = z
+            elif z != _NINF:  # a masked -inf adds exp(-inf) = 0: skip it
+                s += M.exp(z - m)
+            if want_q:
+                if has_w:
+                    q += w[j] * z
+                else:
+                    q += z
+        return m, s, q
+
+    @M.device
+    def row_loss(xt, m, s, q, wt, W, eps, nclass, scale, inv, cap):
+        """(ce_i, lse_i) from the merged row statistics (per row, float64)."""
+        shift = m if m != _NINF else ACC(0)
+        lse = np.float64(shift + M.log0(s))
+        zt = np.float64(zval(xt, scale, inv, cap))
+        ce = (1.0 - eps) * wt * (lse - zt)
+        if eps > 0:  # only then: a -inf logit would turn 0 * inf into NaN
+            ce += eps / nclass * (W * lse - np.float64(q))
+        return ce, lse
+
+    @cuda.jit
+    def forward(x, tgt, ign, has_ign, w, has_w, scale, inv, cap, eps, zl, stats, red,
+                loss, partial):
+        """Per-row loss ce_i + zl lse_i**2 into ``loss`` (reduction none, 0 for
+        ignored rows), or per-block float64 partial sums of ce_i and lse_i**2 into
+        ``partial[block]`` (mean/sum)."""
+        sh_m = cuda.shared.array(TPB, ACC)
+        sh_s = cuda.shared.array(TPB, ACC)
+        sh_q = cuda.shared.array(TPB, ACC)
+        tid = cuda.threadIdx.x
+        n = x.shape[0]
+        nclass = x.shape[1]
+        W = stats[6]
+        ce_sum = 0.0
+        z_sum = 0.0
+        for i in range(cuda.blockIdx.x, n, cuda.gridDim.x):
+            t = np.int64(tgt[i])
+            if has_ign and t == ign:
+                if tid == 0 and red == NONE:
+                    loss[i] = 0
+                continue
+            xt = load(x[i, t])
+            m, s, q = row_stats(x, i, tid, w, has_w, eps > 0, scale, inv, cap)
+            m, s, q = _block_softmax(sh_m, sh_s, sh_q, tid, m, s, q)
+            if tid == 0:
+                wt = np.float64(w[t]) if has_w else 1.0
+                ce, lse = row_loss(xt, m, s, q, wt, W, eps, nclass, scale, inv, cap)
+                if red == NONE:
+                    if zl > 0:
+                        ce += zl * lse * lse
+                    loss[i] = ce
+                else:
+                    ce_sum += ce
+                    z_sum += lse * lse
+        if tid == 0 and red != NONE:
+            partial[cuda.blockIdx.x, 0] = ce_sum
+            partial[cuda.blockIdx.x, 1] = z_sum
+
+    @cuda.jit
+    def fused(x, tgt, ign, has_ign, w, has_w, scale, inv, cap, eps, zl, stats, red,
+              gmode, go, gvec, out, loss, partial):
+        """:func:`forward`, plus ``out[i, j] = d(sum_i gce_i ce_i + gz_i zl lse_i**2)/dx_ij``
+        in out's storage type (``out`` may be ``x``: in place). For mean the
+        coefficients divide by the denominators in ``stats`` (0 when they are 0)."""
+        sh_m = cuda.shared.array(TPB, ACC)
+        sh_s = cuda.shared.array(TPB, ACC)
+        sh_q = cuda.shared.array(TPB, ACC)
+        tid = cuda.threadIdx.x
+        n = x.shape[0]
+        nclass = x.shape[1]
+        W = stats[6]
+        zero = store(ACC(0))
+        ce_sum = 0.0
+        z_sum = 0.0
+        for i in range(cuda.blockIdx.x, n, cuda.gridDim.x):
+            t = np.int64(tgt[i])
+            if has_ign and t == ign:
+                for j in range(tid, nclass, TPB):
+                    out[i, j] = zero
+                if tid == 0 and red == NONE:
+                    loss[i] = 0
+                continue
+            # Read x[i, t] before the barrier in _block_softmax: in place, the
+            # gradient pass below overwrites it.
+            xt = load(x[i, t])
+            m, s, q = row_stats(x, i, tid, w, has_w, eps > 0, scale, inv, cap)
+            m, s, q = _block_softmax(sh_m, sh_s, sh_q, tid, m, s, q)
+            wt = np.float64(w[t]) if has_w else 1.0
+            ce, lse = row_loss(xt, m, s, q, wt, W, eps, nclass, scale, inv, cap)
+            if tid == 0:
+                if red == NONE:
+                    loss[i] = ce + zl * lse * lse if zl > 0 else ce
+                else:
+                    ce_sum += ce
+                    z_sum += lse * lse
+            # Upstream coefficients of this row (float64; rounded once below).
+            g = go
+            if gmode == G_DEVICE_SCALAR:
+                g = gvec[0]
+            elif gmode == G_ROWS:
+                g = gvec[i]
+            gce = g
+            gz = g
+            if red == MEAN:
+                d_ce = stats[4]
+                d_z = stats[5]
+                gce = g / d_ce if d_ce != 0 else 0.0
+                gz = g / d_z if d_z != 0 else 0.0
+            s64 = np.float64(s)
+            inv_s = 1.0 / s64 if s64 > 0 else np.nan  # s = 0: an all -inf row, NaN as on the CPU
+            a = ACC((gce * ((1.0 - eps) * wt + eps * W / nclass) + gz * 2.0 * zl * lse) * inv_s)
+            c = ACC(gce * eps / nclass)
+            b = ACC(gce * (1.0 - eps) * wt)
+            shift = m if m != _NINF else ACC(0)
+            for j in range(tid, nclass, TPB):
+                v = load(x[i, j])
+                if MODE == SOFTCAP:
+                    th = M.tanh(inv * v)
+                    z = v if v == _NINF else cap * th
+                    d = scale * (ACC(1) - th * th)
+                elif MODE == SCALED:
+                    z = scale * v
+                    d = scale
+                else:
+                    z = v
+                    d = scale
+                gj = a * M.exp(z - shift)
+                if has_w:
+                    gj -= c * w[j]
+                else:
+                    gj -= c
+                if j == t:
+                    gj -= b
+                out[i, j] = store(gj * d)
+        if tid == 0 and red != NONE:
+            partial[cuda.blockIdx.x, 0] = ce_sum
+            partial[cuda.blockIdx.x, 1] = z_sum
+
+    @cuda.jit
+    def lse(x, w, scale, inv, cap, out):
+        """out[i] = logsumexp_j z_ij (-inf for a row of -inf)."""
+        sh_m = cuda.shared.array(TPB, ACC)
+        sh_s = cuda.shared.array(TPB, ACC)
+        sh_q = cuda.shared.array(TPB, ACC)
+        tid = cuda.threadIdx.x
+        for i in range(cuda.blockIdx.x, x.shape[0], cuda.gridDim.x):
+            m, s, q = row_stats(x, i, tid, w, False, False, scale, inv, cap)
+            m, s, q = _block_softmax(sh_m, sh_s, sh_q, tid, m, s, q)
+            if tid == 0:
+                shift = m if m != _NINF else ACC(0)
+                out[i] = shift + M.log0(s)
+
+    return forward, fused, lse
+
+
+@functools.lru_cache(maxsize=None)
+def support_kernels(tpb):
+    """Kernels that do not depend on the logits' dtype: ``(validate, finalize)``."""
+    TPB = tpb
+
+    @cuda.jit
+    def validate(tgt, ign, has_ign, nclass, w, has_w, norm, stats):
+        """One block. Fills ``stats`` (see the module docstring): bad targets
+        (neither ignored nor in [0, nclass)), the first one's flat position, the
+        counted tokens, non-finite class weights, the mean's denominators
+        (``norm`` when > 0), the class-weight sum W and the smallest weight."""
+        sh = cuda.shared.array(TPB, np.float64)
+        tid = cuda.threadIdx.x
+        n = tgt.shape[0]
+        nbad = 0.0
+        first = np.float64(n)
+        count = 0.0
+        twsum = 0.0
+        for k in range(tid, n, TPB):
+            t = np.int64(tgt[k])
+            if has_ign and t == ign:
+                continue
+            if t < 0 or t >= nclass:
+                if nbad == 0:
+                    first = np.float64(k)  # this thread's positions ascend
+                nbad += 1.0
+            else:
+                count += 1.0
+                twsum += np.float64(w[t]) if has_w else 1.0
+        wsum = 0.0
+        wbad = 0.0
+        wmin = np.inf
+        if has_w:
+            for j in range(tid, nclass, TPB):
+                v = np.float64(w[j])
+                if v > -np.inf and v < np.inf:
+                    wsum += v
+                    wmin = v if v < wmin else wmin
+                else:
+                    wbad += 1.0
+        nbad = _block_reduce(sh, tid, nbad, False)
+        first = _block_reduce(sh, tid, first, True)
+        count = _block_reduce(sh, tid, count, False)
+        twsum = _block_reduce(sh, tid, twsum, False)
+        wsum = _block_reduce(sh, tid, wsum, False)
+        wbad = _block_reduce(sh, tid, wbad, False)
+        wmin = _block_reduce(sh, tid, wmin, True)
+        if tid == 0:
+            stats[0] = nbad
+            stats[1] = first
+            stats[2] = count
+            stats[3] = wbad
+            stats[4] = norm if norm > 0 else twsum
+            stats[5] = norm if norm > 0 else count
+            stats[6] = wsum if has_w else np.float64(nclass)
+            stats[7] = wmin
+
+    @cuda.jit
+    def finalize(partial, stats, red, zl, out):
+        """One block. out[0] = the reduced loss from the per-block partial sums:
+        sum: ce + zl z; mean: ce / D_ce + zl z / D_z (a zero denominator gives 0)."""
+        sh = cuda.shared.array(TPB, np.float64)
+        tid = cuda.threadIdx.x
+        ce = 0.0
+        z = 0.0
+        for b in range(tid, partial.shape[0], TPB):
+            ce += partial[b, 0]
+            z += partial[b, 1]
+        ce = _block_reduce(sh, tid, ce, False)
+        z = _block_reduce(sh, tid, z, False)
+        if tid == 0:
+            if red == SUM:
+                r = ce + zl * z if zl > 0 else ce
+            else:
+                d_ce = stats[4]
+                d_z = stats[5]
+                r = ce / d_ce if d_ce != 0 else 0.0
+                if zl > 0 and d_z != 0:
+                    r += zl * z / d_z
+            out[0] = r
+
+    return validate, finalize
+
+
+@functools.lru_cache(maxsize=None)
+def convert_kernel(kind, tpb):
+    """``convert(src, dst)``: dst[k] = value of src[k] (storage kind ``kind``),
+    cast to dst's dtype; for small side inputs (weights, grad_output)."""
+    load = M.loader(kind)
+
+    @cuda.jit
+    def convert(src, dst):
+        start = cuda.blockIdx.x * tpb + cuda.threadIdx.x
+        for k in range(start, src.shape[0], cuda.gridDim.x * tpb):
+            dst[k] = load(src[k])
+
+    return convert
