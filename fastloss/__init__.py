@@ -2,9 +2,10 @@
 
 Public API (see ``docs/api.md``): :func:`cross_entropy`,
 :func:`cross_entropy_with_grad`, :func:`logsumexp`, :func:`mse`,
-:func:`mse_with_grad`.
+:func:`mse_with_grad`; thread control: :func:`set_num_threads`.
 """
 
+from ._threads import get_num_threads, max_threads, set_num_threads
 from ._version import __version__
 from .ops.cross_entropy import cross_entropy, cross_entropy_with_grad, logsumexp
 from .ops.mse import mse, mse_with_grad
@@ -16,4 +17,7 @@ __all__ = [
     "logsumexp",
     "mse",
     "mse_with_grad",
+    "set_num_threads",
+    "get_num_threads",
+    "max_threads",
 ]

@@ -207,3 +207,24 @@ def test_threads_under_workqueue_layer(tmp_path):
                           text=True, timeout=300, cwd=root)
     assert proc.returncode == 0, f"rc={proc.returncode}\nstdout:{proc.stdout}\nstderr:{proc.stderr[-3000:]}"
     assert "layer workqueue" in proc.stdout
+
+
+@pytest.mark.parametrize("bad", [0, -1, 10**6, 1.5, True, "2"])
+def test_set_num_threads_rejects_bad_counts(bad):
+    with pytest.raises(ValueError, match=r"\bn\b.*NUMBA_NUM_THREADS"):
+        fastloss.set_num_threads(bad)
+
+
+def test_one_thread_matches_all_threads(rng):
+    x = (rng.standard_normal((301, 4099)) * 3).astype(np.float32)
+    t = rng.integers(0, 4099, 301)
+    full = fastloss.cross_entropy_with_grad(x, t, label_smoothing=0.1, z_loss=1e-3)
+    fastloss.set_num_threads(1)
+    try:
+        assert fastloss.get_num_threads() == 1
+        single = fastloss.cross_entropy_with_grad(x, t, label_smoothing=0.1, z_loss=1e-3)
+    finally:
+        fastloss.set_num_threads(fastloss.max_threads())
+    # Rows are independent, so the split over threads cannot change any row.
+    np.testing.assert_array_equal(single[1], full[1])
+    np.testing.assert_allclose(single[0], full[0], rtol=1e-12)
