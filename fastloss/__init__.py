@@ -7,6 +7,7 @@ Public API (see ``docs/api.md``): :func:`cross_entropy`,
 
 from ._threads import get_num_threads, max_threads, set_num_threads
 from ._version import __version__
+from .cuda import cuda_available
 from .ops.cross_entropy import cross_entropy, cross_entropy_with_grad, logsumexp
 from .ops.mse import mse, mse_with_grad
 
@@ -20,4 +21,5 @@ __all__ = [
     "set_num_threads",
     "get_num_threads",
     "max_threads",
+    "cuda_available",
 ]

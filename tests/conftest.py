@@ -23,6 +23,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: slow test, run only with --runslow")
+    config.addinivalue_line("markers", "gpu: needs a real CUDA GPU; skipped without one")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -96,6 +96,17 @@ def test_is_device_array_on_host_objects():
 
 # --- helpers for the simulator cases -----------------------------------------------
 
+@pytest.fixture(autouse=True, scope="module")
+def _fast_thread_switching():
+    """The simulator runs each CUDA thread as a Python thread and polls them at
+    every barrier; a short GIL switch interval makes it about 5x faster."""
+    old = sys.getswitchinterval()
+    if IN_SIM:
+        sys.setswitchinterval(2e-4)
+    yield
+    sys.setswitchinterval(old)
+
+
 @pytest.fixture
 def small_blocks(monkeypatch):
     """8 threads per block and at most 2 blocks: rows span several threads and the
@@ -139,16 +150,20 @@ def assert_grad(got, ref, tol):
     np.testing.assert_allclose(got, ref, rtol=0, atol=tol * scale + 1e-30)
 
 
-# Option sets: (shape, kwargs). Odd shapes, none a multiple of 8.
+# Option sets: (shape, kwargs). Small shapes, none a multiple of 8; a class count
+# that is a multiple of 4 (36, 12, 20) takes the wide-access path (uint64 words:
+# 4 half-precision or 2 float32 values), an odd one the element-wise path.
 CE_CASES = [
-    pytest.param((5, 37), {}, id="plain-mean"),
+    pytest.param((5, 36), {}, id="plain-mean"),
     pytest.param((7, 29), dict(weight="w", label_smoothing=0.2, ignore_index=3), id="weight-smooth-ignore"),
     pytest.param((3, 2), dict(reduction="sum", z_loss=0.01, softcap=2.5, logit_scale=0.7), id="sum-zloss-softcap-scale"),
-    pytest.param((2, 3, 11), dict(reduction="none", weight="w", label_smoothing=0.1, z_loss=1e-3,
+    pytest.param((2, 3, 12), dict(reduction="none", weight="w", label_smoothing=0.1, z_loss=1e-3,
                                   grad_output="rows"), id="none-3d-rows"),
-    pytest.param((6, 19), dict(normalizer=11.0, logit_scale=1.3, grad_output=0.5, z_loss=0.02),
+    pytest.param((6, 20), dict(normalizer=11.0, logit_scale=1.3, grad_output=0.5, z_loss=0.02),
                  id="normalizer-scale-go"),
     pytest.param((1, 1), dict(reduction="none", softcap=5.0, grad_output=2.0), id="1x1-none"),
+    pytest.param((7, 130), dict(weight="w", reduction="sum", label_smoothing=0.1, softcap=4.0,
+                                ignore_index=5), id="7x130-sum-softcap"),
 ]
 
 
@@ -222,6 +237,9 @@ def test_logsumexp_matches_reference(small_blocks, rng, dtype, rtol, gtol):
     x[2, :] = -np.inf    # a masked row: -inf, not NaN
     got = host(api.logsumexp(dev(x)))
     np.testing.assert_allclose(got, lse_reference(x), rtol=rtol)
+    even = x[:, :20]  # a multiple of 4: the wide-access path
+    got = host(api.logsumexp(dev(even)))
+    np.testing.assert_allclose(got, lse_reference(even), rtol=rtol)
     got = host(api.logsumexp(dev(x), softcap=4.0, logit_scale=0.5))
     np.testing.assert_allclose(got, lse_reference(x, softcap=4.0, logit_scale=0.5), rtol=rtol)
     assert got[2] == -np.inf
@@ -236,11 +254,14 @@ def test_neg_inf_masks(small_blocks, rng, softcap):
     x[0, :20] = -np.inf
     x[1, ::3] = -np.inf
     t = np.array([25, 1, 7, 29])
-    for kw in (dict(reduction="none"), dict(reduction="mean", z_loss=0.01, weight=rng.uniform(0.5, 1, 30))):
+    for kw in (dict(reduction="none"), dict(reduction="mean", z_loss=0.01, weight=rng.uniform(0.5, 1, 30)),
+               dict(reduction="sum", label_smoothing=0.1)):
         kw["softcap"] = softcap
         loss, grad = api.cross_entropy_with_grad(dev(x), dev(t), **kw)
         ref_loss, ref_grad = ce_reference(x, t, **kw)
-        assert np.all(np.isfinite(host(loss))) and np.all(np.isfinite(host(grad)))
+        assert np.all(np.isfinite(host(grad)))
+        if "label_smoothing" not in kw:  # smoothing sums the -inf logits: an inf loss, as in torch
+            assert np.all(np.isfinite(host(loss)))
         assert_loss(host(loss), ref_loss, 2e-5)
         assert_grad(host(grad), ref_grad, 2e-6)
 
@@ -250,11 +271,14 @@ def test_nan_row_stays_in_its_row(small_blocks, rng):
     api = small_blocks
     x = make_logits(rng, (5, 17), np.float32)
     x[2, 9] = np.nan
+    x[4, :] = -np.inf  # all masked: NaN like the reference (lse = -inf), in its row only
     t = np.array([1, 2, 3, 4, 5])
     loss, grad = api.cross_entropy_with_grad(dev(x), dev(t), reduction="none")
     loss, grad = host(loss), host(grad)
     assert np.isnan(loss[2]) and np.all(np.isnan(grad[2]))
-    keep = [0, 1, 3, 4]
+    assert np.isnan(loss[4]) and np.all(np.isnan(grad[4]))
+    assert np.all(np.isnan(ce_reference(x[4:], t[4:], reduction="none")[0]))
+    keep = [0, 1, 3]
     ref_loss, ref_grad = ce_reference(x[keep], t[keep], reduction="none")
     np.testing.assert_allclose(loss[keep], ref_loss, rtol=2e-5)
     assert_grad(grad[keep], ref_grad, 2e-6)
@@ -285,8 +309,8 @@ def test_all_ignored_and_empty(small_blocks, rng):
 @pytest.mark.parametrize("dtype", [np.dtype(np.float32), np.dtype(np.float16), BF16])
 def test_inplace_and_out(small_blocks, rng, dtype):
     api = small_blocks
-    x = make_logits(rng, (5, 23), dtype)
-    t = make_targets(rng, (5,), 23)
+    x = make_logits(rng, (5, 24), dtype)
+    t = make_targets(rng, (5,), 24)
     ref_loss, ref_grad = ce_reference(x, t, label_smoothing=0.1)
     tol = {np.float32: 2e-6, np.float16: 1e-3}.get(dtype.type, 8e-3)
     d = dev(x)
@@ -323,6 +347,26 @@ def test_strided_logits_and_other_target_dtypes(small_blocks, rng):
 
 
 @sim
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), BF16])
+def test_narrow_access_fallbacks(small_blocks, rng, monkeypatch, dtype):
+    """Rows that could be read as uint64 words but are misaligned (or with wide
+    access switched off) take the element-wise path and give the same results."""
+    api = small_blocks
+    flat = dev(make_logits(rng, (5 * 36 + 1,), dtype))
+    x = flat[1:].reshape(5, 36)  # 2 or 4 bytes past an 8-byte boundary
+    xs = host(flat)[1:].reshape(5, 36)
+    t = make_targets(rng, (5,), 36)
+    ref_loss, ref_grad = ce_reference(xs, t, reduction="none", z_loss=0.01)
+    tol = 2e-6 if dtype == np.float32 else 8e-3
+    for wide in (True, False):
+        monkeypatch.setattr(api, "WIDE_ACCESS", wide)
+        loss, grad = api.cross_entropy_with_grad(x, dev(t), reduction="none", z_loss=0.01)
+        assert_loss(host(loss), ref_loss, 2e-5)
+        assert_grad(host(grad), ref_grad, tol)
+    np.testing.assert_allclose(host(api.logsumexp(x)), lse_reference(xs), rtol=2e-5)
+
+
+@sim
 def test_device_weight_and_device_grad_output(small_blocks, rng):
     api = small_blocks
     x = make_logits(rng, (5, 12), np.float32)
@@ -351,7 +395,24 @@ def test_ce_errors(small_blocks, rng, monkeypatch):
     with pytest.raises(ValueError, match=r"first at position \(1, 0\): -1"):
         api.cross_entropy_with_grad(dev(make_logits(rng, (2, 2, 5), np.float32)),
                                     dev(np.array([[0, 1], [-1, 2]])))
+    xi = make_logits(rng, (4, 37), np.float32)
+    d = dev(xi)
+    with pytest.raises(ValueError, match=r"targets: 1 value\(s\)"):
+        api.cross_entropy_with_grad(d, dev(np.array([0, 37, 1, 2])), inplace=True)
+    np.testing.assert_array_equal(host(d), xi)  # the kernels did nothing: logits untouched
+    big = np.array([0, 2**64 - 1, 3, 2**63], dtype=np.uint64)  # wrap to negatives in int64
+    with pytest.raises(ValueError, match=r"targets: 2 value\(s\) .* first at position \(1,\): 18446744073709551615"):
+        api.cross_entropy(x, dev(big))
+    loss = api.cross_entropy(x, dev(big[[0, 1, 2, 1]]), ignore_index=2**64 - 1, reduction="none")
+    ref = ce_reference(host(x), np.array([0, -1, 3, -1]), ignore_index=-1, reduction="none")[0]
+    assert_loss(host(loss), ref, 2e-5)
+    with pytest.raises(ValueError, match="out: expected a C-contiguous array, found strides"):
+        api.cross_entropy_with_grad(x, dev(np.array([0, 1, 2, 3])),
+                                    out=dev(np.zeros((37, 4), np.float32)).T)
     t = dev(np.array([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="weight: expected non-negative"):
+        api.cross_entropy_with_grad(d, t, weight=dev(-np.ones(37)), inplace=True)
+    np.testing.assert_array_equal(host(d), xi)
     with pytest.raises(ValueError, match="weight: expected finite values, found NaN or inf"):
         api.cross_entropy(x, t, weight=dev(np.r_[np.ones(36), np.nan]))
     with pytest.raises(ValueError, match="weight: expected non-negative values, found minimum -1.0"):

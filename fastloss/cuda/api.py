@@ -14,20 +14,23 @@ of the contract:
   array (shape ``()`` for tensors, ``(1,)`` for numba arrays), float32 (float64
   for float64 data); none gives an array of ``targets.shape``.
 * Launch order of a cross-entropy call: ``validate`` (one block), the forward
-  or fused kernel, ``finalize`` (one block, mean/sum). The only host
-  synchronisation is reading the eight numbers of ``validate`` (bad targets,
-  non-finite class weights) to raise the contract's ``ValueError``; the mean's
-  denominators stay on the device, where the gradient kernel reads them.
+  or fused kernel, ``finalize`` (one block, mean/sum), all queued at once. The
+  mean's denominators stay on the device, where the gradient kernel reads
+  them. The only host synchronisation comes last: reading the nine numbers of
+  ``validate`` (bad targets, bad class weights) to raise the contract's
+  ``ValueError``; when they flag an error the loss kernels have done nothing
+  (no out-of-range index is ever used, in-place logits are untouched).
   ``logsumexp`` and ``mse`` never synchronise.
 * Kernels take C-contiguous arrays, or 2-D (logits) / 1-D (other) strided
   views as they are. PyTorch inputs are made contiguous on the device; other
   non-contiguous GPU arrays of more dimensions raise ``ValueError``.
-* Class weights and MSE weights given as GPU arrays are not checked for
-  negative values on the MSE path (that would cost a synchronisation);
-  cross-entropy checks them in ``validate``.
+* GPU class weights of cross-entropy are checked (finite, non-negative) in
+  ``validate``. MSE weights given as GPU arrays are not checked (that would
+  cost a synchronisation; host weights are) and, unless they are PyTorch
+  tensors (broadcast on the device), must have ``pred``'s shape.
 """
 
-import contextlib
+import functools
 import sys
 
 import numpy as np
@@ -44,6 +47,10 @@ __all__ = ["cross_entropy", "cross_entropy_with_grad", "logsumexp", "mse", "mse_
 GRID_LIMIT = None
 
 _SIM_GRID = 3  # in the simulator every block is a batch of Python threads
+
+#: Read and write rows as uint64 words where possible (see
+#: ``fastloss.cuda.cross_entropy``); tests switch it off to cover both paths.
+WIDE_ACCESS = True
 
 NATIVE, F16, BF16 = 0, 1, 2  # storage kinds (fastloss.cuda._math)
 
@@ -93,14 +100,16 @@ class _Gpu:
         self.tpb = _threads_per_block()
         self.torch = sys.modules["torch"] if is_torch_tensor(like) else None
         if self.torch is not None:
+            # _on_input_device made the tensor's device current: numba uses its
+            # primary context, and we launch on PyTorch's current stream.
             self.device = like.device
             ptr = self.torch.cuda.current_stream(self.device).cuda_stream
             self.stream = cuda.external_stream(ptr) if ptr else cuda.default_stream()
-            self._scope = cuda.gpus[self.device.index if self.device.index is not None else 0]
+            self.key = str(self.device)
         else:
             self.device = None
             self.stream = 0 if self.sim else cuda.default_stream()
-            self._scope = None
+            self.key = "numba"
 
     # -- viewing ------------------------------------------------------------
     def meta(self, obj):
@@ -154,7 +163,7 @@ class _Gpu:
         dtype = np.dtype(dtype)
         if self.torch is not None:
             t = self.torch.empty(shape, dtype=_numpy_to_torch_dtype(dtype), device=self.device)
-            return self.view(t, "output").dev, t
+            return (self.view(t, "output").dev if t.numel() else None), t
         d = self.cuda.device_array(shape, dtype=dtype, stream=self.stream)
         return (d.view(np.uint16) if _kind(dtype) != NATIVE else d), d
 
@@ -162,7 +171,7 @@ class _Gpu:
         """Copy a (small) host array to the GPU: (kernel view, object)."""
         a = np.ascontiguousarray(a)
         if self.torch is not None:
-            t = self.torch.as_tensor(a, device=self.device)
+            t = self.torch.tensor(a, device=self.device)
             return self.view(t, "input").dev, t
         d = self.cuda.to_device(a, stream=self.stream)
         return d, d
@@ -176,8 +185,16 @@ class _Gpu:
         return h
 
     def launch(self, kernel, grid, *args):
-        with self._scope if self._scope is not None else contextlib.nullcontext():
-            kernel[grid, self.tpb, self.stream](*args)
+        kernel[grid, self.tpb, self.stream](*args)
+
+    def dummy(self, shape, dtype):
+        """A small placeholder array for a kernel argument that this call never
+        touches (cached: no allocation per call)."""
+        key = (self.key, shape, np.dtype(dtype).str)
+        d = _DUMMIES.get(key)
+        if d is None:
+            d = _DUMMIES[key] = self.empty(shape, dtype)[0]
+        return d
 
     def grid(self, work_blocks):
         """Blocks for ``work_blocks`` independent units of block-sized work."""
@@ -191,9 +208,31 @@ class _Gpu:
         return obj.reshape(()) if self.torch is not None else obj
 
 
+_DUMMIES = {}
+_SM_COUNT = {}
+
+
 def _wave(cuda, tpb):
-    dev = cuda.get_current_device()
-    return dev.MULTIPROCESSOR_COUNT * max(1, 2048 // tpb)
+    """Blocks of ``tpb`` threads that fit on the GPU at once (2048 threads per SM)."""
+    ctx = cuda.current_context()
+    sms = _SM_COUNT.get(ctx.device.id)
+    if sms is None:
+        sms = _SM_COUNT[ctx.device.id] = ctx.device.MULTIPROCESSOR_COUNT
+    return sms * max(1, 2048 // tpb)
+
+
+def _on_input_device(fn):
+    """Run ``fn`` with the device of its first argument current, when that is a
+    PyTorch tensor on another GPU than the current one."""
+    @functools.wraps(fn)
+    def wrapper(first, *args, **kwargs):
+        if is_torch_tensor(first) and first.device.type == "cuda" and first.device.index is not None:
+            torch = sys.modules["torch"]
+            if first.device.index != torch.cuda.current_device():
+                with torch.cuda.device(first.device):
+                    return fn(first, *args, **kwargs)
+        return fn(first, *args, **kwargs)
+    return wrapper
 
 
 _TORCH_DTYPES = None
@@ -289,7 +328,7 @@ def _grad_output(gpu, grad_output, reduction, want_shape, what):
     """(gmode, go, gvec): the upstream gradient as the kernels take it, with the
     CPU API's checks and messages. ``what`` names the shape in messages."""
     from .cross_entropy import G_DEVICE_SCALAR, G_ROWS, G_SCALAR
-    none_vec = gpu.empty((1,), np.float64)[0]
+    none_vec = gpu.dummy((1,), np.float64)
     if grad_output is None:
         return G_SCALAR, 1.0, none_vec
     on_gpu = is_device_array(grad_output)
@@ -339,6 +378,19 @@ def _span(gpu, dev):
     return lo, hi + dev.dtype.itemsize
 
 
+def _words(gpu, dtype, nclass, arrays):
+    """(per, arrays): the 2-D kernel arrays viewed as uint64 words of ``per``
+    elements when every one allows it (C-contiguous, 8-byte aligned, a row
+    length that is a multiple of ``per``); else (1, arrays) unchanged."""
+    per = 4 if dtype in (np.dtype(np.float16), V.BFLOAT16) else 2 if dtype == np.float32 else 1
+    if not WIDE_ACCESS or per == 1 or nclass % per:
+        return 1, arrays
+    for a in arrays:
+        if not a.is_c_contiguous() or _span(gpu, a)[0] % 8:
+            return 1, arrays
+    return per, tuple(a.view(np.uint64) for a in arrays)
+
+
 def _overlaps(gpu, a, b):
     (alo, ahi), (blo, bhi) = _span(gpu, a), _span(gpu, b)
     return alo < bhi and blo < ahi
@@ -360,7 +412,9 @@ def _out_array(gpu, out, shape, dtype, name="out"):
         raise TypeError(f"{name}: expected dtype {dtype}, found {odtype}")
     contiguous = out.is_contiguous() if is_torch_tensor(out) else _cai_contiguous(gpu, out)
     if not contiguous:
-        raise ValueError(f"{name}: expected a C-contiguous array")
+        strides = tuple(out.stride()) if is_torch_tensor(out) else tuple(
+            getattr(out, "strides", None) or out.__cuda_array_interface__.get("strides"))
+        raise ValueError(f"{name}: expected a C-contiguous array, found strides {strides}")
     return gpu.view(out, name)
 
 
@@ -404,11 +458,12 @@ class _CEPlan:
         self.acc = V.acc_dtype(dtype)
         acc = self.acc.type
         self.scale, self.inv, self.cap = acc(scale), acc(scale / cap), acc(cap)
-        self.ign, self.has_ign = _ignore_index(ignore_index)
+        _check_ignore_index(ignore_index)
         self.ignore_index = int(ignore_index)
         tshape, tdtype = _side_meta(gpu, targets)
         if getattr(tdtype, "kind", "?") not in "iu":
             raise TypeError(f"targets: expected an integer dtype, found {tdtype}")
+        self.ign, self.has_ign = _ignore_for_kernel(self.ignore_index, tdtype)
         want = tuple(shape[:-1])
         if tuple(tshape) != want:
             raise ValueError(f"targets: expected shape {want} (logits.shape[:-1]), found {tuple(tshape)}")
@@ -432,7 +487,7 @@ class _CEPlan:
         self.t_arr = t
         self.tgt = gpu.flat(t, (self.n,), "targets")
         if self.weight is None:
-            self.w, self.has_w = gpu.empty((1,), self.acc)[0], False
+            self.w, self.has_w = gpu.dummy((1,), self.acc), False
         elif is_device_array(self.weight):
             w = gpu.view(self.weight, "weight")
             self.w, self.has_w = _as_vector(gpu, w, self.acc, self.nclass, "weight"), True
@@ -440,18 +495,22 @@ class _CEPlan:
             wh = V.class_weight(self.weight, self.nclass, self.acc)
             self.w, self.has_w = gpu.to_device(wh)[0], True
 
-    def validate(self):
-        """Launch ``validate``, read its eight numbers (the call's one
-        synchronisation) and raise the contract's errors. Returns the device
-        ``stats`` array that the loss kernels read."""
+    def launch_validate(self):
+        """Queue ``validate``; returns the device ``stats`` that the loss kernels
+        read (they do nothing when it flags an error)."""
         from .cross_entropy import support_kernels
         gpu = self.gpu
         validate, _ = support_kernels(gpu.tpb)
-        stats, stats_obj = gpu.empty((8,), np.float64)
+        self.stats, self.stats_obj = gpu.empty((9,), np.float64)
         norm = self.norm if self.norm is not None else 0.0
         gpu.launch(validate, 1, self.tgt, self.ign, self.has_ign, np.int64(self.nclass),
-                   self.w, self.has_w, norm, stats)
-        h = gpu.to_host(stats, stats_obj)
+                   self.w, self.has_w, norm, self.stats)
+        return self.stats
+
+    def check(self):
+        """Read the nine numbers of ``validate`` (the call's one synchronisation,
+        after all its kernels are queued) and raise the contract's errors."""
+        h = self.gpu.to_host(self.stats, self.stats_obj)
         nbad = int(h[0])
         if nbad:
             first = int(h[1])
@@ -465,7 +524,6 @@ class _CEPlan:
             raise ValueError("weight: expected finite values, found NaN or inf")
         if self.has_w and h[7] < 0:
             raise ValueError(f"weight: expected non-negative values, found minimum {self.acc.type(h[7])}")
-        return stats
 
     def _target_at(self, k):
         t = self.t_arr
@@ -473,17 +531,20 @@ class _CEPlan:
             return t.obj.reshape(-1)[k].item()
         return self.tgt[k:k + 1].copy_to_host()[0]
 
-    def kernels(self):
+    def kernels(self, *arrays):
+        """(forward, fused, lse) for this call, and ``arrays`` (the logits and the
+        gradient destination) as the kernels take them (uint64 words if possible)."""
         from .cross_entropy import ce_kernels
-        return ce_kernels(self.acc.name, self.x.kind, self.mode, self.gpu.tpb)
+        per, arrays = _words(self.gpu, self.dtype, self.nclass, arrays)
+        return ce_kernels(self.acc.name, self.x.kind, self.mode, self.gpu.tpb, per), arrays
 
     def outputs(self, grid):
         """(loss, loss_obj, partial): per-row loss (none) or per-block partials."""
         gpu = self.gpu
         if self.reduction == "none":
             loss, loss_obj = gpu.empty((self.n,), self.acc)
-            return loss, loss_obj, gpu.empty((1, 2), np.float64)[0]
-        return gpu.empty((1,), self.acc)[0], None, gpu.empty((grid, 2), np.float64)[0]
+            return loss, loss_obj, gpu.dummy((1, 2), np.float64)
+        return gpu.dummy((1,), self.acc), None, gpu.empty((grid, 2), np.float64)[0]
 
     def finish(self, stats, partial, loss_obj):
         """The loss as handed back: finalize the partials for mean/sum."""
@@ -521,14 +582,20 @@ def _transform(softcap, logit_scale):
     return (PLAIN if scale == 1.0 else SCALED), scale, 1.0
 
 
-def _ignore_index(ignore_index):
+def _check_ignore_index(ignore_index):
     if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(ignore_index, (int, np.integer)):
         raise TypeError(f"ignore_index: expected an integer, found {type(ignore_index).__name__}")
-    v = int(ignore_index)
-    info = np.iinfo(np.int64)
-    if info.min <= v <= info.max:
-        return np.int64(v), True
-    return np.int64(0), False
+
+
+def _ignore_for_kernel(v, tdtype):
+    """(ign, has_ign): the kernels compare ``int64(target) == ign``. Matches the
+    CPU rule (exact comparison in the targets' dtype): uint64 targets wrap to
+    int64 like a wrapped ``ignore_index`` does; a value no target can hold
+    ignores nothing."""
+    info = np.iinfo(tdtype)
+    if not info.min <= v <= info.max:
+        return np.int64(0), False
+    return np.int64(v - (1 << 64) if v > np.iinfo(np.int64).max else v), True
 
 
 def _reshape(gpu, obj, shape):
@@ -542,6 +609,7 @@ def _zero_scalar(gpu, acc):
     return gpu.reduced(obj)
 
 
+@_on_input_device
 def cross_entropy(logits, targets, *, weight=None, ignore_index=-100, reduction="mean",
                   label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0,
                   normalizer=None):
@@ -552,15 +620,18 @@ def cross_entropy(logits, targets, *, weight=None, ignore_index=-100, reduction=
     if plan.n == 0:
         return plan.empty_loss()
     plan.device_inputs()
-    stats = plan.validate()
-    forward, _, _ = plan.kernels()
+    (forward, _, _), (xk,) = plan.kernels(plan.x2)
     grid = gpu.grid(plan.n)
     loss, loss_obj, partial = plan.outputs(grid)
-    gpu.launch(forward, grid, plan.x2, plan.tgt, plan.ign, plan.has_ign, plan.w, plan.has_w,
+    stats = plan.launch_validate()
+    gpu.launch(forward, grid, xk, plan.tgt, plan.ign, plan.has_ign, plan.w, plan.has_w,
                plan.scale, plan.inv, plan.cap, plan.eps, plan.zl, stats, plan.red, loss, partial)
-    return plan.finish(stats, partial, loss_obj)
+    result = plan.finish(stats, partial, loss_obj)
+    plan.check()
+    return result
 
 
+@_on_input_device
 def cross_entropy_with_grad(logits, targets, *, weight=None, ignore_index=-100,
                             reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None,
                             logit_scale=1.0, normalizer=None, grad_output=None, out=None,
@@ -572,7 +643,7 @@ def cross_entropy_with_grad(logits, targets, *, weight=None, ignore_index=-100,
     plan = _CEPlan(gpu, logits, targets, weight, ignore_index, reduction, label_smoothing,
                    z_loss, softcap, logit_scale, normalizer)
     gmode, go, gvec = _grad_output(gpu, grad_output, plan.reduction, plan.tshape, "targets.shape")
-    if inplace is not True and inplace is not False:
+    if not isinstance(inplace, (bool, np.bool_)):
         raise TypeError(f"inplace: expected True or False, found {inplace!r}")
     if inplace and out is not None:
         raise ValueError("out: cannot be combined with inplace=True (the gradient goes into logits)")
@@ -585,6 +656,7 @@ def cross_entropy_with_grad(logits, targets, *, weight=None, ignore_index=-100,
         return plan.empty_loss(), gpu.empty(plan.shape, plan.dtype)[1]
     plan.device_inputs()
     copy_back = None
+    inplace = bool(inplace)
     if inplace:
         dest, grad = plan.x2, logits
         if plan.x.obj is not logits:  # a non-contiguous tensor: computed in a contiguous copy
@@ -597,18 +669,21 @@ def cross_entropy_with_grad(logits, targets, *, weight=None, ignore_index=-100,
     else:
         dest, grad = gpu.empty((plan.n, plan.nclass), plan.dtype)
         grad = _reshape(gpu, grad, plan.shape)
-    stats = plan.validate()
-    _, fused, _ = plan.kernels()
+    (_, fused, _), (xk, dk) = plan.kernels(plan.x2, dest)
     grid = gpu.grid(plan.n)
     loss, loss_obj, partial = plan.outputs(grid)
-    gpu.launch(fused, grid, plan.x2, plan.tgt, plan.ign, plan.has_ign, plan.w, plan.has_w,
+    stats = plan.launch_validate()
+    gpu.launch(fused, grid, xk, plan.tgt, plan.ign, plan.has_ign, plan.w, plan.has_w,
                plan.scale, plan.inv, plan.cap, plan.eps, plan.zl, stats, plan.red,
-               gmode, go, gvec, dest, loss, partial)
+               gmode, go, gvec, dk, loss, partial)
+    result = plan.finish(stats, partial, loss_obj)
+    plan.check()
     if copy_back is not None:
         logits.copy_(copy_back)
-    return plan.finish(stats, partial, loss_obj), grad
+    return result, grad
 
 
+@_on_input_device
 def logsumexp(logits, *, softcap=None, logit_scale=1.0):
     """:func:`fastloss.logsumexp` for GPU logits; a GPU array of ``logits.shape[:-1]``."""
     gpu = _Gpu(logits)
@@ -622,10 +697,10 @@ def logsumexp(logits, *, softcap=None, logit_scale=1.0):
     if n:
         from .cross_entropy import ce_kernels
         x = gpu.view(logits, "logits")
-        x2 = gpu.flat(x, (n, nclass), "logits")
-        _, _, lse = ce_kernels(acc.name, x.kind, mode, gpu.tpb)
+        per, (x2,) = _words(gpu, dtype, nclass, (gpu.flat(x, (n, nclass), "logits"),))
+        _, _, lse = ce_kernels(acc.name, x.kind, mode, gpu.tpb, per)
         a = acc.type
-        gpu.launch(lse, gpu.grid(n), x2, gpu.empty((1,), acc)[0], a(scale), a(scale / cap),
+        gpu.launch(lse, gpu.grid(n), x2, gpu.dummy((1,), acc), a(scale), a(scale / cap),
                    a(cap), out)
     return _reshape(gpu, out_obj, tuple(shape[:-1]))
 
@@ -694,13 +769,13 @@ class _MSEPlan:
                 gpu.launch(weight_sum, 1, self.w, 1.0, self.den)
                 self.use_den = True
             else:
-                self.den = gpu.empty((1,), np.float64)[0]
+                self.den = gpu.dummy((1,), np.float64)
         else:
             if self.w_host is None:
-                self.w = gpu.empty((1,), self.acc)[0]
+                self.w = gpu.dummy((1,), self.acc)
             else:
                 self.w = gpu.to_device(self.w_host)[0]
-            self.den = gpu.empty((1,), np.float64)[0]
+            self.den = gpu.dummy((1,), np.float64)
 
     def run(self, gmode, go, gvec, grad):
         """Launch the MSE kernel (and finalize); returns the loss as handed back."""
@@ -713,11 +788,11 @@ class _MSEPlan:
         if none:
             loss, loss_obj = gpu.empty((n,), self.acc)
         else:
-            loss, loss_obj = gpu.empty((1,), self.acc)[0], None
+            loss, loss_obj = gpu.dummy((1,), self.acc), None
         partial, _ = gpu.empty((grid,), np.float64)
         do_grad = grad is not None
         if grad is None:
-            grad = gpu.empty((1,), self.dtype)[0]
+            grad = gpu.dummy((1,), self.dtype)
         gpu.launch(kernel, grid, self.p1, self.t1, self.w, self.wmode, np.int64(self.inner),
                    self.red, float(self.den_val), self.den, self.use_den, gmode, go, gvec,
                    do_grad, grad, loss, partial)
@@ -747,11 +822,7 @@ def _weight_layout(weight, shape, acc):
         full_shape = None
     if full_shape != tuple(shape):
         raise ValueError(f"weight: shape {w.shape} does not broadcast to pred's shape {tuple(shape)}")
-    w = w.astype(acc)
-    if not np.all(np.isfinite(w)):
-        raise ValueError("weight: expected finite values, found NaN or inf")
-    if np.any(w < 0):
-        raise ValueError(f"weight: expected non-negative values, found minimum {w.min()}")
+    w = V.finite_nonnegative(w, "weight", acc)
     ws = (1,) * (len(shape) - w.ndim) + w.shape
     if all(s == 1 for s in ws) or size == 0:
         wc = w.reshape(-1)[:1] if w.size else np.ones(1, acc)
@@ -772,6 +843,7 @@ def _weight_layout(weight, shape, acc):
     return 1, flat, 1, float(flat.sum(dtype=np.float64))
 
 
+@_on_input_device
 def mse(pred, target, *, reduction="mean", weight=None):
     """:func:`fastloss.mse` for GPU ``pred``; returns GPU arrays (see the module doc)."""
     gpu = _Gpu(pred)
@@ -780,9 +852,10 @@ def mse(pred, target, *, reduction="mean", weight=None):
         return plan.empty_loss()
     plan.device_inputs()
     from .cross_entropy import G_SCALAR
-    return plan.run(G_SCALAR, 1.0, gpu.empty((1,), np.float64)[0], None)
+    return plan.run(G_SCALAR, 1.0, gpu.dummy((1,), np.float64), None)
 
 
+@_on_input_device
 def mse_with_grad(pred, target, *, reduction="mean", weight=None, grad_output=None, out=None):
     """:func:`fastloss.mse_with_grad` for GPU ``pred``: loss and ``grad_pred`` (a new
     GPU array, or ``out``) in one kernel."""

@@ -16,23 +16,36 @@ NaN never wins the max, but poisons ``s`` and so only its own row. The
 block then merges the per-thread ``(m, s)`` (and the smoothing sum
 ``sum_j w_j z_j``) by a tree in shared memory.
 
+Wide accesses: when a row's length is a multiple of 4 (float16/bfloat16) or
+2 (float32) and the arrays are C-contiguous and 8-byte aligned, the kernels
+see the logits and gradient as uint64 words and each thread moves 8 bytes
+per access (``per`` elements, unpacked and packed in registers), which keeps
+more bytes in flight per SM than 2-byte loads; otherwise ``per = 1``.
+
 Passes over memory per row: the forward and logsumexp kernels read the row
-once. The fused kernel reads it twice (statistics, then gradient; the second
-read mostly hits L2) and writes the gradient once, in the storage dtype,
-possibly over the logits (each element is read and then written by the same
-thread, after the block barrier that ends the statistics pass).
+once. The fused kernel reads it twice (statistics, then gradient) and writes
+the gradient once, in the storage dtype, possibly over the logits (each
+element is read and then written by the same thread, after the block barrier
+that ends the statistics pass). The second read is served by L2 only while
+the rows in flight (one per block: the grid size) fit in it; with large
+vocabularies a smaller grid of bigger blocks trades occupancy for L2 hits
+(``fastloss.config.CUDA_THREADS_PER_BLOCK``, ``fastloss.cuda.api.GRID_LIMIT``;
+``benchmarks/gpu_check.py`` times both).
 
 Reductions stay on the device. ``validate`` (one block) counts bad targets,
 counted tokens, the counted target-weight sum and the class-weight sum and
 writes them to ``stats`` (float64):
 
-    stats = [n_bad, first_bad, count, n_nonfinite_w, D_ce, D_z, W, min_w]
+    stats = [n_bad, first_bad, count, n_nonfinite_w, D_ce, D_z, W, min_w, error]
 
-The host reads ``stats`` once (the only synchronisation of a call) to raise
-the contract's errors; the kernels read the denominators ``D_ce``/``D_z`` and
-``W`` from device memory. For mean/sum, thread 0 of each block accumulates
-its rows' ``ce_i`` and ``lse_i**2`` in float64 and writes one partial per
-block; ``finalize`` (one block) merges the partials into the one-element loss.
+The loss kernels read the denominators ``D_ce``/``D_z`` and ``W`` from device
+memory, and do nothing at all when ``error`` is set (so a bad target is never
+used as an index and ``inplace`` logits stay untouched). The host reads
+``stats`` once, after everything is queued (the only synchronisation of a
+call), and raises the contract's errors. For mean/sum, thread 0 of each
+block accumulates its rows' ``ce_i`` and ``lse_i**2`` in float64 and writes
+one partial per block; ``finalize`` (one block) merges the partials into the
+one-element loss. No atomics: every accumulator has a single writer.
 
 Indexing is 64-bit: rows and classes are int64 and the kernels index 2-D
 arrays, so ``row * V`` offsets are computed in int64.
@@ -58,7 +71,7 @@ G_SCALAR, G_DEVICE_SCALAR, G_ROWS = 0, 1, 2
 _NINF = -np.inf
 
 
-@M.device
+@M.block_device
 def _block_softmax(sh_m, sh_s, sh_q, tid, m, s, q):
     """Merge the per-thread online-softmax states (m, s) and sums q of a block
     (tree in shared memory; any block size). Every thread gets the result."""
@@ -93,7 +106,7 @@ def _block_softmax(sh_m, sh_s, sh_q, tid, m, s, q):
     return m, s, q
 
 
-@M.device
+@M.block_device
 def _block_reduce(sh, tid, v, is_min):
     """Sum (or minimum) of one value per thread over the block; every thread gets it."""
     nt = sh.shape[0]
@@ -118,15 +131,28 @@ def _block_reduce(sh, tid, v, is_min):
 
 
 @functools.lru_cache(maxsize=None)
-def ce_kernels(acc, kind, mode, tpb):
+def ce_kernels(acc, kind, mode, tpb, per=1):
     """Compile-time specialised kernels for one accumulation dtype (``"float32"``
-    or ``"float64"``), storage kind (``_math.NATIVE/F16/BF16``), transform mode
-    and threads per block. Returns ``(forward, fused, lse)``."""
+    or ``"float64"``), storage kind (``_math.NATIVE/F16/BF16``), transform mode,
+    threads per block and elements per word (``per``: 1, or 2 float32 / 4 half
+    precision values per uint64 word; the logits and gradient arrays are then
+    (rows, V / per) uint64 views). Returns ``(forward, fused, lse)``."""
     ACC = np.float64 if acc == "float64" else np.float32
     TPB = tpb
     MODE = mode
-    load = M.loader(kind)
+    P = per
+    unpack = M.unpacker(kind, per)
+    pack = M.packer(kind, per)
     store = M.storer(kind)
+
+    if per == 1:
+        @M.device
+        def zero_word():
+            return store(ACC(0))
+    else:
+        @M.device
+        def zero_word():
+            return np.uint64(0)
 
     @M.device
     def zval(v, scale, inv, cap):
@@ -141,26 +167,27 @@ def ce_kernels(acc, kind, mode, tpb):
 
     @M.device
     def row_stats(x, i, tid, w, has_w, want_q, scale, inv, cap):
-        """This thread's online softmax (m, s) over its strided classes of row i,
+        """This thread's online softmax (m, s) over its strided words of row i,
         and q = sum w_j z_j over them when ``want_q`` (label smoothing)."""
-        nclass = x.shape[1]
         m = ACC(_NINF)
         s = ACC(0)
         q = ACC(0)
-        for j in range(tid, nclass, TPB):
-            z = zval(load(x[i, j]), scale, inv, cap)
-            if z > m:
-                # New running max: rescale. exp(z - z) is 1, or NaN for z = +inf
-                # (as the CPU kernels, whose exp(inf - inf) makes such a row NaN).
-                s = s * M.exp(m - z) + M.exp(z - z)
-                m = z
-            elif z != _NINF:  # a masked -inf adds exp(-inf) = 0: skip it
-                s += M.exp(z - m)
-            if want_q:
-                if has_w:
-                    q += w[j] * z
-                else:
-                    q += z
+        for k in range(tid, x.shape[1], TPB):
+            word = x[i, k]
+            for p in range(P):
+                z = zval(unpack(word, p), scale, inv, cap)
+                if z > m:
+                    # New running max: rescale. exp(z - z) is 1, or NaN for z = +inf
+                    # (as the CPU kernels, whose exp(inf - inf) makes such a row NaN).
+                    s = s * M.exp(m - z) + M.exp(z - z)
+                    m = z
+                elif z != _NINF:  # a masked -inf adds exp(-inf) = 0: skip it
+                    s += M.exp(z - m)
+                if want_q:
+                    if has_w:
+                        q += w[k * P + p] * z
+                    else:
+                        q += z
         return m, s, q
 
     @M.device
@@ -183,9 +210,11 @@ def ce_kernels(acc, kind, mode, tpb):
         sh_m = cuda.shared.array(TPB, ACC)
         sh_s = cuda.shared.array(TPB, ACC)
         sh_q = cuda.shared.array(TPB, ACC)
+        if stats[8] != 0:  # validate found bad input: the host raises
+            return
         tid = cuda.threadIdx.x
         n = x.shape[0]
-        nclass = x.shape[1]
+        nclass = x.shape[1] * P
         W = stats[6]
         ce_sum = 0.0
         z_sum = 0.0
@@ -195,7 +224,7 @@ def ce_kernels(acc, kind, mode, tpb):
                 if tid == 0 and red == NONE:
                     loss[i] = 0
                 continue
-            xt = load(x[i, t])
+            xt = unpack(x[i, t // P], t % P)
             m, s, q = row_stats(x, i, tid, w, has_w, eps > 0, scale, inv, cap)
             m, s, q = _block_softmax(sh_m, sh_s, sh_q, tid, m, s, q)
             if tid == 0:
@@ -221,24 +250,26 @@ def ce_kernels(acc, kind, mode, tpb):
         sh_m = cuda.shared.array(TPB, ACC)
         sh_s = cuda.shared.array(TPB, ACC)
         sh_q = cuda.shared.array(TPB, ACC)
+        if stats[8] != 0:  # validate found bad input: the host raises
+            return
         tid = cuda.threadIdx.x
         n = x.shape[0]
-        nclass = x.shape[1]
+        nwords = x.shape[1]
+        nclass = nwords * P
         W = stats[6]
-        zero = store(ACC(0))
         ce_sum = 0.0
         z_sum = 0.0
         for i in range(cuda.blockIdx.x, n, cuda.gridDim.x):
             t = np.int64(tgt[i])
             if has_ign and t == ign:
-                for j in range(tid, nclass, TPB):
-                    out[i, j] = zero
+                for k in range(tid, nwords, TPB):
+                    out[i, k] = zero_word()
                 if tid == 0 and red == NONE:
                     loss[i] = 0
                 continue
             # Read x[i, t] before the barrier in _block_softmax: in place, the
             # gradient pass below overwrites it.
-            xt = load(x[i, t])
+            xt = unpack(x[i, t // P], t % P)
             m, s, q = row_stats(x, i, tid, w, has_w, eps > 0, scale, inv, cap)
             m, s, q = _block_softmax(sh_m, sh_s, sh_q, tid, m, s, q)
             wt = np.float64(w[t]) if has_w else 1.0
@@ -268,26 +299,31 @@ def ce_kernels(acc, kind, mode, tpb):
             c = ACC(gce * eps / nclass)
             b = ACC(gce * (1.0 - eps) * wt)
             shift = m if m != _NINF else ACC(0)
-            for j in range(tid, nclass, TPB):
-                v = load(x[i, j])
-                if MODE == SOFTCAP:
-                    th = M.tanh(inv * v)
-                    z = v if v == _NINF else cap * th
-                    d = scale * (ACC(1) - th * th)
-                elif MODE == SCALED:
-                    z = scale * v
-                    d = scale
-                else:
-                    z = v
-                    d = scale
-                gj = a * M.exp(z - shift)
-                if has_w:
-                    gj -= c * w[j]
-                else:
-                    gj -= c
-                if j == t:
-                    gj -= b
-                out[i, j] = store(gj * d)
+            for k in range(tid, nwords, TPB):
+                word = x[i, k]
+                ow = zero_word()
+                for p in range(P):
+                    j = k * P + p
+                    v = unpack(word, p)
+                    if MODE == SOFTCAP:
+                        th = M.tanh(inv * v)
+                        z = v if v == _NINF else cap * th
+                        d = scale * (ACC(1) - th * th)
+                    elif MODE == SCALED:
+                        z = scale * v
+                        d = scale
+                    else:
+                        z = v
+                        d = scale
+                    gj = a * M.exp(z - shift)
+                    if has_w:
+                        gj -= c * w[j]
+                    else:
+                        gj -= c
+                    if j == t:
+                        gj -= b
+                    ow = pack(ow, gj * d, p)
+                out[i, k] = ow
         if tid == 0 and red != NONE:
             partial[cuda.blockIdx.x, 0] = ce_sum
             partial[cuda.blockIdx.x, 1] = z_sum
@@ -319,7 +355,8 @@ def support_kernels(tpb):
         """One block. Fills ``stats`` (see the module docstring): bad targets
         (neither ignored nor in [0, nclass)), the first one's flat position, the
         counted tokens, non-finite class weights, the mean's denominators
-        (``norm`` when > 0), the class-weight sum W and the smallest weight."""
+        (``norm`` when > 0), the class-weight sum W, the smallest weight and
+        an error flag (any of these wrong)."""
         sh = cuda.shared.array(TPB, np.float64)
         tid = cuda.threadIdx.x
         n = tgt.shape[0]
@@ -365,6 +402,7 @@ def support_kernels(tpb):
             stats[5] = norm if norm > 0 else count
             stats[6] = wsum if has_w else np.float64(nclass)
             stats[7] = wmin
+            stats[8] = 1.0 if nbad > 0 or wbad > 0 or (has_w and wmin < 0) else 0.0
 
     @cuda.jit
     def finalize(partial, stats, red, zl, out):

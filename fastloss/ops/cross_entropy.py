@@ -3,6 +3,7 @@
 import numpy as np
 
 from .. import _validate as V
+from .. import cuda as _cuda
 from ..cpu import cross_entropy as K
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad", "logsumexp"]
@@ -162,6 +163,12 @@ def cross_entropy(logits, targets, *, weight=None, ignore_index=-100, reduction=
     >>> fastloss.cross_entropy(logits, np.array([-100, -100]))
     0.0
     """
+    if _cuda.is_device_array(logits):
+        from ..cuda import api
+        return api.cross_entropy(
+            logits, targets, weight=weight, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+            logit_scale=logit_scale, normalizer=normalizer)
     plan = _Plan(logits, targets, weight, ignore_index, reduction, label_smoothing, z_loss,
                  softcap, logit_scale, normalizer)
     return plan.reduce(*_forward_rows(plan))
@@ -220,6 +227,13 @@ def cross_entropy_with_grad(logits, targets, *, weight=None, ignore_index=-100,
     >>> bool(np.allclose(grad.sum(axis=1), 0.0, atol=1e-6))  # softmax - onehot rows sum to 0
     True
     """
+    if _cuda.is_device_array(logits):
+        from ..cuda import api
+        return api.cross_entropy_with_grad(
+            logits, targets, weight=weight, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+            logit_scale=logit_scale, normalizer=normalizer,
+            grad_output=grad_output, out=out, inplace=inplace)
     plan = _Plan(logits, targets, weight, ignore_index, reduction, label_smoothing, z_loss,
                  softcap, logit_scale, normalizer)
     x = plan.logits
@@ -340,6 +354,9 @@ def logsumexp(logits, *, softcap=None, logit_scale=1.0):
     >>> fastloss.logsumexp(np.log(np.array([[1.0, 3.0]])))
     array([1.38629436])
     """
+    if _cuda.is_device_array(logits):
+        from ..cuda import api
+        return api.logsumexp(logits, softcap=softcap, logit_scale=logit_scale)
     x = V.logits_array(logits)
     mode, scale, cap = _transform(softcap, logit_scale)
     acc = V.acc_dtype(x.dtype)

@@ -3,6 +3,7 @@
 import numpy as np
 
 from .. import _validate as V
+from .. import cuda as _cuda
 from ..cpu import mse as K
 
 __all__ = ["mse", "mse_with_grad"]
@@ -137,6 +138,9 @@ def mse(pred, target, *, reduction="mean", weight=None):
     >>> fastloss.mse(np.array([1.0, 2.0, 3.0]), np.array([1.0, 0.0, 0.0]))
     4.333333333333333
     """
+    if _cuda.is_device_array(pred):
+        from ..cuda import api
+        return api.mse(pred, target, reduction=reduction, weight=weight)
     plan = _Plan(pred, target, reduction, weight)
     loss = np.empty(plan.size if plan.reduction == "none" else 0, plan.acc)
     total = plan.run(1.0, np.empty(0, plan.acc), loss)
@@ -177,6 +181,10 @@ def mse_with_grad(pred, target, *, reduction="mean", weight=None, grad_output=No
     >>> loss, g
     (2.5, array([1., 2.]))
     """
+    if _cuda.is_device_array(pred):
+        from ..cuda import api
+        return api.mse_with_grad(pred, target, reduction=reduction, weight=weight,
+                                 grad_output=grad_output, out=out)
     plan = _Plan(pred, target, reduction, weight)
     shape, dtype = plan.pred.shape, plan.pred.dtype
     if out is None:

@@ -1,0 +1,59 @@
+"""The benchmark suite: every case of ``fastloss.bench.cases`` x every provider.
+
+Cases (``fastloss.bench.cases.suite_cases``): cross-entropy (mean, class-index
+targets) at (4096, 32000), (2048, 128256), (8192, 50257), (512, 262144) and MSE
+at 2^26 and 2^28 elements; float32 and bfloat16; forward and fwd+bwd.
+Providers: fastloss (forward; fwd+bwd with ``out=``, ``inplace=True`` and
+allocating), torch eager, ``torch.compile``, numpy/scipy (float32), JAX/optax
+(when installed). A provider that cannot run a case here is skipped with the
+reason. The issue-2 core cases carry the ``core`` mark.
+
+Run (see benchmarks/README.md)::
+
+    python -m pytest benchmarks --benchmark-only                 # everything (long)
+    python -m pytest benchmarks --benchmark-only -m core         # the core cases
+    python -m pytest benchmarks --benchmark-only --bench-quick   # smoke test
+
+pytest-benchmark groups by case and shows each row's ratio to the fastest of
+its group; the summary table at the end adds GB/s, the fraction of the
+measured bandwidth and the floor, exactly as ``fastloss bench`` prints them.
+"""
+
+import pytest
+
+from fastloss.bench import cases as C
+from fastloss.bench import runner as R
+
+
+def pytest_generate_tests(metafunc):
+    if "case" not in metafunc.fixturenames:
+        return
+    config = metafunc.config
+    names = config.getoption("--bench-providers")
+    names = [n for n in names.split(",") if n] if names else None
+    cases = C.quick_cases() if config.getoption("--bench-quick") else C.suite_cases()
+    core = set(C.core_cases())
+    params = [pytest.param(case, provider, id=f"{case.name}-{provider}",
+                           marks=[pytest.mark.core] if case in core else [])
+              for case in cases for provider in C.providers_for(case, names)]
+    metafunc.parametrize(("case", "provider"), params)
+
+
+def test_loss(benchmark, case, provider, case_inputs, calibration, bench_rows, request):
+    try:
+        bench = C.build(case, case_inputs(case), provider)
+    except C.Unavailable as e:
+        pytest.skip(f"{provider}: {e}")
+    benchmark.group = case.name
+    benchmark.extra_info.update(case=case.name, provider=provider, family=C.family(provider),
+                                bytes_moved=case.bytes_moved, exp_evals=case.exp_evals)
+    rounds = request.config.getoption("--bench-rounds")
+    benchmark.pedantic(bench.fn, setup=bench.setup, rounds=rounds, iterations=1, warmup_rounds=1)
+    if benchmark.disabled or benchmark.stats is None:
+        return
+    row = R.fill_row(R.new_row(case, provider), case, list(benchmark.stats.stats.data), calibration)
+    row["note"] = bench.note
+    for key in ("gbps", "bandwidth_gbps", "bw_fraction", "floor_ms", "floor_bound",
+                "floor_fraction"):
+        benchmark.extra_info[key] = row[key]
+    bench_rows.append(row)

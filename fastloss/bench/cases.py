@@ -1,0 +1,449 @@
+"""Benchmark cases: what is measured, on which inputs, by which providers.
+
+A :class:`Case` is an operation (``"ce"``: softmax cross-entropy with
+class-index targets, mean reduction; ``"mse"``: mean squared error), a shape,
+a dtype and a mode (``"forward"``, or ``"fwd+bwd"``: the loss and its gradient
+with respect to the logits / predictions). It knows the least work any
+implementation must do: the bytes it must move (inputs read once, the gradient
+written once) and, for cross-entropy, the exp evaluations (one per logit).
+
+:func:`make_inputs` builds a case's inputs (fixed seed); :func:`build` turns a
+case, its inputs and a provider name into a :class:`Bench`: the callable to
+time plus an optional untimed setup run before every call. Every provider
+computes the same loss (the tests check this), so timings compare like with
+like. Providers:
+
+=================  ==========================================================
+fastloss           ``fastloss.cross_entropy`` / ``fastloss.mse`` (forward)
+fastloss-out       ``*_with_grad(..., out=buf)``, ``buf`` allocated once
+fastloss-inplace   ``cross_entropy_with_grad(..., inplace=True)``; the logits
+                   are restored in the untimed setup before every call
+fastloss-alloc     ``*_with_grad(...)`` allocating its gradient every call
+torch              eager ``F.cross_entropy`` / ``F.mse_loss`` (+ ``backward``)
+torch-compile      ``torch.compile`` of the same function (skipped when it
+                   does not compile here)
+numpy              plain numpy, float32 only
+jax                ``optax.softmax_cross_entropy_with_integer_labels`` under
+                   ``jax.jit`` (``jax.value_and_grad``), when JAX is installed
+=================  ==========================================================
+
+torch, JAX and optax are imported only when a provider is built.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import _validate as V
+from ..ops.cross_entropy import cross_entropy, cross_entropy_with_grad
+from ..ops.mse import mse, mse_with_grad
+
+__all__ = [
+    "CE_SHAPES", "MSE_SIZES", "DTYPES", "MODES", "PROVIDERS",
+    "Case", "Bench", "Unavailable",
+    "suite_cases", "core_cases", "quick_cases", "make_inputs", "providers_for", "build",
+    "family", "loss_value", "grad_array",
+]
+
+#: Cross-entropy shapes (tokens, vocabulary) of the full sweep.
+CE_SHAPES = ((4096, 32000), (2048, 128256), (8192, 50257), (512, 262144))
+#: MSE sizes (elements) of the full sweep: 2^26 and 2^28.
+MSE_SIZES = (1 << 26, 1 << 28)
+DTYPES = ("float32", "bfloat16")
+MODES = ("forward", "fwd+bwd")
+
+#: Every provider, in table order.
+PROVIDERS = ("fastloss", "fastloss-out", "fastloss-inplace", "fastloss-alloc",
+             "torch", "torch-compile", "numpy", "jax")
+
+_FORWARD = ("fastloss", "torch", "torch-compile", "numpy", "jax")
+_BACKWARD = {
+    "ce": ("fastloss-out", "fastloss-inplace", "fastloss-alloc", "torch", "torch-compile",
+           "numpy", "jax"),
+    "mse": ("fastloss-out", "fastloss-alloc", "torch", "torch-compile", "numpy", "jax"),
+}
+
+
+def _dtype(name):
+    if name == "float32":
+        return np.dtype(np.float32)
+    if name == "bfloat16":
+        return V.BFLOAT16
+    raise ValueError(f"dtype: expected one of {DTYPES}, found {name!r}")
+
+
+def size_label(n):
+    """``2^k`` for a power of two, else the number."""
+    return f"2^{n.bit_length() - 1}" if n > 0 and n & (n - 1) == 0 else str(n)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark case. ``shape`` is (N, V) for ``"ce"``, (n,) for ``"mse"``."""
+
+    op: str
+    shape: tuple
+    dtype: str = "float32"
+    mode: str = "forward"
+
+    def __post_init__(self):
+        if self.op not in ("ce", "mse"):
+            raise ValueError(f"op: expected 'ce' or 'mse', found {self.op!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, found {self.mode!r}")
+        _dtype(self.dtype)
+        want = 2 if self.op == "ce" else 1
+        shape = tuple(int(s) for s in self.shape)
+        if len(shape) != want or min(shape) < 1:
+            raise ValueError(f"shape: expected {want} positive sizes for op {self.op!r}, "
+                             f"found {self.shape!r}")
+        object.__setattr__(self, "shape", shape)
+
+    @property
+    def size_label(self):
+        if self.op == "ce":
+            return f"{self.shape[0]}x{self.shape[1]}"
+        return size_label(self.shape[0])
+
+    @property
+    def name(self):
+        """e.g. ``ce-fwd+bwd-4096x32000-float32``, ``mse-forward-2^26-bfloat16``."""
+        return f"{self.op}-{self.mode}-{self.size_label}-{self.dtype}"
+
+    @property
+    def elements(self):
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self):
+        return _dtype(self.dtype).itemsize
+
+    @property
+    def bytes_read(self):
+        """Logits (ce) or prediction and target (mse), each read once."""
+        return self.elements * self.itemsize * (1 if self.op == "ce" else 2)
+
+    @property
+    def bytes_written(self):
+        """The gradient, written once (fwd+bwd only)."""
+        return self.elements * self.itemsize if self.mode == "fwd+bwd" else 0
+
+    @property
+    def bytes_moved(self):
+        return self.bytes_read + self.bytes_written
+
+    @property
+    def exp_evals(self):
+        """Least number of exp evaluations: one per logit for ce (the backward
+        pass can reuse the forward's), none for mse."""
+        return self.elements if self.op == "ce" else 0
+
+
+def _sweep(op, sizes, dtypes, modes):
+    out = []
+    for size in sizes:
+        shape = size if op == "ce" else (size,)
+        for dtype in dtypes:
+            for mode in modes:
+                out.append(Case(op, shape, dtype, mode))
+    return out
+
+
+def suite_cases():
+    """The full sweep: cross-entropy over :data:`CE_SHAPES`, MSE over
+    :data:`MSE_SIZES`, each in float32 and bfloat16, forward and fwd+bwd.
+    Cases sharing inputs are adjacent."""
+    return _sweep("ce", CE_SHAPES, DTYPES, MODES) + _sweep("mse", MSE_SIZES, DTYPES, MODES)
+
+
+def core_cases():
+    """The issue-2 core set: ce (4096, 32000) and (2048, 128256) float32 forward
+    and fwd+bwd, MSE 2^26 float32 forward and fwd+bwd."""
+    return _sweep("ce", CE_SHAPES[:2], ("float32",), MODES) + \
+        _sweep("mse", MSE_SIZES[:1], ("float32",), MODES)
+
+
+def quick_cases():
+    """Small cases of the same kinds, for smoke-testing the suite in seconds."""
+    return _sweep("ce", ((256, 32000), (16, 262144)), DTYPES, MODES) + \
+        _sweep("mse", (1 << 20,), DTYPES, MODES)
+
+
+def make_inputs(case, seed=0):
+    """The inputs of ``case`` (a dict of numpy arrays), from a fixed seed.
+
+    ce: ``logits`` (N, V) of standard normals times 2 in the case's dtype and
+    ``targets`` (N,) int64 in [0, V). mse: ``pred`` and ``target`` (n,).
+    Inputs depend only on (op, shape, dtype), so the two modes share them.
+    """
+    rng = np.random.default_rng(seed)
+    dt = _dtype(case.dtype)
+
+    def normal(shape, scale):
+        a = rng.standard_normal(shape, dtype=np.float32)
+        if scale != 1:
+            a *= np.float32(scale)
+        return a if dt == np.float32 else a.astype(dt)
+
+    if case.op == "ce":
+        n, v = case.shape
+        return {"logits": normal((n, v), 2.0), "targets": rng.integers(0, v, n)}
+    return {"pred": normal(case.shape, 1.0), "target": normal(case.shape, 1.0)}
+
+
+class Unavailable(Exception):
+    """A provider that cannot run this case here (not installed, dtype not
+    supported, does not compile); the message says why."""
+
+
+@dataclass
+class Bench:
+    """``fn()`` is timed; ``setup()`` (optional) runs untimed before every call.
+
+    ``fn`` returns the loss for ``"forward"`` and ``(loss, grad)`` for
+    ``"fwd+bwd"``, in the provider's own types (see :func:`loss_value`,
+    :func:`grad_array`). ``note`` is shown beside the result.
+    """
+
+    fn: object
+    setup: object = None
+    note: str = ""
+
+
+def family(provider):
+    """The implementation a provider belongs to: ``fastloss-out`` -> ``fastloss``.
+    Rows of other families are a row's peers."""
+    return "fastloss" if provider.startswith("fastloss") else provider
+
+
+def providers_for(case, names=None):
+    """Providers that apply to ``case`` (by op and mode), in table order.
+
+    ``names`` filters them: each entry is a provider name or a family
+    (``"fastloss"`` selects every fastloss variant). Unknown names raise
+    ValueError. Whether a provider can run here is only known from :func:`build`.
+    """
+    applicable = _FORWARD if case.mode == "forward" else _BACKWARD[case.op]
+    if names is None:
+        return list(applicable)
+    names = list(names)
+    for nm in names:
+        if nm not in PROVIDERS:
+            raise ValueError(f"providers: unknown provider {nm!r}; expected some of "
+                             f"{', '.join(PROVIDERS)}")
+    return [p for p in applicable if p in names or family(p) in names]
+
+
+def build(case, inputs, provider):
+    """The :class:`Bench` of ``provider`` on ``case``; raises :class:`Unavailable`."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider: unknown provider {provider!r}")
+    if provider not in providers_for(case):
+        raise Unavailable(f"not applicable to {case.op} {case.mode}")
+    if provider.startswith("fastloss"):
+        return _fastloss(case, inputs, provider)
+    if provider in ("torch", "torch-compile"):
+        return _torch(case, inputs, compiled=provider == "torch-compile")
+    if provider == "numpy":
+        return _numpy(case, inputs)
+    return _jax(case, inputs)
+
+
+# --- fastloss ---------------------------------------------------------------
+
+def _fastloss(case, inputs, provider):
+    if case.op == "ce":
+        x, t = inputs["logits"], inputs["targets"]
+        if case.mode == "forward":
+            return Bench(lambda: cross_entropy(x, t))
+        if provider == "fastloss-out":
+            out = np.empty_like(x)
+            return Bench(lambda: cross_entropy_with_grad(x, t, out=out))
+        if provider == "fastloss-inplace":
+            buf = np.empty_like(x)
+            return Bench(lambda: cross_entropy_with_grad(buf, t, inplace=True),
+                         setup=lambda: np.copyto(buf, x), note="logits restored untimed")
+        return Bench(lambda: cross_entropy_with_grad(x, t))
+    p, y = inputs["pred"], inputs["target"]
+    if case.mode == "forward":
+        return Bench(lambda: mse(p, y))
+    if provider == "fastloss-out":
+        out = np.empty_like(p)
+        return Bench(lambda: mse_with_grad(p, y, out=out))
+    return Bench(lambda: mse_with_grad(p, y))
+
+
+# --- torch ------------------------------------------------------------------
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError as e:
+        raise Unavailable(f"torch is not installed ({e})") from None
+    return torch
+
+
+def _to_torch(torch, a):
+    """Zero-copy tensor of a numpy array; bfloat16 through its bits."""
+    if a.dtype == V.BFLOAT16:
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def _torch(case, inputs, compiled):
+    torch = _import_torch()
+    F = torch.nn.functional
+    if case.op == "ce":
+        a, b = _to_torch(torch, inputs["logits"]), _to_torch(torch, inputs["targets"])
+
+        def fn(x, t):
+            return F.cross_entropy(x, t)
+    else:
+        a, b = _to_torch(torch, inputs["pred"]), _to_torch(torch, inputs["target"])
+
+        def fn(x, y):
+            return F.mse_loss(x, y)
+    note = ""
+    if compiled:
+        # One compiled function at a time: reset dynamo so the recompilations of a
+        # sweep never reach its cache limit (past it, dynamo silently runs eager).
+        torch._dynamo.reset()
+        fn = torch.compile(fn, dynamic=False)
+        note = "first call (compilation) untimed"
+
+    if case.mode == "forward":
+        def run():
+            with torch.no_grad():
+                return fn(a, b)
+    else:
+        def run():
+            x = a.detach().requires_grad_()
+            loss = fn(x, b)
+            loss.backward()
+            return loss.detach(), x.grad
+
+    if compiled:
+        try:
+            run()  # compiles; a failure (no C++ compiler, unsupported op) skips the provider
+        except Exception as e:  # noqa: BLE001 - any compile failure means "not available here"
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            raise Unavailable(f"torch.compile failed: {type(e).__name__}: {first}") from None
+    return Bench(run, note=note)
+
+
+# --- numpy ------------------------------------------------------------------
+
+def _numpy_softmax_parts(x):
+    """(e, s, lse): e = exp(x - rowmax) (a new array), s = its row sums, lse = log-sum-exp."""
+    m = x.max(axis=1, keepdims=True)
+    e = np.subtract(x, m)
+    np.exp(e, out=e)
+    s = e.sum(axis=1, keepdims=True)
+    return e, s, (m + np.log(s))[:, 0]
+
+
+def _numpy_mean_ce(x, lse, rows, cols):
+    if not rows.size:
+        return 0.0
+    return float((lse[rows].sum(dtype=np.float64) - x[rows, cols].sum(dtype=np.float64)) / rows.size)
+
+
+def numpy_ce(x, t, ignore_index=-100):
+    """Mean cross-entropy of float32 logits, plain numpy."""
+    keep = t != ignore_index
+    _, _, lse = _numpy_softmax_parts(x)
+    return _numpy_mean_ce(x, lse, np.arange(x.shape[0])[keep], t[keep])
+
+
+def numpy_ce_with_grad(x, t, ignore_index=-100):
+    """Mean cross-entropy and its gradient (softmax - onehot) / count, plain numpy."""
+    keep = t != ignore_index
+    rows, cols = np.arange(x.shape[0])[keep], t[keep]
+    e, s, lse = _numpy_softmax_parts(x)
+    loss = _numpy_mean_ce(x, lse, rows, cols)
+    e /= s
+    e[rows, cols] -= 1.0
+    e[~keep] = 0.0
+    e *= np.float32(1.0 / rows.size if rows.size else 0.0)
+    return loss, e
+
+
+def numpy_mse(p, y):
+    """Mean squared error, plain numpy."""
+    d = p - y
+    return float(np.dot(d, d)) / d.size
+
+
+def numpy_mse_with_grad(p, y):
+    """Mean squared error and its gradient 2 (p - y) / n, plain numpy."""
+    d = p - y
+    loss = float(np.dot(d, d)) / d.size
+    d *= np.float32(2.0 / d.size)
+    return loss, d
+
+
+def _numpy(case, inputs):
+    if case.dtype != "float32":
+        raise Unavailable("float32 only (numpy has no bfloat16 arithmetic)")
+    if case.op == "ce":
+        x, t = inputs["logits"], inputs["targets"]
+        if case.mode == "forward":
+            return Bench(lambda: numpy_ce(x, t))
+        return Bench(lambda: numpy_ce_with_grad(x, t))
+    p, y = inputs["pred"], inputs["target"]
+    if case.mode == "forward":
+        return Bench(lambda: numpy_mse(p, y))
+    return Bench(lambda: numpy_mse_with_grad(p, y))
+
+
+# --- JAX / optax (optional) -------------------------------------------------
+
+def _jax(case, inputs):
+    try:
+        import jax
+        import jax.numpy as jnp
+    except ImportError as e:
+        raise Unavailable(f"JAX is not installed ({e})") from None
+    if case.op == "ce":
+        try:
+            import optax
+            ce_rows = optax.softmax_cross_entropy_with_integer_labels
+        except ImportError:
+            def ce_rows(x, t):
+                return jax.nn.logsumexp(x, axis=-1) - jnp.take_along_axis(x, t[:, None], axis=-1)[:, 0]
+
+        def loss_fn(x, t):
+            return ce_rows(x.astype(jnp.float32), t).mean()
+
+        a, b = jnp.asarray(inputs["logits"]), jnp.asarray(inputs["targets"])
+    else:
+        def loss_fn(x, y):
+            d = x.astype(jnp.float32) - y.astype(jnp.float32)
+            return jnp.mean(d * d)
+
+        a, b = jnp.asarray(inputs["pred"]), jnp.asarray(inputs["target"])
+    f = jax.jit(loss_fn if case.mode == "forward" else jax.value_and_grad(loss_fn))
+
+    def run():
+        return jax.block_until_ready(f(a, b))
+
+    return Bench(run, note="threads: XLA's own pool (not set by fastloss)")
+
+
+# --- results in common types ------------------------------------------------
+
+def loss_value(ret, mode):
+    """The loss a provider's ``fn()`` returned, as a Python float."""
+    loss = ret if mode == "forward" else ret[0]
+    if hasattr(loss, "detach"):
+        loss = loss.detach().float().item()
+    return float(np.asarray(loss, dtype=np.float64))
+
+
+def grad_array(ret):
+    """The gradient of a fwd+bwd ``fn()`` result as a float32 numpy array."""
+    g = ret[1]
+    if hasattr(g, "detach"):
+        return g.detach().float().numpy()
+    return np.asarray(g).astype(np.float32)

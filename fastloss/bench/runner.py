@@ -1,0 +1,274 @@
+"""Timing, derived columns, the table and the JSON of a benchmark run.
+
+:func:`run` times every (case, provider) pair with warm-up and medians and
+returns a result dict (its keys are listed in :data:`RESULT_KEYS` and
+:data:`ROW_KEYS` and explained in ``benchmarks/README.md``);
+:func:`format_table` prints it, :func:`write_json` / :func:`save` store it.
+The derived columns, per row, with the ceilings measured in the same run
+(:func:`fastloss.bench.machine.calibrate`):
+
+* ``gbps``: bytes moved (inputs read once, plus the gradient written once for
+  fwd+bwd) / median time;
+* ``bw_fraction``: ``gbps`` / the bandwidth that applies (read bandwidth for a
+  forward pass, which only reads; copy bandwidth, read plus write, for fwd+bwd);
+* ``floor_ms``: ``max(bytes moved / that bandwidth, exp evaluations / exp rate)``,
+  the least time the case can take here; ``floor_fraction`` = floor / median;
+* ``ratio_to_fastest``: median / the fastest median of the case;
+* ``ratio_to_fastest_peer``: median / the fastest median among the other
+  providers' families (``fastloss-out`` is not a peer of ``fastloss-inplace``).
+"""
+
+import datetime
+import gc
+import json
+import os
+import statistics
+import time
+import traceback
+
+from . import cases as C
+from . import machine as M
+
+SCHEMA = "fastloss-bench/1"
+#: Top-level keys of a result.
+RESULT_KEYS = ("schema", "machine", "calibration", "settings", "results")
+#: Keys of every row of ``results``.
+ROW_KEYS = (
+    "case", "op", "shape", "dtype", "mode", "provider", "family", "status", "note",
+    "rounds", "times_ms", "warmup_ms", "median_ms", "min_ms", "loss",
+    "bytes_moved", "exp_evals", "gbps", "bandwidth_gbps", "bw_fraction",
+    "floor_ms", "floor_bound", "floor_fraction", "ratio_to_fastest", "ratio_to_fastest_peer",
+)
+DEFAULT_THREADS = int(os.environ.get("FASTLOSS_BENCH_THREADS", "2"))
+DEFAULT_REPEAT = 5
+DEFAULT_WARMUP = 1
+
+
+def time_bench(bench, repeat=DEFAULT_REPEAT, warmup=DEFAULT_WARMUP, max_time=None, inspect=None):
+    """Time ``bench.fn`` (``bench.setup`` untimed before every call).
+
+    ``warmup`` untimed calls first, then ``repeat`` timed ones; with
+    ``max_time`` (seconds) the timed calls stop once that much time has passed
+    and at least ``min(3, repeat)`` were made. ``inspect`` is applied to the
+    first call's result. Returns ``(times_s, warmup_s, inspected)``.
+    """
+    warm, times, seen = [], [], None
+    start = None
+    for i in range(max(0, warmup) + max(1, repeat)):
+        timed = i >= warmup
+        if timed and start is None:
+            start = time.perf_counter()
+        if bench.setup is not None:
+            bench.setup()
+        t0 = time.perf_counter()
+        ret = bench.fn()
+        dt = time.perf_counter() - t0
+        if i == 0 and inspect is not None:
+            seen = inspect(ret)
+        del ret
+        (times if timed else warm).append(dt)
+        if timed and max_time is not None and len(times) >= min(3, repeat) \
+                and time.perf_counter() - start > max_time:
+            break
+    return times, warm, seen
+
+
+def floor(case, calibration):
+    """``(floor_s, bandwidth_gbps, bound)`` of ``case`` under measured ceilings."""
+    bw = calibration["read_gbps"] if case.bytes_written == 0 else calibration["copy_gbps"]
+    mem = case.bytes_moved / (bw * 1e9)
+    exp = case.exp_evals / (calibration["exp_gps"] * 1e9)
+    return max(mem, exp), bw, ("memory" if mem >= exp else "exp")
+
+
+def new_row(case, provider):
+    """A result row of (case, provider) with every key of :data:`ROW_KEYS`; timing fields None."""
+    row = dict.fromkeys(ROW_KEYS)
+    row.update(case=case.name, op=case.op, shape=list(case.shape), dtype=case.dtype,
+               mode=case.mode, provider=provider, family=C.family(provider), note="",
+               bytes_moved=case.bytes_moved, exp_evals=case.exp_evals)
+    return row
+
+
+def fill_row(row, case, times_s, calibration):
+    """Set the timing and derived columns of ``row`` from ``times_s`` (seconds)."""
+    med = statistics.median(times_s)
+    fl, bw, bound = floor(case, calibration)
+    row.update(status="ok", rounds=len(times_s), times_ms=[t * 1e3 for t in times_s],
+               median_ms=med * 1e3, min_ms=min(times_s) * 1e3,
+               gbps=case.bytes_moved / med / 1e9, bandwidth_gbps=bw,
+               floor_ms=fl * 1e3, floor_bound=bound, floor_fraction=fl / med)
+    row["bw_fraction"] = row["gbps"] / bw
+    return row
+
+
+def add_ratios(rows):
+    """Fill ``ratio_to_fastest`` and ``ratio_to_fastest_peer`` within each case."""
+    by_case = {}
+    for r in rows:
+        if r["status"] == "ok":
+            by_case.setdefault(r["case"], []).append(r)
+    for group in by_case.values():
+        best = min(r["median_ms"] for r in group)
+        for r in group:
+            r["ratio_to_fastest"] = r["median_ms"] / best
+            peers = [p["median_ms"] for p in group if p["family"] != r["family"]]
+            r["ratio_to_fastest_peer"] = r["median_ms"] / min(peers) if peers else None
+    return rows
+
+
+def run(cases, providers=None, *, threads=None, repeat=DEFAULT_REPEAT, warmup=DEFAULT_WARMUP,
+        max_time=None, calibration=None, calibration_bytes=M.CALIBRATION_BYTES, progress=None,
+        seed=0):
+    """Benchmark ``cases`` (a list of :class:`~fastloss.bench.cases.Case`).
+
+    ``providers``: names or families to run (default: all that apply).
+    ``threads``: set for numba and torch first (default: leave as is).
+    ``calibration``: ceilings to use (default: measured now, see
+    :func:`fastloss.bench.machine.calibrate`). ``progress(text, end)`` is told
+    what runs (``end`` is "" while a pair runs, "\\n" when it finishes).
+    Returns the result dict (:data:`RESULT_KEYS`).
+    """
+    if threads is not None:
+        threads = M.set_threads(threads)
+    say = progress or (lambda text, end="\n": None)
+    info = M.machine_info()  # at the start: its date is when the run began
+    plan = [(case, p) for case in cases for p in C.providers_for(case, providers)]
+    if calibration is None:
+        say(f"measuring bandwidth ({calibration_bytes / 2**20:.0f} MiB) and exp rate ...", "")
+        calibration = M.calibrate(calibration_bytes)
+        say(f" copy {calibration['copy_gbps']:.1f} GB/s, read {calibration['read_gbps']:.1f} GB/s, "
+            f"exp {calibration['exp_gps']:.2f} G/s")
+    rows = []
+    inputs, inputs_key = None, None
+    for i, (case, provider) in enumerate(plan, 1):
+        row = new_row(case, provider)
+        rows.append(row)
+        say(f"[{i}/{len(plan)}] {case.name} {provider} ...", "")
+        key = (case.op, case.shape, case.dtype)
+        try:
+            if key != inputs_key:
+                inputs = inputs_key = None
+                gc.collect()
+                inputs, inputs_key = C.make_inputs(case, seed), key
+            bench = C.build(case, inputs, provider)
+            row["note"] = bench.note
+            times, warm, loss = time_bench(bench, repeat, warmup, max_time,
+                                           inspect=lambda ret: C.loss_value(ret, case.mode))
+            del bench
+            fill_row(row, case, times, calibration)
+            row.update(warmup_ms=[t * 1e3 for t in warm], loss=loss)
+            say(f" median {row['median_ms']:.2f} ms ({row['rounds']} rounds)")
+        except C.Unavailable as e:
+            row.update(status="skipped", note=str(e))
+            say(f" skipped: {e}")
+        except Exception as e:  # noqa: BLE001 - one failing provider must not end the run
+            row.update(status="error", note=f"{type(e).__name__}: {e}")
+            say(f" error: {type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}")
+        gc.collect()
+    del inputs
+    add_ratios(rows)
+    settings = {"threads": M.numba_threads(), "repeat": repeat, "warmup": warmup,
+                "max_time_s": max_time, "seed": seed, "command": None}
+    return {"schema": SCHEMA, "machine": info, "calibration": calibration,
+            "settings": settings, "results": rows}
+
+
+# --- output -----------------------------------------------------------------
+
+def _fmt(v, spec, missing="-"):
+    return missing if v is None else format(v, spec)
+
+
+def _mb(b):
+    return f"{b / 1e6:,.1f} MB" if b < 1e9 else f"{b / 1e9:,.2f} GB"
+
+
+_COLUMNS = (("provider", 17, "<"), ("median ms", 10, ">"), ("min ms", 9, ">"),
+            ("rounds", 6, ">"), ("GB/s", 7, ">"), ("% bw", 6, ">"), ("floor ms", 9, ">"),
+            ("% floor", 8, ">"), ("x fastest", 9, ">"), ("x peer", 7, ">"))
+
+
+def _line(cells):
+    return "  ".join(f"{c:{a}{w}}" for c, (_, w, a) in zip(cells, _COLUMNS)).rstrip()
+
+
+def format_table(result):
+    """The result as text: a header with the machine and its ceilings, then one
+    block per case (columns explained in ``benchmarks/README.md``)."""
+    m, cal = result["machine"], result["calibration"]
+    out = [
+        f"fastloss bench  {m['date']}",
+        f"machine: {m['cpu_model']}, {m['cores']} cores; threads: numba {m['numba_threads']}"
+        + (f", torch {m['torch_threads']}" if m.get("torch_threads") is not None else ""),
+        "versions: " + ", ".join(f"{k} {m[k]}" for k in
+                                 ("fastloss", "python", "numpy", "numba", "torch", "jax")
+                                 if m.get(k)),
+        f"measured: copy {cal['copy_gbps']:.1f} GB/s (np.copyto, read+write), "
+        f"read {cal['read_gbps']:.1f} GB/s (parallel sum), "
+        f"exp_f32 {cal['exp_gps']:.2f} G/s",
+    ]
+    blocks = {}
+    for r in result["results"]:
+        blocks.setdefault(r["case"], []).append(r)
+    for rows in blocks.values():
+        r0 = rows[0]
+        case = C.Case(r0["op"], tuple(r0["shape"]), r0["dtype"], r0["mode"])
+        fl, bw, bound = floor(case, cal)
+        exp = f", {case.exp_evals / 1e6:,.1f} M exp" if case.exp_evals else ""
+        out += ["", f"{case.name}: moves {_mb(case.bytes_moved)}{exp}; "
+                    f"floor {fl * 1e3:.2f} ms ({bound}-bound)",
+                _line([c for c, _, _ in _COLUMNS])]
+        notes = []
+        for r in rows:
+            if r["status"] != "ok":
+                out.append(_line([r["provider"], r["status"]]))
+                notes.append(f"{r['provider']}: {r['note']}")
+                continue
+            out.append(_line([
+                r["provider"], f"{r['median_ms']:.2f}", f"{r['min_ms']:.2f}", str(r["rounds"]),
+                f"{r['gbps']:.1f}", f"{r['bw_fraction']:.0%}", f"{r['floor_ms']:.2f}",
+                f"{r['floor_fraction']:.0%}", _fmt(r["ratio_to_fastest"], ".2f"),
+                _fmt(r["ratio_to_fastest_peer"], ".2f")]))
+            if r["note"]:
+                notes.append(f"{r['provider']}: {r['note']}")
+        if any(r["status"] == "ok" and r["floor_fraction"] > 1.05 for r in rows):
+            notes.append("faster than the floor: the ceilings were measured while the machine "
+                         "was busy (compare the *_best figures in the JSON); rerun")
+        out += [f"  note: {n}" for n in notes]
+    return "\n".join(out) + "\n"
+
+
+def write_json(result, path):
+    """Write ``result`` as JSON to ``path`` (parent folders are created)."""
+    path = os.fspath(path)
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    return path
+
+
+def default_save_dir():
+    """``$FASTLOSS_BENCH_DIR``, else ``$XDG_CACHE_HOME/fastloss/bench``, else
+    ``~/.cache/fastloss/bench``."""
+    if os.environ.get("FASTLOSS_BENCH_DIR"):
+        return os.environ["FASTLOSS_BENCH_DIR"]
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "fastloss", "bench")
+
+
+def save(result, directory=None):
+    """Save ``result`` as ``<directory>/<UTC time>-<first case>.json``; returns the path."""
+    directory = directory or default_save_dir()
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    first = result["results"][0] if result["results"] else None
+    tag = f"-{first['op']}-{'x'.join(map(str, first['shape']))}" if first else ""
+    path = os.path.join(directory, f"{stamp}{tag}.json")
+    n = 1
+    while os.path.exists(path):
+        n += 1
+        path = os.path.join(directory, f"{stamp}{tag}-{n}.json")
+    return write_json(result, path)
