@@ -49,30 +49,30 @@ def _f32_as_i32(typingctx, x):
 
 @njit(fastmath=_FM)
 def exp_f32(x):
-    """exp(x) for float32 x; relative error < 2.1e-7 on [-87.3, 88.3].
+    """exp(x) for float32 x <= 88 (softmax arguments x - max are <= 0); relative
+    error < 5e-7. Arguments below -87.3 (including -inf) give exactly 0; NaN gives NaN.
 
     exp(x) = 2**k * exp(r), k = round(x / ln 2), |r| <= ln2 / 2, exp(r) by a
-    degree-6 polynomial; 2**k is built from exponent bits. Arguments below
-    -87.3 (including -inf) give exactly 0; NaN gives NaN; above ~88.37 gives inf
-    (the kernels only ever pass x <= 0).
+    degree-6 polynomial; 2**k is built from exponent bits. k is rounded with
+    the 1.5 * 2**23 shifter and read back from the float's bits (no floor, no
+    float->int conversion; together ~2.4x faster than a floor-based version
+    here). k is converted back with an int->float cast rather than by
+    subtracting the shifter, which ``reassoc`` would fold away.
     """
     xc = np.float32(-87.3) if x < np.float32(-87.3) else x
-    xc = np.float32(88.7) if xc > np.float32(88.7) else xc
-    k = math.floor(xc * np.float32(1.4426950408889634) + np.float32(0.5))
-    r = xc - k * np.float32(0.693359375)
-    r = r - k * np.float32(-2.12194440e-4)
+    shifted = xc * np.float32(1.4426950408889634) + np.float32(12582912.0)
+    ki = _f32_as_i32(shifted) - np.int32(0x4B400000)
+    kf = np.float32(ki)
+    r = xc - kf * np.float32(0.693359375)
+    r = r - kf * np.float32(-2.12194440e-4)
     p = np.float32(1.3981999507e-3)
     p = p * r + np.float32(8.3334519073e-3)
     p = p * r + np.float32(4.1665795894e-2)
     p = p * r + np.float32(1.6666665459e-1)
     p = p * r + np.float32(5.0000001201e-1)
     p = p * r * r + r + np.float32(1.0)
-    ki = np.int32(k)
-    two_k = _i32_as_f32(np.int32((ki + np.int32(127)) << np.int32(23)))
-    y = p * two_k
-    y = np.float32(0.0) if x < np.float32(-87.3) else y
-    y = np.float32(np.inf) if x > np.float32(88.7) else y
-    return y
+    y = p * _i32_as_f32(np.int32((ki + np.int32(127)) << np.int32(23)))
+    return np.float32(0.0) if x < np.float32(-87.3) else y
 
 
 @njit(fastmath=_FM)
