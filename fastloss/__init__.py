@@ -9,6 +9,7 @@ from ._threads import get_num_threads, max_threads, set_num_threads
 from ._version import __version__
 from .cuda import cuda_available
 from .ops.cross_entropy import cross_entropy, cross_entropy_with_grad, logsumexp
+from .ops.linear_cross_entropy import LinearCrossEntropyResult, linear_cross_entropy, linear_cross_entropy_with_grad
 from .ops.mse import mse, mse_with_grad
 
 __all__ = [
@@ -16,6 +17,9 @@ __all__ = [
     "cross_entropy",
     "cross_entropy_with_grad",
     "logsumexp",
+    "linear_cross_entropy",
+    "linear_cross_entropy_with_grad",
+    "LinearCrossEntropyResult",
     "mse",
     "mse_with_grad",
     "set_num_threads",

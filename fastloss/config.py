@@ -14,3 +14,25 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 MIN_ELEMENTS_PER_TASK = 1 << 16
 
 CUDA_THREADS_PER_BLOCK = 256  # threads per block of the CUDA kernels (any of 1..1024; read at call time)
+
+#: Threads per block of the fused cross-entropy kernel (loss + gradient); None:
+#: ``CUDA_THREADS_PER_BLOCK``. Above 256 the kernels cap registers per thread
+#: so that a block fits the register file.
+CUDA_FUSED_THREADS_PER_BLOCK = None
+
+#: Blocks per SM in the grid of the row kernels (cross-entropy forward,
+#: logsumexp, the fused kernel before the L2 cap below); None: as many as fit
+#: by threads (2048 // threads per block), one full wave of rows in flight.
+CUDA_BLOCKS_PER_SM = None
+
+#: The fused kernel reads each row twice; the second read hits L2 only while the
+#: rows in flight (one per block) fit in it. Its grid is capped at
+#: ``CUDA_FUSED_L2_BYTES // (row bytes)`` blocks (never below one per SM);
+#: None or 0: no cap. 32 MiB leaves headroom in the 50 MB L2 of an H100/H200.
+CUDA_FUSED_L2_BYTES = 32 << 20
+
+#: Bytes allowed for the per-chunk logits buffer of ``linear_cross_entropy`` when
+#: ``chunk_size=None``: the chunk is the most rows whose (rows, V) float32 (float64
+#: for float64 input) logits fit in this budget (at least 1 row), then evened out
+#: over the chunks. Read at call time.
+LINEAR_CE_LOGITS_BUDGET_BYTES = 256 * 2**20

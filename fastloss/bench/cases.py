@@ -27,6 +27,21 @@ jax                ``optax.softmax_cross_entropy_with_integer_labels`` under
                    ``jax.jit`` (``jax.value_and_grad``), when JAX is installed
 =================  ==========================================================
 
+Linear cross-entropy (``"lce"``, shape ``(N, D, V)``, fwd+bwd only: the loss of
+``hidden @ W.T`` and its gradients for hidden and W) has its own providers:
+
+=================  ==========================================================
+fastloss           ``linear_cross_entropy_with_grad`` (chunked, default chunk)
+torch              eager ``F.linear`` + ``F.cross_entropy`` + ``backward``
+                   (materialises the (N, V) logits)
+torch-lce          ``F.linear_cross_entropy`` + ``backward``
+blas-floor         the three matrix products alone (logits, grad_hidden,
+                   grad_W) with numpy, ``out=`` into preallocated buffers
+=================  ==========================================================
+
+Those cases are not in the cross-entropy/MSE sweeps: see
+:func:`linear_ce_cases` and :func:`linear_ce_quick_cases`.
+
 torch, JAX and optax are imported only when a provider is built.
 """
 
@@ -37,11 +52,13 @@ import numpy as np
 
 from .. import _validate as V
 from ..ops.cross_entropy import cross_entropy, cross_entropy_with_grad
+from ..ops.linear_cross_entropy import linear_cross_entropy_with_grad
 from ..ops.mse import mse, mse_with_grad
 
 __all__ = [
     "CE_SHAPES", "MSE_SIZES", "DTYPES", "MODES", "PROVIDERS",
     "Case", "Bench", "Unavailable",
+    "LCE_SHAPES", "LCE_PROVIDERS", "linear_ce_cases", "linear_ce_quick_cases",
     "suite_cases", "core_cases", "quick_cases", "make_inputs", "providers_for", "build",
     "family", "loss_value", "grad_array",
 ]
@@ -55,7 +72,12 @@ MODES = ("forward", "fwd+bwd")
 
 #: Every provider, in table order.
 PROVIDERS = ("fastloss", "fastloss-out", "fastloss-inplace", "fastloss-alloc",
-             "torch", "torch-compile", "numpy", "jax")
+             "torch", "torch-compile", "numpy", "jax", "torch-lce", "blas-floor")
+
+#: Linear cross-entropy shapes (N tokens, D hidden, V vocabulary).
+LCE_SHAPES = ((4096, 1024, 128256),)
+#: Providers of the linear cross-entropy cases, in table order.
+LCE_PROVIDERS = ("fastloss", "torch", "torch-lce", "blas-floor")
 
 _FORWARD = ("fastloss", "torch", "torch-compile", "numpy", "jax")
 _BACKWARD = {
@@ -88,12 +110,14 @@ class Case:
     mode: str = "forward"
 
     def __post_init__(self):
-        if self.op not in ("ce", "mse"):
-            raise ValueError(f"op: expected 'ce' or 'mse', found {self.op!r}")
+        if self.op not in ("ce", "mse", "lce"):
+            raise ValueError(f"op: expected 'ce', 'mse' or 'lce', found {self.op!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, found {self.mode!r}")
+        if self.op == "lce" and self.mode != "fwd+bwd":
+            raise ValueError(f"mode: op 'lce' is measured as 'fwd+bwd' only, found {self.mode!r}")
         _dtype(self.dtype)
-        want = 2 if self.op == "ce" else 1
+        want = {"ce": 2, "mse": 1, "lce": 3}[self.op]
         shape = tuple(int(s) for s in self.shape)
         if len(shape) != want or min(shape) < 1:
             raise ValueError(f"shape: expected {want} positive sizes for op {self.op!r}, "
@@ -102,8 +126,8 @@ class Case:
 
     @property
     def size_label(self):
-        if self.op == "ce":
-            return f"{self.shape[0]}x{self.shape[1]}"
+        if self.op in ("ce", "lce"):
+            return "x".join(str(s) for s in self.shape)
         return size_label(self.shape[0])
 
     @property
@@ -120,13 +144,27 @@ class Case:
         return _dtype(self.dtype).itemsize
 
     @property
+    def flops(self):
+        """lce: the three (N, D) x (D, V) matrix products, 6 N D V; else 0."""
+        if self.op != "lce":
+            return 0
+        n, d, v = self.shape
+        return 6 * n * d * v
+
+    @property
     def bytes_read(self):
-        """Logits (ce) or prediction and target (mse), each read once."""
+        """Logits (ce) or prediction and target (mse), each read once; hidden
+        and W for lce."""
+        if self.op == "lce":
+            n, d, v = self.shape
+            return (n * d + v * d) * self.itemsize
         return self.elements * self.itemsize * (1 if self.op == "ce" else 2)
 
     @property
     def bytes_written(self):
-        """The gradient, written once (fwd+bwd only)."""
+        """The gradient, written once (fwd+bwd only); lce: grad_hidden and grad_W."""
+        if self.op == "lce":
+            return self.bytes_read
         return self.elements * self.itemsize if self.mode == "fwd+bwd" else 0
 
     @property
@@ -137,6 +175,8 @@ class Case:
     def exp_evals(self):
         """Least number of exp evaluations: one per logit for ce (the backward
         pass can reuse the forward's), none for mse."""
+        if self.op == "lce":
+            return self.shape[0] * self.shape[2]
         return self.elements if self.op == "ce" else 0
 
 
@@ -170,6 +210,16 @@ def quick_cases():
         _sweep("mse", (1 << 20,), DTYPES, MODES)
 
 
+def linear_ce_cases():
+    """Linear cross-entropy, float32, fwd+bwd, over :data:`LCE_SHAPES`."""
+    return [Case("lce", s, "float32", "fwd+bwd") for s in LCE_SHAPES]
+
+
+def linear_ce_quick_cases():
+    """A small linear cross-entropy case (512 x 256 x 32000) for smoke tests."""
+    return [Case("lce", (512, 256, 32000), "float32", "fwd+bwd")]
+
+
 def make_inputs(case, seed=0):
     """The inputs of ``case`` (a dict of numpy arrays), from a fixed seed.
 
@@ -186,6 +236,10 @@ def make_inputs(case, seed=0):
             a *= np.float32(scale)
         return a if dt == np.float32 else a.astype(dt)
 
+    if case.op == "lce":
+        n, d, v = case.shape
+        return {"hidden": normal((n, d), 1.0), "weight": normal((v, d), 1.0 / math.sqrt(d)),
+                "targets": rng.integers(0, v, n)}
     if case.op == "ce":
         n, v = case.shape
         return {"logits": normal((n, v), 2.0), "targets": rng.integers(0, v, n)}
@@ -224,7 +278,10 @@ def providers_for(case, names=None):
     (``"fastloss"`` selects every fastloss variant). Unknown names raise
     ValueError. Whether a provider can run here is only known from :func:`build`.
     """
-    applicable = _FORWARD if case.mode == "forward" else _BACKWARD[case.op]
+    if case.op == "lce":
+        applicable = LCE_PROVIDERS
+    else:
+        applicable = _FORWARD if case.mode == "forward" else _BACKWARD[case.op]
     if names is None:
         return list(applicable)
     names = list(names)
@@ -241,6 +298,8 @@ def build(case, inputs, provider):
         raise ValueError(f"provider: unknown provider {provider!r}")
     if provider not in providers_for(case):
         raise Unavailable(f"not applicable to {case.op} {case.mode}")
+    if case.op == "lce":
+        return _linear_ce(case, inputs, provider)
     if provider.startswith("fastloss"):
         return _fastloss(case, inputs, provider)
     if provider in ("torch", "torch-compile"):
@@ -330,6 +389,48 @@ def _torch(case, inputs, compiled):
             first = (str(e).strip().splitlines() or [""])[0][:160]
             raise Unavailable(f"torch.compile failed: {type(e).__name__}: {first}") from None
     return Bench(run, note=note)
+
+
+# --- linear cross-entropy --------------------------------------------------
+
+def _linear_ce(case, inputs, provider):
+    """``fn()`` returns ``(loss, grad_hidden, grad_W)`` in the provider's types."""
+    h, w, t = inputs["hidden"], inputs["weight"], inputs["targets"]
+    if provider == "fastloss":
+        return Bench(lambda: linear_cross_entropy_with_grad(h, w, t)[:3])
+    if provider == "blas-floor":
+        if case.dtype != "float32":
+            raise Unavailable("float32 only")
+        n, d, v = case.shape
+        logits = np.empty((n, v), np.float32)
+        gh = np.empty_like(h)
+        gw = np.empty_like(w)
+
+        def floor():
+            np.matmul(h, w.T, out=logits)
+            np.matmul(logits, w, out=gh)
+            np.matmul(logits.T, h, out=gw)
+            return float("nan"), gh, gw
+
+        return Bench(floor, note="three matmuls only (loss not computed); holds (N, V) logits")
+    torch = _import_torch()
+    F = torch.nn.functional
+    th, tw, tt = _to_torch(torch, h), _to_torch(torch, w), _to_torch(torch, t)
+    fused = provider == "torch-lce"
+    if fused and not hasattr(F, "linear_cross_entropy"):
+        raise Unavailable("torch has no F.linear_cross_entropy")
+
+    def run():
+        x = th.detach().requires_grad_()
+        W = tw.detach().requires_grad_()
+        if fused:
+            loss = F.linear_cross_entropy(x, W, tt)
+        else:
+            loss = F.cross_entropy(F.linear(x, W), tt)
+        loss.backward()
+        return loss.detach(), x.grad, W.grad
+
+    return Bench(run)
 
 
 # --- numpy ------------------------------------------------------------------

@@ -1,0 +1,350 @@
+"""Public fused linear cross-entropy API: ``linear_cross_entropy``,
+``linear_cross_entropy_with_grad`` (cross-entropy of ``hidden @ lm_head.T + bias``
+without ever holding the ``(N, V)`` logits).
+
+The tokens are processed in chunks of ``chunk_size`` rows. Per chunk:
+
+1. ``logits = hidden_chunk @ lm_head.T (+ bias)``: one BLAS product into a
+   reused ``(chunk_size, V)`` buffer (float32; float64 for float64 input);
+2. the fused cross-entropy kernel (:func:`fastloss.cpu.cross_entropy.ce_fused`)
+   turns the buffer into per-row losses and, in place, ``d(loss)/d(logits)``;
+3. ``grad_hidden[chunk] = dlogits @ lm_head`` and ``grad_weight += dlogits.T @
+   hidden_chunk`` (a GEMM with beta=1 when scipy is present, so no ``(V, D)``
+   temporary), ``grad_bias += dlogits.sum(0)``.
+
+The reduction denominators (count / target-weight sum of the counted tokens,
+or ``normalizer``) are known from the targets before the first chunk, so each
+chunk's per-row upstream coefficients are final when it is processed: forward
+and backward are one sweep. Ignored tokens are skipped (never multiplied).
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from .. import _validate as V
+from .. import config
+from .. import cuda as _cuda
+from ..cpu import cross_entropy as K
+from .cross_entropy import _Plan, _row_coefficients, _scratch
+
+try:  # GEMM with beta=1 accumulates grad_weight without a (V, D) temporary
+    from scipy.linalg import blas as _blas
+except ImportError:  # pragma: no cover - scipy is optional
+    _blas = None
+
+__all__ = ["LinearCrossEntropyResult", "linear_cross_entropy", "linear_cross_entropy_with_grad"]
+
+
+class LinearCrossEntropyResult(NamedTuple):
+    """Loss and gradients of :func:`linear_cross_entropy_with_grad`."""
+
+    loss: object
+    """Python float for "mean"/"sum"; array of ``targets.shape`` for "none"."""
+    grad_hidden: np.ndarray
+    """``d(grad_output * loss)/d(hidden)``: hidden's shape and dtype."""
+    grad_weight: np.ndarray
+    """``d(grad_output * loss)/d(lm_head)``: ``(V, D)`` in lm_head's dtype."""
+    grad_bias: object
+    """``d(grad_output * loss)/d(bias)`` in bias's dtype, or None without a bias."""
+
+
+class _LinearPlan:
+    """Validated inputs of one linear cross-entropy call."""
+
+    def __init__(self, hidden, lm_head, targets, bias, chunk_size, ce_kwargs):
+        for name, a in (("hidden", hidden), ("lm_head", lm_head), ("bias", bias)):
+            if a is not None and _cuda.is_device_array(a):
+                raise TypeError(f"{name}: GPU arrays are not supported by linear_cross_entropy "
+                                "yet (CPU only); pass numpy arrays")
+        h = V.float_array(hidden, "hidden")
+        if h.ndim == 0:
+            raise ValueError("hidden: expected shape (..., D) with at least one dimension, "
+                             "found a 0-d array")
+        w = V.float_array(lm_head, "lm_head")
+        if w.ndim != 2 or w.shape[1] != h.shape[-1]:
+            raise ValueError(f"lm_head: expected shape (V, {h.shape[-1]}) (V, hidden.shape[-1]), "
+                             f"found {w.shape}")
+        if w.shape[0] == 0:
+            raise ValueError(f"lm_head: expected at least one row (class), found shape {w.shape}")
+        if w.dtype != h.dtype:
+            raise TypeError(f"lm_head: expected the dtype of hidden ({h.dtype}), found {w.dtype}")
+        nclass, dim = w.shape
+        t = np.asarray(targets)
+        if t.dtype.kind in "iu" and t.shape != h.shape[:-1]:
+            raise ValueError(f"targets: expected shape {h.shape[:-1]} (hidden.shape[:-1]), "
+                             f"found {t.shape}")
+        self.acc = V.acc_dtype(h.dtype)
+        # The cross-entropy plan sees (N, V) logits of the accumulation dtype: a
+        # zero-stride stand-in, so nothing of that size is allocated.
+        fake = np.broadcast_to(np.zeros((), self.acc), h.shape[:-1] + (nclass,))
+        self.ce = _Plan(fake, t, **ce_kwargs)
+        if bias is not None:
+            b = V.float_array(bias, "bias")
+            if b.shape != (nclass,):
+                raise ValueError(f"bias: expected shape ({nclass},) (lm_head.shape[0]), found {b.shape}")
+            self.bias = b
+        else:
+            self.bias = None
+        if chunk_size is not None:
+            if isinstance(chunk_size, (bool, np.bool_)) or not isinstance(chunk_size, (int, np.integer)):
+                raise TypeError(f"chunk_size: expected a positive integer or None, "
+                                f"found {type(chunk_size).__name__}")
+            if chunk_size < 1:
+                raise ValueError(f"chunk_size: expected a positive integer, found {int(chunk_size)}")
+        self.hidden, self.lm_head = h, w
+        self.nclass, self.dim = nclass, dim
+        self.h2 = h.reshape(int(np.prod(h.shape[:-1])), dim)  # a view when the layout allows, else one copy of hidden
+        self.rows = None if self.ce.count == self.ce.tgt.size else np.flatnonzero(~self.ce.ignored)
+        self.chunk = _chunk_rows(chunk_size, self.ce.count, nclass, self.acc.itemsize)
+
+    def compute_head(self):
+        """The LM head in the accumulation dtype (converted once for half precision)."""
+        w = self.lm_head
+        return w if w.dtype == self.acc else w.astype(self.acc)
+
+    def chunks(self):
+        """(index, c): the rows of each chunk (a slice, or an index array when some
+        tokens are ignored) and their number; only counted tokens are visited."""
+        count, c = self.ce.count, self.chunk
+        for lo in range(0, count, c):
+            hi = min(lo + c, count)
+            yield (slice(lo, hi) if self.rows is None else self.rows[lo:hi]), hi - lo
+
+    def logits_into(self, buf, idx, c, head, hbuf):
+        """buf[:c] = hidden[idx] @ head.T (+ bias); returns the hidden chunk used."""
+        hc = self.h2[idx]
+        if hc.dtype != self.acc:
+            np.copyto(hbuf[:c], hc, casting="unsafe")
+            hc = hbuf[:c]
+        x = buf[:c]
+        np.matmul(hc, head.T, out=x)
+        if self.bias is not None:
+            x += self.bias_acc
+        return hc, x
+
+
+def _chunk_rows(chunk_size, count, nclass, itemsize):
+    """Rows per chunk: ``chunk_size``, or the most rows whose logits fit in
+    ``config.LINEAR_CE_LOGITS_BUDGET_BYTES``, evened out over the chunks."""
+    if chunk_size is not None:
+        return int(chunk_size)
+    if count == 0:
+        return 1
+    c = max(1, int(config.LINEAR_CE_LOGITS_BUDGET_BYTES) // (nclass * itemsize))
+    nchunk = -(-count // c)
+    return -(-count // nchunk)
+
+
+def _prepare(plan):
+    """Buffers shared by the forward and fused sweeps."""
+    ce = plan.ce
+    c = min(plan.chunk, max(ce.count, 1))
+    buf = np.empty((c, plan.nclass), plan.acc)
+    hbuf = np.empty((c, plan.dim), plan.acc) if plan.hidden.dtype != plan.acc else None
+    plan.bias_acc = None if plan.bias is None else plan.bias.astype(plan.acc)
+    return buf, hbuf
+
+
+def _sub(idx, a):
+    """a[idx] as a view for a slice (a copy for an index array)."""
+    return a[idx]
+
+
+def linear_cross_entropy(hidden, lm_head, /, targets, *, bias=None, weight=None,
+                         ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                         z_loss=0.0, softcap=None, logit_scale=1.0, normalizer=None,
+                         chunk_size=None):
+    """Cross-entropy of the logits ``hidden @ lm_head.T + bias``, never holding them.
+
+    Parameters
+    ----------
+    hidden : array_like, shape (..., D)
+        Final hidden states; float16, bfloat16, float32 or float64. Not modified.
+    lm_head : array_like, shape (V, D)
+        The output projection (``nn.Linear`` layout), same dtype as ``hidden``.
+        Positional only: ``weight=`` is the class-weight keyword, as in
+        :func:`fastloss.cross_entropy`.
+    targets : array_like of int, shape ``hidden.shape[:-1]``
+        Class indices in ``[0, V)``, or ``ignore_index``.
+    bias : array_like, shape (V,), optional
+        Output bias (any supported float dtype).
+    weight, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, normalizer
+        As in :func:`fastloss.cross_entropy`, applied to the logits.
+    chunk_size : int > 0, optional
+        Tokens per chunk. None picks the most tokens whose ``(chunk, V)``
+        logits buffer fits in ``fastloss.config.LINEAR_CE_LOGITS_BUDGET_BYTES``
+        (256 MiB by default; read at call time).
+
+    Returns
+    -------
+    float or numpy.ndarray
+        As :func:`fastloss.cross_entropy` returns for these logits.
+
+    Raises
+    ------
+    TypeError
+        Unsupported dtypes, ``lm_head`` of another dtype than ``hidden``, a
+        non-integer ``chunk_size``, or a GPU array.
+    ValueError
+        Shapes that do not fit together, options out of range, bad targets
+        (messages name the argument).
+
+    Notes
+    -----
+    Logits are computed chunk by chunk in float32 (float64 for float64 input)
+    by BLAS, then reduced by the cross-entropy kernel; ignored tokens are
+    skipped. Extra memory: the ``(chunk, V)`` logits buffer, per-token
+    float32 losses, and for float16/bfloat16 a float32 copy of ``lm_head``
+    (``V * D * 4`` bytes) plus a ``(chunk, D)`` float32 hidden buffer.
+
+    Examples
+    --------
+    >>> import numpy as np, fastloss
+    >>> rng = np.random.default_rng(0)
+    >>> h = rng.standard_normal((6, 4)).astype(np.float32)
+    >>> W = rng.standard_normal((10, 4)).astype(np.float32)
+    >>> t = np.array([1, 2, 3, -100, 9, 0])
+    >>> a = fastloss.linear_cross_entropy(h, W, t, chunk_size=4)
+    >>> b = fastloss.cross_entropy(h @ W.T, t)
+    >>> bool(abs(a - b) < 1e-5)
+    True
+    """
+    plan = _LinearPlan(hidden, lm_head, targets, bias, chunk_size, dict(
+        weight=weight, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+        logit_scale=logit_scale, normalizer=normalizer))
+    ce = plan.ce
+    n = ce.tgt.size
+    loss = np.zeros(n, plan.acc)
+    lse = np.zeros(n, plan.acc)
+    if ce.count:
+        head = plan.compute_head()
+        buf, hbuf = _prepare(plan)
+        zbuf, tbuf = _scratch(ce, buf.shape[0], ce.mode != K.PLAIN, ce.mode == K.SOFTCAP)
+        args = ce.kernel_args()
+        lrow = np.empty(buf.shape[0], plan.acc)
+        srow = np.empty(buf.shape[0], plan.acc)
+        for idx, c in plan.chunks():
+            _, x = plan.logits_into(buf, idx, c, head, hbuf)
+            nt = min(zbuf.shape[0], c)
+            with V.kernel_launch():
+                K.ce_forward(x, _sub(idx, ce.tgt), *args, zbuf[:nt], tbuf[:nt],
+                             lrow[:c], srow[:c])
+            loss[idx] = lrow[:c]
+            lse[idx] = srow[:c]
+    return ce.reduce(loss, lse)
+
+
+def linear_cross_entropy_with_grad(hidden, lm_head, /, targets, *, bias=None, weight=None,
+                                   ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                                   z_loss=0.0, softcap=None, logit_scale=1.0, normalizer=None,
+                                   grad_output=None, chunk_size=None):
+    """Linear cross-entropy and its gradients for hidden, LM head and bias, in one sweep.
+
+    Parameters
+    ----------
+    hidden, lm_head, targets, bias, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, normalizer, chunk_size
+        As in :func:`linear_cross_entropy`.
+    grad_output : float or array_like, optional
+        Upstream gradient: a scalar for "mean"/"sum" (default 1.0); a scalar or
+        an array of ``targets.shape`` for "none".
+
+    Returns
+    -------
+    LinearCrossEntropyResult
+        ``(loss, grad_hidden, grad_weight, grad_bias)``: the loss as
+        :func:`linear_cross_entropy`; ``grad_hidden`` of hidden's shape and
+        dtype (zero rows for ignored tokens), ``grad_weight`` of ``(V, D)`` in
+        lm_head's dtype, ``grad_bias`` of ``(V,)`` in bias's dtype, or None
+        without a bias. All are ``d(grad_output * loss)/d(input)``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`linear_cross_entropy`, plus a bad ``grad_output``.
+
+    Notes
+    -----
+    With ``G = d(loss)/d(logits)`` (computed per chunk, in place, by the
+    fused cross-entropy kernel): ``grad_hidden = G @ lm_head``, ``grad_weight
+    = G.T @ hidden``, ``grad_bias = G.sum(0)``. Products and accumulators are
+    float32 (float64 for float64 input); a float16/bfloat16 gradient is
+    rounded once at the end. Extra memory: the ``(chunk, V)`` logits buffer;
+    for float16/bfloat16 also a float32 copy of ``lm_head`` and a float32
+    ``grad_weight`` accumulator (``2 * V * D * 4`` bytes) and ``(chunk, D)``
+    float32 buffers; without scipy, one ``(V, D)`` temporary for the
+    ``grad_weight`` accumulation. A NaN in one token's logits makes its loss
+    NaN and, through the shared weights, ``grad_weight`` NaN (as in PyTorch).
+
+    Examples
+    --------
+    >>> import numpy as np, fastloss
+    >>> rng = np.random.default_rng(0)
+    >>> h = rng.standard_normal((5, 3))
+    >>> W = rng.standard_normal((7, 3))
+    >>> t = np.array([0, 6, 2, 2, 1])
+    >>> r = fastloss.linear_cross_entropy_with_grad(h, W, t, bias=np.zeros(7))
+    >>> _, G = fastloss.cross_entropy_with_grad(h @ W.T, t)
+    >>> bool(np.allclose(r.grad_weight, G.T @ h) and np.allclose(r.grad_hidden, G @ W))
+    True
+    >>> r.grad_bias.shape
+    (7,)
+    """
+    plan = _LinearPlan(hidden, lm_head, targets, bias, chunk_size, dict(
+        weight=weight, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+        logit_scale=logit_scale, normalizer=normalizer))
+    ce = plan.ce
+    acc = plan.acc
+    n = ce.tgt.size
+    gce, gz = _row_coefficients(ce, grad_output)
+    loss = np.zeros(n, acc)
+    lse = np.zeros(n, acc)
+    hdt, wdt = plan.hidden.dtype, plan.lm_head.dtype
+    grad_hidden = np.zeros(plan.hidden.shape, hdt) if plan.rows is not None or n == 0 \
+        else np.empty(plan.hidden.shape, hdt)
+    gh2 = grad_hidden.reshape(-1, plan.dim)
+    gw = np.zeros((plan.nclass, plan.dim), acc)  # the output itself for float32/float64
+    gb = None if plan.bias is None else np.zeros(plan.nclass, np.float64)
+    if ce.count:
+        head = plan.compute_head()
+        buf, hbuf = _prepare(plan)
+        cmax = buf.shape[0]
+        zbuf, tbuf = _scratch(ce, cmax, True, ce.mode == K.SOFTCAP)
+        w, has_w, wsum, mode, scale, cap, eps = ce.kernel_args()
+        zl = acc.type(ce.zl)
+        lrow = np.empty(cmax, acc)
+        srow = np.empty(cmax, acc)
+        direct = plan.rows is None and hdt == acc  # grad_hidden rows written by the product
+        ghbuf = None if direct else np.empty((cmax, plan.dim), acc)
+        gemm = None if _blas is None else (_blas.dgemm if acc == np.float64 else _blas.sgemm)
+        tmp = np.empty_like(gw) if gemm is None else None
+        for idx, c in plan.chunks():
+            hc, x = plan.logits_into(buf, idx, c, head, hbuf)
+            nt = min(zbuf.shape[0], c)
+            with V.kernel_launch():
+                K.ce_fused(x, _sub(idx, ce.tgt), w, has_w, wsum, mode, scale, cap, eps, zl,
+                           _sub(idx, gce), _sub(idx, gz), x, zbuf[:nt], tbuf[:nt],
+                           lrow[:c], srow[:c])
+            loss[idx] = lrow[:c]
+            lse[idx] = srow[:c]
+            # x now holds dL/dlogits of the chunk.
+            if direct:
+                np.matmul(x, head, out=gh2[idx])
+            else:
+                np.matmul(x, head, out=ghbuf[:c])
+                gh2[idx] = ghbuf[:c]
+            if gemm is not None:
+                # gw.T (D, V, Fortran order) += hc.T @ x: column-major views, no copies.
+                r = gemm(1.0, hc.T, x.T, beta=1.0, c=gw.T, trans_b=1, overwrite_c=1)
+                if not np.shares_memory(r, gw):  # pragma: no cover - defensive
+                    gw[...] = r.T
+            else:
+                np.matmul(x.T, hc, out=tmp)
+                gw += tmp
+            if gb is not None:
+                gb += x.sum(axis=0, dtype=np.float64)
+    grad_weight = gw if wdt == acc else gw.astype(wdt)
+    grad_bias = None if gb is None else gb.astype(plan.bias.dtype)
+    return LinearCrossEntropyResult(ce.reduce(loss, lse), grad_hidden, grad_weight, grad_bias)
