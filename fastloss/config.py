@@ -25,11 +25,13 @@ CUDA_FUSED_THREADS_PER_BLOCK = None
 #: by threads (2048 // threads per block), one full wave of rows in flight.
 CUDA_BLOCKS_PER_SM = None
 
-#: The fused kernel reads each row twice; the second read hits L2 only while the
-#: rows in flight (one per block) fit in it. Its grid is capped at
-#: ``CUDA_FUSED_L2_BYTES // (row bytes)`` blocks (never below one per SM);
-#: None or 0: no cap. 32 MiB leaves headroom in the 50 MB L2 of an H100/H200.
-CUDA_FUSED_L2_BYTES = 32 << 20
+#: The fused kernel reads each row twice; capping its grid at
+#: ``CUDA_FUSED_L2_BYTES // (row bytes)`` blocks (never below one per SM) keeps
+#: the rows in flight within L2 so the second read hits it. None or 0: no cap.
+#: Measured on an H200 (benchmarks/gpu_check.py, 2026-11-26): no cap was faster
+#: in 5 of 6 cases (e.g. float32 16384x50257: 5.86 ms against 7.79 ms with a
+#: 32 MiB cap), so the default is no cap.
+CUDA_FUSED_L2_BYTES = None
 
 #: Bytes allowed for the per-chunk logits buffer of ``linear_cross_entropy`` when
 #: ``chunk_size=None``: the chunk is the most rows whose (rows, V) float32 (float64

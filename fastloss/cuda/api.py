@@ -32,6 +32,7 @@ of the contract:
 
 import functools
 import sys
+import weakref
 
 import numpy as np
 
@@ -60,6 +61,17 @@ def _threads_per_block():
     if isinstance(tpb, bool) or not isinstance(tpb, (int, np.integer)) or not 1 <= tpb <= 1024:
         raise ValueError("fastloss.config.CUDA_THREADS_PER_BLOCK: expected an integer in "
                          f"[1, 1024], found {tpb!r}")
+    return int(tpb)
+
+
+def _fused_threads_per_block(gpu):
+    """Threads per block of the fused cross-entropy kernel (config; None: gpu.tpb)."""
+    tpb = config.CUDA_FUSED_THREADS_PER_BLOCK
+    if tpb is None:
+        return gpu.tpb
+    if isinstance(tpb, bool) or not isinstance(tpb, (int, np.integer)) or not 1 <= tpb <= 1024:
+        raise ValueError("fastloss.config.CUDA_FUSED_THREADS_PER_BLOCK: expected None or an "
+                         f"integer in [1, 1024], found {tpb!r}")
     return int(tpb)
 
 
@@ -104,7 +116,7 @@ class _Gpu:
             # primary context, and we launch on PyTorch's current stream.
             self.device = like.device
             ptr = self.torch.cuda.current_stream(self.device).cuda_stream
-            self.stream = cuda.external_stream(ptr) if ptr else cuda.default_stream()
+            self.stream = _external_stream(cuda, self.device, ptr) if ptr else cuda.default_stream()
             self.key = str(self.device)
         else:
             self.device = None
@@ -121,21 +133,36 @@ class _Gpu:
         desc = obj.__cuda_array_interface__
         return tuple(desc["shape"]), np.dtype(desc["typestr"])
 
-    def view(self, obj, name):
-        """An :class:`_Arr` for a GPU array (a torch tensor is first made contiguous)."""
+    def view(self, obj, name, cache=False):
+        """An :class:`_Arr` for a GPU array (a torch tensor is first made contiguous).
+
+        ``cache``: reuse the numba array made for the same tensor by an earlier
+        call (see :func:`_cached_view`). Only for a caller-owned input that the
+        call holds until it returns (the logits): the cached array does not own
+        the tensor, so it must not outlive the call's reference to it."""
         shape, dtype = self.meta(obj)
         if is_torch_tensor(obj):
             if self.device is not None and obj.device != self.device:
                 raise ValueError(f"{name}: expected a tensor on {self.device} (like the first "
                                  f"argument), found one on {obj.device}")
             t = obj.contiguous()
+            if cache:
+                dev = _cached_view(t, shape, dtype)
+                if dev is not None:
+                    return _Arr(dev, dtype, shape, t)
             if dtype in (np.dtype(np.float16), V.BFLOAT16):
                 desc = dict(t.view(self.torch.int16).__cuda_array_interface__)
                 desc["typestr"] = "<u2"
             else:
                 desc = dict(t.__cuda_array_interface__)
             desc.pop("stream", None)  # we launch on the tensor's current stream
-            dev = self.cuda.from_cuda_array_interface(desc, owner=t, sync=False)
+            if cache:
+                # No owner: the cache must not keep t alive (the _Arr, and the
+                # caller, hold t until the call returns).
+                dev = self.cuda.from_cuda_array_interface(desc, owner=None, sync=False)
+                _cache_view(t, shape, dtype, dev)
+            else:
+                dev = self.cuda.from_cuda_array_interface(desc, owner=t, sync=False)
             return _Arr(dev, dtype, shape, t)
         if getattr(obj, "__cuda_ndarray__", False):
             dev = obj.view(np.uint16) if _kind(dtype) != NATIVE else obj
@@ -184,8 +211,8 @@ class _Gpu:
             self.stream.synchronize()
         return h
 
-    def launch(self, kernel, grid, *args):
-        kernel[grid, self.tpb, self.stream](*args)
+    def launch(self, kernel, grid, *args, tpb=None):
+        kernel[grid, tpb or self.tpb, self.stream](*args)
 
     def dummy(self, shape, dtype):
         """A small placeholder array for a kernel argument that this call never
@@ -196,11 +223,23 @@ class _Gpu:
             d = _DUMMIES[key] = self.empty(shape, dtype)[0]
         return d
 
-    def grid(self, work_blocks):
-        """Blocks for ``work_blocks`` independent units of block-sized work."""
+    def grid(self, work_blocks, tpb=None, row_bytes=0):
+        """Blocks for ``work_blocks`` independent units of block-sized work, of
+        ``tpb`` threads (default: ``self.tpb``). With ``row_bytes`` (the fused
+        kernel, which reads each row twice) the blocks are also capped so that
+        the rows in flight fit in ``config.CUDA_FUSED_L2_BYTES``."""
         limit = GRID_LIMIT
         if limit is None:
-            limit = _SIM_GRID if self.sim else _wave(self.cuda, self.tpb)
+            if self.sim:
+                limit = _SIM_GRID
+            else:
+                sms = _sm_count(self.cuda)
+                tpb = tpb or self.tpb
+                per_sm = config.CUDA_BLOCKS_PER_SM or max(1, 2048 // tpb)
+                limit = sms * max(1, int(per_sm))
+                l2 = config.CUDA_FUSED_L2_BYTES
+                if row_bytes and l2:
+                    limit = min(limit, max(sms, int(l2) // int(row_bytes)))
         return max(1, min(int(work_blocks), int(limit)))
 
     def reduced(self, obj):
@@ -209,16 +248,65 @@ class _Gpu:
 
 
 _DUMMIES = {}
+_STREAMS = {}
+_VIEWS = {}
+_MAX_VIEWS = 64
+
+
+def _external_stream(cuda, device, ptr):
+    """numba's handle on PyTorch's current stream (cached per device and stream)."""
+    key = (str(device), ptr)
+    st = _STREAMS.get(key)
+    if st is None:
+        if len(_STREAMS) > _MAX_VIEWS:
+            _STREAMS.clear()
+        st = _STREAMS[key] = cuda.external_stream(ptr)
+    return st
+
+
+def _cached_view(t, shape, dtype):
+    """The numba view of the contiguous tensor ``t`` made by an earlier call, if
+    ``t`` is the same live object with the same storage pointer, shape and dtype
+    (per call this saves the interface dict and the device-array construction)."""
+    hit = _VIEWS.get(id(t))
+    if hit is None:
+        return None
+    ref, ptr, shp, dt, dev = hit
+    if ref() is not t or ptr != t.data_ptr() or shp != shape or dt != dtype:
+        return None
+    return dev
+
+
+def _cache_view(t, shape, dtype, dev):
+    key = id(t)
+
+    def drop(r, key=key):
+        e = _VIEWS.get(key)
+        if e is not None and e[0] is r:
+            del _VIEWS[key]
+
+    try:
+        ref = weakref.ref(t, drop)
+    except TypeError:  # not weak-referenceable: no caching
+        return
+    if len(_VIEWS) >= _MAX_VIEWS:
+        _VIEWS.clear()
+    _VIEWS[key] = (ref, t.data_ptr(), tuple(shape), dtype, dev)
 _SM_COUNT = {}
+
+
+def _sm_count(cuda):
+    """Multiprocessors of the current device (cached per device)."""
+    dev = cuda.current_context().device
+    sms = _SM_COUNT.get(dev.id)
+    if sms is None:
+        sms = _SM_COUNT[dev.id] = dev.MULTIPROCESSOR_COUNT
+    return sms
 
 
 def _wave(cuda, tpb):
     """Blocks of ``tpb`` threads that fit on the GPU at once (2048 threads per SM)."""
-    ctx = cuda.current_context()
-    sms = _SM_COUNT.get(ctx.device.id)
-    if sms is None:
-        sms = _SM_COUNT[ctx.device.id] = ctx.device.MULTIPROCESSOR_COUNT
-    return sms * max(1, 2048 // tpb)
+    return _sm_count(cuda) * max(1, 2048 // tpb)
 
 
 def _on_input_device(fn):
@@ -481,7 +569,7 @@ class _CEPlan:
     def device_inputs(self):
         """Put the inputs on the device: logits (n, V), targets (n,), weights (V,)."""
         gpu = self.gpu
-        self.x = gpu.view(self.logits, "logits")
+        self.x = gpu.view(self.logits, "logits", cache=True)
         self.x2 = gpu.flat(self.x, (self.n, self.nclass), "logits")
         t = _side_array(gpu, self.targets, "targets")
         self.t_arr = t
@@ -531,12 +619,13 @@ class _CEPlan:
             return t.obj.reshape(-1)[k].item()
         return self.tgt[k:k + 1].copy_to_host()[0]
 
-    def kernels(self, *arrays):
-        """(forward, fused, lse) for this call, and ``arrays`` (the logits and the
-        gradient destination) as the kernels take them (uint64 words if possible)."""
+    def kernels(self, *arrays, tpb=None):
+        """(forward, fused, lse) for this call (``tpb`` threads per block; default
+        gpu.tpb), and ``arrays`` (the logits and the gradient destination) as the
+        kernels take them (uint64 words if possible)."""
         from .cross_entropy import ce_kernels
         per, arrays = _words(self.gpu, self.dtype, self.nclass, arrays)
-        return ce_kernels(self.acc.name, self.x.kind, self.mode, self.gpu.tpb, per), arrays
+        return ce_kernels(self.acc.name, self.x.kind, self.mode, tpb or self.gpu.tpb, per), arrays
 
     def outputs(self, grid):
         """(loss, loss_obj, partial): per-row loss (none) or per-block partials."""
@@ -669,13 +758,14 @@ def cross_entropy_with_grad(logits, targets, *, weight=None, ignore_index=-100,
     else:
         dest, grad = gpu.empty((plan.n, plan.nclass), plan.dtype)
         grad = _reshape(gpu, grad, plan.shape)
-    (_, fused, _), (xk, dk) = plan.kernels(plan.x2, dest)
-    grid = gpu.grid(plan.n)
+    ftpb = _fused_threads_per_block(gpu)
+    (_, fused, _), (xk, dk) = plan.kernels(plan.x2, dest, tpb=ftpb)
+    grid = gpu.grid(plan.n, ftpb, row_bytes=plan.nclass * plan.dtype.itemsize)
     loss, loss_obj, partial = plan.outputs(grid)
     stats = plan.launch_validate()
     gpu.launch(fused, grid, xk, plan.tgt, plan.ign, plan.has_ign, plan.w, plan.has_w,
                plan.scale, plan.inv, plan.cap, plan.eps, plan.zl, stats, plan.red,
-               gmode, go, gvec, dk, loss, partial)
+               gmode, go, gvec, dk, loss, partial, tpb=ftpb)
     result = plan.finish(stats, partial, loss_obj)
     plan.check()
     if copy_back is not None:
@@ -696,7 +786,7 @@ def logsumexp(logits, *, softcap=None, logit_scale=1.0):
     out, out_obj = gpu.empty((n,), acc)
     if n:
         from .cross_entropy import ce_kernels
-        x = gpu.view(logits, "logits")
+        x = gpu.view(logits, "logits", cache=True)
         per, (x2,) = _words(gpu, dtype, nclass, (gpu.flat(x, (n, nclass), "logits"),))
         _, _, lse = ce_kernels(acc.name, x.kind, mode, gpu.tpb, per)
         a = acc.type

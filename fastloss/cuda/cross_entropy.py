@@ -7,14 +7,25 @@ public entry points are in ``fastloss.cuda.api``, which validates and launches.
 
 Mapping. One thread block per row, with a grid-stride loop over rows (the
 grid is capped near the number of resident blocks). The threads of a block
-stride over the row's classes (``j = tid, tid + T, ...``, coalesced). Each
+stride over the row's words (``k = tid, tid + T, ...``, coalesced). Each
 thread keeps an online softmax in the accumulation type (float32; float64 for
-float64 logits): a running max ``m`` and a sum ``s`` of ``exp(z - m)``,
-rescaled when ``m`` grows, so each element costs one exp. A masked ``-inf``
-is skipped (an all ``-inf`` prefix leaves ``m = -inf, s = 0``, never NaN);
-NaN never wins the max, but poisons ``s`` and so only its own row. The
-block then merges the per-thread ``(m, s)`` (and the smoothing sum
-``sum_j w_j z_j``) by a tree in shared memory.
+float64 logits): a running max ``m`` and a sum ``s`` of ``exp(z - m)``.
+
+The kernels are bound by instruction issue and latency, not by bandwidth, so
+the inner loops are shaped for that. A thread loads a batch of 4 words (``k``,
+``k + T``, ``k + 2T``, ``k + 3T``: four independent loads in flight) before
+any arithmetic, takes the batch's max (compares and selects on the raw
+values: ``z`` is non-decreasing in them, as scale and cap are positive),
+rescales ``s`` once per batch and only when the max grew, then adds
+``exp(z - m)`` for every element: one exp per element and no data-dependent
+branch. A masked ``-inf`` adds ``exp(-inf) = 0``; while ``m`` is still
+``-inf`` the shift is 0, so an all ``-inf`` prefix leaves ``m = -inf, s = 0``,
+never NaN; NaN never wins the max, but poisons ``s`` and so only its own row.
+A tail of fewer than 4 words is handled one word at a time. Float32
+accumulation uses the hardware exp (``_math.fast_exp32``, about 2 ulp plus
+``|x| 2**-24`` relative for ``x <= 0``; see there); float64 keeps the
+accurate exp. The block then merges the per-thread ``(m, s)`` (and the
+smoothing sum ``sum_j w_j z_j``) by a tree in shared memory.
 
 Wide accesses: when a row's length is a multiple of 4 (float16/bfloat16) or
 2 (float32) and the arrays are C-contiguous and 8-byte aligned, the kernels
@@ -26,11 +37,14 @@ Passes over memory per row: the forward and logsumexp kernels read the row
 once. The fused kernel reads it twice (statistics, then gradient) and writes
 the gradient once, in the storage dtype, possibly over the logits (each
 element is read and then written by the same thread, after the block barrier
-that ends the statistics pass). The second read is served by L2 only while
-the rows in flight (one per block: the grid size) fit in it; with large
-vocabularies a smaller grid of bigger blocks trades occupancy for L2 hits
-(``fastloss.config.CUDA_THREADS_PER_BLOCK``, ``fastloss.cuda.api.GRID_LIMIT``;
-``benchmarks/gpu_check.py`` times both).
+that ends the statistics pass). The second read (batched like the first: 4 loads, 4
+gradient words, 4 stores, with ``a exp(z - m)`` by the fast exp) is served by
+L2 only while the rows in flight (one per block: the grid size) fit in it, so
+the fused kernel's grid is capped at ``config.CUDA_FUSED_L2_BYTES`` / row
+bytes blocks (at least one per SM); its block size is
+``config.CUDA_FUSED_THREADS_PER_BLOCK`` (default: ``CUDA_THREADS_PER_BLOCK``).
+Kernels with more than 256 threads per block cap registers per thread so a
+block fits the register file. ``benchmarks/gpu_check.py`` times the variants.
 
 Reductions stay on the device. ``validate`` (one block) counts bad targets,
 counted tokens, the counted target-weight sum and the class-weight sum and
@@ -144,6 +158,16 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
     unpack = M.unpacker(kind, per)
     pack = M.packer(kind, per)
     store = M.storer(kind)
+    # A block of more than 256 threads must fit the register file (64K registers
+    # per SM): cap registers per thread (allocated in multiples of 8), or the launch
+    # fails with CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES (seen at 1024 threads).
+    regs = None if TPB <= 256 or M.SIMULATOR else max(16, min(255, 65536 // TPB) // 8 * 8)
+    kernel = cuda.jit if regs is None else cuda.jit(max_registers=regs)
+    # Word strides of the batched loops (unsigned, like the word index).
+    T1, T2, T3, T4 = (np.uint64(TPB * u) for u in (1, 2, 3, 4))
+    # Hardware exp for float32 accumulation (see _math.fast_exp32); float64 keeps exp.
+    fexp = M.fast_exp32 if ACC is np.float32 else M.exp
+    vmax = M.fmax32 if ACC is np.float32 else M.fmax64  # NaN never wins
 
     if per == 1:
         @M.device
@@ -166,28 +190,73 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
         return cap * M.tanh(inv * v)
 
     @M.device
+    def word_max(word, bm):
+        """max(bm, the raw values of a word). NaN never wins (a NaN bm stays only
+        if it came in, which the callers never pass)."""
+        for p in range(P):
+            bm = vmax(unpack(word, p), bm)
+        return bm
+
+    @M.device
+    def word_sum(word, k, sh, s, q, w, has_w, want_q, scale, inv, cap):
+        """s + sum_p exp(z_p - sh) over a word (one exp per element, no branch on
+        the data: a masked -inf gives exp(-inf) = 0, NaN poisons s), and q + the
+        smoothing terms when ``want_q``."""
+        for p in range(P):
+            z = zval(unpack(word, p), scale, inv, cap)
+            s += fexp(z - sh)
+            if want_q:
+                if has_w:
+                    q += w[np.int64(k) * P + p] * z
+                else:
+                    q += z
+        return s, q
+
+    @M.device
     def row_stats(x, i, tid, w, has_w, want_q, scale, inv, cap):
         """This thread's online softmax (m, s) over its strided words of row i,
-        and q = sum w_j z_j over them when ``want_q`` (label smoothing)."""
+        and q = sum w_j z_j over them when ``want_q`` (label smoothing).
+
+        Words are read in batches of 4 (k, k + T, k + 2T, k + 3T): four
+        independent loads in flight before any arithmetic, then the batch's max
+        (compares on the raw values; z is non-decreasing in them), one rescale of
+        s per batch (skipped when the max did not grow) and one exp per element.
+        +inf makes the row NaN (exp(inf - inf)), as in the CPU kernels."""
         m = ACC(_NINF)
         s = ACC(0)
         q = ACC(0)
-        for k in range(tid, x.shape[1], TPB):
-            word = x[i, k]
-            for p in range(P):
-                z = zval(unpack(word, p), scale, inv, cap)
-                if z > m:
-                    # New running max: rescale. exp(z - z) is 1, or NaN for z = +inf
-                    # (as the CPU kernels, whose exp(inf - inf) makes such a row NaN).
-                    s = s * M.exp(m - z) + M.exp(z - z)
-                    m = z
-                elif z != _NINF:  # a masked -inf adds exp(-inf) = 0: skip it
-                    s += M.exp(z - m)
-                if want_q:
-                    if has_w:
-                        q += w[k * P + p] * z
-                    else:
-                        q += z
+        # Unsigned word indices: numba adds no negative-index wraparound (a
+        # compare and select per load) for them.
+        nw = np.uint64(x.shape[1])
+        k = np.uint64(tid)
+        while k + T3 < nw:
+            a0 = x[i, k]
+            a1 = x[i, k + T1]
+            a2 = x[i, k + T2]
+            a3 = x[i, k + T3]
+            bm = word_max(a0, ACC(_NINF))
+            bm = word_max(a1, bm)
+            bm = word_max(a2, bm)
+            bm = word_max(a3, bm)
+            bz = zval(bm, scale, inv, cap)
+            if bz > m:
+                s = s * fexp(m - bz)
+                m = bz
+            sh = m if m != _NINF else ACC(0)
+            s, q = word_sum(a0, k, sh, s, q, w, has_w, want_q, scale, inv, cap)
+            s, q = word_sum(a1, k + T1, sh, s, q, w, has_w, want_q, scale, inv, cap)
+            s, q = word_sum(a2, k + T2, sh, s, q, w, has_w, want_q, scale, inv, cap)
+            s, q = word_sum(a3, k + T3, sh, s, q, w, has_w, want_q, scale, inv, cap)
+            k += T4
+        while k < nw:  # the tail: at most 3 words, one at a time
+            a0 = x[i, k]
+            bz = zval(word_max(a0, ACC(_NINF)), scale, inv, cap)
+            if bz > m:
+                s = s * fexp(m - bz)
+                m = bz
+            sh = m if m != _NINF else ACC(0)
+            s, q = word_sum(a0, k, sh, s, q, w, has_w, want_q, scale, inv, cap)
+            k += T1
         return m, s, q
 
     @M.device
@@ -201,7 +270,38 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
             ce += eps / nclass * (W * lse - np.float64(q))
         return ce, lse
 
-    @cuda.jit
+    @M.device
+    def grad_word(word, k, t, a, b, c, shift, w, has_w, scale, inv, cap):
+        """The gradient word of logits word ``k`` (elements j = k P + p):
+        ``[a exp(z_j - shift) - c w_j - [j == t] b] dz_j/dx_j``, with the fast
+        exp for float32; the ``c`` term (label smoothing) is skipped when c = 0,
+        which saves the weight loads."""
+        ow = zero_word()
+        for p in range(P):
+            j = np.int64(k) * P + p
+            v = unpack(word, p)
+            if MODE == SOFTCAP:
+                th = M.tanh(inv * v)
+                z = v if v == _NINF else cap * th
+                d = scale * (ACC(1) - th * th)
+            elif MODE == SCALED:
+                z = scale * v
+                d = scale
+            else:
+                z = v
+                d = scale
+            gj = a * fexp(z - shift)
+            if c != 0:
+                if has_w:
+                    gj -= c * w[j]
+                else:
+                    gj -= c
+            if j == t:
+                gj -= b
+            ow = pack(ow, gj * d, p)
+        return ow
+
+    @kernel
     def forward(x, tgt, ign, has_ign, w, has_w, scale, inv, cap, eps, zl, stats, red,
                 loss, partial):
         """Per-row loss ce_i + zl lse_i**2 into ``loss`` (reduction none, 0 for
@@ -241,7 +341,7 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
             partial[cuda.blockIdx.x, 0] = ce_sum
             partial[cuda.blockIdx.x, 1] = z_sum
 
-    @cuda.jit
+    @kernel
     def fused(x, tgt, ign, has_ign, w, has_w, scale, inv, cap, eps, zl, stats, red,
               gmode, go, gvec, out, loss, partial):
         """:func:`forward`, plus ``out[i, j] = d(sum_i gce_i ce_i + gz_i zl lse_i**2)/dx_ij``
@@ -299,36 +399,33 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
             c = ACC(gce * eps / nclass)
             b = ACC(gce * (1.0 - eps) * wt)
             shift = m if m != _NINF else ACC(0)
-            for k in range(tid, nwords, TPB):
-                word = x[i, k]
-                ow = zero_word()
-                for p in range(P):
-                    j = k * P + p
-                    v = unpack(word, p)
-                    if MODE == SOFTCAP:
-                        th = M.tanh(inv * v)
-                        z = v if v == _NINF else cap * th
-                        d = scale * (ACC(1) - th * th)
-                    elif MODE == SCALED:
-                        z = scale * v
-                        d = scale
-                    else:
-                        z = v
-                        d = scale
-                    gj = a * M.exp(z - shift)
-                    if has_w:
-                        gj -= c * w[j]
-                    else:
-                        gj -= c
-                    if j == t:
-                        gj -= b
-                    ow = pack(ow, gj * d, p)
-                out[i, k] = ow
+            # Same batching as row_stats: 4 independent loads, then 4 words of
+            # gradient, then 4 stores (each thread rewrites only the words it read,
+            # so in place is safe).
+            k = np.uint64(tid)
+            nwu = np.uint64(nwords)
+            while k + T3 < nwu:
+                a0 = x[i, k]
+                a1 = x[i, k + T1]
+                a2 = x[i, k + T2]
+                a3 = x[i, k + T3]
+                o0 = grad_word(a0, k, t, a, b, c, shift, w, has_w, scale, inv, cap)
+                o1 = grad_word(a1, k + T1, t, a, b, c, shift, w, has_w, scale, inv, cap)
+                o2 = grad_word(a2, k + T2, t, a, b, c, shift, w, has_w, scale, inv, cap)
+                o3 = grad_word(a3, k + T3, t, a, b, c, shift, w, has_w, scale, inv, cap)
+                out[i, k] = o0
+                out[i, k + T1] = o1
+                out[i, k + T2] = o2
+                out[i, k + T3] = o3
+                k += T4
+            while k < nwu:
+                out[i, k] = grad_word(x[i, k], k, t, a, b, c, shift, w, has_w, scale, inv, cap)
+                k += T1
         if tid == 0 and red != NONE:
             partial[cuda.blockIdx.x, 0] = ce_sum
             partial[cuda.blockIdx.x, 1] = z_sum
 
-    @cuda.jit
+    @kernel
     def lse(x, w, scale, inv, cap, out):
         """out[i] = logsumexp_j z_ij (-inf for a row of -inf)."""
         sh_m = cuda.shared.array(TPB, ACC)
