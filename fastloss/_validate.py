@@ -160,6 +160,18 @@ def finite_nonnegative(w, name, acc):
     return np.ascontiguousarray(w64, dtype=acc)
 
 
+def check_weight_broadcast(wdtype, wshape, shape):
+    """MSE ``weight``: a real dtype whose shape broadcasts to pred's ``shape``."""
+    if np.dtype(wdtype).kind not in "iuf" and wdtype != BFLOAT16:
+        raise TypeError(f"weight: expected a real (float or integer) array, found dtype {wdtype}")
+    try:
+        full_shape = np.broadcast_shapes(tuple(wshape), tuple(shape))
+    except ValueError:
+        full_shape = None
+    if full_shape != tuple(shape):
+        raise ValueError(f"weight: shape {tuple(wshape)} does not broadcast to pred's shape {tuple(shape)}")
+
+
 def out_array(out, shape, dtype, name="out"):
     """Check a caller-provided output buffer: right shape and dtype, writable, C-contiguous."""
     if not isinstance(out, np.ndarray):

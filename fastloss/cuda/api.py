@@ -822,14 +822,7 @@ class _MSEPlan:
             self.wmode, self.inner, self.den_val, self.w_host, self.w_dev = 0, 1, float(self.size), None, None
         elif is_device_array(weight):
             wshape, wdtype = gpu.meta(weight)
-            if not _is_real(wdtype):
-                raise TypeError(f"weight: expected a real (float or integer) array, found dtype {wdtype}")
-            try:
-                full = np.broadcast_shapes(tuple(wshape), self.shape)
-            except ValueError:
-                full = None
-            if full != self.shape:
-                raise ValueError(f"weight: shape {tuple(wshape)} does not broadcast to pred's shape {self.shape}")
+            V.check_weight_broadcast(wdtype, wshape, self.shape)
             if tuple(wshape) != self.shape and not is_torch_tensor(weight):
                 raise ValueError(f"weight: a GPU weight that is not a PyTorch tensor must have "
                                  f"pred's shape {self.shape}, found {tuple(wshape)}")

@@ -60,14 +60,7 @@ def _weight_layout(weight, shape, acc):
     if weight is None:
         return 0, np.empty(0, acc), 1, float(size)
     w = np.asarray(weight)
-    if w.dtype.kind not in "iuf" and w.dtype != V.BFLOAT16:
-        raise TypeError(f"weight: expected a real (float or integer) array, found dtype {w.dtype}")
-    try:
-        full_shape = np.broadcast_shapes(w.shape, shape)
-    except ValueError:
-        full_shape = None
-    if full_shape != tuple(shape):
-        raise ValueError(f"weight: shape {w.shape} does not broadcast to pred's shape {tuple(shape)}")
+    V.check_weight_broadcast(w.dtype, w.shape, shape)
     w = V.finite_nonnegative(w, "weight", acc)
     ws = (1,) * (len(shape) - w.ndim) + w.shape
     ndim = len(shape)
