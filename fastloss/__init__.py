@@ -8,6 +8,7 @@ Public API (see ``docs/api.md``): :func:`cross_entropy`,
 from ._threads import get_num_threads, max_threads, set_num_threads
 from ._version import __version__
 from .cuda import cuda_available
+from .evaluation import EvalReport, evaluate
 from .ops.cross_entropy import cross_entropy, cross_entropy_with_grad, logsumexp
 from .ops.linear_cross_entropy import LinearCrossEntropyResult, linear_cross_entropy, linear_cross_entropy_with_grad
 from .ops.mse import mse, mse_with_grad
@@ -26,4 +27,6 @@ __all__ = [
     "get_num_threads",
     "max_threads",
     "cuda_available",
+    "evaluate",
+    "EvalReport",
 ]

@@ -1,0 +1,104 @@
+"""``EvalReport``: the numbers of one offline evaluation, as a table or a dict."""
+
+import dataclasses
+import math
+from typing import Optional
+
+LN2 = math.log(2.0)
+
+
+def _clean(v):
+    """JSON-safe value: NaN/inf floats become None, numpy scalars Python numbers."""
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if hasattr(v, "item") and not isinstance(v, (str, bytes)):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+@dataclasses.dataclass
+class EvalReport:
+    """Token-level evaluation of a model's logits against targets.
+
+    Every mean is over the ``tokens`` counted tokens (targets not equal to
+    ``ignore_index``, and not skipped as invalid); sums are accumulated in float64.
+    Losses are in nats. ``gap_closed`` is ``(uniform - loss) / (uniform - unigram)``:
+    0 for a model no better than uniform guessing, 1 for one as good as predicting
+    target frequencies, above 1 for one that beats that.
+    """
+
+    tokens: int
+    ignored: int
+    skipped: int
+    vocab: int
+    mean_loss: float
+    perplexity: float
+    bits_per_token: float
+    accuracy: float
+    top5_accuracy: float
+    mean_entropy: float
+    ece: float
+    uniform_baseline: float
+    unigram_baseline: float
+    gap_closed: Optional[float]
+    loss_max: float
+    loss_histogram: dict
+    calibration: list
+    train_loss: Optional[float] = None
+    generalization_gap: Optional[float] = None
+    logits_files: list = dataclasses.field(default_factory=list)
+    targets_files: list = dataclasses.field(default_factory=list)
+    warnings: list = dataclasses.field(default_factory=list)
+
+    def to_dict(self):
+        """A JSON-ready dict whose keys are the field names (non-finite floats become None)."""
+        return _clean(dataclasses.asdict(self))
+
+    def format(self):
+        """A readable table that also says what the loss means."""
+        def num(v, fmt="{:.4f}"):
+            return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+
+        lines = [f"fastloss eval: {self.tokens:,} tokens counted, {self.ignored:,} ignored"
+                 + (f", {self.skipped:,} skipped as invalid" if self.skipped else "")
+                 + f"; vocabulary {self.vocab:,}"]
+        rows = [
+            ("mean loss", f"{num(self.mean_loss)} nats/token"),
+            ("perplexity", num(self.perplexity, "{:.4g}")),
+            ("bits per token", num(self.bits_per_token)),
+            ("top-1 accuracy", num(self.accuracy, "{:.2%}")),
+            ("top-5 accuracy", num(self.top5_accuracy, "{:.2%}")),
+            ("mean entropy", f"{num(self.mean_entropy)} nats (the model's own uncertainty)"),
+            ("ECE (15 bins)", f"{num(self.ece)} (top-1 confidence vs accuracy; 0 = calibrated)"),
+            ("uniform baseline", f"{num(self.uniform_baseline)} nats = ln V (guessing uniformly)"),
+            ("unigram baseline", f"{num(self.unigram_baseline)} nats (predicting target frequencies)"),
+        ]
+        if self.train_loss is not None:
+            rows.append(("train loss", f"{num(self.train_loss)} nats"))
+            rows.append(("val - train gap", f"{num(self.generalization_gap, '{:+.4f}')} nats"))
+        width = max(len(k) for k, _ in rows)
+        lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+        if self.gap_closed is not None and math.isfinite(self.gap_closed):
+            verdict = ("better than predicting target frequencies" if self.gap_closed > 1
+                       else "between uniform guessing and target frequencies" if self.gap_closed >= 0
+                       else "worse than uniform guessing")
+            lines.append(f"  The loss closes {self.gap_closed:.1%} of the gap from the uniform to the "
+                         f"unigram baseline: {verdict}.")
+        h = self.loss_histogram
+        if h and sum(h["counts"]):
+            lines.append(f"  loss histogram ({len(h['counts'])} bins on [{h['edges'][0]:g}, "
+                         f"{h['edges'][-1]:g}] nats; the last also holds larger losses, max {num(self.loss_max)}):")
+            peak = max(h["counts"])
+            for lo, hi, c in zip(h["edges"][:-1], h["edges"][1:], h["counts"]):
+                if c:
+                    bar = "#" * max(1, round(30 * c / peak))
+                    lines.append(f"    [{lo:6.2f}, {hi:6.2f})  {c:>10,}  {bar}")
+        for w in self.warnings:
+            lines.append(f"  warning: {w}")
+        return "\n".join(lines) + "\n"
+
+    __str__ = format

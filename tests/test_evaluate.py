@@ -1,0 +1,281 @@
+"""Offline evaluation: fastloss.evaluate, EvalReport and ``fastloss eval``."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from scipy.special import logsumexp
+
+import fastloss
+from fastloss.cli import main
+from fastloss.evaluation import EvalInputError
+from fastloss.evaluation import stream as S
+
+IGNORE = -100
+NBINS = 15
+
+
+def _dump(rng, n=203, v=37, dtype=np.float64, scale=2.5):
+    """Random logits (not zeros) and targets with some ignored."""
+    x = (rng.standard_normal((n, v)) * scale + rng.standard_normal(v)).astype(dtype)
+    t = rng.integers(0, v, n)
+    t[rng.random(n) < 0.15] = IGNORE
+    return x, t
+
+
+def _reference(x, t, hist_edges):
+    """Every report number in float64 numpy, directly from the definitions."""
+    z = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+    t = t.reshape(-1)
+    keep = t != IGNORE
+    z, tc = z[keep], t[keep]
+    n, v = z.shape
+    lse = logsumexp(z, axis=1)
+    loss = lse - z[np.arange(n), tc]
+    logp = z - lse[:, None]
+    p = np.exp(logp)
+    ent = -(p * logp).sum(axis=1)
+    order = np.argsort(-z, axis=1, kind="stable")
+    rank = np.argmax(order == tc[:, None], axis=1)
+    correct = rank == 0
+    conf = p.max(axis=1)
+    counts = np.bincount(tc, minlength=v)
+    q = counts[counts > 0] / n
+    unigram = float(-(q * np.log(q)).sum())
+    mean_loss = loss.mean()
+    hist, _ = np.histogram(np.clip(loss, hist_edges[0], hist_edges[-1]), bins=hist_edges)
+    return dict(tokens=n, ignored=int((~keep).sum()), mean_loss=mean_loss,
+                perplexity=math.exp(mean_loss), bits_per_token=mean_loss / math.log(2),
+                accuracy=correct.mean(), top5_accuracy=(rank < 5).mean(),
+                mean_entropy=ent.mean(), ece=_ece(conf, correct),
+                uniform_baseline=math.log(v), unigram_baseline=unigram,
+                gap_closed=(math.log(v) - mean_loss) / (math.log(v) - unigram),
+                hist=hist.tolist(), loss_max=loss.max())
+
+
+def _ece(conf, correct):
+    """Expected calibration error, 15 equal-width bins (lo, hi], written as a loop."""
+    total = 0.0
+    for b in range(NBINS):
+        lo, hi = b / NBINS, (b + 1) / NBINS
+        sel = (conf > lo) & (conf <= hi) if b else (conf <= hi)
+        if sel.any():
+            total += sel.sum() / conf.size * abs(correct[sel].mean() - conf[sel].mean())
+    return total
+
+
+def _check(report, ref, rtol):
+    for key in ("mean_loss", "perplexity", "bits_per_token", "accuracy", "top5_accuracy",
+                "mean_entropy", "ece", "uniform_baseline", "unigram_baseline", "gap_closed",
+                "loss_max"):
+        assert getattr(report, key) == pytest.approx(ref[key], rel=rtol, abs=rtol), key
+    assert report.tokens == ref["tokens"] and report.ignored == ref["ignored"]
+    assert report.loss_histogram["counts"] == ref["hist"]
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-9), (np.float32, 2e-6)])
+@pytest.mark.parametrize("chunk", [None, 1, 17, 64, 1000])
+def test_matches_float64_reference(rng, dtype, rtol, chunk):
+    x, t = _dump(rng, dtype=dtype)
+    r = fastloss.evaluate(x, t, chunk_tokens=chunk)
+    _check(r, _reference(x, t, np.asarray(r.loss_histogram["edges"])), rtol)
+    assert r.skipped == 0 and r.warnings == []
+
+
+def test_half_precision_and_nd_shapes(rng):
+    import ml_dtypes
+    x, t = _dump(rng, n=60, v=129)
+    for dt in (np.float16, ml_dtypes.bfloat16):
+        xh = x.astype(dt).reshape(3, 20, 129)
+        r = fastloss.evaluate(xh, t.reshape(3, 20), chunk_tokens=7)
+        _check(r, _reference(xh.astype(np.float64), t, np.asarray(r.loss_histogram["edges"])), 5e-5)
+
+
+def test_array_path_and_shards_agree(rng, tmp_path):
+    x, t = _dump(rng, n=150, v=23)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "t.npy", t)
+    np.save(tmp_path / "x0.npy", x[:61])
+    np.save(tmp_path / "x1.npy", x[61:])
+    np.save(tmp_path / "t0.npy", t[:100].astype(np.int32))
+    np.save(tmp_path / "t1.npy", t[100:])
+    base = fastloss.evaluate(x, t).to_dict()
+    for logits, targets in [(str(tmp_path / "x.npy"), tmp_path / "t.npy"),
+                            ([tmp_path / "x0.npy", tmp_path / "x1.npy"],
+                             [tmp_path / "t0.npy", tmp_path / "t1.npy"])]:
+        for chunk in (1, 13, 61, 500):
+            d = fastloss.evaluate(logits, targets, chunk_tokens=chunk).to_dict()
+            for key in ("logits_files", "targets_files"):
+                d.pop(key), base.pop(key, None)
+            for key, value in base.items():
+                _same(d[key], value, key)
+
+
+def _same(a, b, key):
+    """Equal, floats to 1e-12 relative (summation order differs with the chunking)."""
+    if isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-12), key
+    elif isinstance(b, dict):
+        assert a.keys() == b.keys(), key
+        for k in b:
+            _same(a[k], b[k], f"{key}.{k}")
+    elif isinstance(b, list):
+        assert len(a) == len(b), key
+        for i, (u, w) in enumerate(zip(a, b)):
+            _same(u, w, f"{key}[{i}]")
+    else:
+        assert a == b, key
+
+
+def test_default_chunk_from_byte_budget(rng, monkeypatch):
+    x, t = _dump(rng, n=100, v=16)
+    seen = []
+    real = S._chunk
+    monkeypatch.setattr(S, "CHUNK_BYTES", 16 * 8 * 30)  # 30 float64 rows per chunk
+    monkeypatch.setattr(S, "_chunk", lambda tot, sh, lo, hi, *a: (seen.append(hi - lo), real(tot, sh, lo, hi, *a)))
+    fastloss.evaluate(x, t)
+    assert seen == [30, 30, 30, 10]
+
+
+def test_memory_bounded_by_chunk(rng, tmp_path):
+    import tracemalloc
+    v = 1000
+    x = rng.standard_normal((4000, v)).astype(np.float32)  # 16 MB dump
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "t.npy", rng.integers(0, v, 4000))
+    del x
+    fastloss.evaluate(tmp_path / "x.npy", tmp_path / "t.npy", chunk_tokens=8)  # compile first
+    tracemalloc.start()
+    fastloss.evaluate(tmp_path / "x.npy", tmp_path / "t.npy", chunk_tokens=100)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2_000_000  # a chunk is 400 kB of logits; the dump is 16 MB
+
+
+def test_train_loss_gap_and_report_text(rng):
+    x, t = _dump(rng, n=80, v=11, scale=1.0)
+    r = fastloss.evaluate(x, t, train_loss=1.25)
+    assert r.generalization_gap == pytest.approx(r.mean_loss - 1.25, rel=1e-12)
+    text = str(r)
+    for word in ("mean loss", "perplexity", "ln V", "unigram", "gap from the uniform", "ECE", "train"):
+        assert word in text
+
+
+def test_all_ignored_and_bad_options(rng):
+    x, _ = _dump(rng, n=5, v=4)
+    r = fastloss.evaluate(x, np.full(5, IGNORE))
+    assert r.tokens == 0 and r.ignored == 5 and math.isnan(r.mean_loss) and r.warnings
+    assert r.to_dict()["mean_loss"] is None
+    with pytest.raises(ValueError, match="chunk_tokens: expected a positive integer"):
+        fastloss.evaluate(x, np.zeros(5, int), chunk_tokens=0)
+    with pytest.raises(ValueError, match="on_invalid: expected one of"):
+        fastloss.evaluate(x, np.zeros(5, int), on_invalid="drop")
+    with pytest.raises(EvalInputError, match=r"<targets array>: 1 target\(s\) outside \[0, 4\).*token 2 of this file: 4"):
+        fastloss.evaluate(x, np.array([0, 1, 4, -100, 3]))
+    with pytest.raises(TypeError, match="targets: expected an integer dtype"):
+        fastloss.evaluate(x, np.zeros(5))
+
+
+def test_nan_logits_propagate_raise_skip(rng):
+    x, t = _dump(rng, n=40, v=9)
+    t[3] = 2
+    x[3, 5] = np.nan
+    r = fastloss.evaluate(x, t)
+    assert math.isnan(r.mean_loss) and math.isnan(r.accuracy) and "NaN" in r.warnings[0]
+    with pytest.raises(EvalInputError, match="NaN loss at token 3"):
+        fastloss.evaluate(x, t, on_invalid="raise", chunk_tokens=2)
+    s = fastloss.evaluate(x, t, on_invalid="skip", chunk_tokens=6)
+    keep = np.ones(40, bool)
+    keep[3] = False
+    _check(s, _reference(x[keep], t[keep], np.asarray(s.loss_histogram["edges"])), 1e-9)
+    assert s.skipped == 1 and "skipped" in s.warnings[0]
+
+
+# ---- the command line -------------------------------------------------------------
+
+def _files(rng, tmp_path, n=120, v=19):
+    x, t = _dump(rng, n=n, v=v, dtype=np.float32)
+    np.save(tmp_path / "a.npy", x[:50])
+    np.save(tmp_path / "b.npy", x[50:])
+    np.save(tmp_path / "t.npy", t)
+    return x, t, [str(tmp_path / "a.npy"), str(tmp_path / "b.npy")], str(tmp_path / "t.npy")
+
+
+def test_cli_prints_table_and_writes_json(rng, tmp_path, capsys):
+    x, t, logits, targets = _files(rng, tmp_path)
+    out_json = tmp_path / "r.json"
+    code = main(["eval", *logits, "--targets", targets, "--chunk-tokens", "7",
+                 "--json", str(out_json), "--train-loss", "2.0"])
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    assert "mean loss" in cap.out and "unigram baseline" in cap.out and "val - train gap" in cap.out
+    d = json.loads(out_json.read_text())
+    for key in ("tokens", "ignored", "mean_loss", "perplexity", "bits_per_token", "accuracy",
+                "top5_accuracy", "mean_entropy", "ece", "uniform_baseline", "unigram_baseline",
+                "gap_closed", "loss_histogram", "train_loss", "generalization_gap"):
+        assert key in d, key
+    ref = _reference(x, t, np.asarray(d["loss_histogram"]["edges"]))
+    assert d["mean_loss"] == pytest.approx(ref["mean_loss"], rel=2e-6)
+    assert d["tokens"] == ref["tokens"]
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".fastloss")] == []
+
+
+def _expect_error(capsys, argv, *needles):
+    assert main(argv) == 2
+    cap = capsys.readouterr()
+    line = cap.err.strip()
+    assert "\n" not in line and "Traceback" not in cap.err, cap.err
+    for needle in needles:
+        assert needle in line, line
+    return line
+
+
+def test_cli_bad_inputs_exit_2(rng, tmp_path, capsys):
+    x, t, logits, targets = _files(rng, tmp_path)
+    missing = str(tmp_path / "nope.npy")
+    _expect_error(capsys, ["eval", missing, "--targets", targets], missing, "no such file")
+    corrupt = tmp_path / "corrupt.npy"
+    corrupt.write_bytes(b"\x93NUMPY\x01\x00garbage header that is not a dict" + b"\0" * 40)
+    _expect_error(capsys, ["eval", str(corrupt), "--targets", targets], str(corrupt), "corrupt header")
+    notnpy = tmp_path / "plain.npy"
+    notnpy.write_bytes(b"hello world, not numpy at all")
+    _expect_error(capsys, ["eval", str(notnpy), "--targets", targets], str(notnpy), "not a valid .npy")
+    trunc = tmp_path / "trunc.npy"
+    trunc.write_bytes((tmp_path / "a.npy").read_bytes()[:-100])
+    _expect_error(capsys, ["eval", str(trunc), "--targets", targets], str(trunc), "truncated")
+    _expect_error(capsys, ["eval", logits[0], "--targets", targets], targets, "120 target tokens", "50 tokens")
+    np.save(tmp_path / "w.npy", np.ones((70, 20), np.float32) * 0.5)
+    wide = str(tmp_path / "w.npy")
+    _expect_error(capsys, ["eval", logits[0], wide, "--targets", targets], wide, "vocabulary size 20", "19")
+    bad_t = t.copy()
+    bad_t[77] = 19
+    np.save(tmp_path / "bad_t.npy", bad_t)
+    _expect_error(capsys, ["eval", *logits, "--targets", str(tmp_path / "bad_t.npy")],
+                  "bad_t.npy", "outside [0, 19)", "token 77")
+    np.save(tmp_path / "ft.npy", t.astype(np.float32))
+    _expect_error(capsys, ["eval", *logits, "--targets", str(tmp_path / "ft.npy")], "ft.npy", "integers")
+    with pytest.raises(ValueError):  # --debug shows the exception
+        main(["eval", missing, "--targets", targets, "--debug"])
+
+
+def test_cli_nan_logits_and_skip_invalid(rng, tmp_path, capsys):
+    x, t, logits, targets = _files(rng, tmp_path)
+    xb = x[50:].copy()
+    xb[10, 3] = np.nan
+    t2 = t.copy()
+    t2[60] = 4
+    np.save(tmp_path / "b.npy", xb)
+    np.save(tmp_path / "t.npy", t2)
+    _expect_error(capsys, ["eval", *logits, "--targets", targets], logits[1], "NaN loss at token 10")
+    assert main(["eval", *logits, "--targets", targets, "--skip-invalid",
+                 "--json", str(tmp_path / "s.json")]) == 0
+    out = capsys.readouterr().out
+    assert "1 skipped as invalid" in out and "warning: 1 token(s) with a NaN loss skipped" in out
+    d = json.loads((tmp_path / "s.json").read_text())
+    keep = np.ones(120, bool)
+    keep[60] = False
+    ref = _reference(x[keep], t2[keep], np.asarray(d["loss_histogram"]["edges"]))
+    assert d["skipped"] == 1 and d["tokens"] == ref["tokens"]
+    assert d["mean_loss"] == pytest.approx(ref["mean_loss"], rel=2e-6)
