@@ -795,3 +795,48 @@ def test_target_python_list_and_logits_list():
     ref_loss, ref_grad = ce_reference(np.array(logits), np.array(targets))
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
     np.testing.assert_allclose(grad, ref_grad, rtol=1e-12)
+
+
+# --- the one-sweep blocked statistics (fastloss.cpu.cross_entropy.ROW_BLOCK) -----------
+
+
+@pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.1, "z_loss": 1e-3},
+                                  {"softcap": 30.0, "logit_scale": 0.7}],
+                         ids=["plain", "smooth+z", "softcap"])
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_rows_spanning_blocks_with_growing_max_and_masks(rng, dtype, opts):
+    from fastloss.cpu.cross_entropy import ROW_BLOCK
+
+    V = 2 * ROW_BLOCK + 917  # three blocks, the last one partial
+    x = (rng.standard_normal((6, V)) * 3).astype(np.float64)
+    x[0, : ROW_BLOCK + 5] = -np.inf            # a whole block (and more) masked first
+    x[1] += np.linspace(-400.0, 400.0, V)      # the max grows in every block
+    x[2] -= np.linspace(0.0, 1e4, V)           # the max is in the first block; the rest underflows
+    x[3, -3:] = 60.0                           # the max sits at the very end
+    x[4, ROW_BLOCK + 11] = np.nan              # NaN in a later block: only this row is NaN
+    x[5, :ROW_BLOCK] = -1e4                     # a first block far below the rest
+    x = x.astype(dtype)
+    t = rng.integers(0, V, 6)
+    t[0] = ROW_BLOCK + 100                     # a target past the masked prefix
+    weight = rng.uniform(0.5, 2.0, V)
+    kw = dict(weight=weight, reduction="none", **opts)
+    xf = to_float64(x)
+    ref_loss, ref_grad = ce_reference(xf, t, **kw)
+    loss = fastloss.cross_entropy(x, t, **kw)
+    loss2, grad = fastloss.cross_entropy_with_grad(x, t, **kw)
+    ok = np.arange(6) != 4
+    smoothing = opts.get("label_smoothing", 0.0) > 0
+    if smoothing:  # a -inf logit makes the smoothed loss +inf (as in PyTorch): compare the rest
+        ok &= np.arange(6) != 0
+    assert np.isnan(loss[4]) and np.isnan(loss2[4]) and np.isnan(to_float64(grad[4])).all()
+    np.testing.assert_allclose(loss[ok], ref_loss[ok], rtol=2e-6, atol=1e-5)
+    np.testing.assert_allclose(loss2[ok], ref_loss[ok], rtol=2e-6, atol=1e-5)
+    g = to_float64(grad)[ok]
+    r = ref_grad[ok]
+    tol = 1e-5 if dtype == np.float32 else 5e-3
+    np.testing.assert_allclose(g, r, rtol=tol, atol=1e-6 * np.abs(r).max())
+    np.testing.assert_allclose(fastloss.logsumexp(x, softcap=opts.get("softcap"),
+                                                  logit_scale=opts.get("logit_scale", 1.0))[ok],
+                               lse_reference(xf, softcap=opts.get("softcap"),
+                                             logit_scale=opts.get("logit_scale", 1.0))[ok],
+                               rtol=2e-6)

@@ -79,11 +79,13 @@ def _transform(softcap, logit_scale):
 
 
 def _scratch(plan, rows, need_z, need_t):
-    """Per-task scratch rows for the kernels: (zbuf, tbuf)."""
+    """Per-task scratch rows for the kernels: (zbuf, tbuf, sbuf); sbuf holds the
+    per-block shifts of the fused kernel (allocated with ``need_z``)."""
     ntask = V.num_tasks(rows, rows * plan.nclass)
     zbuf = np.empty((ntask, plan.nclass if need_z else 0), plan.acc)
     tbuf = np.empty((ntask, plan.nclass if need_t else 0), plan.acc)
-    return zbuf, tbuf
+    sbuf = np.empty((ntask, K.n_row_blocks(plan.nclass) if need_z else 0), plan.acc)
+    return zbuf, tbuf, sbuf
 
 
 def _forward_rows(plan):
@@ -93,7 +95,7 @@ def _forward_rows(plan):
     lse = np.empty(n, plan.acc)
     if n:
         x = V.kernel_view(plan.logits).reshape(n, plan.nclass)
-        zbuf, tbuf = _scratch(plan, n, plan.mode != K.PLAIN, plan.mode == K.SOFTCAP)
+        zbuf, tbuf, _ = _scratch(plan, n, plan.mode != K.PLAIN, plan.mode == K.SOFTCAP)
         with V.kernel_launch():
             K.ce_forward(x, plan.tgt, *plan.kernel_args(), zbuf, tbuf, loss, lse)
     return loss, lse
@@ -245,11 +247,11 @@ def cross_entropy_with_grad(logits, targets, *, weight=None, ignore_index=-100,
     if n:
         xk = V.kernel_view(x).reshape(n, plan.nclass)
         gk = V.kernel_view(grad).reshape(n, plan.nclass)
-        zbuf, tbuf = _scratch(plan, n, True, plan.mode == K.SOFTCAP)
+        zbuf, tbuf, sbuf = _scratch(plan, n, True, plan.mode == K.SOFTCAP)
         w, has_w, wsum, mode, scale, cap, eps = plan.kernel_args()
         with V.kernel_launch():
             K.ce_fused(xk, plan.tgt, w, has_w, wsum, mode, scale, cap, eps,
-                       plan.acc.type(plan.zl), gce, gz, gk, zbuf, tbuf, loss, lse)
+                       plan.acc.type(plan.zl), gce, gz, gk, zbuf, tbuf, sbuf, loss, lse)
     if copy_back:
         x[...] = grad
     if inplace:

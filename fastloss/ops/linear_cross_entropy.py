@@ -221,7 +221,7 @@ def linear_cross_entropy(hidden, lm_head, /, targets, *, bias=None, weight=None,
     if ce.count:
         head = plan.compute_head()
         buf, hbuf = _prepare(plan)
-        zbuf, tbuf = _scratch(ce, buf.shape[0], ce.mode != K.PLAIN, ce.mode == K.SOFTCAP)
+        zbuf, tbuf, _ = _scratch(ce, buf.shape[0], ce.mode != K.PLAIN, ce.mode == K.SOFTCAP)
         args = ce.kernel_args()
         lrow = np.empty(buf.shape[0], plan.acc)
         srow = np.empty(buf.shape[0], plan.acc)
@@ -311,7 +311,7 @@ def linear_cross_entropy_with_grad(hidden, lm_head, /, targets, *, bias=None, we
         head = plan.compute_head()
         buf, hbuf = _prepare(plan)
         cmax = buf.shape[0]
-        zbuf, tbuf = _scratch(ce, cmax, True, ce.mode == K.SOFTCAP)
+        zbuf, tbuf, sbuf = _scratch(ce, cmax, True, ce.mode == K.SOFTCAP)
         w, has_w, wsum, mode, scale, cap, eps = ce.kernel_args()
         zl = acc.type(ce.zl)
         lrow = np.empty(cmax, acc)
@@ -326,7 +326,7 @@ def linear_cross_entropy_with_grad(hidden, lm_head, /, targets, *, bias=None, we
             with V.kernel_launch():
                 K.ce_fused(x, _sub(idx, ce.tgt), w, has_w, wsum, mode, scale, cap, eps, zl,
                            _sub(idx, gce), _sub(idx, gz), x, zbuf[:nt], tbuf[:nt],
-                           lrow[:c], srow[:c])
+                           sbuf[:nt], lrow[:c], srow[:c])
             loss[idx] = lrow[:c]
             lse[idx] = srow[:c]
             # x now holds dL/dlogits of the chunk.
