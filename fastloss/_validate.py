@@ -172,6 +172,42 @@ def check_weight_broadcast(wdtype, wshape, shape):
         raise ValueError(f"weight: shape {tuple(wshape)} does not broadcast to pred's shape {tuple(shape)}")
 
 
+def weight_layout(weight, shape, acc):
+    """Describe an MSE ``weight`` broadcast to ``shape`` without materialising it
+    (shared by the CPU and GPU paths).
+
+    Returns (wmode, w, inner, wsum) as ``fastloss.cpu.mse`` takes them, with
+    wsum = sum of the broadcast weight.
+    """
+    size = int(np.prod(shape, dtype=np.int64))
+    if weight is None:
+        return 0, np.empty(0, acc), 1, float(size)
+    w = np.asarray(weight)
+    check_weight_broadcast(w.dtype, w.shape, shape)
+    w = finite_nonnegative(w, "weight", acc)
+    ws = (1,) * (len(shape) - w.ndim) + w.shape
+    ndim = len(shape)
+    if all(s == 1 for s in ws) or size == 0:
+        # A scalar weight: a constant for every element.
+        wc = w.reshape(-1)[:1] if w.size else np.ones(1, acc)
+        return 3, np.ascontiguousarray(wc), max(size, 1), float(wc[0]) * size
+    if ws == tuple(shape):
+        flat = np.ascontiguousarray(w).reshape(-1)
+        return 1, flat, 1, float(flat.sum(dtype=np.float64))
+    for k in range(1, ndim):
+        lead, trail = ws[:k], ws[k:]
+        inner = int(np.prod(shape[k:], dtype=np.int64))
+        if all(s == 1 for s in lead) and trail == tuple(shape[k:]):
+            row = np.ascontiguousarray(w).reshape(-1)
+            return 2, row, inner, float(row.sum(dtype=np.float64)) * (size // inner)
+        if lead == tuple(shape[:k]) and all(s == 1 for s in trail):
+            col = np.ascontiguousarray(w).reshape(-1)
+            return 3, col, inner, float(col.sum(dtype=np.float64)) * inner
+    # Mixed broadcasting (e.g. (A, 1, C) over (A, B, C)): materialise once.
+    flat = np.ascontiguousarray(np.broadcast_to(w, shape)).reshape(-1)
+    return 1, flat, 1, float(flat.sum(dtype=np.float64))
+
+
 def out_array(out, shape, dtype, name="out"):
     """Check a caller-provided output buffer: right shape and dtype, writable, C-contiguous."""
     if not isinstance(out, np.ndarray):

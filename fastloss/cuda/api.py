@@ -828,7 +828,7 @@ class _MSEPlan:
                                  f"pred's shape {self.shape}, found {tuple(wshape)}")
             self.wmode, self.inner, self.den_val, self.w_host, self.w_dev = 1, 1, 0.0, None, weight
         else:
-            self.wmode, self.w_host, self.inner, self.den_val = _weight_layout(weight, self.shape, self.acc)
+            self.wmode, self.w_host, self.inner, self.den_val = V.weight_layout(weight, self.shape, self.acc)
             self.w_dev = None
 
     def device_inputs(self):
@@ -889,41 +889,6 @@ class _MSEPlan:
         if self.reduction == "none":
             return _reshape(self.gpu, self.gpu.empty((0,), self.acc)[1], self.shape)
         return _zero_scalar(self.gpu, self.acc)
-
-
-def _weight_layout(weight, shape, acc):
-    """A host weight broadcast to ``shape``, described without materialising it:
-    (wmode, w, inner, wsum) as in ``fastloss.cpu.mse`` (same checks and messages
-    as the CPU API)."""
-    size = int(np.prod(shape, dtype=np.int64))
-    w = np.asarray(weight)
-    if w.dtype.kind not in "iuf" and w.dtype != V.BFLOAT16:
-        raise TypeError(f"weight: expected a real (float or integer) array, found dtype {w.dtype}")
-    try:
-        full_shape = np.broadcast_shapes(w.shape, shape)
-    except ValueError:
-        full_shape = None
-    if full_shape != tuple(shape):
-        raise ValueError(f"weight: shape {w.shape} does not broadcast to pred's shape {tuple(shape)}")
-    w = V.finite_nonnegative(w, "weight", acc)
-    ws = (1,) * (len(shape) - w.ndim) + w.shape
-    if all(s == 1 for s in ws) or size == 0:
-        wc = w.reshape(-1)[:1] if w.size else np.ones(1, acc)
-        return 3, np.ascontiguousarray(wc), max(size, 1), float(wc[0]) * size
-    if ws == tuple(shape):
-        flat = np.ascontiguousarray(w).reshape(-1)
-        return 1, flat, 1, float(flat.sum(dtype=np.float64))
-    for k in range(1, len(shape)):
-        lead, trail = ws[:k], ws[k:]
-        inner = int(np.prod(shape[k:], dtype=np.int64))
-        if all(s == 1 for s in lead) and trail == tuple(shape[k:]):
-            row = np.ascontiguousarray(w).reshape(-1)
-            return 2, row, inner, float(row.sum(dtype=np.float64)) * (size // inner)
-        if lead == tuple(shape[:k]) and all(s == 1 for s in trail):
-            col = np.ascontiguousarray(w).reshape(-1)
-            return 3, col, inner, float(col.sum(dtype=np.float64)) * inner
-    flat = np.ascontiguousarray(np.broadcast_to(w, shape)).reshape(-1)
-    return 1, flat, 1, float(flat.sum(dtype=np.float64))
 
 
 @_on_input_device
