@@ -36,6 +36,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "core: the issue-2 core cases (run them alone with -m core)")
+    config.addinivalue_line("markers", "lce: the fused linear cross-entropy cases (-m lce; minutes each)")
     # torch.compile's own imports warn about deprecated torch.jit APIs; not ours to fix.
     config.addinivalue_line("filterwarnings",
                             "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")

@@ -31,10 +31,18 @@ def pytest_generate_tests(metafunc):
     config = metafunc.config
     names = config.getoption("--bench-providers")
     names = [n for n in names.split(",") if n] if names else None
-    cases = C.quick_cases() if config.getoption("--bench-quick") else C.suite_cases()
+    if config.getoption("--bench-quick"):
+        cases = C.quick_cases() + C.linear_ce_quick_cases()
+    else:
+        cases = C.suite_cases() + C.linear_ce_cases()
     core = set(C.core_cases())
-    params = [pytest.param(case, provider, id=f"{case.name}-{provider}",
-                           marks=[pytest.mark.core] if case in core else [])
+
+    def marks(case):
+        if case in core:
+            return [pytest.mark.core]
+        return [pytest.mark.lce] if case.op == "lce" else []
+
+    params = [pytest.param(case, provider, id=f"{case.name}-{provider}", marks=marks(case))
               for case in cases for provider in C.providers_for(case, names)]
     metafunc.parametrize(("case", "provider"), params)
 

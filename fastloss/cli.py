@@ -48,10 +48,12 @@ def _add_bench_parser(sub):
         description="Time one loss case for every provider with the same threads, and print "
                     "median times, GB/s, the fraction of the measured bandwidth, the floor "
                     "and the ratios to the fastest (peer). Columns: benchmarks/README.md.")
-    bench.add_argument("--op", choices=("ce", "mse"), default="ce",
-                       help="ce: softmax cross-entropy (default); mse: mean squared error")
-    bench.add_argument("--shape", nargs=2, type=int, metavar=("N", "V"),
-                       help="cross-entropy logits shape (default 4096 32000)")
+    bench.add_argument("--op", choices=("ce", "mse", "lce"), default="ce",
+                       help="ce: softmax cross-entropy (default); mse: mean squared error; "
+                            "lce: fused linear cross-entropy (fwd+bwd only)")
+    bench.add_argument("--shape", nargs="+", type=int, metavar="N",
+                       help="ce: logits shape N V (default 4096 32000); lce: N D V "
+                            "(default 4096 1024 128256)")
     bench.add_argument("--size", type=_size, metavar="SIZE",
                        help="MSE elements, e.g. 2^26 (default) or 268435456")
     bench.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16"), default=["float32"],
@@ -86,10 +88,14 @@ def _run_bench(args, argv):
     from .bench import cases as C
     from .bench import runner as R
 
-    if args.op == "ce":
+    if args.op in ("ce", "lce"):
         if args.size is not None:
-            parser.error("--size is for --op mse; give --shape N V for cross-entropy")
-        shape = tuple(args.shape or (4096, 32000))
+            parser.error("--size is for --op mse; give --shape for cross-entropy")
+        default = (4096, 32000) if args.op == "ce" else C.LCE_SHAPES[0]
+        shape = tuple(args.shape or default)
+        if len(shape) != len(default):
+            parser.error(f"--shape: --op {args.op} takes {len(default)} numbers "
+                         f"({'N V' if args.op == 'ce' else 'N D V'}), found {len(shape)}")
     else:
         if args.shape is not None:
             parser.error("--shape is for --op ce; give --size for mse")
@@ -105,6 +111,10 @@ def _run_bench(args, argv):
     if threads < 1 or calibration_mib < 1:
         parser.error("--threads and --calibration-mib must be >= 1")
     modes = C.MODES if args.mode == "both" else (args.mode,)
+    if args.op == "lce":
+        if args.mode == "forward":
+            parser.error("--mode: --op lce is measured as fwd+bwd only")
+        modes = ("fwd+bwd",)
     cases = [C.Case(args.op, shape, d, m) for d in dict.fromkeys(args.dtype) for m in modes]
     providers = None
     if args.providers:

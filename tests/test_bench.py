@@ -116,12 +116,25 @@ def test_cli_mse_bfloat16(bench_env, capsys):
     assert not (bench_env / "saved").exists()
 
 
+def test_cli_bench_linear_ce(bench_env, capsys):
+    out = bench_env / "lce.json"
+    rc = main(["bench", "--op", "lce", "--shape", "64", "32", "500", "--providers",
+               "fastloss,blas-floor", "--repeat", "1", "--no-save", "--quiet", "--json", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["provider"], r["status"]) for r in rows] == [("fastloss", "ok"), ("blas-floor", "ok")]
+    assert rows[0]["case"].startswith("lce-fwd+bwd-64x32x500")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--op", "mse", "--shape", "4", "5"], "--shape is for --op ce"),
     (["--size", "2^10"], "--size is for --op mse"),
     (["--providers", "fastloss,bogus"], "unknown provider 'bogus'"),
     (["--shape", "0", "5"], "sizes must be positive"),
     (["--op", "mse", "--size", "two"], "expected a number such as"),
+    (["--op", "lce", "--shape", "4", "5"], "--op lce takes 3 numbers (N D V)"),
+    (["--shape", "4", "5", "6"], "--op ce takes 2 numbers (N V)"),
+    (["--op", "lce", "--mode", "forward"], "fwd+bwd only"),
 ])
 def test_cli_bench_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
