@@ -115,9 +115,8 @@ def _row_smooth_sum(zr, w, has_w, zero):
 def _block_update(src, er, m, s, mb, keep_exp, zero):
     """Fold one block (max ``mb``) into the running (m, s): rescale s when the max
     grows, then add the block's exponentials (stored in ``er`` with
-    ``keep_exp``). Returns (m, s, shift) with ``shift`` the max the block's
-    exponentials are relative to (-inf while every value so far is -inf, when
-    the exps are taken relative to 0 and are all 0)."""
+    ``keep_exp``). Returns the new (m, s); the block's exponentials are
+    relative to ``m`` (to 0 while every value so far is -inf, so they are 0)."""
     if mb > m:
         if m != -np.inf:
             s = s * _exp(m - mb)

@@ -20,7 +20,8 @@ class _Plan:
             raise ValueError(f"target: expected the shape of pred {self.pred.shape}, "
                              f"found {self.target.shape}")
         self.reduction = V.check_reduction(reduction)
-        self.acc = V.acc_dtype(np.result_type(self.acc_of(self.pred), self.acc_of(self.target)))
+        self.acc = V.acc_dtype(np.result_type(V.acc_dtype(self.pred.dtype),
+                                              V.acc_dtype(self.target.dtype)))
         self.size = self.pred.size
         self.wmode, self.w, self.inner, self.wsum = V.weight_layout(weight, self.pred.shape, self.acc)
         self.weight = weight
@@ -30,10 +31,6 @@ class _Plan:
         if self.weight is None:
             return self.acc.type(1)
         return np.broadcast_to(np.asarray(self.weight).astype(self.acc), self.pred.shape)
-
-    @staticmethod
-    def acc_of(a):
-        return V.acc_dtype(a.dtype)
 
     def run(self, scale, grad, loss):
         """Run the kernel; returns sum_k w_k d_k^2 as a Python float."""
@@ -47,16 +44,13 @@ class _Plan:
                          grad, loss, partial)
         return float(partial.sum())
 
-    def denominator(self):
-        return self.wsum
-
 
 def _result(plan, total, loss_elems):
     if plan.reduction == "none":
         return loss_elems.reshape(plan.pred.shape)
     if plan.reduction == "sum":
         return total
-    den = plan.denominator()
+    den = plan.wsum
     return total / den if den != 0 else 0.0
 
 
@@ -167,7 +161,7 @@ def mse_with_grad(pred, target, *, reduction="mean", weight=None, grad_output=No
         return loss.reshape(shape), grad
     go = 1.0 if grad_output is None else _scalar_grad_output(grad_output, plan.reduction)
     if plan.reduction == "mean":
-        den = plan.denominator()
+        den = plan.wsum
         scale = go / den if den != 0 else 0.0
     else:
         scale = go
