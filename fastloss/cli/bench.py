@@ -1,27 +1,8 @@
-"""The ``fastloss`` command line."""
+"""``fastloss bench``: time one loss case for every provider and print the table."""
 
 import argparse
 import os
 import sys
-
-from ._version import __version__
-
-
-def _build_parser():
-    parser = argparse.ArgumentParser(
-        prog="fastloss",
-        description="Fused, compiled loss kernels for numpy: cross-entropy and MSE.")
-    parser.add_argument("--version", action="version", version=f"fastloss {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo = sub.add_parser(
-        "demo", help="train a small softmax-regression model on synthetic data with "
-                     "fastloss.cross_entropy_with_grad and print its loss curve")
-    demo.add_argument("--steps", type=int, default=150, help="gradient steps (default 150)")
-    demo.add_argument("--vocab", type=int, default=512, help="number of classes (default 512)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    _add_bench_parser(sub)
-    _add_eval_parser(sub)
-    return parser
 
 
 def _size(text):
@@ -41,7 +22,7 @@ def _size(text):
             f"expected a number such as 67108864 or 2^26, found {text!r}") from None
 
 
-def _add_bench_parser(sub):
+def add_parser(sub):
     bench = sub.add_parser(
         "bench", help="time fastloss against torch (eager and torch.compile), numpy and JAX "
                       "on one case, print the table and save the results",
@@ -79,14 +60,14 @@ def _add_bench_parser(sub):
                             "or $FASTLOSS_BENCH_DIR)")
     bench.add_argument("--no-save", action="store_true", help="do not save the results")
     bench.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    bench.set_defaults(bench_parser=bench)
+    bench.set_defaults(bench_parser=bench, run=run)
 
 
-def _run_bench(args, argv):
+def run(args, argv):
     """``fastloss bench``: run, print the table, write/save the JSON; returns the exit status."""
     parser = args.bench_parser
-    from .bench import cases as C
-    from .bench import runner as R
+    from ..bench import cases as C
+    from ..bench import runner as R
 
     if args.op in ("ce", "lce"):
         if args.size is not None:
@@ -141,95 +122,3 @@ def _run_bench(args, argv):
     if not args.no_save:
         progress(f"saved {R.save(result, args.save)}")
     return 1 if any(r["status"] == "error" for r in result["results"]) else 0
-
-
-def _add_eval_parser(sub):
-    ev = sub.add_parser(
-        "eval", help="evaluate a logits dump (.npy files, streamed in chunks) against targets "
-                     "and print loss, perplexity, accuracy, calibration and baselines",
-        description="Stream LOGITS (one or more .npy shards of shape (..., V), concatenated "
-                    "along tokens) against TARGETS and print the evaluation table. Bad input "
-                    "exits with status 2 and a one-line message naming the file.")
-    ev.add_argument("logits", nargs="+", metavar="LOGITS", help=".npy file(s) of logits")
-    ev.add_argument("--targets", nargs="+", required=True, metavar="T",
-                    help=".npy file(s) of integer targets, the same number of tokens in total")
-    ev.add_argument("--ignore-index", type=int, default=-100,
-                    help="target value not counted (default -100)")
-    ev.add_argument("--chunk-tokens", type=int, metavar="N",
-                    help="tokens per chunk (default: 64 MiB of logits)")
-    ev.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
-    ev.add_argument("--train-loss", type=float, metavar="X",
-                    help="training loss (nats) to report the validation - train gap")
-    ev.add_argument("--skip-invalid", action="store_true",
-                    help="leave tokens with a NaN loss out (with a warning) instead of failing")
-    ev.add_argument("--debug", action="store_true", help="show the traceback of an error")
-
-
-def _write_json_atomic(obj, path):
-    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder and os.replace."""
-    import json
-    import tempfile
-
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".fastloss-eval-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _run_eval(args):
-    """``fastloss eval``: returns the exit status (2 on bad input, with one line on stderr)."""
-    from .evaluation import evaluate
-
-    try:
-        if args.chunk_tokens is not None and args.chunk_tokens < 1:
-            raise ValueError(f"--chunk-tokens: expected a positive integer, found {args.chunk_tokens}")
-        report = evaluate(args.logits, args.targets, ignore_index=args.ignore_index,
-                          chunk_tokens=args.chunk_tokens,
-                          on_invalid="skip" if args.skip_invalid else "raise",
-                          train_loss=args.train_loss)
-        if report.tokens == 0:
-            raise ValueError(f"{', '.join(args.targets)}: no counted tokens (every target equals "
-                             f"--ignore-index {args.ignore_index})")
-        sys.stdout.write(report.format())
-        sys.stdout.flush()
-        if args.json:
-            _write_json_atomic(report.to_dict(), args.json)
-    except (ValueError, TypeError, OSError) as e:
-        if args.debug:
-            raise
-        msg = " ".join(str(e).split()) or type(e).__name__
-        sys.stderr.write(f"fastloss eval: error: {msg}\n")
-        return 2
-    return 0
-
-
-def main(argv=None):
-    """Entry point of the ``fastloss`` command; returns the exit status."""
-    parser = _build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        from .demo import run_demo
-        if args.steps < 1 or args.vocab < 2:
-            parser.error("--steps must be >= 1 and --vocab >= 2")
-        run_demo(steps=args.steps, vocab=args.vocab, seed=args.seed, stream=sys.stdout)
-        return 0
-    if args.command == "bench":
-        return _run_bench(args, argv)
-    if args.command == "eval":
-        return _run_eval(args)
-    parser.print_help()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
