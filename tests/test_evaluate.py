@@ -279,3 +279,14 @@ def test_cli_nan_logits_and_skip_invalid(rng, tmp_path, capsys):
     ref = _reference(x[keep], t2[keep], np.asarray(d["loss_histogram"]["edges"]))
     assert d["skipped"] == 1 and d["tokens"] == ref["tokens"]
     assert d["mean_loss"] == pytest.approx(ref["mean_loss"], rel=2e-6)
+
+
+def test_report_dict_keys_without_sequences(rng):
+    x, t = _dump(rng, n=30, v=7)
+    d = fastloss.evaluate(x, t).to_dict()
+    for key in ("tokens", "ignored", "mean_loss", "perplexity", "bits_per_token", "accuracy",
+                "top5_accuracy", "mean_entropy", "ece", "uniform_baseline", "unigram_baseline"):
+        assert isinstance(d[key], (int, float)), key
+    assert d["seq_len"] is None and d["per_position_loss"] is None and d["per_position_count"] is None
+    assert d["logits_files"] == ["<logits array>"] and d["hidden_files"] == [] and d["lm_head_file"] is None
+    assert "loss by position" not in fastloss.evaluate(x, t).format()

@@ -8,9 +8,9 @@ import argparse
 import sys
 
 from .._version import __version__
-from . import bench, demo, evaluate
+from . import bench, curves, demo, evaluate
 
-SUBCOMMANDS = (demo, bench, evaluate)
+SUBCOMMANDS = (demo, bench, evaluate, curves)
 
 
 def _build_parser():

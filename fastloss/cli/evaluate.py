@@ -6,16 +6,45 @@ import sys
 
 def add_parser(sub):
     ev = sub.add_parser(
-        "eval", help="evaluate a logits dump (.npy files, streamed in chunks) against targets "
-                     "and print loss, perplexity, accuracy, calibration and baselines",
-        description="Stream LOGITS (one or more .npy shards of shape (..., V), concatenated "
-                    "along tokens) against TARGETS and print the evaluation table. Bad input "
-                    "exits with status 2 and a one-line message naming the file.")
-    ev.add_argument("logits", nargs="+", metavar="LOGITS", help=".npy file(s) of logits")
+        "eval", help="evaluate a logits dump (.npy, .safetensors or raw files, streamed in "
+                     "chunks) against targets and print loss, perplexity, accuracy, "
+                     "calibration and baselines",
+        description="Stream LOGITS (.npy, .safetensors or raw shards of shape (..., V), "
+                    "concatenated along tokens; glob patterns such as 'dump/logits-*.npy' are "
+                    "expanded in natural order), or hidden states through an LM head, against "
+                    "TARGETS and print the evaluation table. Bad input exits with status 2 and "
+                    "a one-line message naming the file.")
+    ev.add_argument("logits", nargs="*", metavar="LOGITS",
+                    help="logits file(s) or pattern(s): .npy, .safetensors, or raw (with --dtype "
+                         "and --vocab)")
     ev.add_argument("--targets", nargs="+", required=True, metavar="T",
-                    help=".npy file(s) of integer targets, the same number of tokens in total")
+                    help="integer target file(s) or pattern(s), the same number of tokens in total "
+                         "(with --shift: the token ids)")
+    ev.add_argument("--hidden", nargs="+", metavar="H",
+                    help="instead of LOGITS: hidden-state file(s) (..., D); the logits are "
+                         "H @ LM_HEAD.T + BIAS, computed per chunk")
+    ev.add_argument("--lm-head", metavar="FILE", help="LM head (V, D), with --hidden")
+    ev.add_argument("--bias", metavar="FILE", help="LM-head bias (V,), with --hidden")
     ev.add_argument("--ignore-index", type=int, default=-100,
                     help="target value not counted (default -100)")
+    ev.add_argument("--seq-len", type=int, metavar="L",
+                    help="sequence length: report the loss per position i %% L")
+    ev.add_argument("--shift", action="store_true",
+                    help="TARGETS hold the token ids: the target of token i is token i+1 within "
+                         "each sequence of --seq-len tokens (the last position is ignored)")
+    raw = ev.add_argument_group("raw and safetensors files")
+    raw.add_argument("--dtype", metavar="DT",
+                     help="dtype of raw logits/hidden/LM-head files (float32, float16, bfloat16, "
+                          "float64)")
+    raw.add_argument("--vocab", type=int, metavar="V", help="vocabulary size of raw logits files")
+    raw.add_argument("--hidden-dim", type=int, metavar="D",
+                     help="hidden size of raw hidden and LM-head files")
+    raw.add_argument("--targets-dtype", metavar="DT",
+                     help="dtype of raw target files (default int64)")
+    for kind in ("logits", "targets", "hidden", "lm-head", "bias"):
+        raw.add_argument(f"--{kind}-key", metavar="NAME",
+                         help=f"tensor of .safetensors {kind} files (default: the only one, "
+                              f"else a conventional name)")
     ev.add_argument("--chunk-tokens", type=int, metavar="N",
                     help="tokens per chunk (default: 64 MiB of logits)")
     ev.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
@@ -23,6 +52,11 @@ def add_parser(sub):
                     help="training loss (nats) to report the validation - train gap")
     ev.add_argument("--skip-invalid", action="store_true",
                     help="leave tokens with a NaN loss out (with a warning) instead of failing")
+    bar = ev.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
+                     help="show the progress bar on stderr even when it is not a terminal")
+    bar.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                     help="no progress bar (default: shown when stderr is a terminal)")
     ev.add_argument("--debug", action="store_true", help="show the traceback of an error")
     ev.set_defaults(run=run)
 
@@ -47,20 +81,45 @@ def write_json_atomic(obj, path):
         raise
 
 
+def _check_args(args):
+    """ValueError for argument combinations argparse cannot express."""
+    if args.hidden:
+        if args.logits:
+            raise ValueError("give either LOGITS or --hidden (with --lm-head), not both")
+        if not args.lm_head:
+            raise ValueError("--hidden: needs --lm-head FILE")
+    else:
+        if not args.logits:
+            raise ValueError("no LOGITS given (or --hidden with --lm-head)")
+        if args.lm_head or args.bias:
+            raise ValueError("--lm-head/--bias: only used with --hidden")
+    for flag, value in (("--chunk-tokens", args.chunk_tokens), ("--seq-len", args.seq_len),
+                        ("--vocab", args.vocab), ("--hidden-dim", args.hidden_dim)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag}: expected a positive integer, found {value}")
+    if args.shift and args.seq_len is None:
+        raise ValueError("--shift: needs --seq-len L, the length of each sequence")
+
+
 def run(args, argv):
     """``fastloss eval``: returns the exit status (2 on bad input, with one line on stderr)."""
     from ..evaluation import evaluate
 
     try:
-        if args.chunk_tokens is not None and args.chunk_tokens < 1:
-            raise ValueError(f"--chunk-tokens: expected a positive integer, found {args.chunk_tokens}")
-        report = evaluate(args.logits, args.targets, ignore_index=args.ignore_index,
+        _check_args(args)
+        report = evaluate(args.logits or None, args.targets, hidden=args.hidden,
+                          lm_head=args.lm_head, bias=args.bias, ignore_index=args.ignore_index,
+                          seq_len=args.seq_len, shift=args.shift,
                           chunk_tokens=args.chunk_tokens,
                           on_invalid="skip" if args.skip_invalid else "raise",
-                          train_loss=args.train_loss)
+                          train_loss=args.train_loss, raw_dtype=args.dtype, vocab=args.vocab,
+                          hidden_dim=args.hidden_dim, targets_dtype=args.targets_dtype,
+                          logits_key=args.logits_key, targets_key=args.targets_key,
+                          hidden_key=args.hidden_key, lm_head_key=args.lm_head_key,
+                          bias_key=args.bias_key, progress=args.progress)
         if report.tokens == 0:
-            raise ValueError(f"{', '.join(args.targets)}: no counted tokens (every target equals "
-                             f"--ignore-index {args.ignore_index})")
+            raise ValueError(f"{', '.join(report.targets_files)}: no counted tokens (every "
+                             f"target equals --ignore-index {args.ignore_index})")
         sys.stdout.write(report.format())
         sys.stdout.flush()
         if args.json:

@@ -75,7 +75,7 @@ def ece_bin(conf):
 class Totals:
     """Float64/int64 running sums over chunks."""
 
-    def __init__(self, nclass, hist_edges):
+    def __init__(self, nclass, hist_edges, seq_len=None):
         self.nclass = nclass
         self.edges = np.asarray(hist_edges, np.float64)
         self.tokens = 0
@@ -93,10 +93,18 @@ class Totals:
         self.bin_correct = np.zeros(ECE_BINS, np.int64)
         self.unigram = np.zeros(nclass, np.int64)
         self.hist = np.zeros(len(self.edges) - 1, np.int64)
+        # Per position within a sequence (seq_len given): loss sum and count.
+        self.pos_loss = None if seq_len is None else np.zeros(seq_len, np.float64)
+        self.pos_count = None if seq_len is None else np.zeros(seq_len, np.int64)
 
-    def add(self, tgt, loss, ent, conf, rank, keep):
-        """Add the tokens selected by ``keep`` (counted and, unless propagating, valid)."""
+    def add(self, tgt, loss, ent, conf, rank, keep, pos=None):
+        """Add the tokens selected by ``keep`` (counted and, unless propagating, valid);
+        ``pos``: each token's position within its sequence (with ``seq_len``)."""
         loss = loss[keep]
+        if self.pos_loss is not None:
+            p = pos[keep]
+            self.pos_count += np.bincount(p, minlength=self.pos_count.size)
+            self.pos_loss += np.bincount(p, weights=loss.astype(np.float64), minlength=self.pos_loss.size)
         correct = rank[keep] == 0
         c = conf[keep].astype(np.float64)
         self.tokens += int(loss.size)

@@ -1,15 +1,34 @@
-"""Streaming readers for evaluation dumps: in-memory arrays or ``.npy`` files.
+"""Streaming readers for evaluation dumps: arrays, ``.npy``, ``.safetensors`` and raw files.
 
-A *source* is a list of shards concatenated along tokens. A ``.npy`` shard is
-opened by reading and checking its header only (magic, dtype, shape, and that the
+A *source* is a list of shards concatenated along tokens. Every shard has
+``name``, ``dtype``, ``shape``, ``rows``, ``width`` (values per row; 0 for 1-D
+integer targets) and ``read(lo, hi)``, which returns rows ``[lo, hi)``.
+
+A file shard is opened by reading and checking its header only (and that the
 file holds as many bytes as the header promises); each ``read(lo, hi)`` then maps
-just the byte range of rows ``[lo, hi)`` (``np.memmap`` with an offset) and the
-mapping is dropped with the chunk, so the pages a chunk touched leave the process
-with it and resident memory stays bounded by one chunk whatever the dump size.
+just the byte range of those rows (``np.memmap`` with an offset) and the mapping
+is dropped with the chunk, so the pages a chunk touched leave the process with it
+and resident memory stays bounded by one chunk whatever the dump size.
+
+* ``.npy``: numpy's header (magic, dtype, shape, order).
+* ``.safetensors``: an 8-byte little-endian header length ``N``, ``N`` bytes of
+  JSON mapping tensor names to ``{"dtype", "shape", "data_offsets": [begin, end]}``
+  (offsets relative to the first byte after the header; an optional
+  ``"__metadata__"`` entry is skipped), then the little-endian data. Parsed here,
+  without the ``safetensors`` package.
+* anything else: raw little-endian rows whose dtype and row width come from the
+  caller (``raw_dtype``/``vocab``/``hidden_dim``).
+
+Paths may be glob patterns (``"dump/logits-*.npy"``), expanded in natural order.
 """
 
+import glob
+import json
 import os
+import re
+import struct
 
+import ml_dtypes
 import numpy as np
 
 from .. import _validate as V
@@ -24,8 +43,76 @@ class EvalInputError(ValueError):
         super().__init__(f"{source}: {problem}")
 
 
+#: What each kind of input holds: (dtype family, allowed ndim or None, description).
+#:   logits (..., V), hidden (..., D): floats with a last axis of at least 1;
+#:   lm_head (V, D), bias (V,): floats, loaded whole; targets: integers, any shape.
+KINDS = {
+    "logits": ("float", None, "(..., V)"),
+    "hidden": ("float", None, "(..., D)"),
+    "lm_head": ("float", 2, "(V, D)"),
+    "bias": ("float", 1, "(V,)"),
+    "targets": ("int", None, "any shape"),
+}
+
+#: Tensor names tried, in order, when a ``.safetensors`` file holds several tensors and
+#: no key is given.
+DEFAULT_KEYS = {
+    "logits": ("logits",),
+    "hidden": ("hidden", "hidden_states"),
+    "lm_head": ("lm_head.weight", "lm_head", "weight"),
+    "bias": ("lm_head.bias", "bias"),
+    "targets": ("targets", "labels", "input_ids"),
+}
+
+#: safetensors dtype codes (all little-endian).
+SAFETENSORS_DTYPES = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+}
+
+#: Longest JSON header read (the safetensors package refuses longer ones too).
+SAFETENSORS_MAX_HEADER = 100_000_000
+
+_DTYPE_ALIASES = {"bf16": V.BFLOAT16, "bfloat16": V.BFLOAT16, "fp16": np.dtype(np.float16),
+                  "half": np.dtype(np.float16), "fp32": np.dtype(np.float32),
+                  "fp64": np.dtype(np.float64)}
+
+
+def parse_dtype(value, name):
+    """A numpy dtype from a dtype or a name ("float32", "f4", "bf16", "int32", ...)."""
+    if isinstance(value, str) and value.lower() in _DTYPE_ALIASES:
+        return _DTYPE_ALIASES[value.lower()]
+    try:
+        return np.dtype(value)
+    except TypeError:
+        raise ValueError(f"{name}: unknown dtype {value!r}; expected e.g. float32, float16, "
+                         f"bfloat16, float64, int32 or int64") from None
+
+
+def _check_contents(name, dtype, shape, kind):
+    """EvalInputError unless a ``kind`` input may have this dtype and shape; returns the row width."""
+    family, ndim, layout = KINDS[kind]
+    if family == "float":
+        if dtype.kind == "f" and not dtype.isnative:
+            raise EvalInputError(name, f"byte-swapped dtype {dtype.str}; expected native byte order")
+        if dtype not in V.FLOAT_DTYPES:
+            raise EvalInputError(name, f"{kind} dtype {dtype}; expected float16, bfloat16, "
+                                       f"float32 or float64")
+        if (ndim is not None and len(shape) != ndim) or len(shape) == 0 or shape[-1] == 0:
+            raise EvalInputError(name, f"{kind} shape {tuple(shape)}; expected {layout}"
+                                       + ("" if ndim == 1 else f" with {layout[-2]} >= 1"))
+        return int(shape[-1]) if ndim != 1 else 0
+    if dtype.kind not in "iu":
+        raise EvalInputError(name, f"{kind} dtype {dtype}; expected integers")
+    return 0
+
+
 class ArrayShard:
-    """An in-memory array seen as ``rows`` rows of ``width`` values (width 0: 1-D targets)."""
+    """An in-memory array seen as ``rows`` rows of ``width`` values (width 0: 1-D)."""
 
     def __init__(self, arr, name, width):
         self.name = name
@@ -39,53 +126,18 @@ class ArrayShard:
         return self._flat[lo:hi]
 
 
-class NpyShard:
-    """A ``.npy`` file whose rows are mapped per read (header checked on open)."""
+class _FileShard:
+    """Rows of one array stored contiguously (C order) at byte ``offset`` of a file,
+    mapped per read. Subclasses parse the header and call ``_setup``."""
 
-    def __init__(self, path, kind):
-        self.name = os.fspath(path)
-        self.path = self.name
-        try:
-            size = os.path.getsize(self.path)
-            with open(self.path, "rb") as f:
-                version = np.lib.format.read_magic(f)
-                if version == (1, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-                else:
-                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-                self.offset = f.tell()
-        except FileNotFoundError:
-            raise EvalInputError(self.name, "no such file") from None
-        except IsADirectoryError:
-            raise EvalInputError(self.name, "is a directory, expected a .npy file") from None
-        except PermissionError:
-            raise EvalInputError(self.name, "permission denied") from None
-        except (ValueError, OSError, SyntaxError, TypeError) as e:
-            problem = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise EvalInputError(self.name, f"not a valid .npy file (corrupt header: {problem})") from None
-        if dtype.hasobject:
-            raise EvalInputError(self.name, f"holds Python objects (dtype {dtype}); expected numbers")
-        if fortran and len(shape) > 1:
-            raise EvalInputError(self.name, "Fortran-ordered array; save it C-ordered "
-                                            "(np.save(path, np.ascontiguousarray(a)))")
-        if kind == "logits":
-            if dtype.kind == "f" and not dtype.isnative:
-                raise EvalInputError(self.name, f"byte-swapped dtype {dtype.str}; expected native byte order")
-            if dtype not in V.FLOAT_DTYPES:
-                raise EvalInputError(self.name, f"logits dtype {dtype}; expected float16, "
-                                                f"bfloat16, float32 or float64")
-            if len(shape) == 0 or shape[-1] == 0:
-                raise EvalInputError(self.name, f"logits shape {shape}; expected (..., V) with V >= 1")
-            self.width = int(shape[-1])
-        else:
-            if dtype.kind not in "iu":
-                raise EvalInputError(self.name, f"targets dtype {dtype}; expected integers")
-            self.width = 0
+    def _setup(self, kind, dtype, shape, offset, size):
+        self.width = _check_contents(self.name, dtype, shape, kind)
         self.dtype = dtype
-        self.shape = tuple(shape)
-        count = int(np.prod(shape, dtype=np.int64))
+        self.shape = tuple(int(s) for s in shape)
+        self.offset = offset
+        count = int(np.prod(self.shape, dtype=np.int64))
         self.rows = count // self.width if self.width else count
-        need = self.offset + count * dtype.itemsize
+        need = offset + count * dtype.itemsize
         if size < need:
             raise EvalInputError(
                 self.name, f"truncated: the header promises shape {self.shape} of {dtype} "
@@ -96,43 +148,271 @@ class NpyShard:
         shape = (hi - lo, self.width) if self.width else (hi - lo,)
         if hi <= lo:
             return np.empty(shape, self.dtype)
-        return np.memmap(self.path, dtype=self.dtype, mode="r",
-                         offset=self.offset + lo * row_bytes, shape=shape)
+        arr = np.memmap(self.path, dtype=self.dtype, mode="r",
+                        offset=self.offset + lo * row_bytes, shape=shape)
+        # Data at an offset that is not a multiple of the item size (possible in
+        # safetensors files with an unpadded header): one aligned copy of the chunk.
+        return arr if arr.flags.aligned else np.array(arr)
 
 
-def _paths(value):
-    """A list of paths if ``value`` is a path or a list/tuple of paths, else None."""
+def _open_checked(path, expect):
+    """(size, open binary file) of ``path``; EvalInputError for the usual OS failures."""
+    name = os.fspath(path)
+    try:
+        size = os.path.getsize(name)
+        return size, open(name, "rb")
+    except FileNotFoundError:
+        raise EvalInputError(name, "no such file") from None
+    except IsADirectoryError:
+        raise EvalInputError(name, f"is a directory, expected {expect}") from None
+    except PermissionError:
+        raise EvalInputError(name, "permission denied") from None
+
+
+class NpyShard(_FileShard):
+    """A ``.npy`` file whose rows are mapped per read (header checked on open)."""
+
+    def __init__(self, path, kind):
+        self.name = self.path = os.fspath(path)
+        size, f = _open_checked(path, "a .npy file")
+        try:
+            with f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                offset = f.tell()
+        except (ValueError, OSError, SyntaxError, TypeError) as e:
+            problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise EvalInputError(self.name, f"not a valid .npy file (corrupt header: {problem})") from None
+        if dtype.hasobject:
+            raise EvalInputError(self.name, f"holds Python objects (dtype {dtype}); expected numbers")
+        if fortran and len(shape) > 1:
+            raise EvalInputError(self.name, "Fortran-ordered array; save it C-ordered "
+                                            "(np.save(path, np.ascontiguousarray(a)))")
+        self._setup(kind, dtype, shape, offset, size)
+
+
+def _safetensors_header(name, f, size):
+    """(header dict without ``__metadata__``, byte where the data starts), checked."""
+    if size < 8:
+        raise EvalInputError(name, f"not a valid .safetensors file: {size} bytes, shorter than "
+                                   f"the 8-byte header length")
+    (hlen,) = struct.unpack("<Q", f.read(8))
+    if hlen > size - 8:
+        raise EvalInputError(name, f"not a valid .safetensors file: the header length {hlen} "
+                                   f"runs beyond the file ({size} bytes)")
+    if hlen > SAFETENSORS_MAX_HEADER:
+        raise EvalInputError(name, f"not a valid .safetensors file: a header of {hlen} bytes "
+                                   f"(more than {SAFETENSORS_MAX_HEADER})")
+    try:
+        header = json.loads(f.read(hlen).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EvalInputError(name, f"not a valid .safetensors file (corrupt header: not JSON: "
+                                   f"{e})") from None
+    if not isinstance(header, dict):
+        raise EvalInputError(name, f"not a valid .safetensors file (corrupt header: a JSON "
+                                   f"{type(header).__name__}, expected an object)")
+    header.pop("__metadata__", None)
+    return header, 8 + hlen
+
+
+def _tensor_entry(name, key, entry):
+    """(dtype, shape, begin, end) of one safetensors header entry, checked for consistency."""
+    def bad(problem):
+        return EvalInputError(name, f"corrupt .safetensors header: tensor {key!r}: {problem}")
+
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise bad("expected an object with dtype, shape and data_offsets")
+    code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if code not in SAFETENSORS_DTYPES:
+        raise bad(f"unknown dtype {code!r}; known: {', '.join(SAFETENSORS_DTYPES)}")
+    dtype = SAFETENSORS_DTYPES[code]
+
+    def ints(v):
+        return isinstance(v, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                           for s in v)
+
+    if not ints(shape):
+        raise bad(f"shape {shape!r}; expected a list of non-negative integers")
+    if not ints(offsets) or len(offsets) != 2 or offsets[1] < offsets[0]:
+        raise bad(f"data_offsets {offsets!r}; expected [begin, end] with 0 <= begin <= end")
+    begin, end = offsets
+    need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if end - begin != need:
+        raise bad(f"data_offsets [{begin}, {end}] hold {end - begin} bytes, but shape "
+                  f"{tuple(shape)} of {code} needs {need}")
+    return dtype, shape, begin, end
+
+
+def _pick_tensor(name, header, kind, key):
+    """The tensor name to read: ``key``, the only tensor, or the first default name present."""
+    names = list(header)
+    listing = ", ".join(repr(n) for n in names) or "none"
+    if key is not None:
+        if key not in header:
+            raise EvalInputError(name, f"no tensor named {key!r}; the file holds {listing}")
+        return key
+    if len(names) == 1:
+        return names[0]
+    for k in DEFAULT_KEYS[kind]:
+        if k in header:
+            return k
+    if not names:
+        raise EvalInputError(name, "holds no tensors")
+    raise EvalInputError(name, f"holds {len(names)} tensors ({listing}) and none is named "
+                               f"{' or '.join(repr(k) for k in DEFAULT_KEYS[kind])}; "
+                               f"choose one with {kind}_key= (--{kind.replace('_', '-')}-key)")
+
+
+class SafetensorsShard(_FileShard):
+    """One tensor of a ``.safetensors`` file, its rows mapped per read."""
+
+    def __init__(self, path, kind, key=None):
+        self.name = self.path = os.fspath(path)
+        size, f = _open_checked(path, "a .safetensors file")
+        with f:
+            header, data_start = _safetensors_header(self.name, f, size)
+        self.key = _pick_tensor(self.name, header, kind, key)
+        dtype, shape, begin, end = _tensor_entry(self.name, self.key, header[self.key])
+        if data_start + end > size:
+            raise EvalInputError(self.name, f"truncated: tensor {self.key!r} ends at byte "
+                                            f"{data_start + end}, the file has {size} bytes")
+        self._setup(kind, dtype, shape, data_start + begin, size)
+
+
+class RawShard(_FileShard):
+    """A headerless file of rows of ``width`` values of ``dtype`` (width 0: 1-D)."""
+
+    def __init__(self, path, kind, dtype, width):
+        self.name = self.path = os.fspath(path)
+        size, f = _open_checked(path, "a file")
+        f.close()
+        row = dtype.itemsize * max(width, 1)
+        if size % row:
+            per = f"{width} x {dtype} = {row} bytes" if width else f"{dtype}, {row} bytes"
+            raise EvalInputError(self.name, f"raw file of {size} bytes is not a whole number of "
+                                            f"rows ({per} per row)")
+        rows = size // row
+        self._setup(kind, dtype, (rows, width) if width else (rows,), 0, size)
+
+
+def natural_key(s):
+    """Sort key putting ``logits-2`` before ``logits-10``."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", s)]
+
+
+def expand_paths(value):
+    """A list of paths if ``value`` is a path, glob pattern or list of them, else None.
+
+    A pattern (with ``*``, ``?`` or ``[``) that is not itself an existing file is
+    expanded and sorted in natural order; one that matches nothing raises EvalInputError.
+    """
     if isinstance(value, (str, os.PathLike)):
-        return [value]
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (str, os.PathLike)) for v in value):
-        return list(value)
-    return None
-
-
-def open_logits(logits):
-    """Shards of the logits, all with the same vocabulary size (else EvalInputError)."""
-    paths = _paths(logits)
-    if paths is None:
-        arr = V.logits_array(logits)
-        shards = [ArrayShard(arr, "<logits array>", arr.shape[-1])]
+        items = [value]
+    elif isinstance(value, (list, tuple)) and value and all(isinstance(v, (str, os.PathLike)) for v in value):
+        items = list(value)
     else:
-        shards = [NpyShard(p, "logits") for p in paths]
+        return None
+    paths = []
+    for item in items:
+        p = os.fspath(item)
+        if glob.has_magic(p) and not os.path.exists(p):
+            found = sorted(glob.glob(p), key=natural_key)
+            if not found:
+                raise EvalInputError(p, "no file matches this pattern")
+            paths += found
+        else:
+            paths.append(p)
+    return paths
+
+
+def positive_int(value, name):
+    """``int(value)``; ValueError unless it is a positive integer (not a bool)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, found {value!r}")
+    return int(value)
+
+
+class Layout:
+    """How to read files that carry no shape: ``raw_dtype`` and row width for raw float
+    files, ``targets_dtype`` for raw targets, and the tensor ``keys`` of safetensors."""
+
+    def __init__(self, raw_dtype=None, vocab=None, hidden_dim=None, targets_dtype=None, keys=None):
+        self.raw_dtype = None if raw_dtype is None else parse_dtype(raw_dtype, "raw_dtype (--dtype)")
+        self.vocab = None if vocab is None else positive_int(vocab, "vocab (--vocab)")
+        self.hidden_dim = None if hidden_dim is None else \
+            positive_int(hidden_dim, "hidden_dim (--hidden-dim)")
+        self.targets_dtype = np.dtype(np.int64) if targets_dtype is None else \
+            parse_dtype(targets_dtype, "targets_dtype (--targets-dtype)")
+        self.keys = keys or {}
+
+    def raw_format(self, path, kind):
+        """(dtype, width) of a raw ``kind`` file; EvalInputError when the caller gave none."""
+        if kind == "targets":
+            return self.targets_dtype, 0
+        need = [("raw_dtype= (--dtype)", self.raw_dtype)]
+        width = 0  # bias: 1-D
+        if kind == "logits":
+            width = self.vocab
+            need.append(("vocab= (--vocab)", width))
+        elif kind in ("hidden", "lm_head"):
+            width = self.hidden_dim
+            need.append(("hidden_dim= (--hidden-dim)", width))
+        missing = [option for option, value in need if value is None]
+        if missing:
+            raise EvalInputError(path, f"not .npy or .safetensors, so read as raw {kind} "
+                                       f"values: pass {' and '.join(missing)}")
+        return self.raw_dtype, width
+
+
+def open_file(path, kind, layout):
+    """The shard of one file, its format chosen by the extension."""
+    p = os.fspath(path)
+    ext = os.path.splitext(p)[1].lower()
+    if ext == ".npy":
+        return NpyShard(p, kind)
+    if ext == ".safetensors":
+        return SafetensorsShard(p, kind, layout.keys.get(kind))
+    return RawShard(p, kind, *layout.raw_format(p, kind))
+
+
+def open_source(value, kind, layout):
+    """Shards of a ``kind`` input (an array, or paths/patterns); float sources must
+    agree on the row width (vocabulary or hidden size), else EvalInputError."""
+    paths = expand_paths(value)
+    if paths is None:
+        if KINDS[kind][0] == "float":
+            arr = V.float_array(value, kind)
+            width = _check_contents(f"<{kind} array>", arr.dtype, arr.shape, kind)
+        else:
+            arr = np.asarray(value)
+            if arr.dtype.kind not in "iu":
+                raise TypeError(f"{kind}: expected an integer dtype, found {arr.dtype}")
+            width = 0
+        shards = [ArrayShard(arr, f"<{kind} array>", width)]
+    else:
+        shards = [open_file(p, kind, layout) for p in paths]
     first = shards[0]
+    what = "vocabulary size" if kind == "logits" else "row size"
     for s in shards[1:]:
         if s.width != first.width:
-            raise EvalInputError(s.name, f"vocabulary size {s.width} (shape {s.shape}) differs "
+            raise EvalInputError(s.name, f"{what} {s.width} (shape {s.shape}) differs "
                                          f"from {first.width} in {first.name}")
     return shards
 
 
-def open_targets(targets):
-    paths = _paths(targets)
-    if paths is None:
-        t = np.asarray(targets)
-        if t.dtype.kind not in "iu":
-            raise TypeError(f"targets: expected an integer dtype, found {t.dtype}")
-        return [ArrayShard(t, "<targets array>", 0)]
-    return [NpyShard(p, "targets") for p in paths]
+def load_whole(value, kind, layout):
+    """A small input (LM head, bias) read whole into memory: (array, name)."""
+    shards = open_source(value, kind, layout)
+    if len(shards) != 1:
+        raise EvalInputError(shards[1].name, f"expected one {kind} file, found {len(shards)}")
+    s = shards[0]
+    arr = np.asarray(s.read(0, s.rows))
+    if isinstance(s, _FileShard):
+        arr = np.array(arr)  # a private copy; the file is not kept mapped
+    return arr, s.name
 
 
 class Concat:
@@ -142,12 +422,6 @@ class Concat:
         self.shards = shards
         self.starts = np.cumsum([0] + [s.rows for s in shards]).tolist()
         self.rows = self.starts[-1]
-
-    def locate(self, i):
-        """(shard, row within it) of global row ``i``."""
-        k = int(np.searchsorted(self.starts, i, side="right")) - 1
-        k = min(k, len(self.shards) - 1)
-        return self.shards[k], i - self.starts[k]
 
     def read(self, lo, hi):
         parts = []

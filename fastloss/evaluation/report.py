@@ -26,7 +26,9 @@ class EvalReport:
 
     Every mean is over the ``tokens`` counted tokens (targets not equal to
     ``ignore_index``, and not skipped as invalid); sums are accumulated in float64.
-    Losses are in nats. ``gap_closed`` is ``(uniform - loss) / (uniform - unigram)``:
+    Losses are in nats. With ``seq_len``, ``per_position_loss[p]`` is the mean loss of
+    the counted tokens at position ``p`` of their sequence (None where none is counted)
+    and ``per_position_count[p]`` their number. ``gap_closed`` is ``(uniform - loss) / (uniform - unigram)``:
     0 for a model no better than uniform guessing, 1 for one as good as predicting
     target frequencies, above 1 for one that beats that.
     """
@@ -50,8 +52,15 @@ class EvalReport:
     calibration: list
     train_loss: Optional[float] = None
     generalization_gap: Optional[float] = None
+    seq_len: Optional[int] = None
+    shift: bool = False
+    per_position_loss: Optional[list] = None
+    per_position_count: Optional[list] = None
     logits_files: list = dataclasses.field(default_factory=list)
     targets_files: list = dataclasses.field(default_factory=list)
+    hidden_files: list = dataclasses.field(default_factory=list)
+    lm_head_file: Optional[str] = None
+    bias_file: Optional[str] = None
     warnings: list = dataclasses.field(default_factory=list)
 
     def to_dict(self):
@@ -97,8 +106,54 @@ class EvalReport:
                 if c:
                     bar = "#" * max(1, round(30 * c / peak))
                     lines.append(f"    [{lo:6.2f}, {hi:6.2f})  {c:>10,}  {bar}")
+        if self.per_position_count is not None:
+            lines += _position_lines(self.per_position_loss, self.per_position_count, self.shift)
         for w in self.warnings:
             lines.append(f"  warning: {w}")
         return "\n".join(lines) + "\n"
 
     __str__ = format
+
+
+#: Levels of the per-position profile, low loss to high (ASCII, so any terminal shows it).
+PROFILE_LEVELS = ".:-=+*#%@"
+PROFILE_WIDTH = 64
+
+
+def _position_lines(loss, count, shift):
+    """The per-position block of ``format()``: a few positions' mean loss and an ASCII
+    profile of the loss along the sequence (at most ``PROFILE_WIDTH`` buckets)."""
+    seq_len = len(count)
+    note = "; targets shifted, the last position has no target" if shift else ""
+    lines = [f"  loss by position in the sequence (seq_len {seq_len:,}{note}):"]
+    counted = [p for p in range(seq_len) if count[p] and loss[p] is not None]
+    if not counted:
+        return lines + ["    (no counted tokens)"]
+    if seq_len <= 8:
+        shown = counted
+    else:
+        picks = {0, 1, seq_len // 4, seq_len // 2, 3 * seq_len // 4, counted[-1]}
+        shown = [p for p in sorted(picks) if count[p] and loss[p] is not None]
+    lines.append("    " + "   ".join(f"pos {p}: {loss[p]:.4f}" for p in shown))
+    nb = min(seq_len, PROFILE_WIDTH)
+    means = []
+    for b in range(nb):
+        lo, hi = b * seq_len // nb, (b + 1) * seq_len // nb
+        n = sum(count[lo:hi])
+        means.append(sum(loss[p] * count[p] for p in range(lo, hi) if count[p]) / n if n else None)
+    finite = [m for m in means if m is not None and math.isfinite(m)]
+    if finite:
+        low, high = min(finite), max(finite)
+        top = len(PROFILE_LEVELS) - 1
+
+        def level(m):
+            if m is None:
+                return " "
+            if not math.isfinite(m):
+                return "?"
+            return PROFILE_LEVELS[round(top * (m - low) / (high - low)) if high > low else 0]
+
+        per = "" if nb == seq_len else f", {seq_len / nb:g} positions per character"
+        lines.append(f"    profile [{''.join(level(m) for m in means)}] "
+                     f"('{PROFILE_LEVELS[0]}' {low:.3f} to '{PROFILE_LEVELS[-1]}' {high:.3f} nats{per})")
+    return lines

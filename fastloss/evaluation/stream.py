@@ -1,13 +1,22 @@
-"""``evaluate``: stream a logits dump in chunks through the CPU kernels and total the metrics."""
+"""``evaluate``: stream a logits dump (or hidden states through an LM head) in chunks
+through the CPU kernels and total the metrics."""
 
 import math
+import sys
 
 import numpy as np
 
 from .. import _validate as V
 from ..ops.cross_entropy import _forward_rows, _Plan
 from . import metrics as M
-from .readers import Concat, EvalInputError, open_logits, open_targets
+from .readers import (
+    Concat,
+    EvalInputError,
+    Layout,
+    load_whole,
+    open_source,
+    positive_int,
+)
 from .report import LN2, EvalReport
 
 #: Bytes of logits per chunk when ``chunk_tokens=None`` (read at call time; tests patch it).
@@ -19,43 +28,137 @@ TARGET_CHECK_TOKENS = 1 << 20
 ON_INVALID = ("nan", "raise", "skip")
 
 
-def _check_targets(tsrc, nclass, ignore_index):
+def _check_targets(tsrc, nclass, ignore_index, seq_len, shift):
     """Every target in [0, V) or ignore_index, checked per shard in bounded chunks
-    before any logits are read; EvalInputError names the file, count and first bad token."""
-    for shard in tsrc.shards:
+    before any logits are read; EvalInputError names the file, count and first bad token.
+    With ``shift`` the source holds token ids, and the first token of each sequence
+    (never a target) is not checked."""
+    for shard, start in zip(tsrc.shards, tsrc.starts):
         bad_count, first = 0, None
         for lo in range(0, shard.rows, TARGET_CHECK_TOKENS):
-            t = np.asarray(shard.read(lo, min(lo + TARGET_CHECK_TOKENS, shard.rows)))
+            hi = min(lo + TARGET_CHECK_TOKENS, shard.rows)
+            t = np.asarray(shard.read(lo, hi))
             t64 = t.astype(np.int64)
             huge = t > np.iinfo(np.int64).max if t.dtype == np.uint64 else False
             bad = (t != ignore_index) & ((t64 < 0) | (t64 >= nclass) | huge)
+            if shift:
+                bad &= np.arange(start + lo, start + hi) % seq_len != 0
             nbad = int(np.count_nonzero(bad))
             if nbad and first is None:
                 k = int(np.flatnonzero(bad)[0])
                 first = (lo + k, t[k])
             bad_count += nbad
         if bad_count:
-            raise EvalInputError(shard.name, f"{bad_count} target(s) outside [0, {nclass}) that are "
+            what = "token id(s) used as targets" if shift else "target(s)"
+            raise EvalInputError(shard.name, f"{bad_count} {what} outside [0, {nclass}) that are "
                                              f"not ignore_index={ignore_index}; first at token "
                                              f"{first[0]} of this file: {first[1]}")
 
 
-def evaluate(logits, targets, *, ignore_index=-100, chunk_tokens=None, on_invalid="nan",
-             train_loss=None, hist_bins=40, hist_max=None):
+class _LMHead:
+    """Logits of hidden-state chunks, ``hidden @ W.T + b``, computed by one BLAS product
+    into one reused ``(chunk, V)`` buffer of the accumulation dtype (float64 when the
+    hidden states or the head are float64, else float32; half precision is upcast
+    per chunk into a reused ``(chunk, D)`` buffer)."""
+
+    def __init__(self, shards, lm_head, bias, layout):
+        w, self.name = load_whole(lm_head, "lm_head", layout)
+        dim = shards[0].width
+        if w.shape[1] != dim:
+            raise EvalInputError(shards[0].name, f"hidden size {dim} (shape {shards[0].shape}) "
+                                                 f"differs from the LM head's {w.shape[1]} in "
+                                                 f"{self.name} (shape {w.shape}, expected (V, D))")
+        self.nclass = w.shape[0]
+        dtypes = [s.dtype for s in shards] + [w.dtype]
+        self.acc = np.dtype(np.float64) if np.dtype(np.float64) in dtypes else np.dtype(np.float32)
+        self.upcast = any(d != self.acc for d in dtypes[:-1])
+        self.w = w.astype(self.acc, copy=False)
+        self.b, self.bias_name = None, None
+        if bias is not None:
+            b, self.bias_name = load_whole(bias, "bias", layout)
+            if b.shape != (self.nclass,):
+                raise EvalInputError(self.bias_name, f"bias shape {b.shape} does not match the "
+                                                     f"LM head {self.name}: expected ({self.nclass},)")
+            self.b = b.astype(self.acc)
+        self.buf = self.hbuf = None
+
+    def allocate(self, rows):
+        self.buf = np.empty((rows, self.nclass), self.acc)
+        if self.upcast:
+            self.hbuf = np.empty((rows, self.w.shape[1]), self.acc)
+
+    def logits(self, h):
+        n = h.shape[0]
+        if h.dtype != self.acc:
+            np.copyto(self.hbuf[:n], h, casting="unsafe")
+            h = self.hbuf[:n]
+        x = self.buf[:n]
+        np.matmul(h, self.w.T, out=x)
+        if self.b is not None:
+            x += self.b
+        return x
+
+
+def _progress_bar(progress, total):
+    """A tqdm bar on stderr (True: always, None: when stderr is a terminal) or None."""
+    if progress is False:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="tok", unit_scale=True, desc="fastloss eval", file=sys.stderr,
+                disable=None if progress is None else False, leave=False, dynamic_ncols=True)
+
+
+def _chunk_targets(tsrc, g, n, ntok, ignore_index, seq_len, shift):
+    """Targets and positions within the sequence (or None) of global rows [g, g + n)."""
+    pos = None if seq_len is None else np.arange(g, g + n) % seq_len
+    if not shift:
+        return np.asarray(tsrc.read(g, g + n)).reshape(n), pos
+    tgt = np.full(n, ignore_index, np.int64)
+    nxt = np.asarray(tsrc.read(g + 1, min(g + n + 1, ntok)))
+    tgt[:nxt.size] = nxt  # checked in range, so exact in int64
+    tgt[pos == seq_len - 1] = ignore_index
+    return tgt, pos
+
+
+def evaluate(logits=None, targets=None, *, hidden=None, lm_head=None, bias=None,
+             ignore_index=-100, seq_len=None, shift=False, chunk_tokens=None, on_invalid="nan",
+             train_loss=None, hist_bins=40, hist_max=None, raw_dtype=None, vocab=None,
+             hidden_dim=None, targets_dtype=None, logits_key=None, targets_key=None,
+             hidden_key=None, lm_head_key=None, bias_key=None, progress=False):
     """Evaluate next-token logits against targets, streaming dumps larger than memory.
 
     Parameters
     ----------
-    logits : array_like (..., V), or path or list of paths to ``.npy`` files
-        float16, bfloat16, float32 or float64. Several files are shards concatenated
-        along tokens (same V). Files are read one chunk of rows at a time.
-    targets : array_like of int, or path or list of paths to ``.npy`` files
+    logits : array_like (..., V), or path, glob pattern or list of them
+        float16, bfloat16, float32 or float64. Files (``.npy``, ``.safetensors``, or
+        raw binary for any other extension) are shards concatenated along tokens
+        (same V), read one chunk of rows at a time. A pattern such as
+        ``"dump/logits-*.npy"`` is expanded in natural order (``-2`` before ``-10``).
+    targets : array_like of int, or path, glob pattern or list of them
         Class indices in ``[0, V)`` or ``ignore_index``; the same number of tokens as
-        the logits in total (the shard boundaries need not match).
+        the logits in total (the shard boundaries need not match). With ``shift``:
+        the token ids themselves (see ``seq_len``).
+    hidden : array_like (..., D), or path(s) as for logits; instead of ``logits``
+        Final hidden states; the logits are ``hidden @ lm_head.T + bias``, computed
+        per chunk and never held whole.
+    lm_head : array_like (V, D) or one file (PyTorch ``nn.Linear`` layout)
+        Loaded whole. Required with ``hidden``.
+    bias : array_like (V,) or one file, optional
+        LM-head bias.
     ignore_index : int, default -100
         Target value of tokens that are not counted.
+    seq_len : int, optional
+        Sequence length L: token ``i`` sits at position ``i % L`` of its sequence, and
+        the report gets the mean loss and count per position. The token count must be
+        a multiple of L.
+    shift : bool, default False
+        ``targets`` holds the input token ids: the target of token ``i`` is token
+        ``i + 1``, except at the last position of each sequence (``i % L == L - 1``),
+        which is ignored. Requires ``seq_len``.
     chunk_tokens : int, optional
-        Rows per chunk; default: as many as fit in ``CHUNK_BYTES`` (64 MiB) of logits.
+        Rows per chunk; default: as many as fit in ``CHUNK_BYTES`` (64 MiB) of logits
+        (of the float32/float64 logits buffer with ``hidden``).
     on_invalid : {"nan", "raise", "skip"}, default "nan"
         A counted token whose loss is NaN (NaN logits, or +inf ones): "nan" lets it
         make the report's means NaN (as cross_entropy does); "raise" raises
@@ -68,6 +171,20 @@ def evaluate(logits, targets, *, ignore_index=-100, chunk_tokens=None, on_invali
     hist_max : float, optional
         Upper edge of the histogram; default ``max(2 ln V, 1)``. Larger losses
         fall in the last bin.
+    raw_dtype : dtype or str, optional
+        dtype of raw logits / hidden / LM-head / bias files ("float32", "bfloat16", ...).
+    vocab, hidden_dim : int, optional
+        Row width of raw logits files (V), of raw hidden and LM-head files (D).
+    targets_dtype : dtype or str, optional
+        dtype of raw targets files; default int64.
+    logits_key, targets_key, hidden_key, lm_head_key, bias_key : str, optional
+        Tensor to read from a ``.safetensors`` file. Default: the file's only tensor,
+        else the first present of "logits"; "targets", "labels", "input_ids";
+        "hidden", "hidden_states"; "lm_head.weight", "lm_head", "weight";
+        "lm_head.bias", "bias".
+    progress : bool or None, default False
+        A tqdm progress bar (tokens/s) on stderr: True always, None only when stderr
+        is a terminal, False never.
 
     Returns
     -------
@@ -76,9 +193,9 @@ def evaluate(logits, targets, *, ignore_index=-100, chunk_tokens=None, on_invali
     Raises
     ------
     EvalInputError (a ValueError)
-        Unreadable, corrupt or truncated file, vocabulary or token-count mismatch,
-        targets out of range, or (``on_invalid="raise"``) a NaN loss; the message
-        starts with the file name.
+        Unreadable, corrupt or truncated file, vocabulary, hidden-size or token-count
+        mismatch, targets out of range, a raw file without its dtype/width, or
+        (``on_invalid="raise"``) a NaN loss; the message starts with the file name.
     TypeError, ValueError
         Bad dtypes or options.
 
@@ -90,6 +207,8 @@ def evaluate(logits, targets, *, ignore_index=-100, chunk_tokens=None, on_invali
     gives the entropy ``-sum_j p_ij log p_ij``, the top-1 confidence
     ``exp(max_j z_ij - lse_i)`` and the target's rank. All totals are float64.
     ECE = ``sum_b n_b / N |acc_b - conf_b|`` over 15 equal-width bins ``(k/15, (k+1)/15]``.
+    With ``hidden``, a chunk's logits come from one matrix product into a reused
+    buffer, then go through the same kernels.
 
     Examples
     --------
@@ -99,46 +218,97 @@ def evaluate(logits, targets, *, ignore_index=-100, chunk_tokens=None, on_invali
     >>> r = evaluate(logits, np.array([0, 2]))
     >>> round(r.mean_loss, 6), r.accuracy, r.tokens
     (1.039721, 0.5, 2)
+
+    Token ids with ``shift``: two sequences of 3 tokens; each sequence's last
+    position has no next token and is ignored.
+
+    >>> z = np.log(np.full((6, 4), 0.25))
+    >>> r = evaluate(z, np.array([0, 1, 2, 3, 2, 1]), seq_len=3, shift=True)
+    >>> r.tokens, r.ignored, r.per_position_count
+    (4, 2, [2, 2, 0])
     """
     if on_invalid not in ON_INVALID:
         raise ValueError(f"on_invalid: expected one of 'nan', 'raise', 'skip', found {on_invalid!r}")
     if train_loss is not None:
         train_loss = V.check_finite(train_loss, "train_loss")
-    shards = open_logits(logits)
-    tsrc = Concat(open_targets(targets))
-    nclass = shards[0].width
+    if chunk_tokens is not None:
+        chunk_tokens = positive_int(chunk_tokens, "chunk_tokens")
+    hist_bins = positive_int(hist_bins, "hist_bins")
+    if seq_len is not None:
+        seq_len = positive_int(seq_len, "seq_len")
+    if not isinstance(shift, (bool, np.bool_)):
+        raise TypeError(f"shift: expected a bool, found {type(shift).__name__}")
+    if shift and seq_len is None:
+        raise ValueError("shift: needs seq_len (--seq-len), the length of each sequence")
+    if progress not in (True, False, None):
+        raise TypeError(f"progress: expected True, False or None, found {progress!r}")
+    if targets is None:
+        raise TypeError("targets: required")
+    layout = Layout(raw_dtype, vocab, hidden_dim, targets_dtype,
+                    {"logits": logits_key, "targets": targets_key, "hidden": hidden_key,
+                     "lm_head": lm_head_key, "bias": bias_key})
+    if hidden is not None:
+        if logits is not None:
+            raise ValueError("logits: pass either logits or hidden (with lm_head), not both")
+        if lm_head is None:
+            raise ValueError("lm_head: required with hidden")
+        shards = open_source(hidden, "hidden", layout)
+        head = _LMHead(shards, lm_head, bias, layout)
+        nclass, itemsize = head.nclass, head.acc.itemsize
+    else:
+        if logits is None:
+            raise TypeError("logits: required (or hidden with lm_head)")
+        if lm_head is not None or bias is not None:
+            raise ValueError("lm_head, bias: only used with hidden, not with logits")
+        shards = open_source(logits, "logits", layout)
+        head = None
+        nclass, itemsize = shards[0].width, max(s.dtype.itemsize for s in shards)
+    tsrc = Concat(open_source(targets, "targets", layout))
     ntok = sum(s.rows for s in shards)
     if tsrc.rows != ntok:
         names = ", ".join(s.name for s in shards)
         raise EvalInputError(", ".join(s.name for s in tsrc.shards),
-                             f"{tsrc.rows} target tokens, but the logits ({names}) hold {ntok} tokens")
+                             f"{tsrc.rows} target tokens, but the {'hidden states' if head else 'logits'} "
+                             f"({names}) hold {ntok} tokens")
+    if seq_len is not None and ntok % seq_len:
+        raise EvalInputError(", ".join(s.name for s in tsrc.shards),
+                             f"{ntok} tokens are not a whole number of sequences of "
+                             f"seq_len={seq_len} (--seq-len)")
     V.targets_for_kernel(np.zeros(0, np.int64), (0, nclass), ignore_index)  # type-check ignore_index
-    _check_targets(tsrc, nclass, ignore_index)
+    _check_targets(tsrc, nclass, ignore_index, seq_len, shift)
     if chunk_tokens is None:
-        itemsize = max(s.dtype.itemsize for s in shards)
         chunk_tokens = max(1, CHUNK_BYTES // (nclass * itemsize))
-    elif isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, (int, np.integer)) or chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens: expected a positive integer, found {chunk_tokens!r}")
-    if isinstance(hist_bins, bool) or not isinstance(hist_bins, (int, np.integer)) or hist_bins < 1:
-        raise ValueError(f"hist_bins: expected a positive integer, found {hist_bins!r}")
     top = max(2 * math.log(nclass), 1.0) if hist_max is None else \
         V.check_range(hist_max, "hist_max", low=0.0, low_open=True)
-    totals = M.Totals(nclass, np.linspace(0.0, top, int(hist_bins) + 1))
+    totals = M.Totals(nclass, np.linspace(0.0, top, hist_bins + 1), seq_len)
+    if head is not None:
+        head.allocate(max(1, min(chunk_tokens, max(s.rows for s in shards))))
 
-    start = 0
-    for shard in shards:
-        for lo in range(0, shard.rows, int(chunk_tokens)):
-            hi = min(lo + int(chunk_tokens), shard.rows)
-            _chunk(totals, shard, lo, hi, tsrc.read(start + lo, start + hi), ignore_index, on_invalid)
-        start += shard.rows
-    return _report(totals, nclass, on_invalid, train_loss, shards, tsrc)
+    bar = _progress_bar(progress, ntok)
+    try:
+        start = 0
+        for shard in shards:
+            for lo in range(0, shard.rows, chunk_tokens):
+                hi = min(lo + chunk_tokens, shard.rows)
+                tgt, pos = _chunk_targets(tsrc, start + lo, hi - lo, ntok, ignore_index, seq_len, shift)
+                x = shard.read(lo, hi)
+                if head is not None:
+                    x = head.logits(x)
+                _chunk(totals, x, lo, hi, tgt, pos, shard.name, ignore_index, on_invalid)
+                del x  # drop the chunk's mapping before the next is made
+                if bar is not None:
+                    bar.update(hi - lo)
+            start += shard.rows
+    finally:
+        if bar is not None:
+            bar.close()
+    return _report(totals, nclass, on_invalid, train_loss, shards, tsrc, head, shift)
 
 
-def _chunk(totals, shard, lo, hi, tgt_raw, ignore_index, on_invalid):
-    """Run the kernels over rows [lo, hi) of one logits shard and add them to ``totals``."""
-    x = shard.read(lo, hi)
-    plan = _Plan(x, np.asarray(tgt_raw).reshape(hi - lo), None, ignore_index, "none",
-                 0.0, 0.0, None, 1.0, None)
+def _chunk(totals, x, lo, hi, tgt, pos, name, ignore_index, on_invalid):
+    """Run the kernels over the logits ``x`` of rows [lo, hi) of the file ``name`` and add
+    them to ``totals``; ``tgt``: their targets, ``pos``: positions in the sequence or None."""
+    plan = _Plan(x, tgt, None, ignore_index, "none", 0.0, 0.0, None, 1.0, None)
     loss, lse = _forward_rows(plan)
     n = hi - lo
     ent = np.empty(n, plan.acc)
@@ -147,7 +317,7 @@ def _chunk(totals, shard, lo, hi, tgt_raw, ignore_index, on_invalid):
     xk = V.kernel_view(plan.logits).reshape(n, plan.nclass)
     with V.kernel_launch():
         M.token_metrics(xk, plan.tgt, lse, plan.acc.type(0), V.num_tasks(n, xk.size), ent, conf, rank)
-    del x, xk, plan.logits  # drop the chunk's mapping
+    del xk, plan.logits
     counted = ~plan.ignored
     totals.ignored += int(n - np.count_nonzero(counted))
     bad = counted & (np.isnan(loss) | np.isnan(lse))
@@ -155,19 +325,19 @@ def _chunk(totals, shard, lo, hi, tgt_raw, ignore_index, on_invalid):
     if nbad:
         first = lo + int(np.flatnonzero(bad)[0])
         if totals.first_invalid is None:
-            totals.first_invalid = (shard.name, first)
+            totals.first_invalid = (name, first)
         if on_invalid == "raise":
-            raise EvalInputError(shard.name, f"NaN loss at token {first} of this file (NaN or +inf "
-                                             f"logits); pass --skip-invalid / on_invalid='skip' to "
-                                             f"leave such tokens out")
+            raise EvalInputError(name, f"NaN loss at token {first} of this file (NaN or +inf "
+                                       f"logits); pass --skip-invalid / on_invalid='skip' to "
+                                       f"leave such tokens out")
         totals.invalid += nbad
         if on_invalid == "skip":
             totals.skipped += nbad
             counted = counted & ~bad
-    totals.add(plan.tgt, loss, ent, conf, rank, counted)
+    totals.add(plan.tgt, loss, ent, conf, rank, counted, pos)
 
 
-def _report(t, nclass, on_invalid, train_loss, shards, tsrc):
+def _report(t, nclass, on_invalid, train_loss, shards, tsrc, head, shift):
     n = t.tokens
     nan = math.nan
     propagate = on_invalid == "nan" and t.invalid > 0
@@ -197,6 +367,10 @@ def _report(t, nclass, on_invalid, train_loss, shards, tsrc):
                     "confidence": float(t.bin_conf[k] / t.bin_count[k]) if t.bin_count[k] else None,
                     "accuracy": float(t.bin_correct[k] / t.bin_count[k]) if t.bin_count[k] else None}
                    for k in range(M.ECE_BINS)]
+    per_loss = per_count = None
+    if t.pos_count is not None:
+        per_count = t.pos_count.tolist()
+        per_loss = [float(s / c) if c else None for s, c in zip(t.pos_loss.tolist(), per_count)]
     return EvalReport(
         tokens=n, ignored=t.ignored, skipped=t.skipped, vocab=nclass,
         mean_loss=mean_loss,
@@ -210,5 +384,10 @@ def _report(t, nclass, on_invalid, train_loss, shards, tsrc):
         calibration=calibration,
         train_loss=train_loss,
         generalization_gap=None if train_loss is None else mean_loss - train_loss,
-        logits_files=[s.name for s in shards], targets_files=[s.name for s in tsrc.shards],
+        seq_len=None if t.pos_count is None else t.pos_count.size, shift=shift,
+        per_position_loss=per_loss, per_position_count=per_count,
+        logits_files=[] if head else [s.name for s in shards],
+        targets_files=[s.name for s in tsrc.shards],
+        hidden_files=[s.name for s in shards] if head else [],
+        lm_head_file=head.name if head else None, bias_file=head.bias_name if head else None,
         warnings=warnings)

@@ -1,0 +1,153 @@
+"""PNG plots of loss curves and of an evaluation report (matplotlib, an optional extra).
+
+matplotlib is imported inside the functions, with the non-interactive "Agg"
+backend, so ``import fastloss`` never needs it; without it the functions raise a
+RuntimeError that says how to install it.
+"""
+
+import math
+import os
+
+import numpy as np
+
+from .curves import as_log
+
+INSTALL_HINT = "plotting needs matplotlib: pip install fastloss[plot]"
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or RuntimeError with the install hint."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise RuntimeError(f"{INSTALL_HINT} ({e})") from None
+    return plt
+
+
+def _save(fig, plt, path):
+    path = os.fspath(path)
+    try:
+        fig.savefig(path, dpi=110, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def plot_curves(log, path, *, vocab=None, baseline=None, baseline_name="baseline", report=None):
+    """Draw training and validation loss against step to a PNG file.
+
+    Parameters
+    ----------
+    log : str, os.PathLike, TrainingLog, dict or list
+        A training log, as accepted by :func:`fastloss.evaluation.curves.diagnose`.
+    path : str or os.PathLike
+        The PNG file to write.
+    vocab : int, optional
+        Number of classes; draws the uniform baseline ``ln V``.
+    baseline : float, optional
+        Another reference loss to draw (e.g. the unigram entropy).
+    baseline_name : str, default "baseline"
+        Its label.
+    report : CurveReport, optional
+        A diagnosis of the same log; marks its validation minimum when it found
+        overfitting.
+
+    Returns
+    -------
+    str
+        ``path``.
+
+    Raises
+    ------
+    RuntimeError
+        matplotlib is not installed (``pip install fastloss[plot]``).
+    CurveLogError (a ValueError)
+        A bad log.
+    """
+    log = as_log(log)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    marker = "." if len(log.steps) <= 200 else None
+    ax.plot(log.steps, log.train_loss, marker=marker, lw=1.2, label="train loss")
+    if len(log.val_steps):
+        ax.plot(log.val_steps, log.val_loss, marker="o", ms=3, lw=1.5, label="validation loss")
+    if vocab is not None:
+        ax.axhline(math.log(vocab), color="grey", ls="--", lw=1,
+                   label=f"uniform baseline ln V = {math.log(vocab):.3f}")
+    if baseline is not None:
+        ax.axhline(baseline, color="tab:red", ls=":", lw=1, label=f"{baseline_name} = {baseline:.3f}")
+    if report is not None and report.overfitting:
+        ax.axvline(report.val_min_step, color="tab:green", ls="-.", lw=1,
+                   label=f"validation minimum (step {report.val_min_step:,})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats)")
+    ax.set_title(f"Loss curves: {os.path.basename(log.source)}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def plot_report(report_dict, path):
+    """Draw an evaluation report's loss histogram (and loss per position) to a PNG file.
+
+    Parameters
+    ----------
+    report_dict : dict
+        ``EvalReport.to_dict()``: uses ``loss_histogram`` (``edges``, ``counts``),
+        ``mean_loss``, ``uniform_baseline`` and ``unigram_baseline``, and, when
+        present and not None, ``per_position_loss`` (mean loss at each position of
+        the sequence; None entries are positions without counted tokens).
+    path : str or os.PathLike
+        The PNG file to write.
+
+    Returns
+    -------
+    str
+        ``path``.
+
+    Raises
+    ------
+    RuntimeError
+        matplotlib is not installed (``pip install fastloss[plot]``).
+    ValueError
+        ``report_dict`` has no usable ``loss_histogram``.
+    """
+    hist = report_dict.get("loss_histogram") if isinstance(report_dict, dict) else None
+    if not isinstance(hist, dict) or "edges" not in hist or "counts" not in hist:
+        raise ValueError("report_dict: expected EvalReport.to_dict() with a 'loss_histogram' "
+                         "holding 'edges' and 'counts'")
+    edges = np.asarray(hist["edges"], dtype=np.float64)
+    counts = np.asarray(hist["counts"], dtype=np.float64)
+    if edges.ndim != 1 or counts.ndim != 1 or len(edges) != len(counts) + 1 or len(counts) == 0:
+        raise ValueError(f"report_dict: loss_histogram needs len(edges) == len(counts) + 1 >= 2, "
+                         f"found {edges.size} edges and {counts.size} counts")
+    per_pos = report_dict.get("per_position_loss")
+    plt = _pyplot()
+    ncols = 2 if per_pos else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(6.5 * ncols, 4.2), squeeze=False)
+    ax = axes[0, 0]
+    ax.stairs(counts, edges, fill=True, alpha=0.6, label="tokens")
+    for key, style, name in (("mean_loss", "-", "mean loss"),
+                             ("unigram_baseline", ":", "unigram baseline"),
+                             ("uniform_baseline", "--", "uniform baseline ln V")):
+        v = report_dict.get(key)
+        if v is not None and math.isfinite(v):
+            ax.axvline(v, ls=style, lw=1.2, color="k" if key == "mean_loss" else "grey",
+                       label=f"{name} = {v:.3f}")
+    ax.set_xlabel("per-token loss (nats); the last bin also holds larger losses")
+    ax.set_ylabel("tokens")
+    ax.set_title("Loss histogram")
+    ax.legend(fontsize=8)
+    if per_pos:
+        y = np.array([np.nan if v is None else float(v) for v in per_pos])
+        ax2 = axes[0, 1]
+        ax2.plot(np.arange(len(y)), y, lw=1.2)
+        ax2.set_xlabel("position in sequence")
+        ax2.set_ylabel("mean loss (nats)")
+        ax2.set_title("Mean loss per position")
+        ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, plt, path)
