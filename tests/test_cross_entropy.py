@@ -840,3 +840,37 @@ def test_rows_spanning_blocks_with_growing_max_and_masks(rng, dtype, opts):
                                lse_reference(xf, softcap=opts.get("softcap"),
                                              logit_scale=opts.get("logit_scale", 1.0))[ok],
                                rtol=2e-6)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float32, 2e-6), (np.float16, 2e-6), (ml_dtypes.bfloat16, 2e-6)])
+def test_later_blocks_above_the_reference_max(rng, dtype, rtol):
+    """Blocks after the first are summed against the running max without a max pass
+    (``_block_update_lazy``) unless their sum passes ``LAZY_SUM_LIMIT``: values a
+    little above the reference keep it (confident rows included), values far
+    above force an exact redo. Both must match the float64 reference."""
+    from fastloss.cpu.cross_entropy import LAZY_SUM_LIMIT, ROW_BLOCK
+
+    V = 3 * ROW_BLOCK + 100
+    x = rng.uniform(-2.0, 0.0, (6, V))
+    t = rng.integers(0, V, 6)
+    x[0, 2 * ROW_BLOCK + 7] = 12.0            # within the limit: stale reference kept
+    t[0] = 2 * ROW_BLOCK + 7                  # ... and the target there: loss ~ 1e-4
+    x[1, ROW_BLOCK + 3] = np.log(LAZY_SUM_LIMIT) + 2.0   # just past the limit: redo
+    t[1] = ROW_BLOCK + 3
+    x[2, 2 * ROW_BLOCK:] += 15.0              # a whole block above: redo (sum > limit)
+    x[3, -1] = 300.0                           # far above (exp would overflow): redo
+    x[4, ROW_BLOCK:2 * ROW_BLOCK] = 19.0       # many values near the limit per element
+    x[5, 2 * ROW_BLOCK + 1] = np.inf           # +inf in a later block: NaN as in torch
+    x = x.astype(dtype)
+    xf = to_float64(x)
+    ref_loss, ref_grad = ce_reference(xf[:5], t[:5], reduction="none")
+    loss, grad = fastloss.cross_entropy_with_grad(x, t, reduction="none")
+    np.testing.assert_allclose(loss[:5], ref_loss, rtol=rtol, atol=1e-6)
+    np.testing.assert_allclose(fastloss.cross_entropy(x, t, reduction="none")[:5], ref_loss,
+                               rtol=rtol, atol=1e-6)
+    np.testing.assert_allclose(fastloss.logsumexp(x)[:5], lse_reference(xf[:5]), rtol=2e-7)
+    gtol = 1e-5 if dtype == np.float32 else (1e-3 if dtype == np.float16 else 5e-3)
+    g = to_float64(grad[:5])
+    # atol: p_t - 1 at a target with p_t ~ 1 cancels to a few float32 ulps of 1 (as in torch)
+    np.testing.assert_allclose(g, ref_grad, rtol=gtol, atol=3e-7)
+    assert np.isnan(loss[5]) and np.isnan(fastloss.logsumexp(x)[5])

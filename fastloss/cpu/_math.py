@@ -11,11 +11,14 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.core.extending import intrinsic, overload
 
 from .. import config
 
 _FM = config.FASTMATH
+
+_I16, _I32, _F32 = ir.IntType(16), ir.IntType(32), ir.FloatType()
 
 
 @intrinsic
@@ -47,6 +50,48 @@ def _f32_as_i32(typingctx, x):
     return types.int32(types.float32), codegen
 
 
+@intrinsic
+def _shifter_k(typingctx, shifted):
+    """int32 k from a float32 ``x / ln2 + 1.5 * 2**23``: its bits minus the shifter's.
+
+    This and the two helpers below are 32-bit IR: numba would widen int32
+    arithmetic to int64 (and the int->float cast to a 64-bit one), running
+    exp's integer part on 8 lanes instead of 16.
+    """
+    if shifted != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.sub(builder.bitcast(args[0], _I32), ir.Constant(_I32, 0x4B400000))
+
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def _i32_to_f32(typingctx, k):
+    """float32(k) for an int32 k (a 32-bit conversion)."""
+    if k != types.int32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.sitofp(args[0], _F32)
+
+    return types.float32(types.int32), codegen
+
+
+@intrinsic
+def _pow2(typingctx, k):
+    """2**k as a float32 for an int32 k in [-126, 127], built from exponent bits."""
+    if k != types.int32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        e = builder.shl(builder.add(args[0], ir.Constant(_I32, 127)), ir.Constant(_I32, 23))
+        return builder.bitcast(e, _F32)
+
+    return types.float32(types.int32), codegen
+
+
 @njit(fastmath=_FM)
 def exp_f32(x):
     """exp(x) for float32 x <= 88 (softmax arguments x - max are <= 0); relative
@@ -61,8 +106,8 @@ def exp_f32(x):
     """
     xc = np.float32(-87.3) if x < np.float32(-87.3) else x
     shifted = xc * np.float32(1.4426950408889634) + np.float32(12582912.0)
-    ki = _f32_as_i32(shifted) - np.int32(0x4B400000)
-    kf = np.float32(ki)
+    ki = _shifter_k(shifted)
+    kf = _i32_to_f32(ki)
     r = xc - kf * np.float32(0.693359375)
     r = r - kf * np.float32(-2.12194440e-4)
     p = np.float32(1.3981999507e-3)
@@ -71,7 +116,7 @@ def exp_f32(x):
     p = p * r + np.float32(1.6666665459e-1)
     p = p * r + np.float32(5.0000001201e-1)
     p = p * r * r + r + np.float32(1.0)
-    y = p * _i32_as_f32(np.int32((ki + np.int32(127)) << np.int32(23)))
+    y = p * _pow2(ki)
     return np.float32(0.0) if x < np.float32(-87.3) else y
 
 
@@ -124,51 +169,128 @@ def _tanh_ol(x):
 # and ``store`` below convert in registers, so no float32 copy is ever made.
 
 
-@njit(fastmath=_FM)
-def f16_to_f32(h):
-    """Decode float16 bits (held in an int16) exactly, subnormals, inf and NaN included."""
-    u = np.int32(h) & np.int32(0xFFFF)
-    sign = (u & np.int32(0x8000)) << np.int32(16)
-    em = u & np.int32(0x7FFF)
-    # Shift exponent+mantissa into float32 position and rebias by 2**112;
-    # this also renormalises subnormals. Inf/NaN get the all-ones exponent.
-    v = _i32_as_f32(np.int32(em << np.int32(13))) * np.float32(5.192296858534828e33)
-    special = _i32_as_f32(np.int32((em << np.int32(13)) | np.int32(0x7F800000)))
-    v = special if em >= np.int32(0x7C00) else v
-    return _i32_as_f32(np.int32(_f32_as_i32(v) | sign))
+# The conversions are LLVM IR written out (intrinsics) rather than numba
+# integer code: numba widens int32 arithmetic to int64, which halves the SIMD
+# width of the conversion loops (the bfloat16 gradient store ran at float32
+# speed per element, i.e. half the bandwidth). float16 uses LLVM's ``half``
+# type, so the CPU's F16C instructions (vcvtph2ps / vcvtps2ph) do the exact
+# IEEE conversion, subnormals and NaN included; bfloat16 is 32-bit integer IR.
 
 
-@njit(fastmath=_FM)
-def f32_to_f16(f):
-    """Round a float32 to float16 bits (nearest-even; overflow to inf, NaN kept), as int16."""
-    b = _f32_as_i32(f)
-    sign = b & np.int32(-2147483648)
-    a = b ^ sign
-    # Normal range: rebias exponent, round to nearest even on bit 13.
-    odd = (a >> np.int32(13)) & np.int32(1)
-    normal = (a + np.int32(-939524096 + 0xFFF) + odd) >> np.int32(13)
-    # Subnormal range: let the FPU align the mantissa by adding 0.5.
-    sub = _f32_as_i32(_i32_as_f32(a) + np.float32(0.5)) - np.int32(0x3F000000)
-    o = sub if a < np.int32(0x38800000) else normal
-    o = np.int32(0x7C00) if a >= np.int32(0x47800000) else o
-    o = np.int32(0x7E00) if a > np.int32(0x7F800000) else o
-    return np.int16(o | (sign >> np.int32(16)))
+
+@intrinsic
+def f16_to_f32(typingctx, h):
+    """Decode float16 bits (held in an int16) to float32, exactly."""
+    if h != types.int16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), _F32)
+
+    return types.float32(types.int16), codegen
 
 
-@njit(fastmath=_FM)
-def bf16_to_f32(h):
+@intrinsic
+def f32_to_f16(typingctx, f):
+    """Round a float32 to float16 bits (IEEE nearest-even; overflow to inf, NaN stays NaN), as int16."""
+    if f != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), _I16)
+
+    return types.int16(types.float32), codegen
+
+
+@intrinsic
+def bf16_to_f32(typingctx, h):
     """Decode bfloat16 bits (held in a uint16): they are the top half of a float32."""
-    return _i32_as_f32(np.int32(np.int32(h) << np.int32(16)))
+    if h != types.uint16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        wide = builder.shl(builder.zext(args[0], _I32), ir.Constant(_I32, 16))
+        return builder.bitcast(wide, _F32)
+
+    return types.float32(types.uint16), codegen
 
 
-@njit(fastmath=_FM)
-def f32_to_bf16(f):
-    """Round a float32 to bfloat16 bits (nearest-even, NaN stays NaN), as uint16."""
-    b = _f32_as_i32(f)
-    r = (b + np.int32(0x7FFF) + ((b >> np.int32(16)) & np.int32(1))) >> np.int32(16)
-    nan = (b & np.int32(0x7FFFFFFF)) > np.int32(0x7F800000)
-    r = ((b >> np.int32(16)) | np.int32(0x40)) if nan else r
-    return np.uint16(r & np.int32(0xFFFF))
+class _BFloatType(ir.types._BaseFloatType):
+    """LLVM's ``bfloat`` (llvmlite has no class for it)."""
+
+    null = "0.0"
+    intrinsic_name = "bf16"
+
+    def __str__(self):
+        return "bfloat"
+
+
+_BFloatType._create_instance()
+
+def _host_has_bf16_convert():
+    """Whether LLVM can lower float -> bfloat to one instruction on this CPU
+    (AVX512-BF16 vcvtneps2bf16, or AVX-NE-CONVERT); elsewhere it would need a
+    runtime library call that numba's JIT does not link."""
+    try:
+        from llvmlite import binding
+
+        features = binding.get_host_cpu_features()
+        return bool(features.get("avx512bf16") or features.get("avxneconvert"))
+    except Exception:  # pragma: no cover - feature query unavailable
+        return False
+
+
+#: Use the CPU's float32 -> bfloat16 instruction (one op per 16 values instead of ~10).
+BF16_HW_CONVERT = config.BF16_HW_CONVERT and _host_has_bf16_convert()
+
+
+@intrinsic
+def f32_to_bf16(typingctx, f):
+    """Round a float32 to bfloat16 bits (nearest-even, overflow to inf, NaN stays a quiet NaN), as uint16.
+
+    With ``BF16_HW_CONVERT`` this is LLVM's ``fptrunc`` to ``bfloat`` (the CPU's
+    conversion instruction); otherwise 32-bit integer rounding. Both agree bit
+    for bit with ml_dtypes on every float32 (tests/test_cpu_math.py).
+    """
+    if f != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        if BF16_HW_CONVERT:
+            return builder.bitcast(builder.fptrunc(args[0], _BFloatType()), _I16)
+
+        def c(v):
+            return ir.Constant(_I32, v)
+
+        b = builder.bitcast(args[0], _I32)
+        high = builder.lshr(b, c(16))
+        odd = builder.and_(high, c(1))
+        rounded = builder.lshr(builder.add(builder.add(b, c(0x7FFF)), odd), c(16))
+        is_nan = builder.icmp_unsigned(">", builder.and_(b, c(0x7FFFFFFF)), c(0x7F800000))
+        quiet = builder.or_(high, c(0x40))
+        return builder.trunc(builder.select(is_nan, quiet, rounded), _I16)
+
+    return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def prefetch(typingctx, arr, i):
+    """Hint the CPU to bring the cache line holding ``arr[i]`` (1-D, C order) into
+    cache (``llvm.prefetch``: read, high locality). ``i`` must be in bounds."""
+    if not isinstance(arr, types.Array) or arr.ndim != 1 or not isinstance(i, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        aryty = sig.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
+        i8p = builder.bitcast(ptr, ir.IntType(8).as_pointer())
+        fnty = ir.FunctionType(ir.VoidType(), [i8p.type, _I32, _I32, _I32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [i8p, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, i), codegen
 
 
 def load(v):
@@ -204,16 +326,25 @@ def _store_ol(row, j, v):
     return impl
 
 
-@njit(fastmath=_FM)
-def ordered_bits(v):
+@intrinsic
+def ordered_bits(typingctx, v):
     """Map float32 bits to int32 so that integer order equals float order.
 
     Integer max reductions vectorise where LLVM will not vectorise a float max
     without assuming no NaN (see PERF.md); NaN maps above +inf or below -inf,
     which is harmless because NaN propagates through the exp sum anyway.
+    Written as 32-bit IR so the max runs on 16 int32 lanes (numba would widen
+    the integer ops to int64, halving the SIMD width).
     """
-    b = _f32_as_i32(v)
-    return b ^ ((b >> np.int32(31)) & np.int32(0x7FFFFFFF))
+    if v != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        b = builder.bitcast(args[0], _I32)
+        sign = builder.ashr(b, ir.Constant(_I32, 31))
+        return builder.xor(b, builder.and_(sign, ir.Constant(_I32, 0x7FFFFFFF)))
+
+    return types.int32(types.float32), codegen
 
 
 @njit(fastmath=_FM)
