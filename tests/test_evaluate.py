@@ -290,3 +290,116 @@ def test_report_dict_keys_without_sequences(rng):
     assert d["seq_len"] is None and d["per_position_loss"] is None and d["per_position_count"] is None
     assert d["logits_files"] == ["<logits array>"] and d["hidden_files"] == [] and d["lm_head_file"] is None
     assert "loss by position" not in fastloss.evaluate(x, t).format()
+
+
+# ---- --plot -------------------------------------------------------------------------
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_size(path):
+    """(width, height) of a PNG from its IHDR chunk."""
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:8] == PNG_MAGIC and len(data) > 5000
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_cli_plot_histogram_and_per_position(rng, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    _, _, logits, targets = _files(rng, tmp_path)
+    one = tmp_path / "hist.png"
+    assert main(["eval", *logits, "--targets", targets, "--plot", str(one)]) == 0
+    assert "mean loss" in capsys.readouterr().out
+    w1, h1 = _png_size(one)
+    two = tmp_path / "pos.png"
+    assert main(["eval", *logits, "--targets", targets, "--seq-len", "12", "--plot", str(two)]) == 0
+    assert "loss by position" in capsys.readouterr().out
+    w2, h2 = _png_size(two)
+    assert h2 == h1 and w2 > 1.8 * w1  # a second panel: the loss per position
+    bad = tmp_path / "no-such-dir" / "p.png"
+    assert main(["eval", *logits, "--targets", targets, "--plot", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fastloss eval: error: {bad}: cannot write") and err.count("\n") == 1
+
+
+def test_cli_plot_without_matplotlib(rng, tmp_path, capsys, monkeypatch):
+    import sys
+
+    _, _, logits, targets = _files(rng, tmp_path)
+    for mod in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    png = tmp_path / "p.png"
+    assert main(["eval", *logits, "--targets", targets, "--plot", str(png),
+                 "--json", str(tmp_path / "r.json")]) == 1
+    cap = capsys.readouterr()
+    assert "mean loss" in cap.out and (tmp_path / "r.json").exists()  # the report comes first
+    assert cap.err == "fastloss eval: error: --plot needs matplotlib: pip install fastloss[plot]\n"
+    assert not png.exists()
+
+
+# ---- the one-sweep metrics kernel on rows of several blocks ------------------------
+
+def _row_reference(z, t):
+    """(loss, entropy, confidence, rank) per row in float64, -inf logits allowed."""
+    z = np.asarray(z, np.float64)
+    lse = logsumexp(z, axis=1)
+    logp = z - lse[:, None]
+    p = np.exp(logp)
+    with np.errstate(invalid="ignore"):  # 0 * -inf where a logit is -inf
+        ent = -np.where(p > 0, p * logp, 0.0).sum(axis=1)
+    zt = z[np.arange(len(t)), t]
+    before = np.arange(z.shape[1])[None, :] < t[:, None]
+    rank = (z > zt[:, None]).sum(1) + ((z == zt[:, None]) & before).sum(1)
+    return lse - zt, ent, p.max(axis=1), rank
+
+
+@pytest.mark.parametrize("dtype, acc, rtol", [(np.float64, np.float64, 1e-10),
+                                              (np.float32, np.float32, 2e-6)])
+def test_metrics_kernel_multi_block_rows(rng, dtype, acc, rtol):
+    from fastloss.evaluation import metrics as M
+
+    v = 2 * M.ROW_BLOCK + 905  # three blocks, the last one partial
+    n = 12
+    x = rng.standard_normal((n, v)) * 3
+    t = rng.integers(0, v, n)
+    t[0], t[1], t[2] = 5, M.ROW_BLOCK, v - 1  # target at a block start and at the end
+    x[3, :] = np.round(x[3, :])  # many ties, within and across blocks
+    t[3] = M.ROW_BLOCK + 17
+    x[4, M.ROW_BLOCK + 100] = 60.0  # the max jumps by far more than 21 in block 1: redone
+    x[5, -1] = 45.0  # ... and in the partial last block
+    x[6, rng.random(v) < 0.3] = -np.inf  # masked classes, the target among them
+    x[6, 7], t[6] = -np.inf, 7
+    x[7, : M.ROW_BLOCK] = -np.inf  # a first block that is all -inf
+    x[8, :] = x[8, 0]  # a constant row: every logit ties the target
+    t[8] = 2500
+    x[9] -= 200.0  # large negative logits (exp underflows against 0)
+    x[10] += 1e4  # large positive logits (entropy must not cancel)
+    xd = x.astype(dtype)
+    loss, ent, conf, rank = (np.empty(n), np.empty(n), np.empty(n), np.empty(n, np.int64))
+    M.eval_rows(xd, t, acc(0), 2, loss, ent, conf, rank)
+    rl, re, rc, rr = _row_reference(xd, t)
+    assert rank.tolist() == rr.tolist()
+    finite = np.isfinite(rl)
+    assert loss[finite] == pytest.approx(rl[finite], rel=rtol, abs=rtol)
+    assert loss[6] == np.inf and rl[6] == np.inf  # the target's logit is -inf
+    assert ent == pytest.approx(re, rel=rtol * 10, abs=rtol * 10)
+    assert conf == pytest.approx(rc, rel=rtol * 10, abs=rtol)
+
+
+def test_metrics_kernel_nan_inf_and_ignored_rows(rng):
+    from fastloss.evaluation import metrics as M
+
+    v = M.ROW_BLOCK + 300
+    x = rng.standard_normal((6, v)).astype(np.float32)
+    t = np.array([3, 3, 3, 3, 3, -1])
+    x[0, v - 2] = np.nan  # NaN in a block summed against the running max
+    x[1, 0] = np.nan  # ... in the first block
+    x[2, M.ROW_BLOCK + 1] = np.inf
+    x[3, :] = -np.inf  # all masked
+    x[4, 1] = -np.nan  # a NaN with its sign bit set
+    loss, ent, conf, rank = (np.full(6, 7.0), np.full(6, 7.0), np.full(6, 7.0), np.full(6, 7, np.int64))
+    M.eval_rows(x, t, np.float32(0), 2, loss, ent, conf, rank)
+    assert np.isnan(loss[:5]).all() and np.isnan(ent[:5]).all() and np.isnan(conf[:5]).all()
+    assert (loss[5], ent[5], conf[5], rank[5]) == (0.0, 0.0, 0.0, -1)  # ignored: written, zero

@@ -48,6 +48,9 @@ def add_parser(sub):
     ev.add_argument("--chunk-tokens", type=int, metavar="N",
                     help="tokens per chunk (default: 64 MiB of logits)")
     ev.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
+    ev.add_argument("--plot", metavar="PNG",
+                    help="also draw the loss histogram (and, with --seq-len, the loss per "
+                         "position) to PNG (needs matplotlib: pip install fastloss[plot])")
     ev.add_argument("--train-loss", type=float, metavar="X",
                     help="training loss (nats) to report the validation - train gap")
     ev.add_argument("--skip-invalid", action="store_true",
@@ -101,8 +104,17 @@ def _check_args(args):
         raise ValueError("--shift: needs --seq-len L, the length of each sequence")
 
 
+def _fail(args, e):
+    """One ``fastloss eval: error:`` line on stderr (or the exception with --debug)."""
+    if args.debug:
+        raise e
+    msg = " ".join(str(e).split()) or type(e).__name__
+    sys.stderr.write(f"fastloss eval: error: {msg}\n")
+
+
 def run(args, argv):
-    """``fastloss eval``: returns the exit status (2 on bad input, with one line on stderr)."""
+    """``fastloss eval``: returns the exit status (2 on bad input, 1 when --plot lacks
+    matplotlib; one line on stderr)."""
     from ..evaluation import evaluate
 
     try:
@@ -125,9 +137,16 @@ def run(args, argv):
         if args.json:
             write_json_atomic(report.to_dict(), args.json)
     except (ValueError, TypeError, OSError) as e:
-        if args.debug:
-            raise
-        msg = " ".join(str(e).split()) or type(e).__name__
-        sys.stderr.write(f"fastloss eval: error: {msg}\n")
+        _fail(args, e)
         return 2
+    if args.plot:
+        from ..evaluation.plot import plot_report
+        try:
+            plot_report(report.to_dict(), args.plot)
+        except RuntimeError:  # matplotlib missing (plot.INSTALL_HINT)
+            _fail(args, RuntimeError("--plot needs matplotlib: pip install fastloss[plot]"))
+            return 1
+        except OSError as e:
+            _fail(args, OSError(f"{args.plot}: cannot write: {e.strerror or e}"))
+            return 2
     return 0

@@ -7,7 +7,6 @@ import sys
 import numpy as np
 
 from .. import _validate as V
-from ..ops.cross_entropy import _forward_rows, _Plan
 from . import metrics as M
 from .readers import (
     Concat,
@@ -20,6 +19,7 @@ from .readers import (
 from .report import LN2, EvalReport
 
 #: Bytes of logits per chunk when ``chunk_tokens=None`` (read at call time; tests patch it).
+#: The mapped chunk is most of the evaluation's resident memory (benchmarks/NOTES.md).
 CHUNK_BYTES = 64 * 2**20
 
 #: Targets per chunk of the up-front target check.
@@ -201,14 +201,20 @@ def evaluate(logits=None, targets=None, *, hidden=None, lm_head=None, bias=None,
 
     Notes
     -----
-    Per chunk the fused cross-entropy kernel gives ``loss_i = lse_i - z_{i,t}`` and
-    ``lse_i`` in float32 (float64 for float64 logits), on the chunk as stored (no
-    float32 copy); one more sweep of the same rows (``metrics.token_metrics``)
-    gives the entropy ``-sum_j p_ij log p_ij``, the top-1 confidence
-    ``exp(max_j z_ij - lse_i)`` and the target's rank. All totals are float64.
+    Per chunk one kernel (``metrics.eval_rows``) reads each row once, as stored
+    (no float32 copy of half-precision logits), and gives the loss
+    ``lse_i - z_{i,t}``, the entropy ``-sum_j p_ij log p_ij``, the top-1
+    confidence ``max_j p_ij`` and the target's rank; row statistics accumulate in
+    float32 blocks (float64 for float64 logits) summed in float64, and all totals
+    are float64.
     ECE = ``sum_b n_b / N |acc_b - conf_b|`` over 15 equal-width bins ``(k/15, (k+1)/15]``.
     With ``hidden``, a chunk's logits come from one matrix product into a reused
-    buffer, then go through the same kernels.
+    buffer, then go through the same kernel.
+
+    File chunks are memory-mapped one at a time, so resident memory stays about
+    one chunk beyond the interpreter's. A cached 4.3 GB float32 dump evaluated at
+    about twice the speed of a plain one-thread read of the file (docs/evaluation.md,
+    "Performance of fastloss.evaluate").
 
     Examples
     --------
@@ -306,21 +312,25 @@ def evaluate(logits=None, targets=None, *, hidden=None, lm_head=None, bias=None,
 
 
 def _chunk(totals, x, lo, hi, tgt, pos, name, ignore_index, on_invalid):
-    """Run the kernels over the logits ``x`` of rows [lo, hi) of the file ``name`` and add
-    them to ``totals``; ``tgt``: their targets, ``pos``: positions in the sequence or None."""
-    plan = _Plan(x, tgt, None, ignore_index, "none", 0.0, 0.0, None, 1.0, None)
-    loss, lse = _forward_rows(plan)
+    """Run the kernel over the logits ``x`` of rows [lo, hi) of the file ``name`` and add
+    them to ``totals``; ``tgt``: their targets (checked in range up front), ``pos``:
+    positions in the sequence or None."""
     n = hi - lo
-    ent = np.empty(n, plan.acc)
-    conf = np.empty(n, plan.acc)
+    ignored = tgt == ignore_index
+    kt = np.where(ignored, np.int64(-1), tgt.astype(np.int64, copy=False))
+    loss = np.empty(n, np.float64)
+    ent = np.empty(n, np.float64)
+    conf = np.empty(n, np.float64)
     rank = np.empty(n, np.int64)
-    xk = V.kernel_view(plan.logits).reshape(n, plan.nclass)
-    with V.kernel_launch():
-        M.token_metrics(xk, plan.tgt, lse, plan.acc.type(0), V.num_tasks(n, xk.size), ent, conf, rank)
-    del xk, plan.logits
-    counted = ~plan.ignored
+    if n:
+        xk = V.kernel_view(x).reshape(n, x.shape[-1])
+        with V.kernel_launch():
+            M.eval_rows(xk, kt, V.acc_dtype(x.dtype).type(0), V.num_tasks(n, xk.size),
+                        loss, ent, conf, rank)
+        del xk
+    counted = ~ignored
     totals.ignored += int(n - np.count_nonzero(counted))
-    bad = counted & (np.isnan(loss) | np.isnan(lse))
+    bad = counted & np.isnan(loss)
     nbad = int(np.count_nonzero(bad))
     if nbad:
         first = lo + int(np.flatnonzero(bad)[0])
@@ -334,7 +344,7 @@ def _chunk(totals, x, lo, hi, tgt, pos, name, ignore_index, on_invalid):
         if on_invalid == "skip":
             totals.skipped += nbad
             counted = counted & ~bad
-    totals.add(plan.tgt, loss, ent, conf, rank, counted, pos)
+    totals.add(kt, loss, ent, conf, rank, counted, pos)
 
 
 def _report(t, nclass, on_invalid, train_loss, shards, tsrc, head, shift):
