@@ -13,11 +13,6 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 #: (rows * classes), so tiny batches do not pay thread start-up per row.
 MIN_ELEMENTS_PER_TASK = 1 << 16
 
-#: Round float32 -> bfloat16 with the CPU's conversion instruction where it has
-#: one (AVX512-BF16); False forces the portable integer rounding. Read when the
-#: kernels are compiled (import of fastloss.cpu._math), not per call.
-BF16_HW_CONVERT = False
-
 CUDA_THREADS_PER_BLOCK = 256  # threads per block of the CUDA kernels (any of 1..1024; read at call time)
 
 #: Threads per block of the fused cross-entropy kernel (loss + gradient); None:
