@@ -250,6 +250,29 @@ def test_peak_memory_far_below_logits():
     assert res.loss == pytest.approx(fastloss.cross_entropy(h @ w.T + b, t), rel=1e-4)
 
 
+def test_default_chunk_meets_the_five_percent_budget(monkeypatch):
+    """chunk_size=None: the buffer is the budget's worth of rows, so at the issue's
+    shape (4096 tokens, V = 128256) it stays under 5% of the float32 logits; and the
+    whole call allocates little beyond the buffer (budget scaled to a small case)."""
+    rows = LCE._chunk_rows(None, 4096, 128256, 4)
+    assert rows * 128256 * 4 <= fastloss.config.LINEAR_CE_LOGITS_BUDGET_BYTES
+    assert rows * 128256 * 4 < 0.05 * 4096 * 128256 * 4 and rows >= 128
+    n, d, v = 2048, 32, 32000
+    h, w, b, t = _inputs(n, d, v, dtype=np.float32, seed=11, ignore=0.05)
+    monkeypatch.setattr(fastloss.config, "LINEAR_CE_LOGITS_BUDGET_BYTES", int(0.04 * n * v * 4))
+    fastloss.linear_cross_entropy_with_grad(h[:4], w, t[:4])  # compile outside
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        res = fastloss.linear_cross_entropy_with_grad(h, w, t, bias=b)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    outputs = res.grad_hidden.nbytes + res.grad_weight.nbytes + res.grad_bias.nbytes
+    assert peak - outputs < 0.05 * n * v * 4, (peak, outputs)
+
+
 @pytest.mark.parametrize("call, exc, match", [
     (lambda h, w, b, t: fastloss.linear_cross_entropy(h.astype(np.int32), w, t), TypeError, "hidden: expected dtype"),
     (lambda h, w, b, t: fastloss.linear_cross_entropy(h[0, 0], w, t), ValueError, "hidden: expected shape"),

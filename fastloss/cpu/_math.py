@@ -215,50 +215,18 @@ def bf16_to_f32(typingctx, h):
     return types.float32(types.uint16), codegen
 
 
-class _BFloatType(ir.types._BaseFloatType):
-    """LLVM's ``bfloat`` (llvmlite has no class for it)."""
-
-    null = "0.0"
-    intrinsic_name = "bf16"
-
-    def __str__(self):
-        return "bfloat"
-
-
-_BFloatType._create_instance()
-
-def _host_has_bf16_convert():
-    """Whether LLVM can lower float -> bfloat to one instruction on this CPU
-    (AVX512-BF16 vcvtneps2bf16, or AVX-NE-CONVERT); elsewhere it would need a
-    runtime library call that numba's JIT does not link."""
-    try:
-        from llvmlite import binding
-
-        features = binding.get_host_cpu_features()
-        return bool(features.get("avx512bf16") or features.get("avxneconvert"))
-    except Exception:  # pragma: no cover - feature query unavailable
-        return False
-
-
-#: Use the CPU's float32 -> bfloat16 instruction (one op per 16 values instead of ~10).
-BF16_HW_CONVERT = config.BF16_HW_CONVERT and _host_has_bf16_convert()
-
-
 @intrinsic
 def f32_to_bf16(typingctx, f):
     """Round a float32 to bfloat16 bits (nearest-even, overflow to inf, NaN stays a quiet NaN), as uint16.
 
-    With ``BF16_HW_CONVERT`` this is LLVM's ``fptrunc`` to ``bfloat`` (the CPU's
-    conversion instruction); otherwise 32-bit integer rounding. Both agree bit
-    for bit with ml_dtypes on every float32 (tests/test_cpu_math.py).
+    Bit-exact with ml_dtypes (tests/test_cpu_math.py). The CPU's own
+    conversion (AVX512-BF16 vcvtneps2bf16, LLVM ``fptrunc`` to ``bfloat``) was
+    slower here in the gradient loop and flushes subnormals, so it is not used.
     """
     if f != types.float32:
         return None
 
     def codegen(context, builder, sig, args):
-        if BF16_HW_CONVERT:
-            return builder.bitcast(builder.fptrunc(args[0], _BFloatType()), _I16)
-
         def c(v):
             return ir.Constant(_I32, v)
 

@@ -96,7 +96,7 @@ def _forward_rows(plan):
     if n:
         x = V.kernel_view(plan.logits).reshape(n, plan.nclass)
         zbuf, tbuf, _ = _scratch(plan, n, plan.mode != K.PLAIN, plan.mode == K.SOFTCAP)
-        with V.kernel_launch():
+        with V.kernel_launch(zbuf.shape[0]):
             K.ce_forward(x, plan.tgt, *plan.kernel_args(), zbuf, tbuf, loss, lse)
     return loss, lse
 
@@ -249,7 +249,7 @@ def cross_entropy_with_grad(logits, targets, *, weight=None, ignore_index=-100,
         gk = V.kernel_view(grad).reshape(n, plan.nclass)
         zbuf, tbuf, sbuf = _scratch(plan, n, True, plan.mode == K.SOFTCAP)
         w, has_w, wsum, mode, scale, cap, eps = plan.kernel_args()
-        with V.kernel_launch():
+        with V.kernel_launch(zbuf.shape[0]):
             K.ce_fused(xk, plan.tgt, w, has_w, wsum, mode, scale, cap, eps,
                        plan.acc.type(plan.zl), gce, gz, gk, zbuf, tbuf, sbuf, loss, lse)
     if copy_back:
@@ -370,6 +370,6 @@ def logsumexp(logits, *, softcap=None, logit_scale=1.0):
         ntask = V.num_tasks(n, x.size)
         zbuf = np.empty((ntask, nclass if mode != K.PLAIN else 0), acc)
         tbuf = np.empty((ntask, nclass if mode == K.SOFTCAP else 0), acc)
-        with V.kernel_launch():
+        with V.kernel_launch(ntask):
             K.lse_forward(xk, mode, acc.type(scale), acc.type(cap), zbuf, tbuf, lse)
     return lse.reshape(x.shape[:-1])

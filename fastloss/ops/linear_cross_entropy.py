@@ -228,7 +228,7 @@ def linear_cross_entropy(hidden, lm_head, /, targets, *, bias=None, weight=None,
         for idx, c in plan.chunks():
             _, x = plan.logits_into(buf, idx, c, head, hbuf)
             nt = min(zbuf.shape[0], c)
-            with V.kernel_launch():
+            with V.kernel_launch(nt):
                 K.ce_forward(x, _sub(idx, ce.tgt), *args, zbuf[:nt], tbuf[:nt],
                              lrow[:c], srow[:c])
             loss[idx] = lrow[:c]
@@ -323,7 +323,7 @@ def linear_cross_entropy_with_grad(hidden, lm_head, /, targets, *, bias=None, we
         for idx, c in plan.chunks():
             hc, x = plan.logits_into(buf, idx, c, head, hbuf)
             nt = min(zbuf.shape[0], c)
-            with V.kernel_launch():
+            with V.kernel_launch(nt):
                 K.ce_fused(x, _sub(idx, ce.tgt), w, has_w, wsum, mode, scale, cap, eps, zl,
                            _sub(idx, gce), _sub(idx, gz), x, zbuf[:nt], tbuf[:nt],
                            sbuf[:nt], lrow[:c], srow[:c])

@@ -39,7 +39,7 @@ class _Plan:
         p = V.kernel_view(self.pred).reshape(-1)
         t = V.kernel_view(self.target).reshape(-1)
         partial = np.empty(V.num_tasks(self.size, self.size), np.float64)
-        with V.kernel_launch():
+        with V.kernel_launch(partial.size):
             K.mse_kernel(p, t, self.w, self.wmode, self.inner, self.acc.type(scale),
                          grad, loss, partial)
         return float(partial.sum())
