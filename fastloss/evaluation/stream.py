@@ -324,9 +324,9 @@ def _chunk(totals, x, lo, hi, tgt, pos, name, ignore_index, on_invalid):
     rank = np.empty(n, np.int64)
     if n:
         xk = V.kernel_view(x).reshape(n, x.shape[-1])
-        with V.kernel_launch():
-            M.eval_rows(xk, kt, V.acc_dtype(x.dtype).type(0), V.num_tasks(n, xk.size),
-                        loss, ent, conf, rank)
+        ntask = V.num_tasks(n, xk.size)
+        with V.kernel_launch(ntask):
+            M.eval_rows(xk, kt, V.acc_dtype(x.dtype).type(0), ntask, loss, ent, conf, rank)
         del xk
     counted = ~ignored
     totals.ignored += int(n - np.count_nonzero(counted))
