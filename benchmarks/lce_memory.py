@@ -10,7 +10,7 @@ Each provider runs in a fresh process: inputs are made, one warm-up call is done
 
 Usage::
 
-    python benchmarks/lce_memory.py [N D V] [--threads 2]
+    python benchmarks/lce_memory.py [N D V] [--threads 2] [--providers fastloss torch torch-lce]
 
 Prints one line per provider with the peak in MB and as a fraction of the
 ``N x V`` float32 logits. Nothing is asserted here; ``tests/test_linear_cross_entropy.py``
@@ -98,13 +98,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("shape", nargs="*", type=int, default=[4096, 1024, 128256], metavar="N D V")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
     n, d, v = args.shape
     logits = n * v * 4
     rows = []
     print(f"linear cross-entropy fwd+bwd, N={n} D={d} V={v} float32; logits would be {logits / 1e6:.0f} MB")
-    for p in PROVIDERS:
+    for p in args.providers:
         r = measure(p, n, d, v, args.threads)
         rows.append(r)
         if r.get("status") in ("ok", "no-hwm-reset"):

@@ -222,6 +222,33 @@ def test_cli_prints_table_and_writes_json(rng, tmp_path, capsys):
     assert [p for p in os.listdir(tmp_path) if p.startswith(".fastloss")] == []
 
 
+def test_cli_curves_log_gives_gap_and_diagnosis(rng, tmp_path, capsys):
+    """--curves LOG: the log's final training loss is the train loss of the gap, and
+    the curve diagnosis follows the report (and sits under "curves" in --json)."""
+    x, t, logits, targets = _files(rng, tmp_path)
+    steps = np.arange(0, 2000, 50)
+    train = 2.0 + 3.0 * np.exp(-steps / 400.0) + rng.normal(0, 0.01, steps.size)
+    log = tmp_path / "log.csv"
+    log.write_text("step,train_loss\n" + "".join(f"{s},{v}\n" for s, v in zip(steps, train)))
+    out_json = tmp_path / "r.json"
+    code = main(["eval", *logits, "--targets", targets, "--curves", str(log), "--json", str(out_json)])
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    d = json.loads(out_json.read_text())
+    assert d["train_loss"] == pytest.approx(train[-1])
+    assert d["generalization_gap"] == pytest.approx(d["mean_loss"] - train[-1])
+    assert d["curves"]["final_train_loss"] == pytest.approx(train[-1])
+    assert "val - train gap" in cap.out and "fastloss curves" in cap.out
+    # --train-loss wins over the log; a bad log is a one-line error naming it
+    assert main(["eval", *logits, "--targets", targets, "--curves", str(log), "--train-loss", "1.5",
+                 "--json", str(out_json)]) == 0
+    assert json.loads(out_json.read_text())["train_loss"] == 1.5
+    capsys.readouterr()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("step,loss_typo\n1,2\n")
+    _expect_error(capsys, ["eval", *logits, "--targets", targets, "--curves", str(bad)], "bad.csv")
+
+
 def _expect_error(capsys, argv, *needles):
     assert main(argv) == 2
     cap = capsys.readouterr()

@@ -51,6 +51,10 @@ def add_parser(sub):
     ev.add_argument("--plot", metavar="PNG",
                     help="also draw the loss histogram (and, with --seq-len, the loss per "
                          "position) to PNG (needs matplotlib: pip install fastloss[plot])")
+    ev.add_argument("--curves", metavar="LOG",
+                    help="training log (CSV or JSON lines, as for `fastloss curves`): its final "
+                         "training loss gives the validation - train gap (unless --train-loss), "
+                         "and its diagnosis is printed after the report")
     ev.add_argument("--train-loss", type=float, metavar="X",
                     help="training loss (nats) to report the validation - train gap")
     ev.add_argument("--skip-invalid", action="store_true",
@@ -119,12 +123,19 @@ def run(args, argv):
 
     try:
         _check_args(args)
+        log = None
+        train_loss = args.train_loss
+        if args.curves:
+            from ..evaluation.curves import read_log
+            log = read_log(args.curves)
+            if train_loss is None:
+                train_loss = float(log.train_loss[-1])
         report = evaluate(args.logits or None, args.targets, hidden=args.hidden,
                           lm_head=args.lm_head, bias=args.bias, ignore_index=args.ignore_index,
                           seq_len=args.seq_len, shift=args.shift,
                           chunk_tokens=args.chunk_tokens,
                           on_invalid="skip" if args.skip_invalid else "raise",
-                          train_loss=args.train_loss, raw_dtype=args.dtype, vocab=args.vocab,
+                          train_loss=train_loss, raw_dtype=args.dtype, vocab=args.vocab,
                           hidden_dim=args.hidden_dim, targets_dtype=args.targets_dtype,
                           logits_key=args.logits_key, targets_key=args.targets_key,
                           hidden_key=args.hidden_key, lm_head_key=args.lm_head_key,
@@ -132,10 +143,18 @@ def run(args, argv):
         if report.tokens == 0:
             raise ValueError(f"{', '.join(report.targets_files)}: no counted tokens (every "
                              f"target equals --ignore-index {args.ignore_index})")
-        sys.stdout.write(report.format())
+        out = report.to_dict()
+        text = report.format()
+        if log is not None:
+            from ..evaluation.curves import diagnose
+            curves = diagnose(log, vocab=report.vocab, baseline=report.unigram_baseline,
+                              baseline_name="unigram baseline")
+            out["curves"] = curves.to_dict()
+            text += "\n" + curves.format()
+        sys.stdout.write(text)
         sys.stdout.flush()
         if args.json:
-            write_json_atomic(report.to_dict(), args.json)
+            write_json_atomic(out, args.json)
     except (ValueError, TypeError, OSError) as e:
         _fail(args, e)
         return 2
