@@ -38,6 +38,11 @@ CUDA_FUSED_L2_BYTES = None
 #: for float64 input) logits fit in this budget (at least 1 row), then evened out
 #: over the chunks. Read at call time. 90 MiB keeps the extra memory of the
 #: (4096 tokens, 128256 classes) case under 5% of its 2.1 GB of logits, with
-#: chunks of ~179 rows, where the three BLAS products still run near their
+#: chunks of 176 rows, where the three BLAS products still run near their
 #: full-size speed (128 rows: 40-60% slower; 512 rows: ~10% faster).
 LINEAR_CE_LOGITS_BUDGET_BYTES = 90 * 2**20
+
+#: Without scipy, ``grad_weight += G.T @ hidden`` goes through a temporary of
+#: this many bytes per block of classes (scipy's ``?gemm`` with ``beta=1`` needs
+#: none). Read at call time.
+LINEAR_CE_GRAD_WEIGHT_BLOCK_BYTES = 8 * 2**20

@@ -230,6 +230,25 @@ def test_without_scipy_accumulation(monkeypatch):
     monkeypatch.setattr(LCE, "_blas", None)
     got = fastloss.linear_cross_entropy_with_grad(h, w, t, bias=b, chunk_size=8)
     np.testing.assert_allclose(got.grad_weight, want.grad_weight, rtol=1e-5, atol=1e-7)
+    # grad_weight accumulated block by block (64-class blocks: 16 of them, the last partial)
+    monkeypatch.setattr(fastloss.config, "LINEAR_CE_GRAD_WEIGHT_BLOCK_BYTES", 1)
+    got = fastloss.linear_cross_entropy_with_grad(h, w, t, bias=b, chunk_size=8)
+    np.testing.assert_allclose(got.grad_weight, want.grad_weight, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got.grad_hidden, want.grad_hidden, rtol=1e-5, atol=1e-7)
+    assert got.loss == pytest.approx(want.loss, rel=1e-6)
+
+
+def test_non_contiguous_head_and_hidden():
+    """Strided inputs take the same BLAS path (copied once to C order), same results."""
+    h, w, b, t = _inputs(37, 29, 1001, dtype=np.float32, seed=12)
+    want = fastloss.linear_cross_entropy_with_grad(h, w, t, bias=b, chunk_size=8)
+    hs = np.zeros((37, 58), np.float32)[:, ::2]
+    hs[...] = h
+    ws = np.asfortranarray(w)
+    got = fastloss.linear_cross_entropy_with_grad(hs, ws, t, bias=b, chunk_size=8)
+    np.testing.assert_allclose(got.grad_weight, want.grad_weight, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got.grad_hidden, want.grad_hidden, rtol=1e-5, atol=1e-7)
+    assert got.loss == pytest.approx(want.loss, rel=1e-6)
 
 
 def test_peak_memory_far_below_logits():
