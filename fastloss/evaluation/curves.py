@@ -28,6 +28,8 @@ from typing import Optional
 
 import numpy as np
 
+from .report import _clean
+
 #: Column / key names read as the training loss, in order of preference.
 TRAIN_KEYS = ("train_loss", "loss")
 #: Column / key names read as the validation loss, in order of preference.
@@ -430,16 +432,6 @@ def _step(x):
     if x is None:
         return None
     return int(x) if float(x).is_integer() else float(x)
-
-
-def _clean(v):
-    if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
 
 
 @dataclasses.dataclass
