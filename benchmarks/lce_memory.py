@@ -19,7 +19,6 @@ asserts the fastloss budget.
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 

@@ -123,11 +123,26 @@ def _row_exp_store(zr, er, m):
 
 
 @njit(fastmath=_FM)
+def _next_row(x, i, hi):
+    """(row to prefetch, whether to): row i + 1 of the task's rows [.., hi) for
+    logits of at most ``PREFETCH_MAX_ITEMSIZE`` bytes, else none."""
+    ahead = i + 1 < hi and x.itemsize <= PREFETCH_MAX_ITEMSIZE
+    return (x[i + 1] if ahead else x[i]), ahead
+
+
+@njit(fastmath=_FM)
+def _prefetch_block(row, lo, hi):
+    """Prefetch row[lo:hi], every ``PREFETCH_STEP`` elements."""
+    for j in range(lo, hi, PREFETCH_STEP):
+        prefetch(row, j)
+
+
+@njit(fastmath=_FM)
 def _row_exp_lazy(zr, er, m, keep_exp):
     """sum_j exp(min(z_j - m, 88)) (stored in er with keep_exp): the exps of a
     block against a reference ``m`` that may be below the block's max. The
     clamp keeps exp in its valid range, so a block with a value far above
-    ``m`` shows up as a large sum (see ``_block_update``)."""
+    ``m`` shows up as a large sum (see ``_block_update_lazy``)."""
     s = m - m
     top = as_acc(88.0, m)
     if keep_exp:
@@ -230,8 +245,7 @@ def _row_stats(xr, t, w, has_w, mode, scale, cap, eps, zr, tr, er, keep_exp, shi
         hi = min(n, lo + ROW_BLOCK)
         wb = w[lo:hi] if has_w else w
         if ahead:
-            for j in range(lo, hi, PREFETCH_STEP):
-                prefetch(nxt, j)
+            _prefetch_block(nxt, lo, hi)
         if mode == PLAIN:
             src = xr[lo:hi]
             if eps > zero:
@@ -249,10 +263,16 @@ def _row_stats(xr, t, w, has_w, mode, scale, cap, eps, zr, tr, er, keep_exp, shi
 
 
 @njit(fastmath=_FM)
+def _row_lse(shift, s):
+    """lse = shift + log(s), formed in float64 (``shift`` may sit ~21 below the max)."""
+    return np.float64(shift) + math.log(np.float64(s))
+
+
+@njit(fastmath=_FM)
 def _row_loss(shift, s, zt, smooth, wt, wsum, eps, nclass):
     """(ce_i, lse_i) from the row statistics; the smoothing term only when eps > 0
     (so a -inf logit does not turn 0 * inf into NaN)."""
-    lse = np.float64(shift) + math.log(np.float64(s))
+    lse = _row_lse(shift, s)
     ce = (1 - eps) * wt * (lse - zt)
     if eps > 0:
         ce += eps / nclass * (wsum * lse - smooth)
@@ -308,9 +328,9 @@ def ce_forward(x, tgt, w, has_w, wsum, mode, scale, cap, eps, zbuf, tbuf, loss, 
                 loss[i] = 0
                 lse[i] = 0
                 continue
-            ahead = i + 1 < hi and x.itemsize <= PREFETCH_MAX_ITEMSIZE
+            nxt, ahead = _next_row(x, i, hi)
             shift, s, zt, smooth = _row_stats(x[i], t, w, has_w, mode, scale, cap, eps, zr, tr,
-                                              zr, False, zr[:0], x[i + 1] if ahead else x[i], ahead)
+                                              zr, False, zr[:0], nxt, ahead)
             wt = w[t] if has_w else scale - scale + 1
             ce, l = _row_loss(shift, s, zt, smooth, wt, wsum, eps, nclass)
             loss[i] = ce
@@ -328,10 +348,10 @@ def lse_forward(x, mode, scale, cap, zbuf, tbuf, lse):
         zr = zbuf[task]
         tr = tbuf[task]
         for i in range(lo, hi):
-            ahead = i + 1 < hi and x.itemsize <= PREFETCH_MAX_ITEMSIZE
+            nxt, ahead = _next_row(x, i, hi)
             shift, s, zt, smooth = _row_stats(x[i], 0, w, False, mode, scale, cap, scale - scale,
-                                              zr, tr, zr, False, zr[:0], x[i + 1] if ahead else x[i], ahead)
-            lse[i] = as_acc(np.float64(shift) + math.log(np.float64(s)), s)
+                                              zr, tr, zr, False, zr[:0], nxt, ahead)
+            lse[i] = as_acc(_row_lse(shift, s), s)
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -371,8 +391,7 @@ def ce_fused(x, tgt, w, has_w, wsum, mode, scale, cap, eps, zl, gce, gz,
             g = gce[i]
             a = as_acc((g * ((1 - eps) * wt + eps * wsum / nclass) + gz[i] * 2 * zl * l) / s, one)
             c = as_acc(g * eps / nclass, one)
-            ahead = i + 1 < hi and x.itemsize <= PREFETCH_MAX_ITEMSIZE
-            nxt = x[i + 1] if ahead else x[i]
+            nxt, ahead = _next_row(x, i, hi)
             for b in range(shifts.shape[0]):
                 # Block b's exps are relative to shifts[b]; exp(-inf - shift) = 0
                 # for blocks that were all -inf when they were seen.
@@ -381,8 +400,7 @@ def ce_fused(x, tgt, w, has_w, wsum, mode, scale, cap, eps, zl, gce, gz,
                 if ahead:
                     # Fetch the next row's block while this one is computed from
                     # cache, so memory stays busy between the rows' read sweeps.
-                    for j in range(blo, bhi, PREFETCH_STEP):
-                        prefetch(nxt, j)
+                    _prefetch_block(nxt, blo, bhi)
                 ab = a * _exp(shifts[b] - shift)
                 _row_grad(er[blo:bhi], tr[blo:bhi] if mode == SOFTCAP else tr,
                           w[blo:bhi] if has_w else w, has_w, mode, scale, ab, c, orow[blo:bhi])

@@ -14,7 +14,6 @@ inner loop is a plain vectorisable loop. Sums accumulate in float64 per task
 and are merged by the caller (race-free).
 """
 
-import numpy as np
 from numba import njit, prange
 
 from .. import config

@@ -239,7 +239,7 @@ def cross_entropy_with_grad(logits, targets, *, weight=None, ignore_index=-100,
     plan = _Plan(logits, targets, weight, ignore_index, reduction, label_smoothing, z_loss,
                  softcap, logit_scale, normalizer)
     x = plan.logits
-    shape, n = x.shape, plan.tgt.size
+    n = plan.tgt.size
     gce, gz = _row_coefficients(plan, grad_output)
     grad, copy_back = _grad_buffer(logits, x, out, inplace)
     loss = np.empty(n, plan.acc)

@@ -118,9 +118,8 @@ class _LinearPlan:
         """buf[:c] = hidden[idx] @ head.T (+ bias); returns the hidden chunk used."""
         hc = self.h2[idx]
         if hc.dtype != self.acc or not hc.flags.c_contiguous:
-            dst = hbuf[:c] if hbuf is not None else np.empty((c, self.dim), self.acc)
-            np.copyto(dst, hc, casting="unsafe")
-            hc = dst
+            np.copyto(hbuf[:c], hc, casting="unsafe")
+            hc = hbuf[:c]
         x = buf[:c]
         products.logits(hc, head, x)
         if self.bias is not None:
@@ -205,7 +204,9 @@ def _prepare(plan):
     ce = plan.ce
     c = min(plan.chunk, max(ce.count, 1))
     buf = np.empty((c, plan.nclass), plan.acc)
-    hbuf = np.empty((c, plan.dim), plan.acc) if plan.hidden.dtype != plan.acc else None
+    # A staging buffer for hidden chunks that are not float32/64 C-contiguous rows.
+    staged = plan.hidden.dtype != plan.acc or not plan.h2.flags.c_contiguous
+    hbuf = np.empty((c, plan.dim), plan.acc) if staged else None
     plan.bias_acc = None if plan.bias is None else plan.bias.astype(plan.acc)
     return buf, hbuf
 
