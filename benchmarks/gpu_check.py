@@ -9,8 +9,12 @@ Needs PyTorch with CUDA and numba-cuda; no network. Two parts:
    (class weights, ignore_index, reduction, label_smoothing, grad_output),
    the fastloss-only options against a PyTorch expression of the contract
    (z_loss, softcap, logit_scale, normalizer), ``out=``/``inplace=``,
-   logsumexp and MSE. The reference runs in float64 on the same (rounded)
-   inputs; a bfloat16 gradient may differ by its rounding.
+   logsumexp and MSE. Each fused check runs both fused kernels (the
+   default, resident where a row fits in shared memory, and the streaming
+   one). A bad target must give a NaN loss without waiting and a
+   ``ValueError`` from ``fastloss.cuda.synchronize()`` (and from the call
+   itself with ``CUDA_SYNC_CHECKS``). The reference runs in float64 on the
+   same (rounded) inputs; a bfloat16 gradient may differ by its rounding.
 2. Timings with CUDA events (warm-up, then the median of several runs) of
    forward and forward+backward at (8192, 32000), (4096, 128256) and
    (16384, 50257), float32 and bfloat16, for fastloss (default and a few
@@ -19,7 +23,11 @@ Needs PyTorch with CUDA and numba-cuda; no network. Two parts:
    measured in the same run. The table gives the median ms, GB/s of logits
    moved (forward: logits read; forward+backward: logits read + gradient
    written, the minimum any implementation must move), the fraction of the
-   copy bandwidth and the speed-up over torch eager.
+   copy bandwidth and the speed-up over torch eager. Calls are timed back
+   to back as a training loop makes them (an event pair around each; no
+   call waits for the GPU), so host time shows only where it exceeds the GPU
+   time; the host time per call is measured on its own on a tiny case, and
+   the fused kernel the defaults pick is logged per case.
 
 Every check and case is guarded, so one failure does not lose the rest; the
 JSON (``--json``) holds everything printed. A time budget (``--budget``
@@ -112,7 +120,25 @@ def close(torch, got, ref, dtype, what):
 
 # --- part 1: correctness ---------------------------------------------------------------
 
+class patched:
+    """``with patched(module, NAME=value, ...)``: set module attributes for the block."""
+
+    def __init__(self, module, **settings):
+        self.module, self.settings, self.old = module, settings, {}
+
+    def __enter__(self):
+        for k, v in self.settings.items():
+            self.old[k] = getattr(self.module, k)
+            setattr(self.module, k, v)
+
+    def __exit__(self, *exc):
+        for k, v in self.old.items():
+            setattr(self.module, k, v)
+
+
 def correctness(torch, api, quick, device="cuda"):
+    import fastloss.config as config
+    import fastloss.cuda as fastloss_cuda
     F = torch.nn.functional
     dev = torch.device(device)
     gen = torch.Generator(device=dev).manual_seed(1234)
@@ -155,15 +181,20 @@ def correctness(torch, api, quick, device="cuda"):
                     if kw.get("grad_output") == "rows":
                         kw["grad_output"] = torch.rand(n, device=dev, generator=gen)
                     ref_loss, ref_grad = torch_ce_reference(torch, x, t, **kw)
-                    loss, grad = api.cross_entropy_with_grad(x, t, **kw)
                     fkw = {k: val for k, val in kw.items() if k != "grad_output"}
                     fwd = api.cross_entropy(x, t, **fkw)
                     ref_fwd, _ = torch_ce_reference(torch, x, t, **fkw)
-                    ok1, m1 = close(torch, loss, ref_loss, dtype, "loss")
-                    ok2, m2 = close(torch, grad, ref_grad, dtype, "grad")
+                    ok, msgs = True, []
+                    # both fused kernels: auto (resident where a row fits) and streaming
+                    for strategy in ("auto", "stream"):
+                        with patched(config, CUDA_FUSED_STRATEGY=strategy):
+                            loss, grad = api.cross_entropy_with_grad(x, t, **kw)
+                        ok1, m1 = close(torch, loss, ref_loss, dtype, "loss")
+                        ok2, m2 = close(torch, grad, ref_grad, dtype, "grad")
+                        ok = ok and ok1 and ok2 and grad.dtype == dtype and grad.shape == x.shape
+                        msgs.append(f"{strategy}: loss {m1}; grad {m2}")
                     ok3, m3 = close(torch, fwd, ref_fwd, dtype, "loss")
-                    ok = ok1 and ok2 and ok3 and grad.dtype == dtype and grad.shape == x.shape
-                    record(name, ok, f"loss {m1}; grad {m2}; forward {m3}")
+                    record(name, ok and ok3, "; ".join(msgs) + f"; forward {m3}")
                 guarded(f"ce {tname} {shape} {oname}", one)
 
             def torch_native(name, x=x, dtype=dtype, n=n, v=v):
@@ -191,6 +222,32 @@ def correctness(torch, api, quick, device="cuda"):
             ok2, m2 = close(torch, y, ref_grad, dtype, "grad")
             record(name, ok1 and ok2 and g1 is out and g2 is y, f"out {m1}; inplace {m2}")
         guarded(f"ce {tname} out= and inplace", out_inplace)
+
+        def error_check(name, dtype=dtype):
+            # a bad target: the call does not wait; NaN loss; raised by synchronize(),
+            # or by the call itself with CUDA_SYNC_CHECKS
+            x = (torch.randn(8, 1000, device=dev, generator=gen)).to(dtype)
+            t = torch.randint(0, 1000, (8,), device=dev, generator=gen)
+            t[3] = 1000
+            loss, _ = api.cross_entropy_with_grad(x, t)
+            msgs = [f"loss {loss.item()}"]
+            ok = bool(torch.isnan(loss).item())
+            try:
+                fastloss_cuda.synchronize()
+                ok = False
+                msgs.append("synchronize raised nothing")
+            except ValueError as e:
+                ok = ok and "position (3,): 1000" in str(e)
+                msgs.append(f"synchronize: {e}")
+            with patched(config, CUDA_SYNC_CHECKS=True):
+                try:
+                    api.cross_entropy(x, t)
+                    ok = False
+                    msgs.append("sync call raised nothing")
+                except ValueError as e:
+                    ok = ok and "position (3,): 1000" in str(e) and "earlier" not in str(e)
+            record(name, ok, "; ".join(msgs))
+        guarded(f"ce {tname} bad target (asynchronous check)", error_check)
 
         def lse_check(name, dtype=dtype):
             x = (torch.randn(129, 50257, device=dev, generator=gen) * 3).to(dtype)
@@ -247,7 +304,6 @@ def copy_bandwidth(torch):
     src = torch.empty(n, dtype=torch.float32, device="cuda").uniform_()
     dst = torch.empty_like(src)
     ms = cuda_median_ms(torch, lambda: dst.copy_(src), reps=20, warmup=3)
-    del src, dst
     return 2 * n * 4 / (ms * 1e-3) / 1e9
 
 
@@ -294,13 +350,18 @@ def providers(torch, api, config, tname, budget, sm_count):
     f_def = fastloss_variant()
     out["fastloss"] = (f_def[0], f_def[1])
     out["fastloss inplace"] = (None, lambda x, t: f_def[1](x, t, inplace=True))
-    # Launch-shape variants of the fused kernel only (the forward kernel is the
-    # default's): 512 threads per block (compiles its own kernel; registers are
-    # capped above 256 threads), and the grid capped so that the rows in flight
-    # fit in 32 MiB of L2 (the second read of a row then hits L2; the default
-    # is uncapped, which measured faster on an H200).
-    for label, settings in (("fused tpb=512", dict(CUDA_FUSED_THREADS_PER_BLOCK=512)),
-                            ("fused L2 cap 32MiB", dict(CUDA_FUSED_L2_BYTES=32 << 20))):
+    # Variants of the fused kernel only (the forward kernel is the default's):
+    # the streaming kernel (reads each row twice; the default where less than
+    # half a row fits in shared memory) at 256 and 512 threads per block, and
+    # the resident kernel (the row, or its longest prefix that fits, kept in
+    # shared memory; the default otherwise) forced, and at 512 threads
+    # instead of 1024.
+    for label, settings in (
+            ("stream", dict(CUDA_FUSED_STRATEGY="stream")),
+            ("stream tpb=512", dict(CUDA_FUSED_STRATEGY="stream", CUDA_FUSED_THREADS_PER_BLOCK=512)),
+            ("resident", dict(CUDA_FUSED_STRATEGY="resident")),
+            ("resident tpb=512", dict(CUDA_FUSED_STRATEGY="resident",
+                                      CUDA_RESIDENT_THREADS_PER_BLOCK=512))):
         v = fastloss_variant(**settings)
         out[f"fastloss {label}"] = (None, v[1])
 
@@ -364,6 +425,58 @@ def providers(torch, api, config, tname, budget, sm_count):
 SHAPES = [(8192, 32000), (4096, 128256), (16384, 50257)]
 
 
+def host_overhead_us(torch, api, reps=200):
+    """Host time per call (microseconds) on a tiny case, where the GPU work is
+    negligible: what a call costs the training loop's Python thread (no call
+    waits for the GPU, so this is also the GPU time below which a call is
+    launch-bound)."""
+    F = torch.nn.functional
+    x = torch.randn(64, 1024, device="cuda")
+    t = torch.randint(0, 1024, (64,), device="cuda")
+    xr = x.clone().requires_grad_(True)
+
+    def eager_fb():
+        xr.grad = None
+        F.cross_entropy(xr, t).backward()
+    out = {}
+    for name, fn in (("fastloss fwd", lambda: api.cross_entropy(x, t)),
+                     ("fastloss fwd+bwd", lambda: api.cross_entropy_with_grad(x, t)),
+                     ("torch eager fwd", lambda: F.cross_entropy(x, t)),
+                     ("torch eager fwd+bwd", eager_fb)):
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        out[name] = (t1 - t0) / reps * 1e6
+        log(f"host time per call, {name}: {out[name]:.1f} us")
+    return out
+
+
+def fused_choice(api, x, t):
+    """Which fused kernel the default settings launch for (x, t)."""
+    seen = []
+    orig = api._Gpu.launch
+
+    def spy(self, kernel, grid, *args, tpb=None, smem=0):
+        if args and len(args) > 20:  # the fused kernels
+            seen.append((smem, tpb, grid))
+        return orig(self, kernel, grid, *args, tpb=tpb, smem=smem)
+    api._Gpu.launch = spy
+    try:
+        api.cross_entropy_with_grad(x, t)
+    finally:
+        api._Gpu.launch = orig
+    if not seen:
+        return "none"
+    smem, tpb, grid = seen[-1]
+    kind = f"resident ({smem / 1024:.0f} KiB shared)" if smem else "stream"
+    return f"{kind}, {tpb} threads, {grid} blocks" + (f"; {api.RESIDENT_NOTE}" if api.RESIDENT_NOTE else "")
+
+
 def timings(torch, api, config, quick, budget, copy_gbps, shapes=None, device="cuda"):
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 1
     shapes = shapes or (SHAPES[:1] if quick else SHAPES)
@@ -385,6 +498,12 @@ def timings(torch, api, config, quick, budget, copy_gbps, shapes=None, device="c
                 rows.append({"shape": list(shape), "dtype": tname, "error": repr(e)})
                 continue
             nbytes = x.numel() * x.element_size()
+            try:
+                choice = fused_choice(api, x, t)
+            except Exception as e:
+                choice = f"error: {e!r}"
+            log(f"{tname:8s} {str(shape):15s} default fused kernel: {choice}")
+            rows.append({"shape": list(shape), "dtype": tname, "fused_kernel": choice})
             eager = {}
             for pas, idx, moved in (("fwd", 0, nbytes), ("fwd+bwd", 1, 2 * nbytes)):
                 for name, fns in provs.items():
@@ -487,6 +606,11 @@ def main(argv=None):
                 copy_gbps = float("nan")
             result["copy_gbps"] = copy_gbps
             log(f"device-to-device copy bandwidth: {copy_gbps:.0f} GB/s")
+            try:
+                result["host_us_per_call"] = host_overhead_us(torch, api)
+            except Exception as e:
+                result["errors"].append(f"host overhead: {e!r}")
+            save()
             result["timings"] = timings(torch, api, config, args.quick, args.budget, copy_gbps)
             print_table(result["timings"], copy_gbps)
         result["elapsed_s"] = elapsed()

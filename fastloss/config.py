@@ -20,6 +20,12 @@ CUDA_THREADS_PER_BLOCK = 256  # threads per block of the CUDA kernels (any of 1.
 #: so that a block fits the register file.
 CUDA_FUSED_THREADS_PER_BLOCK = None
 
+#: Threads per block of the resident fused kernel (see ``CUDA_FUSED_STRATEGY``);
+#: None: 1024 on a GPU (a block holding a 128-200 KB row is alone on its SM,
+#: and needs many threads to keep enough loads in flight), the fused kernel's
+#: block size in the simulator (so tests can shrink it).
+CUDA_RESIDENT_THREADS_PER_BLOCK = None
+
 #: Blocks per SM in the grid of the row kernels (cross-entropy forward,
 #: logsumexp, the fused kernel before the L2 cap below); None: as many as fit
 #: by threads (2048 // threads per block), one full wave of rows in flight.
@@ -32,6 +38,31 @@ CUDA_BLOCKS_PER_SM = None
 #: in 5 of 6 cases (e.g. float32 16384x50257: 5.86 ms against 7.79 ms with a
 #: 32 MiB cap), so the default is no cap.
 CUDA_FUSED_L2_BYTES = None
+
+#: Which fused cross-entropy kernel runs: ``"resident"`` keeps each row (or
+#: the longest prefix of it that fits) in shared memory between the statistics
+#: and gradient passes, so the kept part is read from global memory once;
+#: ``"stream"`` reads the whole row twice; ``"auto"`` takes resident when at
+#: least ``CUDA_RESIDENT_MIN_FRACTION`` of a row fits in the shared memory a
+#: block may have (about 227 KB on an H100/H200: all of a float32 row up to
+#: ~56k classes or a half-precision one up to ~113k; 86% of a bfloat16 row of
+#: 128256) and stream otherwise. Not yet timed on a GPU: the default follows
+#: the memory traffic; ``benchmarks/gpu_check.py`` times both.
+CUDA_FUSED_STRATEGY = "auto"
+
+#: See ``CUDA_FUSED_STRATEGY``.
+CUDA_RESIDENT_MIN_FRACTION = 0.5
+
+#: Cap (bytes) on the resident kernel's shared memory; None: what the GPU
+#: allows a block. Tests lower it to cover partly resident rows.
+CUDA_RESIDENT_MAX_BYTES = None
+
+#: Raise the contract's errors for bad targets/class weights from the call that
+#: saw them, by waiting for the GPU (True), or without waiting (False, the
+#: default: a training step never waits on the host; an error is raised by the
+#: first fastloss call, or ``fastloss.cuda.synchronize()``, after the GPU has
+#: flagged it; the flagged call's loss is NaN meanwhile).
+CUDA_SYNC_CHECKS = False
 
 #: Bytes allowed for the per-chunk logits buffer of ``linear_cross_entropy`` when
 #: ``chunk_size=None``: the chunk is the most rows whose (rows, V) float32 (float64

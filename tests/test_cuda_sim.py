@@ -27,6 +27,7 @@ from reference import ce_reference, lse_reference, mse_reference, to_float64
 
 import fastloss
 import fastloss.config
+import fastloss.cuda
 from fastloss.cuda import cuda_available, is_device_array, simulator_enabled
 
 _CHILD_FLAG = "FASTLOSS_CUDASIM_CHILD"
@@ -177,16 +178,49 @@ def _resolve(rng, shape, kwargs):
     return kw
 
 
+@pytest.fixture
+def launches(monkeypatch):
+    """Records the dynamic shared memory of every kernel launch (the resident
+    fused kernel is the one launched with some)."""
+    from fastloss.cuda import api
+    seen = []
+    orig = api._Gpu.launch
+
+    def spy(self, kernel, grid, *args, tpb=None, smem=0):
+        seen.append(smem)
+        return orig(self, kernel, grid, *args, tpb=tpb, smem=smem)
+    monkeypatch.setattr(api._Gpu, "launch", spy)
+    return seen
+
+
+def use_strategy(monkeypatch, strategy):
+    """"partial": the resident kernel with room for 5 words of a row (the rest
+    of the row is read again from global memory)."""
+    monkeypatch.setattr(fastloss.config, "CUDA_FUSED_STRATEGY",
+                        "resident" if strategy == "partial" else strategy)
+    if strategy == "partial":
+        monkeypatch.setattr(fastloss.config, "CUDA_RESIDENT_MAX_BYTES", 40)
+
+
 @sim
+@pytest.mark.parametrize("strategy", ["resident", "partial", "stream"])
 @pytest.mark.parametrize("dtype, rtol, gtol", DTYPES)
 @pytest.mark.parametrize("shape, kwargs", CE_CASES)
-def test_ce_with_grad_matches_reference(small_blocks, rng, dtype, rtol, gtol, shape, kwargs):
+def test_ce_with_grad_matches_reference(small_blocks, rng, monkeypatch, launches, strategy, dtype,
+                                        rtol, gtol, shape, kwargs):
+    """The fused kernels: the row kept in shared memory, partly kept, or read twice."""
     api = small_blocks
+    use_strategy(monkeypatch, strategy)
     kw = _resolve(rng, shape, kwargs)
     x = make_logits(rng, shape, dtype)
     t = make_targets(rng, shape[:-1], shape[-1], ignore_index=kw.get("ignore_index", -100))
     ref_loss, ref_grad = ce_reference(x, t, **kw)
     loss, grad = api.cross_entropy_with_grad(dev(x), dev(t), **kw)
+    per = 1 if dtype == np.float64 else 2 if dtype == np.float32 else 4
+    if x.size < per:
+        per = 1
+    words = shape[-1] // per  # rows inside one word have no whole word to keep
+    assert any(launches) == (strategy != "stream" and words > 0)
     assert is_device_array(loss) and is_device_array(grad)
     assert grad.dtype == x.dtype and grad.shape == x.shape
     acc = np.float64 if dtype == np.float64 else np.float32
@@ -213,19 +247,28 @@ def test_ce_forward_matches_reference(small_blocks, rng, dtype, rtol, gtol, shap
 
 
 @sim
-@pytest.mark.parametrize("tpb", [1, 3, 32])
+@pytest.mark.parametrize("tpb", [1, 3, 32, 96])
 def test_ce_any_block_size(monkeypatch, rng, tpb):
-    """Non-power-of-two and one-thread blocks, more threads than classes."""
+    """Non-power-of-two and one-thread blocks, more threads than classes; whole
+    warps (32, 96) take the shuffle reduction (emulated in the simulator)."""
     from fastloss.cuda import api
     monkeypatch.setattr(fastloss.config, "CUDA_THREADS_PER_BLOCK", tpb)
     monkeypatch.setattr(api, "GRID_LIMIT", 2)
-    x = make_logits(rng, (3, 13), np.float32)
-    t = make_targets(rng, (3,), 13, n_ignored=0)
-    kw = dict(label_smoothing=0.1, z_loss=0.01, reduction="sum")
-    loss, grad = api.cross_entropy_with_grad(dev(x), dev(t), **kw)
+    v = 13 if tpb < 32 else 397  # whole warps: data in every warp of the block
+    x = make_logits(rng, (3, v), np.float32)
+    x[1, : v // 2] = -np.inf  # a masked half: warps whose states are all -inf
+    t = make_targets(rng, (3,), v, n_ignored=0)
+    t[1] = v - 1
+    kw = dict(z_loss=0.01, reduction="sum")
     ref_loss, ref_grad = ce_reference(x, t, **kw)
-    assert_loss(host(loss), ref_loss, 2e-5)
-    assert_grad(host(grad), ref_grad, 2e-6)
+    np.testing.assert_allclose(host(api.logsumexp(dev(x))), lse_reference(x), rtol=2e-5)
+    assert_loss(host(api.cross_entropy(dev(x), dev(t), **kw)), ref_loss, 2e-5)
+    # the resident kernel with the same, then another block size than the streaming one
+    for rtpb in (None, 5):
+        monkeypatch.setattr(fastloss.config, "CUDA_RESIDENT_THREADS_PER_BLOCK", rtpb)
+        loss, grad = api.cross_entropy_with_grad(dev(x), dev(t), **kw)
+        assert_loss(host(loss), ref_loss, 2e-5)
+        assert_grad(host(grad), ref_grad, 2e-6)
 
 
 @sim
@@ -306,11 +349,16 @@ def test_all_ignored_and_empty(small_blocks, rng):
 
 
 @sim
+@pytest.mark.parametrize("strategy", ["resident", "partial", "stream"])
 @pytest.mark.parametrize("dtype", [np.dtype(np.float32), np.dtype(np.float16), BF16])
-def test_inplace_and_out(small_blocks, rng, dtype):
+def test_inplace_and_out(small_blocks, rng, monkeypatch, strategy, dtype):
+    """Rows of 23 classes: most rows start and end inside a word shared with
+    their neighbours, so in place the edge elements of two rows are written by
+    two blocks (element by element) next to each other's words."""
     api = small_blocks
-    x = make_logits(rng, (5, 24), dtype)
-    t = make_targets(rng, (5,), 24)
+    use_strategy(monkeypatch, strategy)
+    x = make_logits(rng, (5, 23), dtype)
+    t = make_targets(rng, (5,), 23)
     ref_loss, ref_grad = ce_reference(x, t, label_smoothing=0.1)
     tol = {np.float32: 2e-6, np.float16: 1e-3}.get(dtype.type, 8e-3)
     d = dev(x)
@@ -338,6 +386,17 @@ def test_strided_logits_and_other_target_dtypes(small_blocks, rng):
         ref_loss, ref_grad = ce_reference(xs, t, reduction="sum")
         assert_loss(host(loss), ref_loss, 2e-5)
         assert_grad(host(grad), ref_grad, 2e-6)
+    # in place into the strided view: staged in a contiguous buffer and copied back
+    whole = dev(big)
+    t = rng.integers(0, 31, 6)
+    loss, grad = api.cross_entropy_with_grad(whole[:, 3:34], dev(t), inplace=True, z_loss=0.01)
+    ref_loss, ref_grad = ce_reference(xs, t, z_loss=0.01)
+    after = host(whole)
+    assert_grad(after[:, 3:34], ref_grad, 2e-6)
+    np.testing.assert_array_equal(after[:, :3], big[:, :3])  # outside the view: untouched
+    np.testing.assert_array_equal(after[:, 34:], big[:, 34:])
+    assert_loss(host(loss), ref_loss, 2e-5)
+    np.testing.assert_allclose(host(api.logsumexp(dev(big)[:, 3:34])), lse_reference(xs), rtol=2e-5)
     # 1-D logits (one row) with a 0-d target; host targets are accepted too
     loss, grad = api.cross_entropy_with_grad(dev(xs[0]), np.array(4), reduction="none")
     ref_loss, ref_grad = ce_reference(xs[0], np.array(4), reduction="none")
@@ -450,9 +509,48 @@ def test_ce_errors(small_blocks, rng, monkeypatch):
         api.cross_entropy_with_grad(big[:4], t, out=big[1:])
     with pytest.raises(TypeError, match="inplace: expected True or False"):
         api.cross_entropy_with_grad(x, t, inplace=1)
+    monkeypatch.setattr(fastloss.config, "CUDA_RESIDENT_THREADS_PER_BLOCK", 0)
+    with pytest.raises(ValueError, match="CUDA_RESIDENT_THREADS_PER_BLOCK"):
+        api.cross_entropy_with_grad(x, t)
+    monkeypatch.setattr(fastloss.config, "CUDA_RESIDENT_THREADS_PER_BLOCK", None)
+    monkeypatch.setattr(fastloss.config, "CUDA_FUSED_STRATEGY", "fast")
+    with pytest.raises(ValueError, match="CUDA_FUSED_STRATEGY"):
+        api.cross_entropy_with_grad(x, t)
     monkeypatch.setattr(fastloss.config, "CUDA_THREADS_PER_BLOCK", 2048)
     with pytest.raises(ValueError, match="CUDA_THREADS_PER_BLOCK"):
         api.cross_entropy(x, t)
+
+
+@sim
+def test_errors_raised_without_waiting(small_blocks, rng, monkeypatch):
+    """On a GPU a call does not wait for its checks: while they have not landed
+    (events not complete, as patched here) the call returns a NaN loss and
+    writes nothing else; the error comes from the next call or from
+    fastloss.cuda.synchronize(), naming the earlier call."""
+    api = small_blocks
+    xi = make_logits(rng, (4, 37), np.float32)
+    d = dev(xi)
+    bad = dev(np.array([0, 37, -100, 2]))
+    monkeypatch.setattr(api, "_event_done", lambda event: False)
+    loss, grad = api.cross_entropy_with_grad(d, bad, inplace=True)
+    assert np.isnan(host(loss)).all()
+    np.testing.assert_array_equal(host(d), xi)  # untouched
+    loss = api.cross_entropy(d, bad, reduction="none")
+    assert np.isnan(host(loss)).all()
+    with pytest.raises(ValueError, match=r"targets: 1 value\(s\) outside \[0, 37\).*position \(1,\): 37 "
+                                         r"\(an earlier GPU call.*\[and 1 more flagged call"):
+        fastloss.cuda.synchronize()
+    fastloss.cuda.synchronize()  # settled: nothing left to raise
+    good = dev(np.array([0, 1, 2, 3]))
+    api.cross_entropy(d, bad)
+    with pytest.raises(ValueError, match="an earlier GPU call"):
+        monkeypatch.setattr(api, "_event_done", lambda event: True)
+        api.cross_entropy(d, good)  # raises the earlier call's error
+    api.cross_entropy(d, good)  # and only once
+    monkeypatch.setattr(api, "_event_done", lambda event: False)
+    monkeypatch.setattr(fastloss.config, "CUDA_SYNC_CHECKS", True)  # waits: raised by the call itself
+    with pytest.raises(ValueError, match=r"first at position \(1,\): 37$"):
+        api.cross_entropy(d, bad)
 
 
 # --- MSE ---------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ runs, slowly, on the CPU; the test suite uses it.
 
 import sys
 
-__all__ = ["cuda_available", "is_device_array", "require_gpu", "simulator_enabled"]
+__all__ = ["cuda_available", "is_device_array", "require_gpu", "simulator_enabled", "synchronize"]
 
 
 def _numba_cuda():
@@ -49,6 +49,27 @@ def cuda_available():
         return bool(cuda.is_available()) and len(cuda.gpus) > 0
     except Exception:  # driver present but unusable
         return False
+
+
+def synchronize():
+    """Wait for the checks of every earlier cross-entropy call on GPU arrays and
+    raise the contract's ``ValueError`` for the first that saw a bad target or
+    class weight.
+
+    Those calls never wait for the GPU (a training step stays ahead of it);
+    an error is raised by the first fastloss call after the GPU has flagged
+    it, or here. A flagged call's loss is NaN and its kernels wrote nothing
+    else. Does nothing when no call is pending (or numba-cuda is missing).
+
+    Examples
+    --------
+    >>> import fastloss.cuda
+    >>> fastloss.cuda.synchronize()
+    """
+    if "fastloss.cuda.api" not in sys.modules:
+        return
+    from . import api
+    api.synchronize()
 
 
 def require_gpu():

@@ -16,14 +16,22 @@ of the contract:
 * Launch order of a cross-entropy call: ``validate`` (one block), the forward
   or fused kernel, ``finalize`` (one block, mean/sum), all queued at once. The
   mean's denominators stay on the device, where the gradient kernel reads
-  them. The only host synchronisation comes last: reading the nine numbers of
-  ``validate`` (bad targets, bad class weights) to raise the contract's
-  ``ValueError``; when they flag an error the loss kernels have done nothing
-  (no out-of-range index is ever used, in-place logits are untouched).
-  ``logsumexp`` and ``mse`` never synchronise.
-* Kernels take C-contiguous arrays, or 2-D (logits) / 1-D (other) strided
-  views as they are. PyTorch inputs are made contiguous on the device; other
-  non-contiguous GPU arrays of more dimensions raise ``ValueError``.
+  them. No call waits for the GPU: ``validate``'s eleven numbers (bad targets,
+  bad class weights) go to pinned host memory by an asynchronous copy, and
+  :class:`_Checks` raises the contract's ``ValueError`` once they have landed
+  (from this call or a later one, or from :func:`synchronize`). When they flag
+  an error the loss kernels write a NaN loss and nothing else (no out-of-range
+  index is ever used, in-place logits are untouched).
+  ``logsumexp`` and ``mse`` never synchronise either.
+* The fused kernel is the resident one (each row kept in shared memory, read
+  once) when a row fits in the shared memory a block may have (opting in
+  above 48 KiB through the driver), else the streaming one
+  (``config.CUDA_FUSED_STRATEGY``); see ``fastloss.cuda.cross_entropy``.
+* Kernels take C-contiguous arrays; strided 2-D logits are staged in a
+  contiguous buffer on the device (and the gradient copied back for
+  ``inplace``); other strided 1-D views are used as they are. PyTorch inputs
+  are made contiguous on the device; other non-contiguous GPU arrays of more
+  dimensions raise ``ValueError``.
 * GPU class weights of cross-entropy are checked (finite, non-negative) in
   ``validate``. MSE weights given as GPU arrays are not checked (that would
   cost a synchronisation; host weights are) and, unless they are PyTorch
@@ -71,6 +79,18 @@ def _fused_threads_per_block(gpu):
         return gpu.tpb
     if isinstance(tpb, bool) or not isinstance(tpb, (int, np.integer)) or not 1 <= tpb <= 1024:
         raise ValueError("fastloss.config.CUDA_FUSED_THREADS_PER_BLOCK: expected None or an "
+                         f"integer in [1, 1024], found {tpb!r}")
+    return int(tpb)
+
+
+def _resident_threads_per_block(gpu, ftpb):
+    """Threads per block of the resident fused kernel (config; None: 1024 on a
+    GPU, ``ftpb`` in the simulator)."""
+    tpb = config.CUDA_RESIDENT_THREADS_PER_BLOCK
+    if tpb is None:
+        return ftpb if gpu.sim else 1024
+    if isinstance(tpb, bool) or not isinstance(tpb, (int, np.integer)) or not 1 <= tpb <= 1024:
+        raise ValueError("fastloss.config.CUDA_RESIDENT_THREADS_PER_BLOCK: expected None or an "
                          f"integer in [1, 1024], found {tpb!r}")
     return int(tpb)
 
@@ -203,16 +223,14 @@ class _Gpu:
         d = self.cuda.to_device(a, stream=self.stream)
         return d, d
 
-    def to_host(self, dev, obj):
-        if self.torch is not None:
-            return obj.cpu().numpy()
-        h = dev.copy_to_host(stream=self.stream)
-        if not self.sim:
-            self.stream.synchronize()
-        return h
+    def launch(self, kernel, grid, *args, tpb=None, smem=0):
+        kernel[grid, tpb or self.tpb, self.stream, smem](*args)
 
-    def launch(self, kernel, grid, *args, tpb=None):
-        kernel[grid, tpb or self.tpb, self.stream](*args)
+    def copy2d(self, src, dst):
+        """dst[...] = src[...] on the device, for 2-D kernel arrays of any strides."""
+        from .cross_entropy import copy2d_kernel
+        n = int(src.shape[0]) * int(src.shape[1])
+        self.launch(copy2d_kernel(self.tpb), self.grid(-(-n // self.tpb)), src, dst)
 
     def dummy(self, shape, dtype):
         """A small placeholder array for a kernel argument that this call never
@@ -223,11 +241,12 @@ class _Gpu:
             d = _DUMMIES[key] = self.empty(shape, dtype)[0]
         return d
 
-    def grid(self, work_blocks, tpb=None, row_bytes=0):
+    def grid(self, work_blocks, tpb=None, row_bytes=0, per_sm=None):
         """Blocks for ``work_blocks`` independent units of block-sized work, of
         ``tpb`` threads (default: ``self.tpb``). With ``row_bytes`` (the fused
         kernel, which reads each row twice) the blocks are also capped so that
-        the rows in flight fit in ``config.CUDA_FUSED_L2_BYTES``."""
+        the rows in flight fit in ``config.CUDA_FUSED_L2_BYTES``; ``per_sm``:
+        blocks that fit on an SM (default: by threads)."""
         limit = GRID_LIMIT
         if limit is None:
             if self.sim:
@@ -235,7 +254,7 @@ class _Gpu:
             else:
                 sms = _sm_count(self.cuda)
                 tpb = tpb or self.tpb
-                per_sm = config.CUDA_BLOCKS_PER_SM or max(1, 2048 // tpb)
+                per_sm = per_sm or config.CUDA_BLOCKS_PER_SM or max(1, 2048 // tpb)
                 limit = sms * max(1, int(per_sm))
                 l2 = config.CUDA_FUSED_L2_BYTES
                 if row_bytes and l2:
@@ -466,17 +485,19 @@ def _span(gpu, dev):
     return lo, hi + dev.dtype.itemsize
 
 
-def _words(gpu, dtype, nclass, arrays):
-    """(per, arrays): the 2-D kernel arrays viewed as uint64 words of ``per``
-    elements when every one allows it (C-contiguous, 8-byte aligned, a row
-    length that is a multiple of ``per``); else (1, arrays) unchanged."""
+def _flat(gpu, dtype, arrays):
+    """``(per, [(words, elements), ...])``: each C-contiguous (rows, V) kernel array
+    as the two flat views the cross-entropy kernels take (see
+    ``fastloss.cuda.cross_entropy``): its elements, and its uint64 words of
+    ``per`` elements (2 float32, 4 half precision) when every array starts on
+    an 8-byte boundary; else ``per = 1`` and the words are the elements."""
+    total = int(arrays[0].shape[0]) * int(arrays[0].shape[1])
+    flats = [a.reshape(total) for a in arrays]
     per = 4 if dtype in (np.dtype(np.float16), V.BFLOAT16) else 2 if dtype == np.float32 else 1
-    if not WIDE_ACCESS or per == 1 or nclass % per:
-        return 1, arrays
-    for a in arrays:
-        if not a.is_c_contiguous() or _span(gpu, a)[0] % 8:
-            return 1, arrays
-    return per, tuple(a.view(np.uint64) for a in arrays)
+    if not WIDE_ACCESS or per == 1 or total < per or any(_span(gpu, f)[0] % 8 for f in flats):
+        return 1, [(f, f) for f in flats]
+    nw = total // per
+    return per, [(f[:nw * per].view(np.uint64), f) for f in flats]
 
 
 def _overlaps(gpu, a, b):
@@ -504,6 +525,188 @@ def _out_array(gpu, out, shape, dtype, name="out"):
             getattr(out, "strides", None) or out.__cuda_array_interface__.get("strides"))
         raise ValueError(f"{name}: expected a C-contiguous array, found strides {strides}")
     return gpu.view(out, name)
+
+
+# --- the resident fused kernel's shared memory ---------------------------------------
+
+#: Why the resident kernel was last turned down on a GPU (for benchmarks/gpu_check.py).
+RESIDENT_NOTE = None
+
+_SMEM_ALLOWED = {}
+
+
+def _resident_bytes(gpu, kernel, args, need, tpb):
+    """``(bytes, blocks per SM)``: the dynamic shared memory to launch the
+    resident fused kernel with, for rows of ``need`` bytes of words (all of
+    them, or the prefix that fits), and how many such blocks fit on an SM;
+    ``(0, None)`` to run the streaming kernel (``config.CUDA_FUSED_STRATEGY``,
+    ``CUDA_RESIDENT_MIN_FRACTION``, ``CUDA_RESIDENT_MAX_BYTES``; see
+    ``fastloss.cuda.cross_entropy``)."""
+    strategy = config.CUDA_FUSED_STRATEGY
+    if strategy not in ("auto", "resident", "stream"):
+        raise ValueError("fastloss.config.CUDA_FUSED_STRATEGY: expected 'auto', 'resident' or "
+                         f"'stream', found {strategy!r}")
+    if strategy == "stream" or need <= 0:
+        return 0, None
+    word = args[0].dtype.itemsize
+    if gpu.sim:
+        allowed, static, per_sm_bytes = need, 0, 0
+    else:
+        allowed, static, per_sm_bytes = _smem_allowed(gpu, kernel, args)
+    cap = config.CUDA_RESIDENT_MAX_BYTES
+    if cap is not None:
+        allowed = min(allowed, int(cap))
+    smem = min(need, allowed) // word * word
+    if smem <= 0 or (strategy == "auto" and smem < config.CUDA_RESIDENT_MIN_FRACTION * need):
+        return 0, None
+    if gpu.sim:
+        return smem, None
+    by_smem = per_sm_bytes // (smem + static + 1024)  # 1 KiB reserved per block
+    return smem, max(1, min(2048 // tpb, by_smem))
+
+
+def _smem_allowed(gpu, kernel, args):
+    """``(allowed, static, per SM)``: the dynamic shared memory this compiled
+    kernel may use on the current device, after opting in above the default
+    48 KiB (a driver attribute numba does not set itself; 48 KiB less its
+    static memory if opting in fails), its static shared memory, and the
+    shared memory of an SM."""
+    global RESIDENT_NOTE
+    dev = gpu.cuda.current_context().device
+    sig = tuple(kernel.typeof_pyval(a) for a in args)
+    key = (id(kernel), sig, dev.id)
+    hit = _SMEM_ALLOWED.get(key)
+    if hit is not None:
+        return hit
+    allowed, static, per_sm = -1, 0, 0  # if numba's internals differ: no resident kernel
+    try:
+        # numba-cuda internals (0.2x-0.30): the compiled kernel's driver function.
+        cufunc = kernel.compile(sig)._codelibrary.get_cufunc()
+        static = int(cufunc.attrs.shared)
+        per_sm = int(dev.MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
+        allowed = 48 * 1024 - static
+        from numba.cuda.cudadrv.driver import binding, driver
+        optin = int(dev.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN) - static
+        if optin > allowed:
+            attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            if hasattr(cufunc, "kernel"):  # a CUkernel handle (cuda.core)
+                driver.cuKernelSetAttribute(attr, optin, cufunc.handle, dev.id)
+            else:  # older numba-cuda: a CUfunction handle
+                driver.cuFuncSetAttribute(cufunc.handle, attr, optin)
+            allowed = optin
+    except Exception as e:  # stay within what was established before the failure
+        RESIDENT_NOTE = f"shared-memory opt-in failed: {type(e).__name__}: {e}"
+    _SMEM_ALLOWED[key] = allowed, static, per_sm
+    return allowed, static, per_sm
+
+
+# --- asynchronous checks of targets and class weights ----------------------------------
+
+class _Checks:
+    """``validate``'s numbers (bad targets, bad class weights) on their way to the
+    host without a wait.
+
+    Each cross-entropy call queues a copy of its eleven numbers into a slot of
+    a pinned host ring, and an event after it, on its stream; then it polls
+    every pending slot whose event has completed (no waiting) and raises the
+    contract's ``ValueError`` for the first one flagged. A flagged call's
+    kernels only wrote a NaN loss. On a GPU the flagged call has usually not
+    finished when it returns, so its error comes from the next fastloss call,
+    or from :func:`fastloss.cuda.synchronize`; the simulator runs
+    synchronously, so there it comes from the call itself, as it does on a
+    GPU with ``config.CUDA_SYNC_CHECKS = True`` (each call waits)."""
+
+    SLOTS = 64
+    WIDTH = 11
+
+    def __init__(self):
+        self.ring = None
+        self.free = []
+        self.pending = []  # [call id, event, slot, info], oldest first
+        self.calls = 0
+
+    def submit(self, gpu, stats, info):
+        """Queue the copy of ``stats``; returns the call's id."""
+        cuda = gpu.cuda
+        if self.ring is None:
+            self.ring = cuda.pinned_array((self.SLOTS, self.WIDTH), np.float64)
+            self.free = list(range(self.SLOTS))
+        self.calls += 1
+        if not self.free:  # 64 calls in flight: wait for the oldest
+            self.poll(self.calls, wait_for=1)
+        slot = self.free.pop()
+        stats.copy_to_host(self.ring[slot], stream=gpu.stream)
+        event = cuda.event() if gpu.sim else cuda.event(timing=False)
+        event.record(gpu.stream)
+        self.pending.append([self.calls, event, slot, info])
+        return self.calls
+
+    def poll(self, current=None, wait_for=0):
+        """Settle the pending checks that have landed (waiting for the oldest
+        ``wait_for`` of them, or for all with ``config.CUDA_SYNC_CHECKS``) and
+        raise the first error among them."""
+        wait_all = bool(config.CUDA_SYNC_CHECKS)
+        errors, keep = [], []
+        for k, entry in enumerate(self.pending):
+            call, event, slot, info = entry
+            if wait_all or k < wait_for:
+                event.synchronize()
+            elif not _event_done(event):
+                keep.append(entry)
+                continue
+            msg = _check_message(self.ring[slot], info)
+            self.free.append(slot)
+            if msg is not None:
+                if call != current:
+                    msg += " (an earlier GPU call; errors are checked without waiting, see fastloss.cuda.synchronize)"
+                errors.append(msg)
+        self.pending = keep
+        if errors:
+            more = f" [and {len(errors) - 1} more flagged call(s)]" if len(errors) > 1 else ""
+            raise ValueError(errors[0] + more)
+
+    def synchronize(self):
+        """Wait for every pending check and raise the first error."""
+        self.poll(wait_for=len(self.pending))
+
+
+_CHECKS = _Checks()
+
+
+def _event_done(event):
+    query = getattr(event, "query", None)  # the simulator's events have none: all done
+    return True if query is None else bool(query())
+
+
+def _check_message(h, info):
+    """The contract's error message for one call's ``validate`` numbers, or None."""
+    tshape, nclass, ignore_index, acc, has_w, t_u64 = info
+    nbad = int(h[0])
+    if nbad:
+        first = int(h[1])
+        pos = np.unravel_index(first, tshape) if tshape else ()
+        value = (int(h[9]) << 32) | int(h[10])
+        if t_u64 and value < 0:
+            value += 1 << 64
+        return (f"targets: {nbad} value(s) outside [0, {nclass}) that are not "
+                f"ignore_index={ignore_index}; first at position "
+                f"{tuple(int(p) for p in pos)}: {value}")
+    if h[3]:
+        return "weight: expected finite values, found NaN or inf"
+    if has_w and h[7] < 0:
+        return f"weight: expected non-negative values, found minimum {acc.type(h[7])}"
+    return None
+
+
+def synchronize():
+    """Wait for the GPU work of every fastloss call and raise a pending error.
+
+    Cross-entropy calls on GPU arrays never wait for the GPU; their checks of
+    the targets and class weights land later (see :class:`_Checks`). This
+    waits for them all and raises the contract's ``ValueError`` for the first
+    bad call, if any. ``config.CUDA_SYNC_CHECKS = True`` makes every call wait
+    instead."""
+    _CHECKS.synchronize()
 
 
 def _cai_contiguous(gpu, obj):
@@ -552,6 +755,7 @@ class _CEPlan:
         if getattr(tdtype, "kind", "?") not in "iu":
             raise TypeError(f"targets: expected an integer dtype, found {tdtype}")
         self.ign, self.has_ign = _ignore_for_kernel(self.ignore_index, tdtype)
+        self.t_u64 = tdtype == np.uint64
         want = tuple(shape[:-1])
         if tuple(tshape) != want:
             raise ValueError(f"targets: expected shape {want} (logits.shape[:-1]), found {tuple(tshape)}")
@@ -571,6 +775,13 @@ class _CEPlan:
         gpu = self.gpu
         self.x = gpu.view(self.logits, "logits", cache=True)
         self.x2 = gpu.flat(self.x, (self.n, self.nclass), "logits")
+        self.strided = None
+        if not self.x2.is_c_contiguous():
+            # The kernels take flat views: stage a strided 2-D view in a
+            # contiguous buffer (and copy the gradient back for inplace).
+            self.strided = self.x2
+            self.x2 = gpu.empty((self.n, self.nclass), self.dtype)[0]
+            gpu.copy2d(self.strided, self.x2)
         t = _side_array(gpu, self.targets, "targets")
         self.t_arr = t
         self.tgt = gpu.flat(t, (self.n,), "targets")
@@ -589,43 +800,31 @@ class _CEPlan:
         from .cross_entropy import support_kernels
         gpu = self.gpu
         validate, _ = support_kernels(gpu.tpb)
-        self.stats, self.stats_obj = gpu.empty((9,), np.float64)
+        self.stats, self.stats_obj = gpu.empty((11,), np.float64)
         norm = self.norm if self.norm is not None else 0.0
         gpu.launch(validate, 1, self.tgt, self.ign, self.has_ign, np.int64(self.nclass),
                    self.w, self.has_w, norm, self.stats)
         return self.stats
 
     def check(self):
-        """Read the nine numbers of ``validate`` (the call's one synchronisation,
-        after all its kernels are queued) and raise the contract's errors."""
-        h = self.gpu.to_host(self.stats, self.stats_obj)
-        nbad = int(h[0])
-        if nbad:
-            first = int(h[1])
-            pos = np.unravel_index(first, self.tshape) if self.tshape else ()
-            value = self._target_at(first)
-            raise ValueError(
-                f"targets: {nbad} value(s) outside [0, {self.nclass}) that are not "
-                f"ignore_index={self.ignore_index}; first at position "
-                f"{tuple(int(p) for p in pos)}: {value}")
-        if h[3]:
-            raise ValueError("weight: expected finite values, found NaN or inf")
-        if self.has_w and h[7] < 0:
-            raise ValueError(f"weight: expected non-negative values, found minimum {self.acc.type(h[7])}")
+        """Hand ``validate``'s numbers to the asynchronous checks (see
+        :class:`_Checks`): raises the contract's error now if this call's (or
+        an earlier call's) numbers have landed and flag one; never waits
+        unless ``config.CUDA_SYNC_CHECKS``."""
+        info = (self.tshape, self.nclass, self.ignore_index, self.acc, self.has_w, self.t_u64)
+        _CHECKS.poll(_CHECKS.submit(self.gpu, self.stats, info))
 
-    def _target_at(self, k):
-        t = self.t_arr
-        if is_torch_tensor(t.obj):
-            return t.obj.reshape(-1)[k].item()
-        return self.tgt[k:k + 1].copy_to_host()[0]
-
-    def kernels(self, *arrays, tpb=None):
-        """(forward, fused, lse) for this call (``tpb`` threads per block; default
-        gpu.tpb), and ``arrays`` (the logits and the gradient destination) as the
-        kernels take them (uint64 words if possible)."""
+    def kernels(self, *arrays, tpb=None, per=None):
+        """``((forward, fused, lse, fused_resident), per, views)`` for this call
+        (``tpb`` threads per block; default gpu.tpb), with ``arrays`` (the
+        contiguous logits and gradient destination) as the kernels take them:
+        ``(words, elements)`` pairs (see :func:`_flat`). Without ``arrays``,
+        the kernels for ``per`` elements per word."""
         from .cross_entropy import ce_kernels
-        per, arrays = _words(self.gpu, self.dtype, self.nclass, arrays)
-        return ce_kernels(self.acc.name, self.x.kind, self.mode, tpb or self.gpu.tpb, per), arrays
+        views = None
+        if arrays:
+            per, views = _flat(self.gpu, self.dtype, arrays)
+        return ce_kernels(self.acc.name, self.x.kind, self.mode, tpb or self.gpu.tpb, per), per, views
 
     def outputs(self, grid):
         """(loss, loss_obj, partial): per-row loss (none) or per-block partials."""
@@ -709,12 +908,13 @@ def cross_entropy(logits, targets, *, weight=None, ignore_index=-100, reduction=
     if plan.n == 0:
         return plan.empty_loss()
     plan.device_inputs()
-    (forward, _, _), (xk,) = plan.kernels(plan.x2)
+    (forward, _, _, _), _, ((xw, xe),) = plan.kernels(plan.x2)
     grid = gpu.grid(plan.n)
     loss, loss_obj, partial = plan.outputs(grid)
     stats = plan.launch_validate()
-    gpu.launch(forward, grid, xk, plan.tgt, plan.ign, plan.has_ign, plan.w, plan.has_w,
-               plan.scale, plan.inv, plan.cap, plan.eps, plan.zl, stats, plan.red, loss, partial)
+    gpu.launch(forward, grid, xw, xe, np.int64(plan.nclass), plan.tgt, plan.ign, plan.has_ign,
+               plan.w, plan.has_w, plan.scale, plan.inv, plan.cap, plan.eps, plan.zl, stats,
+               plan.red, loss, partial)
     result = plan.finish(stats, partial, loss_obj)
     plan.check()
     return result
@@ -750,6 +950,8 @@ def cross_entropy_with_grad(logits, targets, *, weight=None, ignore_index=-100,
         dest, grad = plan.x2, logits
         if plan.x.obj is not logits:  # a non-contiguous tensor: computed in a contiguous copy
             copy_back = plan.x.obj
+        elif plan.strided is not None:  # a strided 2-D GPU array: computed in a staged copy
+            copy_back = plan.strided
     elif out_arr is not None:
         dest = gpu.flat(out_arr, (plan.n, plan.nclass), "out")
         if not _same(gpu, dest, plan.x2) and _overlaps(gpu, dest, plan.x2):
@@ -758,18 +960,36 @@ def cross_entropy_with_grad(logits, targets, *, weight=None, ignore_index=-100,
     else:
         dest, grad = gpu.empty((plan.n, plan.nclass), plan.dtype)
         grad = _reshape(gpu, grad, plan.shape)
+    # The resident kernel (row kept in shared memory) where it fits, else the
+    # streaming one (config.CUDA_FUSED_STRATEGY); each has its own block size.
     ftpb = _fused_threads_per_block(gpu)
-    (_, fused, _), (xk, dk) = plan.kernels(plan.x2, dest, tpb=ftpb)
-    grid = gpu.grid(plan.n, ftpb, row_bytes=plan.nclass * plan.dtype.itemsize)
+    rtpb = _resident_threads_per_block(gpu, ftpb)
+    (_, fused, _, _), per, ((xw, xe), (dw, de)) = plan.kernels(plan.x2, dest, tpb=ftpb)
+    resident = plan.kernels(tpb=rtpb, per=per)[0][3]
+    grid = max(gpu.grid(plan.n, rtpb), gpu.grid(plan.n, ftpb))  # partials for either
     loss, loss_obj, partial = plan.outputs(grid)
     stats = plan.launch_validate()
-    gpu.launch(fused, grid, xk, plan.tgt, plan.ign, plan.has_ign, plan.w, plan.has_w,
-               plan.scale, plan.inv, plan.cap, plan.eps, plan.zl, stats, plan.red,
-               gmode, go, gvec, dk, loss, partial, tpb=ftpb)
+    args = [xw, xe, np.int64(plan.nclass), plan.tgt, plan.ign, plan.has_ign, plan.w, plan.has_w,
+            plan.scale, plan.inv, plan.cap, plan.eps, plan.zl, stats, plan.red,
+            gmode, go, gvec, dw, de, loss, partial, np.uint64(0)]
+    isz = xw.dtype.itemsize
+    smem, per_sm = _resident_bytes(gpu, resident, args, plan.nclass // per * isz, rtpb)
+    if smem:
+        kernel, tpb, kgrid = resident, rtpb, gpu.grid(plan.n, rtpb, per_sm=per_sm)
+        args[-1] = np.uint64(smem // isz)  # words kept per row
+    else:
+        kernel, tpb = fused, ftpb
+        kgrid = gpu.grid(plan.n, ftpb, row_bytes=plan.nclass * plan.dtype.itemsize)
+    if kgrid < grid and plan.reduction != "none":
+        partial = args[-2] = partial[:kgrid]
+    gpu.launch(kernel, kgrid, *args, tpb=tpb, smem=smem)
     result = plan.finish(stats, partial, loss_obj)
-    plan.check()
     if copy_back is not None:
-        logits.copy_(copy_back)
+        if is_torch_tensor(logits):
+            logits.copy_(copy_back)
+        else:
+            gpu.copy2d(plan.x2, copy_back)
+    plan.check()
     return result, grad
 
 
@@ -787,11 +1007,16 @@ def logsumexp(logits, *, softcap=None, logit_scale=1.0):
     if n:
         from .cross_entropy import ce_kernels
         x = gpu.view(logits, "logits", cache=True)
-        per, (x2,) = _words(gpu, dtype, nclass, (gpu.flat(x, (n, nclass), "logits"),))
-        _, _, lse = ce_kernels(acc.name, x.kind, mode, gpu.tpb, per)
+        x2 = gpu.flat(x, (n, nclass), "logits")
+        if not x2.is_c_contiguous():
+            staged = gpu.empty((n, nclass), dtype)[0]
+            gpu.copy2d(x2, staged)
+            x2 = staged
+        per, ((xw, xe),) = _flat(gpu, dtype, (x2,))
+        lse = ce_kernels(acc.name, x.kind, mode, gpu.tpb, per)[2]
         a = acc.type
-        gpu.launch(lse, gpu.grid(n), x2, gpu.dummy((1,), acc), a(scale), a(scale / cap),
-                   a(cap), out)
+        gpu.launch(lse, gpu.grid(n), xw, xe, np.int64(nclass), gpu.dummy((1,), acc), a(scale),
+                   a(scale / cap), a(cap), out)
     return _reshape(gpu, out_obj, tuple(shape[:-1]))
 
 

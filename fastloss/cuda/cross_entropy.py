@@ -25,23 +25,39 @@ A tail of fewer than 4 words is handled one word at a time. Float32
 accumulation uses the hardware exp (``_math.fast_exp32``, about 2 ulp plus
 ``|x| 2**-24`` relative for ``x <= 0``; see there); float64 keeps the
 accurate exp. The block then merges the per-thread ``(m, s)`` (and the
-smoothing sum ``sum_j w_j z_j``) by a tree in shared memory.
+smoothing sum ``sum_j w_j z_j``): by warp shuffles and one exchange through
+shared memory (2 barriers) for blocks of whole warps, by a tree in shared
+memory otherwise (``block_softmax_for``).
 
-Wide accesses: when a row's length is a multiple of 4 (float16/bfloat16) or
-2 (float32) and the arrays are C-contiguous and 8-byte aligned, the kernels
-see the logits and gradient as uint64 words and each thread moves 8 bytes
-per access (``per`` elements, unpacked and packed in registers), which keeps
-more bytes in flight per SM than 2-byte loads; otherwise ``per = 1``.
+Flat, wide accesses: the kernels take the logits (and the gradient
+destination) as flat 1-D views of one C-contiguous buffer, twice: as words
+(``uint64`` holding ``per`` = 2 float32 or 4 float16/bfloat16 values, when
+the buffer is 8-byte aligned; else ``per = 1`` and the words are the
+elements) and as elements. A row's words that hold only its own elements are
+read and written 8 bytes per access (unpacked and packed in registers); the
+few elements at each end that share a word with the neighbouring row (fewer
+than ``per``) go element by element (``row_span``). So every class count,
+odd ones like 50257 included, gets 8-byte accesses. Strided logits are first
+copied to a contiguous buffer by the API.
 
 Passes over memory per row: the forward and logsumexp kernels read the row
-once. The fused kernel reads it twice (statistics, then gradient) and writes
-the gradient once, in the storage dtype, possibly over the logits (each
+once. The fused kernel has two forms:
+
+* ``fused_resident`` (the default where at least half a row fits in shared
+  memory: up to about 227 KB a block on an H100/H200, e.g. float32 rows of
+  50257 classes, bfloat16 rows of 113k): the statistics pass also stores each
+  word it reads in dynamic shared memory, in the thread's own slots, and the
+  gradient pass reads it back from there. A row that fits is read from global
+  memory once and the gradient written once: the minimum traffic. Of a longer
+  row only the first ``nslots`` words are kept; the rest is read again.
+* ``fused`` (streaming): the gradient pass reads the row from global memory
+  again. The second read is served by L2 only while the rows in flight (one
+  per block: the grid size) fit in it, so its grid may be capped at
+  ``config.CUDA_FUSED_L2_BYTES`` / row bytes blocks (at least one per SM).
+
+Both write the gradient in the storage dtype, possibly over the logits (each
 element is read and then written by the same thread, after the block barrier
-that ends the statistics pass). The second read (batched like the first: 4 loads, 4
-gradient words, 4 stores, with ``a exp(z - m)`` by the fast exp) is served by
-L2 only while the rows in flight (one per block: the grid size) fit in it, so
-the fused kernel's grid is capped at ``config.CUDA_FUSED_L2_BYTES`` / row
-bytes blocks (at least one per SM); its block size is
+that ends the statistics pass). The block size of the fused kernels is
 ``config.CUDA_FUSED_THREADS_PER_BLOCK`` (default: ``CUDA_THREADS_PER_BLOCK``).
 Kernels with more than 256 threads per block cap registers per thread so a
 block fits the register file. ``benchmarks/gpu_check.py`` times the variants.
@@ -50,13 +66,15 @@ Reductions stay on the device. ``validate`` (one block) counts bad targets,
 counted tokens, the counted target-weight sum and the class-weight sum and
 writes them to ``stats`` (float64):
 
-    stats = [n_bad, first_bad, count, n_nonfinite_w, D_ce, D_z, W, min_w, error]
+    stats = [n_bad, first_bad, count, n_nonfinite_w, D_ce, D_z, W, min_w, error,
+             first_bad_value >> 32, first_bad_value & 0xFFFFFFFF]
 
 The loss kernels read the denominators ``D_ce``/``D_z`` and ``W`` from device
-memory, and do nothing at all when ``error`` is set (so a bad target is never
-used as an index and ``inplace`` logits stay untouched). The host reads
-``stats`` once, after everything is queued (the only synchronisation of a
-call), and raises the contract's errors. For mean/sum, thread 0 of each
+memory; when ``error`` is set they write a NaN loss and nothing else (so a bad
+target is never used as an index, ``inplace`` logits stay untouched and a
+gradient buffer is not written). ``fastloss.cuda.api`` copies ``stats`` to
+pinned host memory without waiting and raises the contract's errors once the
+copy has landed (see there). For mean/sum, thread 0 of each
 block accumulates its rows' ``ce_i`` and ``lse_i**2`` in float64 and writes
 one partial per block; ``finalize`` (one block) merges the partials into the
 one-element loss. No atomics: every accumulator has a single writer.
@@ -67,6 +85,7 @@ arrays, so ``row * V`` offsets are computed in int64.
 
 import functools
 
+import numba
 import numpy as np
 
 from . import _math as M
@@ -85,6 +104,17 @@ G_SCALAR, G_DEVICE_SCALAR, G_ROWS = 0, 1, 2
 _NINF = -np.inf
 
 
+@M.device
+def _merge(m1, s1, q1, m2, s2, q2):
+    """Two online-softmax states (max, sum of exp(z - max), smoothing sum) as one."""
+    mx = m1 if m1 >= m2 else m2
+    if mx != _NINF:
+        s1 = s1 * M.exp(m1 - mx) + s2 * M.exp(m2 - mx)
+    else:
+        s1 = s1 + s2
+    return mx, s1, q1 + q2
+
+
 @M.block_device
 def _block_softmax(sh_m, sh_s, sh_q, tid, m, s, q):
     """Merge the per-thread online-softmax states (m, s) and sums q of a block
@@ -99,18 +129,11 @@ def _block_softmax(sh_m, sh_s, sh_q, tid, m, s, q):
         stride *= 2
     while stride > 0:
         if tid < stride and tid + stride < nt:
-            m1 = sh_m[tid]
-            m2 = sh_m[tid + stride]
-            mx = m1 if m1 >= m2 else m2
-            s1 = sh_s[tid]
-            s2 = sh_s[tid + stride]
-            if mx != _NINF:
-                s1 = s1 * M.exp(m1 - mx) + s2 * M.exp(m2 - mx)
-            else:
-                s1 = s1 + s2
+            mx, s1, q1 = _merge(sh_m[tid], sh_s[tid], sh_q[tid],
+                                sh_m[tid + stride], sh_s[tid + stride], sh_q[tid + stride])
             sh_m[tid] = mx
             sh_s[tid] = s1
-            sh_q[tid] = sh_q[tid] + sh_q[tid + stride]
+            sh_q[tid] = q1
         cuda.syncthreads()
         stride //= 2
     m = sh_m[0]
@@ -118,6 +141,93 @@ def _block_softmax(sh_m, sh_s, sh_q, tid, m, s, q):
     q = sh_q[0]
     cuda.syncthreads()  # before the arrays are reused for the next row
     return m, s, q
+
+
+# Warp shuffles. The simulator has none: there they are emulated through the
+# block's shared arrays (every thread of the block calls them together, as the
+# warp-level code below does), so the simulator runs the same reduction.
+if M.SIMULATOR or cuda is None:
+    @M.block_device
+    def _shfl_down(v, d, sh, tid):
+        """v of lane + d of this warp (lanes past 31: v itself)."""
+        cuda.syncthreads()
+        sh[tid] = v
+        cuda.syncthreads()
+        r = sh[tid + d] if (tid & 31) + d < 32 else v
+        cuda.syncthreads()
+        return r
+
+    @M.block_device
+    def _shfl_first(v, sh, tid):
+        """v of lane 0 of this warp."""
+        cuda.syncthreads()
+        sh[tid] = v
+        cuda.syncthreads()
+        r = sh[tid - (tid & 31)]
+        cuda.syncthreads()
+        return r
+else:
+    @M.block_device
+    def _shfl_down(v, d, sh, tid):
+        """v of lane + d of this warp (lanes past 31: v itself)."""
+        return cuda.shfl_down_sync(0xFFFFFFFF, v, d)
+
+    @M.block_device
+    def _shfl_first(v, sh, tid):
+        """v of lane 0 of this warp."""
+        return cuda.shfl_sync(0xFFFFFFFF, v, 0)
+
+
+@M.block_device
+def _warp_softmax(sh_m, sh_s, sh_q, tid, m, s, q):
+    """Lane 0 of each warp gets the merge of its warp's states (shuffles; the
+    other lanes hold partial merges)."""
+    d = 16
+    while d > 0:
+        m2 = _shfl_down(m, d, sh_m, tid)
+        s2 = _shfl_down(s, d, sh_s, tid)
+        q2 = _shfl_down(q, d, sh_q, tid)
+        m, s, q = _merge(m, s, q, m2, s2, q2)
+        d //= 2
+    return m, s, q
+
+
+def block_softmax_for(acc, tpb):
+    """The block merge of online-softmax states for blocks of ``tpb`` threads
+    accumulating in ``acc``: :func:`_block_softmax` (tree), or for whole warps
+    (``tpb`` a multiple of 32) a version with 2 barriers instead of one per
+    tree level: each warp merges its states by shuffles, lane 0 posts them in
+    shared memory, then every warp merges the posted states itself (no
+    broadcast barrier) and hands lane 0's result to its lanes."""
+    if tpb % 32:
+        return _block_softmax
+    ACC = acc
+    NW = tpb // 32
+
+    @M.block_device
+    def block_softmax(sh_m, sh_s, sh_q, tid, m, s, q):
+        lane = tid & 31
+        m, s, q = _warp_softmax(sh_m, sh_s, sh_q, tid, m, s, q)
+        cuda.syncthreads()  # the arrays may still be read (previous row, emulated shuffles)
+        if lane == 0:
+            w = tid >> 5
+            sh_m[w] = m
+            sh_s[w] = s
+            sh_q[w] = q
+        cuda.syncthreads()
+        m = ACC(_NINF)
+        s = ACC(0)
+        q = ACC(0)
+        if lane < NW:
+            m = sh_m[lane]
+            s = sh_s[lane]
+            q = sh_q[lane]
+        m, s, q = _warp_softmax(sh_m, sh_s, sh_q, tid, m, s, q)
+        m = _shfl_first(m, sh_m, tid)
+        s = _shfl_first(s, sh_s, tid)
+        q = _shfl_first(q, sh_q, tid)
+        return m, s, q
+    return block_softmax
 
 
 @M.block_device
@@ -144,20 +254,59 @@ def _block_reduce(sh, tid, v, is_min):
     return r
 
 
+def make_row_span(per):
+    """``row_span(i, nclass)`` for words of ``per`` elements (a plain function;
+    the kernels compile it as a device function)."""
+    P = per
+    PM1 = per - 1
+
+    def row_span(i, nclass):
+        """Where row ``i`` lies in the flat views: ``(base, w0, w1, hend, tstart,
+        end)``. Its elements are ``[base, end)`` (``base = i V``, int64); the
+        words ``[w0, w1)`` hold only elements of this row; the head ``[base,
+        hend)`` and tail ``[tstart, end)`` (fewer than ``per`` elements each,
+        in words shared with the neighbouring rows) are read and written
+        element by element. With ``per = 1`` there is no head or tail. A row
+        inside one word (V < per) is all head."""
+        base = np.int64(i) * nclass
+        end = base + nclass
+        w0 = (base + PM1) // P
+        w1 = end // P
+        if w1 < w0:  # inside one word
+            w1 = w0
+            hend = end
+            tstart = end
+        else:
+            hend = w0 * P
+            tstart = w1 * P
+        return base, w0, w1, hend, tstart, end
+    return row_span
+
+
 @functools.lru_cache(maxsize=None)
 def ce_kernels(acc, kind, mode, tpb, per=1):
     """Compile-time specialised kernels for one accumulation dtype (``"float32"``
     or ``"float64"``), storage kind (``_math.NATIVE/F16/BF16``), transform mode,
     threads per block and elements per word (``per``: 1, or 2 float32 / 4 half
-    precision values per uint64 word; the logits and gradient arrays are then
-    (rows, V / per) uint64 views). Returns ``(forward, fused, lse)``."""
+    precision values per uint64 word). Returns ``(forward, fused, lse,
+    fused_resident)``.
+
+    Every kernel takes the logits twice, as flat 1-D views of the same
+    C-contiguous buffer: ``xw``, its words (uint64 when ``per > 1``; else the
+    elements) and ``xe``, its elements (uint16 bits for half precision), plus
+    the class count; the fused kernels take the gradient destination the same
+    way (``ow``, ``oe``). See :func:`row_span` for how a row splits into words."""
     ACC = np.float64 if acc == "float64" else np.float32
     TPB = tpb
     MODE = mode
     P = per
+    load = M.loader(kind)
     unpack = M.unpacker(kind, per)
     pack = M.packer(kind, per)
     store = M.storer(kind)
+    # Storage type of one word (the resident kernel's shared memory).
+    # (a numba type: the simulator's dynamic shared arrays need one).
+    WORD = numba.from_dtype(np.dtype(np.uint64 if per > 1 else np.uint16 if kind != M.NATIVE else ACC))
     # A block of more than 256 threads must fit the register file (64K registers
     # per SM): cap registers per thread (allocated in multiples of 8), or the launch
     # fails with CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES (seen at 1024 threads).
@@ -167,6 +316,7 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
     T1, T2, T3, T4 = (np.uint64(TPB * u) for u in (1, 2, 3, 4))
     # Hardware exp for float32 accumulation (see _math.fast_exp32); float64 keeps exp.
     fexp = M.fast_exp32 if ACC is np.float32 else M.exp
+    block_softmax = block_softmax_for(ACC, TPB)
     vmax = M.fmax32 if ACC is np.float32 else M.fmax64  # NaN never wins
 
     if per == 1:
@@ -177,6 +327,8 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
         @M.device
         def zero_word():
             return np.uint64(0)
+
+    row_span = M.device(make_row_span(per))
 
     @M.device
     def zval(v, scale, inv, cap):
@@ -198,66 +350,119 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
         return bm
 
     @M.device
-    def word_sum(word, k, sh, s, q, w, has_w, want_q, scale, inv, cap):
-        """s + sum_p exp(z_p - sh) over a word (one exp per element, no branch on
-        the data: a masked -inf gives exp(-inf) = 0, NaN poisons s), and q + the
-        smoothing terms when ``want_q``."""
+    def word_sum(word, j0, sh, s, q, w, has_w, want_q, scale, inv, cap):
+        """s + sum_p exp(z_p - sh) over a word whose first element is class
+        ``j0`` (one exp per element, no branch on the data: a masked -inf gives
+        exp(-inf) = 0, NaN poisons s), and q + the smoothing terms when ``want_q``."""
         for p in range(P):
             z = zval(unpack(word, p), scale, inv, cap)
             s += fexp(z - sh)
             if want_q:
                 if has_w:
-                    q += w[np.int64(k) * P + p] * z
+                    q += w[j0 + p] * z
                 else:
                     q += z
         return s, q
 
     @M.device
-    def row_stats(x, i, tid, w, has_w, want_q, scale, inv, cap):
-        """This thread's online softmax (m, s) over its strided words of row i,
-        and q = sum w_j z_j over them when ``want_q`` (label smoothing).
-
-        Words are read in batches of 4 (k, k + T, k + 2T, k + 3T): four
-        independent loads in flight before any arithmetic, then the batch's max
-        (compares on the raw values; z is non-decreasing in them), one rescale of
-        s per batch (skipped when the max did not grow) and one exp per element.
-        +inf makes the row NaN (exp(inf - inf)), as in the CPU kernels."""
-        m = ACC(_NINF)
-        s = ACC(0)
-        q = ACC(0)
-        # Unsigned word indices: numba adds no negative-index wraparound (a
-        # compare and select per load) for them.
-        nw = np.uint64(x.shape[1])
-        k = np.uint64(tid)
-        while k + T3 < nw:
-            a0 = x[i, k]
-            a1 = x[i, k + T1]
-            a2 = x[i, k + T2]
-            a3 = x[i, k + T3]
-            bm = word_max(a0, ACC(_NINF))
-            bm = word_max(a1, bm)
-            bm = word_max(a2, bm)
-            bm = word_max(a3, bm)
-            bz = zval(bm, scale, inv, cap)
-            if bz > m:
-                s = s * fexp(m - bz)
-                m = bz
-            sh = m if m != _NINF else ACC(0)
-            s, q = word_sum(a0, k, sh, s, q, w, has_w, want_q, scale, inv, cap)
-            s, q = word_sum(a1, k + T1, sh, s, q, w, has_w, want_q, scale, inv, cap)
-            s, q = word_sum(a2, k + T2, sh, s, q, w, has_w, want_q, scale, inv, cap)
-            s, q = word_sum(a3, k + T3, sh, s, q, w, has_w, want_q, scale, inv, cap)
-            k += T4
-        while k < nw:  # the tail: at most 3 words, one at a time
-            a0 = x[i, k]
-            bz = zval(word_max(a0, ACC(_NINF)), scale, inv, cap)
-            if bz > m:
-                s = s * fexp(m - bz)
-                m = bz
-            sh = m if m != _NINF else ACC(0)
-            s, q = word_sum(a0, k, sh, s, q, w, has_w, want_q, scale, inv, cap)
-            k += T1
+    def elem_stats(v, j, m, s, q, w, has_w, want_q, scale, inv, cap):
+        """The online softmax (m, s, q) updated with one element (class j)."""
+        z = zval(v, scale, inv, cap)
+        if z > m:
+            s = s * fexp(m - z)
+            m = z
+        sh = m if m != _NINF else ACC(0)
+        s += fexp(z - sh)
+        if want_q:
+            if has_w:
+                q += w[j] * z
+            else:
+                q += z
         return m, s, q
+
+    def make_row_stats(keep):
+        """``row_stats``; with ``keep`` it also stores each word it reads in the
+        shared array ``sm`` (slot ``k - w0``: the thread's own slots, the same
+        for every row) when the slot is below ``nslots``, for the resident
+        kernel's second pass."""
+        @M.device
+        def row_stats(xw, xe, i, nclass, tid, w, has_w, want_q, scale, inv, cap, sm, nslots):
+            """This thread's online softmax (m, s) over its share of row i, and
+            q = sum w_j z_j over it when ``want_q`` (label smoothing).
+
+            Words are read in batches of 4 (k, k + T, k + 2T, k + 3T): four
+            independent loads in flight before any arithmetic, then the batch's max
+            (compares on the raw values; z is non-decreasing in them), one rescale of
+            s per batch (skipped when the max did not grow) and one exp per element.
+            +inf makes the row NaN (exp(inf - inf)), as in the CPU kernels."""
+            base, w0, w1, hend, tstart, end = row_span(i, nclass)
+            m = ACC(_NINF)
+            s = ACC(0)
+            q = ACC(0)
+            # Unsigned word indices: numba adds no negative-index wraparound (a
+            # compare and select per load) for them.
+            ub = np.uint64(w0)
+            wend = np.uint64(w1)
+            k = ub + np.uint64(tid)
+            while k + T3 < wend:
+                a0 = xw[k]
+                a1 = xw[k + T1]
+                a2 = xw[k + T2]
+                a3 = xw[k + T3]
+                if keep:
+                    r = k - ub
+                    if r + T3 < nslots:
+                        sm[r] = a0
+                        sm[r + T1] = a1
+                        sm[r + T2] = a2
+                        sm[r + T3] = a3
+                    else:  # past the kept prefix of the row (partly resident)
+                        if r < nslots:
+                            sm[r] = a0
+                        if r + T1 < nslots:
+                            sm[r + T1] = a1
+                        if r + T2 < nslots:
+                            sm[r + T2] = a2
+                bm = word_max(a0, ACC(_NINF))
+                bm = word_max(a1, bm)
+                bm = word_max(a2, bm)
+                bm = word_max(a3, bm)
+                bz = zval(bm, scale, inv, cap)
+                if bz > m:
+                    s = s * fexp(m - bz)
+                    m = bz
+                sh = m if m != _NINF else ACC(0)
+                j0 = np.int64(k) * P - base
+                s, q = word_sum(a0, j0, sh, s, q, w, has_w, want_q, scale, inv, cap)
+                s, q = word_sum(a1, j0 + TPB * P, sh, s, q, w, has_w, want_q, scale, inv, cap)
+                s, q = word_sum(a2, j0 + 2 * TPB * P, sh, s, q, w, has_w, want_q, scale, inv, cap)
+                s, q = word_sum(a3, j0 + 3 * TPB * P, sh, s, q, w, has_w, want_q, scale, inv, cap)
+                k += T4
+            while k < wend:  # the last words: at most 3 per thread, one at a time
+                a0 = xw[k]
+                if keep and k - ub < nslots:
+                    sm[k - ub] = a0
+                bz = zval(word_max(a0, ACC(_NINF)), scale, inv, cap)
+                if bz > m:
+                    s = s * fexp(m - bz)
+                    m = bz
+                sh = m if m != _NINF else ACC(0)
+                s, q = word_sum(a0, np.int64(k) * P - base, sh, s, q, w, has_w, want_q,
+                                scale, inv, cap)
+                k += T1
+            f = base + tid  # head and tail elements (fewer than P each)
+            while f < hend:
+                m, s, q = elem_stats(load(xe[f]), f - base, m, s, q, w, has_w, want_q, scale, inv, cap)
+                f += TPB
+            f = tstart + tid
+            while f < end:
+                m, s, q = elem_stats(load(xe[f]), f - base, m, s, q, w, has_w, want_q, scale, inv, cap)
+                f += TPB
+            return m, s, q
+        return row_stats
+
+    row_stats = make_row_stats(False)
+    row_stats_keep = make_row_stats(True)
 
     @M.device
     def row_loss(xt, m, s, q, wt, W, eps, nclass, scale, inv, cap):
@@ -271,50 +476,113 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
         return ce, lse
 
     @M.device
-    def grad_word(word, k, t, a, b, c, shift, w, has_w, scale, inv, cap):
-        """The gradient word of logits word ``k`` (elements j = k P + p):
-        ``[a exp(z_j - shift) - c w_j - [j == t] b] dz_j/dx_j``, with the fast
-        exp for float32; the ``c`` term (label smoothing) is skipped when c = 0,
-        which saves the weight loads."""
+    def grad_val(v, j, t, a, b, c, shift, w, has_w, scale, inv, cap):
+        """The gradient of the element of class ``j`` with logit ``v``:
+        ``[a exp(z_j - shift) - c w_j - [j == t] b] dz_j/dx_j`` (not yet rounded),
+        with the fast exp for float32; the ``c`` term (label smoothing) is skipped
+        when c = 0, which saves the weight loads."""
+        if MODE == SOFTCAP:
+            th = M.tanh(inv * v)
+            z = v if v == _NINF else cap * th
+            d = scale * (ACC(1) - th * th)
+        elif MODE == SCALED:
+            z = scale * v
+            d = scale
+        else:
+            z = v
+            d = scale
+        gj = a * fexp(z - shift)
+        if c != 0:
+            if has_w:
+                gj -= c * w[j]
+            else:
+                gj -= c
+        if j == t:
+            gj -= b
+        return gj * d
+
+    @M.device
+    def grad_word(word, j0, t, a, b, c, shift, w, has_w, scale, inv, cap):
+        """The gradient word of a logits word whose first element is class ``j0``."""
         ow = zero_word()
         for p in range(P):
-            j = np.int64(k) * P + p
-            v = unpack(word, p)
-            if MODE == SOFTCAP:
-                th = M.tanh(inv * v)
-                z = v if v == _NINF else cap * th
-                d = scale * (ACC(1) - th * th)
-            elif MODE == SCALED:
-                z = scale * v
-                d = scale
-            else:
-                z = v
-                d = scale
-            gj = a * fexp(z - shift)
-            if c != 0:
-                if has_w:
-                    gj -= c * w[j]
-                else:
-                    gj -= c
-            if j == t:
-                gj -= b
-            ow = pack(ow, gj * d, p)
+            ow = pack(ow, grad_val(unpack(word, p), j0 + p, t, a, b, c, shift, w, has_w,
+                                   scale, inv, cap), p)
         return ow
 
+    @M.device
+    def grad_edges(xe, oe, base, hend, tstart, end, tid, t, a, b, c, shift, w, has_w,
+                   scale, inv, cap):
+        """The gradient of the head and tail elements of a row (see row_span)."""
+        f = base + tid
+        while f < hend:
+            oe[f] = store(grad_val(load(xe[f]), f - base, t, a, b, c, shift, w, has_w, scale, inv, cap))
+            f += TPB
+        f = tstart + tid
+        while f < end:
+            oe[f] = store(grad_val(load(xe[f]), f - base, t, a, b, c, shift, w, has_w, scale, inv, cap))
+            f += TPB
+
+    @M.device
+    def zero_row(ow, oe, base, w0, w1, hend, tstart, end, tid):
+        """Zero the gradient of an ignored row."""
+        k = np.uint64(w0) + np.uint64(tid)
+        while k < np.uint64(w1):
+            ow[k] = zero_word()
+            k += T1
+        f = base + tid
+        while f < hend:
+            oe[f] = store(ACC(0))
+            f += TPB
+        f = tstart + tid
+        while f < end:
+            oe[f] = store(ACC(0))
+            f += TPB
+
+    @M.device
+    def coefficients(i, ce_lse, s, wt, W, eps, nclass, zl, stats, red, gmode, go, gvec):
+        """(a, b, c) of the gradient of row i (see grad_val): the upstream
+        coefficients in float64, rounded once to the accumulation type."""
+        lse = ce_lse
+        g = go
+        if gmode == G_DEVICE_SCALAR:
+            g = gvec[0]
+        elif gmode == G_ROWS:
+            g = gvec[i]
+        gce = g
+        gz = g
+        if red == MEAN:
+            d_ce = stats[4]
+            d_z = stats[5]
+            gce = g / d_ce if d_ce != 0 else 0.0
+            gz = g / d_z if d_z != 0 else 0.0
+        s64 = np.float64(s)
+        inv_s = 1.0 / s64 if s64 > 0 else np.nan  # s = 0: an all -inf row, NaN as on the CPU
+        a = ACC((gce * ((1.0 - eps) * wt + eps * W / nclass) + gz * 2.0 * zl * lse) * inv_s)
+        c = ACC(gce * eps / nclass)
+        b = ACC(gce * (1.0 - eps) * wt)
+        return a, b, c
+
     @kernel
-    def forward(x, tgt, ign, has_ign, w, has_w, scale, inv, cap, eps, zl, stats, red,
-                loss, partial):
+    def forward(xw, xe, nclass, tgt, ign, has_ign, w, has_w, scale, inv, cap, eps, zl, stats,
+                red, loss, partial):
         """Per-row loss ce_i + zl lse_i**2 into ``loss`` (reduction none, 0 for
         ignored rows), or per-block float64 partial sums of ce_i and lse_i**2 into
         ``partial[block]`` (mean/sum)."""
         sh_m = cuda.shared.array(TPB, ACC)
         sh_s = cuda.shared.array(TPB, ACC)
         sh_q = cuda.shared.array(TPB, ACC)
-        if stats[8] != 0:  # validate found bad input: the host raises
-            return
         tid = cuda.threadIdx.x
-        n = x.shape[0]
-        nclass = x.shape[1] * P
+        if stats[8] != 0:  # validate found bad input: NaN loss, the host raises
+            if tid == 0:
+                if red == NONE:
+                    for i in range(cuda.blockIdx.x, tgt.shape[0], cuda.gridDim.x):
+                        loss[i] = np.nan
+                else:
+                    partial[cuda.blockIdx.x, 0] = np.nan
+                    partial[cuda.blockIdx.x, 1] = np.nan
+            return
+        n = tgt.shape[0]
         W = stats[6]
         ce_sum = 0.0
         z_sum = 0.0
@@ -324,9 +592,10 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
                 if tid == 0 and red == NONE:
                     loss[i] = 0
                 continue
-            xt = unpack(x[i, t // P], t % P)
-            m, s, q = row_stats(x, i, tid, w, has_w, eps > 0, scale, inv, cap)
-            m, s, q = _block_softmax(sh_m, sh_s, sh_q, tid, m, s, q)
+            xt = load(xe[np.int64(i) * nclass + t])
+            m, s, q = row_stats(xw, xe, i, nclass, tid, w, has_w, eps > 0, scale, inv, cap, xw,
+                                np.uint64(0))
+            m, s, q = block_softmax(sh_m, sh_s, sh_q, tid, m, s, q)
             if tid == 0:
                 wt = np.float64(w[t]) if has_w else 1.0
                 ce, lse = row_loss(xt, m, s, q, wt, W, eps, nclass, scale, inv, cap)
@@ -341,105 +610,131 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
             partial[cuda.blockIdx.x, 0] = ce_sum
             partial[cuda.blockIdx.x, 1] = z_sum
 
-    @kernel
-    def fused(x, tgt, ign, has_ign, w, has_w, scale, inv, cap, eps, zl, stats, red,
-              gmode, go, gvec, out, loss, partial):
-        """:func:`forward`, plus ``out[i, j] = d(sum_i gce_i ce_i + gz_i zl lse_i**2)/dx_ij``
-        in out's storage type (``out`` may be ``x``: in place). For mean the
-        coefficients divide by the denominators in ``stats`` (0 when they are 0)."""
-        sh_m = cuda.shared.array(TPB, ACC)
-        sh_s = cuda.shared.array(TPB, ACC)
-        sh_q = cuda.shared.array(TPB, ACC)
-        if stats[8] != 0:  # validate found bad input: the host raises
-            return
-        tid = cuda.threadIdx.x
-        n = x.shape[0]
-        nwords = x.shape[1]
-        nclass = nwords * P
-        W = stats[6]
-        ce_sum = 0.0
-        z_sum = 0.0
-        for i in range(cuda.blockIdx.x, n, cuda.gridDim.x):
-            t = np.int64(tgt[i])
-            if has_ign and t == ign:
-                for k in range(tid, nwords, TPB):
-                    out[i, k] = zero_word()
-                if tid == 0 and red == NONE:
-                    loss[i] = 0
-                continue
-            # Read x[i, t] before the barrier in _block_softmax: in place, the
-            # gradient pass below overwrites it.
-            xt = unpack(x[i, t // P], t % P)
-            m, s, q = row_stats(x, i, tid, w, has_w, eps > 0, scale, inv, cap)
-            m, s, q = _block_softmax(sh_m, sh_s, sh_q, tid, m, s, q)
-            wt = np.float64(w[t]) if has_w else 1.0
-            ce, lse = row_loss(xt, m, s, q, wt, W, eps, nclass, scale, inv, cap)
-            if tid == 0:
-                if red == NONE:
-                    loss[i] = ce + zl * lse * lse if zl > 0 else ce
-                else:
-                    ce_sum += ce
-                    z_sum += lse * lse
-            # Upstream coefficients of this row (float64; rounded once below).
-            g = go
-            if gmode == G_DEVICE_SCALAR:
-                g = gvec[0]
-            elif gmode == G_ROWS:
-                g = gvec[i]
-            gce = g
-            gz = g
-            if red == MEAN:
-                d_ce = stats[4]
-                d_z = stats[5]
-                gce = g / d_ce if d_ce != 0 else 0.0
-                gz = g / d_z if d_z != 0 else 0.0
-            s64 = np.float64(s)
-            inv_s = 1.0 / s64 if s64 > 0 else np.nan  # s = 0: an all -inf row, NaN as on the CPU
-            a = ACC((gce * ((1.0 - eps) * wt + eps * W / nclass) + gz * 2.0 * zl * lse) * inv_s)
-            c = ACC(gce * eps / nclass)
-            b = ACC(gce * (1.0 - eps) * wt)
-            shift = m if m != _NINF else ACC(0)
-            # Same batching as row_stats: 4 independent loads, then 4 words of
-            # gradient, then 4 stores (each thread rewrites only the words it read,
-            # so in place is safe).
-            k = np.uint64(tid)
-            nwu = np.uint64(nwords)
-            while k + T3 < nwu:
-                a0 = x[i, k]
-                a1 = x[i, k + T1]
-                a2 = x[i, k + T2]
-                a3 = x[i, k + T3]
-                o0 = grad_word(a0, k, t, a, b, c, shift, w, has_w, scale, inv, cap)
-                o1 = grad_word(a1, k + T1, t, a, b, c, shift, w, has_w, scale, inv, cap)
-                o2 = grad_word(a2, k + T2, t, a, b, c, shift, w, has_w, scale, inv, cap)
-                o3 = grad_word(a3, k + T3, t, a, b, c, shift, w, has_w, scale, inv, cap)
-                out[i, k] = o0
-                out[i, k + T1] = o1
-                out[i, k + T2] = o2
-                out[i, k + T3] = o3
-                k += T4
-            while k < nwu:
-                out[i, k] = grad_word(x[i, k], k, t, a, b, c, shift, w, has_w, scale, inv, cap)
-                k += T1
-        if tid == 0 and red != NONE:
-            partial[cuda.blockIdx.x, 0] = ce_sum
-            partial[cuda.blockIdx.x, 1] = z_sum
+    def make_fused(resident):
+        """The fused kernel; ``resident``: the first ``nslots`` words of each
+        row (all of it when it fits) are kept in dynamic shared memory by the
+        statistics pass, and the gradient pass reads them from there, the
+        rest from global memory again; the streaming kernel ignores
+        ``nslots``."""
+        stats_fn = row_stats_keep if resident else row_stats
+
+        @kernel
+        def fused(xw, xe, nclass, tgt, ign, has_ign, w, has_w, scale, inv, cap, eps, zl, stats,
+                  red, gmode, go, gvec, ow, oe, loss, partial, nslots):
+            """:func:`forward`, plus ``d(sum_i gce_i ce_i + gz_i zl lse_i**2)/dx_ij``
+            into ``ow``/``oe`` in the storage type (they may be ``xw``/``xe``: in
+            place). For mean the coefficients divide by the denominators in
+            ``stats`` (0 when they are 0)."""
+            sh_m = cuda.shared.array(TPB, ACC)
+            sh_s = cuda.shared.array(TPB, ACC)
+            sh_q = cuda.shared.array(TPB, ACC)
+            if resident:
+                sm = cuda.shared.array(0, WORD)
+            else:
+                sm = xw
+            tid = cuda.threadIdx.x
+            if stats[8] != 0:  # validate found bad input: NaN loss, the host raises
+                if tid == 0:
+                    if red == NONE:
+                        for i in range(cuda.blockIdx.x, tgt.shape[0], cuda.gridDim.x):
+                            loss[i] = np.nan
+                    else:
+                        partial[cuda.blockIdx.x, 0] = np.nan
+                        partial[cuda.blockIdx.x, 1] = np.nan
+                return
+            n = tgt.shape[0]
+            W = stats[6]
+            ce_sum = 0.0
+            z_sum = 0.0
+            for i in range(cuda.blockIdx.x, n, cuda.gridDim.x):
+                t = np.int64(tgt[i])
+                base, w0, w1, hend, tstart, end = row_span(i, nclass)
+                if has_ign and t == ign:
+                    zero_row(ow, oe, base, w0, w1, hend, tstart, end, tid)
+                    if tid == 0 and red == NONE:
+                        loss[i] = 0
+                    continue
+                # Read x[i, t] before the barriers in block_softmax: in place, the
+                # gradient pass below overwrites it.
+                xt = load(xe[base + t])
+                m, s, q = stats_fn(xw, xe, i, nclass, tid, w, has_w, eps > 0, scale, inv, cap, sm,
+                                   nslots)
+                m, s, q = block_softmax(sh_m, sh_s, sh_q, tid, m, s, q)
+                wt = np.float64(w[t]) if has_w else 1.0
+                ce, lse = row_loss(xt, m, s, q, wt, W, eps, nclass, scale, inv, cap)
+                if tid == 0:
+                    if red == NONE:
+                        loss[i] = ce + zl * lse * lse if zl > 0 else ce
+                    else:
+                        ce_sum += ce
+                        z_sum += lse * lse
+                a, b, c = coefficients(i, lse, s, wt, W, eps, nclass, zl, stats, red, gmode, go, gvec)
+                shift = m if m != _NINF else ACC(0)
+                # Same batching as row_stats: 4 independent loads (from shared
+                # memory when resident: the thread's own slots, written above),
+                # then 4 words of gradient, then 4 stores (each thread rewrites
+                # only the words it read, so in place is safe).
+                ub = np.uint64(w0)
+                wend = np.uint64(w1)
+                k = ub + np.uint64(tid)
+                while k + T3 < wend:
+                    r = k - ub
+                    if resident and r + T3 < nslots:
+                        a0 = sm[r]
+                        a1 = sm[r + T1]
+                        a2 = sm[r + T2]
+                        a3 = sm[r + T3]
+                    elif resident:  # the end of the kept prefix
+                        a0 = sm[r] if r < nslots else xw[k]
+                        a1 = sm[r + T1] if r + T1 < nslots else xw[k + T1]
+                        a2 = sm[r + T2] if r + T2 < nslots else xw[k + T2]
+                        a3 = xw[k + T3]
+                    else:
+                        a0 = xw[k]
+                        a1 = xw[k + T1]
+                        a2 = xw[k + T2]
+                        a3 = xw[k + T3]
+                    j0 = np.int64(k) * P - base
+                    o0 = grad_word(a0, j0, t, a, b, c, shift, w, has_w, scale, inv, cap)
+                    o1 = grad_word(a1, j0 + TPB * P, t, a, b, c, shift, w, has_w, scale, inv, cap)
+                    o2 = grad_word(a2, j0 + 2 * TPB * P, t, a, b, c, shift, w, has_w, scale, inv, cap)
+                    o3 = grad_word(a3, j0 + 3 * TPB * P, t, a, b, c, shift, w, has_w, scale, inv, cap)
+                    ow[k] = o0
+                    ow[k + T1] = o1
+                    ow[k + T2] = o2
+                    ow[k + T3] = o3
+                    k += T4
+                while k < wend:
+                    a0 = sm[k - ub] if resident and k - ub < nslots else xw[k]
+                    ow[k] = grad_word(a0, np.int64(k) * P - base, t, a, b, c, shift, w, has_w,
+                                      scale, inv, cap)
+                    k += T1
+                grad_edges(xe, oe, base, hend, tstart, end, tid, t, a, b, c, shift, w, has_w,
+                           scale, inv, cap)
+            if tid == 0 and red != NONE:
+                partial[cuda.blockIdx.x, 0] = ce_sum
+                partial[cuda.blockIdx.x, 1] = z_sum
+        return fused
+
+    fused = make_fused(False)
+    fused_resident = make_fused(True)
 
     @kernel
-    def lse(x, w, scale, inv, cap, out):
+    def lse(xw, xe, nclass, w, scale, inv, cap, out):
         """out[i] = logsumexp_j z_ij (-inf for a row of -inf)."""
         sh_m = cuda.shared.array(TPB, ACC)
         sh_s = cuda.shared.array(TPB, ACC)
         sh_q = cuda.shared.array(TPB, ACC)
         tid = cuda.threadIdx.x
-        for i in range(cuda.blockIdx.x, x.shape[0], cuda.gridDim.x):
-            m, s, q = row_stats(x, i, tid, w, False, False, scale, inv, cap)
-            m, s, q = _block_softmax(sh_m, sh_s, sh_q, tid, m, s, q)
+        for i in range(cuda.blockIdx.x, out.shape[0], cuda.gridDim.x):
+            m, s, q = row_stats(xw, xe, i, nclass, tid, w, False, False, scale, inv, cap, xw,
+                                np.uint64(0))
+            m, s, q = block_softmax(sh_m, sh_s, sh_q, tid, m, s, q)
             if tid == 0:
                 shift = m if m != _NINF else ACC(0)
                 out[i] = shift + M.log0(s)
 
-    return forward, fused, lse
+    return forward, fused, lse, fused_resident
 
 
 @functools.lru_cache(maxsize=None)
@@ -500,6 +795,11 @@ def support_kernels(tpb):
             stats[6] = wsum if has_w else np.float64(nclass)
             stats[7] = wmin
             stats[8] = 1.0 if nbad > 0 or wbad > 0 or (has_w and wmin < 0) else 0.0
+            # The first bad target's value, exactly, as two 32-bit halves (the
+            # host reads it later, when the targets may have changed).
+            v = np.int64(tgt[np.int64(first)]) if nbad > 0 else np.int64(0)
+            stats[9] = np.float64(v >> 32)
+            stats[10] = np.float64(v & 0xFFFFFFFF)
 
     @cuda.jit
     def finalize(partial, stats, red, zl, out):
@@ -541,3 +841,22 @@ def convert_kernel(kind, tpb):
             dst[k] = load(src[k])
 
     return convert
+
+
+@functools.lru_cache(maxsize=None)
+def copy2d_kernel(tpb):
+    """``copy2d(src, dst)``: dst[i, j] = src[i, j] for 2-D arrays of one dtype and
+    any strides (stages strided logits in a contiguous buffer, and back)."""
+
+    @cuda.jit
+    def copy2d(src, dst):
+        v = np.int64(src.shape[1])
+        total = np.int64(src.shape[0]) * v
+        start = np.int64(cuda.blockIdx.x) * tpb + cuda.threadIdx.x
+        step = np.int64(cuda.gridDim.x) * tpb
+        for f in range(start, total, step):
+            i = f // v
+            j = f - i * v
+            dst[i, j] = src[i, j]
+
+    return copy2d

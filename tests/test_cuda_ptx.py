@@ -1,0 +1,298 @@
+"""The CUDA kernels as a GPU build sees them, checked on a machine without a GPU.
+
+The simulator (``tests/test_cuda_sim.py``) runs the kernels' Python source; it
+cannot tell whether numba-cuda compiles them, how many registers they take or
+whether the wide accesses became 8-byte loads. Here every kernel is compiled
+to PTX for sm_90 (H100/H200) by numba-cuda's NVVM, then assembled by ptxas
+(both come with ``numba-cuda[cu12]``, installed by the ``test`` extra), and
+the assembler's report is checked:
+
+* it assembles (a typing or lowering error would otherwise surface only on a
+  GPU machine);
+* no register spills for blocks of up to 256 threads, and at most a few
+  bytes at 1024 threads (there the kernels cap registers at 64 per thread so
+  a block fits the register file, as ``fastloss.cuda.cross_entropy`` does);
+* the wide variants load 8-byte words (``ld.global.u64``) and the resident
+  kernel uses dynamic shared memory.
+
+Also the launch decision for the resident kernel (``api._resident_bytes``)
+against a fake device. Skipped when numba-cuda, NVVM or ptxas is missing.
+"""
+
+import os
+import pathlib
+import re
+import subprocess
+
+import numpy as np
+import pytest
+
+numba_cuda = pytest.importorskip("numba_cuda")
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    pytest.skip("the simulator replaces the compiler", allow_module_level=True)
+
+
+def _ptxas():
+    try:
+        import nvidia.cuda_nvcc
+    except ImportError:
+        return None
+    for root in nvidia.cuda_nvcc.__path__:
+        p = pathlib.Path(root) / "bin" / "ptxas"
+        if p.exists():
+            return str(p)
+    return None
+
+
+PTXAS = _ptxas()
+CC = (9, 0)
+
+
+class _FakeDevice:
+    """What numba-cuda asks of the current device while compiling device functions."""
+    compute_capability = CC
+    id = 0
+
+
+@pytest.fixture(scope="module")
+def compiler():
+    """``compile(kernel, signature, tpb) -> (ptx, ptxas report)``; numba-cuda is
+    told the current device is an sm_90 (it asks while typing device
+    functions); ptxas gets the kernels' register cap for big blocks."""
+    if PTXAS is None:
+        pytest.skip("ptxas not installed (pip install 'numba-cuda[cu12]')")
+    import numba.cuda.dispatcher as D
+    from numba import cuda
+    mp = pytest.MonkeyPatch()
+    mp.setattr(D, "get_current_device", lambda: _FakeDevice())
+    try:
+        cuda.compile_ptx(lambda a: None, "void(float32[::1])", cc=CC)
+    except Exception as e:  # NVVM missing or unusable
+        mp.undo()
+        pytest.skip(f"numba-cuda cannot compile PTX here: {type(e).__name__}: {e}")
+
+    def compile_one(kernel, sig, tpb, tmp):
+        ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=CC)
+        src = tmp / "k.ptx"
+        src.write_text(ptx)
+        cmd = [PTXAS, f"-arch=sm_{CC[0]}{CC[1]}", "-v", str(src), "-o", str(tmp / "k.cubin")]
+        if tpb > 256:
+            cmd.insert(2, f"-maxrregcount={max(16, min(255, 65536 // tpb) // 8 * 8)}")
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return ptx, r.stderr
+
+    yield compile_one
+    mp.undo()
+
+
+def _report(text):
+    """(registers, spill store bytes, spill load bytes) from ptxas -v."""
+    regs = int(re.search(r"Used (\d+) registers", text).group(1))
+    st = int(re.search(r"(\d+) bytes spill stores", text).group(1))
+    ld = int(re.search(r"(\d+) bytes spill loads", text).group(1))
+    return regs, st, ld
+
+
+def _ce_signatures(acc, kind, per):
+    """Argument types of (forward, fused/fused_resident, lse) as the API passes them."""
+    from numba import types
+
+    from fastloss.cuda import _math as M
+    ACC = types.float64 if acc == "float64" else types.float32
+    E = types.uint16 if kind != M.NATIVE else ACC
+    W = types.uint64 if per > 1 else E
+
+    def A(dt, nd=1):
+        return types.Array(dt, nd, "C")
+    head = (A(W), A(E), types.int64, A(types.int64), types.int64, types.boolean, A(ACC),
+            types.boolean, ACC, ACC, ACC, types.float64, types.float64, A(types.float64))
+    forward = head + (types.int64, A(ACC), A(types.float64, 2))
+    fused = head + (types.int64, types.int64, types.float64, A(types.float64), A(W), A(E),
+                    A(ACC), A(types.float64, 2), types.uint64)
+    lse = (A(W), A(E), types.int64, A(ACC), ACC, ACC, ACC, A(ACC))
+    return forward, fused, lse
+
+
+def _ce_cases():
+    from fastloss.cuda import _math as M
+    from fastloss.cuda.cross_entropy import PLAIN, SCALED, SOFTCAP
+    quick = [("float32", M.BF16, 4, PLAIN, 256), ("float32", M.NATIVE, 2, PLAIN, 1024)]
+    slow = [("float32", M.BF16, 4, SOFTCAP, 1024), ("float32", M.F16, 4, SCALED, 256),
+            ("float32", M.NATIVE, 2, SOFTCAP, 256), ("float32", M.BF16, 1, PLAIN, 256),
+            ("float64", M.NATIVE, 1, PLAIN, 256)]
+    return ([pytest.param(*c, id="-".join(map(str, c))) for c in quick]
+            + [pytest.param(*c, id="-".join(map(str, c)), marks=pytest.mark.slow) for c in slow])
+
+
+@pytest.mark.parametrize("acc, kind, per, mode, tpb", _ce_cases())
+def test_cross_entropy_kernels_assemble_without_spills(compiler, tmp_path, acc, kind, per, mode, tpb):
+    from fastloss.cuda.cross_entropy import ce_kernels
+    forward, fused, lse, resident = ce_kernels(acc, kind, mode, tpb, per)
+    sig_f, sig_g, sig_l = _ce_signatures(acc, kind, per)
+    spill_limit = 0 if tpb <= 256 else 64
+    for name, kernel, sig in (("forward", forward, sig_f), ("fused", fused, sig_g),
+                              ("lse", lse, sig_l), ("fused_resident", resident, sig_g)):
+        ptx, report = compiler(kernel, sig, tpb, tmp_path)
+        regs, st, ld = _report(report)
+        assert st <= spill_limit and ld <= spill_limit, f"{name}: {report}"
+        if tpb > 256:
+            assert regs <= 65536 // tpb, f"{name}: {regs} registers, a block of {tpb} does not fit"
+        wide_loads = len(re.findall(r"ld\.global(\.nc)?\.(u64|b64)", ptx))
+        if per > 1:  # the batched loop: 4 words in flight (forward, lse, both fused)
+            assert wide_loads >= 4, f"{name}: {wide_loads} 8-byte global loads"
+        if name == "fused_resident":
+            assert re.search(r"\.extern \.shared", ptx), "no dynamic shared memory"
+            assert re.search(r"st\.shared\.(u64|b64|f32|f64|u16|b16)", ptx)
+
+
+@pytest.mark.slow
+def test_support_and_mse_kernels_assemble(compiler, tmp_path):
+    from numba import types
+
+    from fastloss.cuda import _math as M
+    from fastloss.cuda.cross_entropy import convert_kernel, copy2d_kernel, support_kernels
+    from fastloss.cuda.mse import mse_kernels
+
+    def A(dt, nd=1, layout="C"):
+        return types.Array(dt, nd, layout)
+    f32, f64, i64, b = types.float32, types.float64, types.int64, types.boolean
+    validate, finalize = support_kernels(256)
+    mse, weight_sum, fin = mse_kernels("float32", M.BF16, M.NATIVE, 256)
+    cases = [
+        (validate, (A(i64), i64, b, i64, A(f32), b, f64, A(f64))),
+        (finalize, (A(f64, 2), A(f64), i64, f64, A(f32))),
+        (convert_kernel(M.BF16, 256), (A(types.uint16), A(f32))),
+        (copy2d_kernel(256), (A(types.uint16, 2, "A"), A(types.uint16, 2))),
+        (mse, (A(types.uint16), A(f32), A(f32), i64, i64, i64, f64, A(f64), b, i64, f64,
+               A(f64), b, A(types.uint16), A(f32), A(f64))),
+        (weight_sum, (A(f32), f64, A(f64))),
+        (fin, (A(f64), i64, f64, A(f64), b, A(f32))),
+    ]
+    for kernel, sig in cases:
+        _, report = compiler(kernel, sig, 256, tmp_path)
+        _, st, ld = _report(report)
+        assert st == 0 and ld == 0, report
+
+
+# --- the resident kernel's launch decision, against a fake device ----------------------
+
+class _FakeCufunc:
+    class attrs:
+        shared = 3072
+    handle = object()
+    kernel = object()
+
+
+class _FakeKernel:
+    def typeof_pyval(self, v):
+        return type(v)
+
+    def compile(self, sig):
+        class Compiled:
+            class _codelibrary:
+                @staticmethod
+                def get_cufunc():
+                    return _FakeCufunc()
+        return Compiled()
+
+
+class _Words:
+    """The logits' word view (only its item size is read)."""
+    dtype = np.dtype(np.uint64)
+
+
+class _FakeGpu:
+    sim = False
+
+    class cuda:
+        @staticmethod
+        def current_context():
+            class Ctx:
+                class device:
+                    id = 7
+                    MAX_SHARED_MEMORY_PER_MULTIPROCESSOR = 233472
+                    MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = 232448
+            return Ctx
+
+
+@pytest.fixture
+def fake_driver(monkeypatch):
+    """The driver's attribute setter, recorded (or failing)."""
+    from numba.cuda.cudadrv import driver as drv
+    calls = []
+
+    class Driver:
+        fail = False
+
+        def cuKernelSetAttribute(self, attr, value, handle, dev):
+            if self.fail:
+                raise RuntimeError("no such attribute")
+            calls.append((int(attr), value, dev))
+    d = Driver()
+    monkeypatch.setattr(drv, "driver", d)
+    from fastloss.cuda import api
+    monkeypatch.setattr(api, "_SMEM_ALLOWED", {})
+    return d, calls
+
+
+def test_resident_kernel_opts_in_to_large_shared_memory(fake_driver, monkeypatch):
+    import fastloss.config
+    from fastloss.cuda import api
+    drv, calls = fake_driver
+    k, gpu = _FakeKernel(), _FakeGpu()
+    # float32 rows of 32000 classes: 16000 words of 8 bytes
+    smem, per_sm = api._resident_bytes(gpu, k, (_Words(), 2.0), 128000, 1024)
+    assert smem == 128000 and per_sm == 1  # one such block per SM
+    assert calls == [(8, 232448 - 3072, 7)]  # MAX_DYNAMIC_SHARED_SIZE_BYTES, once per kernel
+    assert api._resident_bytes(gpu, k, (_Words(), 2.0), 64000, 1024) == (64000, 2)
+    assert api._resident_bytes(gpu, k, (_Words(), 2.0), 20000, 256) == (20000, 8)  # by threads
+    assert len(calls) == 1
+    # rows larger than a block may hold: the prefix that fits, when it is at
+    # least half the row (bfloat16 x 128256: 86%), else the streaming kernel
+    # (float32 x 128256: 45%) unless resident is forced
+    room = 232448 - 3072
+    assert api._resident_bytes(gpu, k, (_Words(), 2.0), 256512, 1024) == (room, 1)
+    assert api._resident_bytes(gpu, k, (_Words(), 2.0), 513024, 1024) == (0, None)
+    monkeypatch.setattr(fastloss.config, "CUDA_FUSED_STRATEGY", "resident")
+    assert api._resident_bytes(gpu, k, (_Words(), 2.0), 513024, 1024) == (room, 1)
+    monkeypatch.setattr(fastloss.config, "CUDA_RESIDENT_MAX_BYTES", 1001)
+    assert api._resident_bytes(gpu, k, (_Words(), 2.0), 513024, 256) == (1000, 8)  # whole words
+    monkeypatch.setattr(fastloss.config, "CUDA_FUSED_STRATEGY", "stream")
+    assert api._resident_bytes(gpu, k, (_Words(), 2.0), 1000, 1024) == (0, None)
+
+
+def test_resident_kernel_without_opt_in_stays_within_48k(fake_driver):
+    from fastloss.cuda import api
+    drv, calls = fake_driver
+    drv.fail = True
+    k, gpu = _FakeKernel(), _FakeGpu()
+    assert api._resident_bytes(gpu, k, (_Words(),), 128000, 1024) == (0, None)
+    assert "opt-in failed" in api.RESIDENT_NOTE
+    smem, _ = api._resident_bytes(gpu, k, (_Words(),), 48 * 1024 - 3072, 1024)
+    assert smem == 48 * 1024 - 3072
+
+
+def test_row_span_tiles_the_buffer():
+    """The kernels' split of each row into 8-byte words and edge elements
+    (``row_span``, run here as Python): over consecutive rows the words and
+    the edge elements cover every element exactly once, edges are shorter
+    than a word, and a word never holds elements of two rows."""
+    from fastloss.cuda.cross_entropy import make_row_span
+    for per in (1, 2, 4):
+        span = make_row_span(per)
+        for nclass in (1, 2, 3, 5, 7, 8, 29, 50257, 128256):
+            rows = 6
+            seen = np.zeros(rows * nclass, np.int64)
+            for i in range(rows):
+                base, w0, w1, hend, tstart, end = (int(v) for v in span(i, nclass))
+                assert (base, end) == (i * nclass, (i + 1) * nclass)
+                assert w0 <= w1 and base <= hend <= end and hend <= tstart <= end
+                assert hend - base < per and end - tstart < per
+                if w1 > w0:
+                    assert w0 * per >= base and w1 * per <= end  # words inside the row
+                    seen[w0 * per:w1 * per] += 1
+                seen[base:hend] += 1
+                seen[tstart:end] += 1
+            assert (seen == 1).all(), (per, nclass)
