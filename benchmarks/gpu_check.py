@@ -352,7 +352,7 @@ def providers(torch, api, config, tname, budget, sm_count):
     out["fastloss inplace"] = (None, lambda x, t: f_def[1](x, t, inplace=True))
     # Variants of the fused kernel only (the forward kernel is the default's):
     # the streaming kernel (reads each row twice; the default where less than
-    # half a row fits in shared memory) at 256 and 512 threads per block, and
+    # a quarter of a row fits in shared memory) at 256 and 512 threads per block, and
     # the resident kernel (the row, or its longest prefix that fits, kept in
     # shared memory; the default otherwise) forced, and at 512 threads
     # instead of 1024.

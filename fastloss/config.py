@@ -46,12 +46,16 @@ CUDA_FUSED_L2_BYTES = None
 #: least ``CUDA_RESIDENT_MIN_FRACTION`` of a row fits in the shared memory a
 #: block may have (about 227 KB on an H100/H200: all of a float32 row up to
 #: ~56k classes or a half-precision one up to ~113k; 86% of a bfloat16 row of
-#: 128256) and stream otherwise. Not yet timed on a GPU: the default follows
-#: the memory traffic; ``benchmarks/gpu_check.py`` times both.
+#: 128256, 45% of a float32 one) and stream otherwise. Not yet timed on a GPU:
+#: the default follows the memory traffic; ``benchmarks/gpu_check.py`` times
+#: both.
 CUDA_FUSED_STRATEGY = "auto"
 
-#: See ``CUDA_FUSED_STRATEGY``.
-CUDA_RESIDENT_MIN_FRACTION = 0.5
+#: See ``CUDA_FUSED_STRATEGY``. A quarter: with one 1024-thread block per SM,
+#: the unkept tails of the rows in flight (132 x 282 KB for float32 x 128256)
+#: fit in L2, and the gradient pass re-reads them first (it walks backwards),
+#: so even a partly kept row should be read from HBM about once.
+CUDA_RESIDENT_MIN_FRACTION = 0.25
 
 #: Cap (bytes) on the resident kernel's shared memory; None: what the GPU
 #: allows a block. Tests lower it to cover partly resident rows.

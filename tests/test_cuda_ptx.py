@@ -250,13 +250,14 @@ def test_resident_kernel_opts_in_to_large_shared_memory(fake_driver, monkeypatch
     assert api._resident_bytes(gpu, k, (_Words(), 2.0), 20000, 256) == (20000, 8)  # by threads
     assert len(calls) == 1
     # rows larger than a block may hold: the prefix that fits, when it is at
-    # least half the row (bfloat16 x 128256: 86%), else the streaming kernel
-    # (float32 x 128256: 45%) unless resident is forced
+    # least a quarter of the row (bfloat16 x 128256: 86%, float32: 45%), else
+    # the streaming kernel unless resident is forced
     room = 232448 - 3072
     assert api._resident_bytes(gpu, k, (_Words(), 2.0), 256512, 1024) == (room, 1)
-    assert api._resident_bytes(gpu, k, (_Words(), 2.0), 513024, 1024) == (0, None)
-    monkeypatch.setattr(fastloss.config, "CUDA_FUSED_STRATEGY", "resident")
     assert api._resident_bytes(gpu, k, (_Words(), 2.0), 513024, 1024) == (room, 1)
+    assert api._resident_bytes(gpu, k, (_Words(), 2.0), 4 * room + 8, 1024) == (0, None)
+    monkeypatch.setattr(fastloss.config, "CUDA_FUSED_STRATEGY", "resident")
+    assert api._resident_bytes(gpu, k, (_Words(), 2.0), 4 * room + 8, 1024) == (room, 1)
     monkeypatch.setattr(fastloss.config, "CUDA_RESIDENT_MAX_BYTES", 1001)
     assert api._resident_bytes(gpu, k, (_Words(), 2.0), 513024, 256) == (1000, 8)  # whole words
     monkeypatch.setattr(fastloss.config, "CUDA_FUSED_STRATEGY", "stream")
@@ -268,7 +269,7 @@ def test_resident_kernel_without_opt_in_stays_within_48k(fake_driver):
     drv, calls = fake_driver
     drv.fail = True
     k, gpu = _FakeKernel(), _FakeGpu()
-    assert api._resident_bytes(gpu, k, (_Words(),), 128000, 1024) == (0, None)
+    assert api._resident_bytes(gpu, k, (_Words(),), 4 * 46080 + 8, 1024) == (0, None)
     assert "opt-in failed" in api.RESIDENT_NOTE
     smem, _ = api._resident_bytes(gpu, k, (_Words(),), 48 * 1024 - 3072, 1024)
     assert smem == 48 * 1024 - 3072

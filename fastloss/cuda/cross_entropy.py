@@ -43,13 +43,15 @@ copied to a contiguous buffer by the API.
 Passes over memory per row: the forward and logsumexp kernels read the row
 once. The fused kernel has two forms:
 
-* ``fused_resident`` (the default where at least half a row fits in shared
-  memory: up to about 227 KB a block on an H100/H200, e.g. float32 rows of
+* ``fused_resident`` (the default where at least a quarter of a row fits in
+  shared memory: up to about 227 KB a block on an H100/H200, e.g. float32 rows of
   50257 classes, bfloat16 rows of 113k): the statistics pass also stores each
   word it reads in dynamic shared memory, in the thread's own slots, and the
   gradient pass reads it back from there. A row that fits is read from global
   memory once and the gradient written once: the minimum traffic. Of a longer
-  row only the first ``nslots`` words are kept; the rest is read again.
+  row only the first ``nslots`` words are kept; the rest is read again, first
+  thing in the gradient pass (which walks each thread's words backwards), so
+  from L2 while the unkept tails of the rows in flight fit there.
 * ``fused`` (streaming): the gradient pass reads the row from global memory
   again. The second read is served by L2 only while the rows in flight (one
   per block: the grid size) fit in it, so its grid may be capped at
@@ -670,45 +672,52 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
                         z_sum += lse * lse
                 a, b, c = coefficients(i, lse, s, wt, W, eps, nclass, zl, stats, red, gmode, go, gvec)
                 shift = m if m != _NINF else ACC(0)
-                # Same batching as row_stats: 4 independent loads (from shared
-                # memory when resident: the thread's own slots, written above),
-                # then 4 words of gradient, then 4 stores (each thread rewrites
-                # only the words it read, so in place is safe).
+                # The gradient pass walks the thread's words backwards: the words
+                # the statistics pass read last come first, while they may still
+                # be in L2 (the streaming kernel, the unkept tail of a partly
+                # resident row). Batches of 4 as in row_stats (slots r, r - T,
+                # r - 2T, r - 3T; from shared memory where kept), then 4 words of
+                # gradient, then 4 stores (each thread rewrites only the words
+                # it read, so in place is safe).
                 ub = np.uint64(w0)
-                wend = np.uint64(w1)
-                k = ub + np.uint64(tid)
-                while k + T3 < wend:
-                    r = k - ub
-                    if resident and r + T3 < nslots:
+                nw = np.uint64(w1) - ub
+                tu = np.uint64(tid)
+                cnt = (nw - tu - np.uint64(1)) // T1 + np.uint64(1) if tu < nw else np.uint64(0)
+                while cnt >= np.uint64(4):
+                    r = tu + (cnt - np.uint64(1)) * T1  # the batch's last slot
+                    k = ub + r
+                    if resident and r < nslots:
                         a0 = sm[r]
-                        a1 = sm[r + T1]
-                        a2 = sm[r + T2]
-                        a3 = sm[r + T3]
+                        a1 = sm[r - T1]
+                        a2 = sm[r - T2]
+                        a3 = sm[r - T3]
                     elif resident:  # the end of the kept prefix
-                        a0 = sm[r] if r < nslots else xw[k]
-                        a1 = sm[r + T1] if r + T1 < nslots else xw[k + T1]
-                        a2 = sm[r + T2] if r + T2 < nslots else xw[k + T2]
-                        a3 = xw[k + T3]
+                        a0 = xw[k]
+                        a1 = sm[r - T1] if r - T1 < nslots else xw[k - T1]
+                        a2 = sm[r - T2] if r - T2 < nslots else xw[k - T2]
+                        a3 = sm[r - T3] if r - T3 < nslots else xw[k - T3]
                     else:
                         a0 = xw[k]
-                        a1 = xw[k + T1]
-                        a2 = xw[k + T2]
-                        a3 = xw[k + T3]
+                        a1 = xw[k - T1]
+                        a2 = xw[k - T2]
+                        a3 = xw[k - T3]
                     j0 = np.int64(k) * P - base
                     o0 = grad_word(a0, j0, t, a, b, c, shift, w, has_w, scale, inv, cap)
-                    o1 = grad_word(a1, j0 + TPB * P, t, a, b, c, shift, w, has_w, scale, inv, cap)
-                    o2 = grad_word(a2, j0 + 2 * TPB * P, t, a, b, c, shift, w, has_w, scale, inv, cap)
-                    o3 = grad_word(a3, j0 + 3 * TPB * P, t, a, b, c, shift, w, has_w, scale, inv, cap)
+                    o1 = grad_word(a1, j0 - TPB * P, t, a, b, c, shift, w, has_w, scale, inv, cap)
+                    o2 = grad_word(a2, j0 - 2 * TPB * P, t, a, b, c, shift, w, has_w, scale, inv, cap)
+                    o3 = grad_word(a3, j0 - 3 * TPB * P, t, a, b, c, shift, w, has_w, scale, inv, cap)
                     ow[k] = o0
-                    ow[k + T1] = o1
-                    ow[k + T2] = o2
-                    ow[k + T3] = o3
-                    k += T4
-                while k < wend:
-                    a0 = sm[k - ub] if resident and k - ub < nslots else xw[k]
+                    ow[k - T1] = o1
+                    ow[k - T2] = o2
+                    ow[k - T3] = o3
+                    cnt -= np.uint64(4)
+                while cnt > np.uint64(0):
+                    r = tu + (cnt - np.uint64(1)) * T1
+                    k = ub + r
+                    a0 = sm[r] if resident and r < nslots else xw[k]
                     ow[k] = grad_word(a0, np.int64(k) * P - base, t, a, b, c, shift, w, has_w,
                                       scale, inv, cap)
-                    k += T1
+                    cnt -= np.uint64(1)
                 grad_edges(xe, oe, base, hend, tstart, end, tid, t, a, b, c, shift, w, has_w,
                            scale, inv, cap)
             if tid == 0 and red != NONE:
