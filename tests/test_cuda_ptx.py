@@ -297,3 +297,17 @@ def test_row_span_tiles_the_buffer():
                 seen[base:hend] += 1
                 seen[tstart:end] += 1
             assert (seen == 1).all(), (per, nclass)
+
+
+def test_resident_launch_refused_falls_back_to_48k(fake_driver):
+    """If the driver refuses a launch's shared memory after all, that kernel is
+    held to the default 48 KiB from then on (and the note says why)."""
+    from fastloss.cuda import api
+    k, gpu = _FakeKernel(), _FakeGpu()
+    args = (_Words(), 2.0)
+    assert api._resident_bytes(gpu, k, args, 128000, 1024) == (128000, 1)
+    api._resident_refused(gpu, k, args, RuntimeError("CUDA_ERROR_INVALID_VALUE"))
+    assert "resident launch failed" in api.RESIDENT_NOTE
+    # 48 KiB less the static 3 KiB: 35% of the row, above the quarter: kept
+    assert api._resident_bytes(gpu, k, args, 128000, 1024) == (48 * 1024 - 3072, 2)
+    assert api._resident_bytes(gpu, k, args, 4 * 48 * 1024, 1024) == (0, None)

@@ -635,12 +635,16 @@ def _torch_cuda():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["auto", "stream", "resident"])
 @pytest.mark.parametrize("tdtype, tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
 @pytest.mark.parametrize("shape", [(8192, 128256), (7, 130), (33, 50257), (3, 1)])
-def test_gpu_cross_entropy_vs_torch(tdtype, tol, shape):
+def test_gpu_cross_entropy_vs_torch(monkeypatch, strategy, tdtype, tol, shape):
+    """Every fused kernel on the GPU (auto: resident where a quarter of a row
+    fits; resident forced keeps a prefix of the float32 128256-class rows)."""
     torch = _torch_cuda()
     F = torch.nn.functional
     from fastloss.cuda import api
+    monkeypatch.setattr(fastloss.config, "CUDA_FUSED_STRATEGY", strategy)
     dtype = getattr(torch, tdtype)
     g = torch.Generator(device="cuda").manual_seed(0)
     x = (torch.randn(shape, device="cuda", generator=g) * 2).to(dtype)
@@ -662,6 +666,28 @@ def test_gpu_cross_entropy_vs_torch(tdtype, tol, shape):
     y = x.clone()
     loss, grad = api.cross_entropy_with_grad(y, t, inplace=True)
     assert grad is y
+
+
+@pytest.mark.gpu
+def test_gpu_bad_target_reported_without_waiting():
+    """On a GPU a bad target gives a NaN loss at once and its ValueError from
+    fastloss.cuda.synchronize() (or from the call with CUDA_SYNC_CHECKS)."""
+    torch = _torch_cuda()
+    from fastloss.cuda import api
+    x = torch.randn(16, 1000, device="cuda")
+    t = torch.randint(0, 1000, (16,), device="cuda")
+    t[5] = 1000
+    loss, _ = api.cross_entropy_with_grad(x, t)
+    assert torch.isnan(loss).item()
+    with pytest.raises(ValueError, match=r"position \(5,\): 1000"):
+        fastloss.cuda.synchronize()
+    fastloss.cuda.synchronize()
+    fastloss.config.CUDA_SYNC_CHECKS = True
+    try:
+        with pytest.raises(ValueError, match=r"position \(5,\): 1000$"):
+            api.cross_entropy(x, t)
+    finally:
+        fastloss.config.CUDA_SYNC_CHECKS = False
 
 
 @pytest.mark.gpu

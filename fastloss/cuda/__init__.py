@@ -40,15 +40,22 @@ def cuda_available():
     >>> isinstance(fastloss.cuda.cuda_available(), bool)
     True
     """
+    global _AVAILABLE
+    if _AVAILABLE:  # a usable GPU stays usable: every GPU call asks
+        return True
     cuda = _numba_cuda()
     if cuda is None:
         return False
     if simulator_enabled():
         return True
     try:
-        return bool(cuda.is_available()) and len(cuda.gpus) > 0
+        _AVAILABLE = bool(cuda.is_available()) and len(cuda.gpus) > 0
     except Exception:  # driver present but unusable
         return False
+    return _AVAILABLE
+
+
+_AVAILABLE = False
 
 
 def synchronize():

@@ -565,6 +565,17 @@ def _resident_bytes(gpu, kernel, args, need, tpb):
     return smem, max(1, min(2048 // tpb, by_smem))
 
 
+def _resident_refused(gpu, kernel, args, error):
+    """A resident launch failed (the driver refused its shared memory): record
+    why and allow this kernel no more than the default 48 KiB from now on."""
+    global RESIDENT_NOTE
+    RESIDENT_NOTE = f"resident launch failed, streaming instead: {type(error).__name__}: {error}"
+    dev = gpu.cuda.current_context().device
+    key = (id(kernel), tuple(kernel.typeof_pyval(a) for a in args), dev.id)
+    allowed, static, per_sm = _SMEM_ALLOWED.get(key, (0, 0, 0))
+    _SMEM_ALLOWED[key] = min(allowed, 48 * 1024 - static), static, per_sm
+
+
 def _smem_allowed(gpu, kernel, args):
     """``(allowed, static, per SM)``: the dynamic shared memory this compiled
     kernel may use on the current device, after opting in above the default
@@ -832,7 +843,8 @@ class _CEPlan:
         if self.reduction == "none":
             loss, loss_obj = gpu.empty((self.n,), self.acc)
             return loss, loss_obj, gpu.dummy((1, 2), np.float64)
-        return gpu.dummy((1,), self.acc), None, gpu.empty((grid, 2), np.float64)[0]
+        self.partial_all = gpu.empty((grid, 2), np.float64)[0]
+        return gpu.dummy((1,), self.acc), None, self.partial_all
 
     def finish(self, stats, partial, loss_obj):
         """The loss as handed back: finalize the partials for mean/sum."""
@@ -975,14 +987,23 @@ def cross_entropy_with_grad(logits, targets, *, weight=None, ignore_index=-100,
     isz = xw.dtype.itemsize
     smem, per_sm = _resident_bytes(gpu, resident, args, plan.nclass // per * isz, rtpb)
     if smem:
-        kernel, tpb, kgrid = resident, rtpb, gpu.grid(plan.n, rtpb, per_sm=per_sm)
+        kgrid = gpu.grid(plan.n, rtpb, per_sm=per_sm)
+        if kgrid < grid and plan.reduction != "none":
+            partial = args[-2] = partial[:kgrid]
         args[-1] = np.uint64(smem // isz)  # words kept per row
-    else:
-        kernel, tpb = fused, ftpb
+        try:
+            gpu.launch(resident, kgrid, *args, tpb=rtpb, smem=smem)
+        except Exception as e:  # the launch refused the shared memory: stream from now on
+            if gpu.sim:
+                raise
+            _resident_refused(gpu, resident, args, e)
+            smem = 0
+            partial = args[-2] = partial if plan.reduction == "none" else plan.partial_all
+    if not smem:
         kgrid = gpu.grid(plan.n, ftpb, row_bytes=plan.nclass * plan.dtype.itemsize)
-    if kgrid < grid and plan.reduction != "none":
-        partial = args[-2] = partial[:kgrid]
-    gpu.launch(kernel, kgrid, *args, tpb=tpb, smem=smem)
+        if kgrid < grid and plan.reduction != "none":
+            partial = args[-2] = partial[:kgrid]
+        gpu.launch(fused, kgrid, *args, tpb=ftpb)
     result = plan.finish(stats, partial, loss_obj)
     if copy_back is not None:
         if is_torch_tensor(logits):
