@@ -139,6 +139,8 @@ def test_cross_entropy_kernels_assemble_without_spills(compiler, tmp_path, acc, 
         assert st <= spill_limit and ld <= spill_limit, f"{name}: {report}"
         if tpb > 256:
             assert regs <= 65536 // tpb, f"{name}: {regs} registers, a block of {tpb} does not fit"
+        static = int(re.search(r"(\d+) bytes smem", report).group(1))
+        assert static <= 3 * 32 * 8, f"{name}: {static} bytes of static shared memory"  # one per warp
         wide_loads = len(re.findall(r"ld\.global(\.nc)?\.(u64|b64)", ptx))
         if per > 1:  # the batched loop: 4 words in flight (forward, lse, both fused)
             assert wide_loads >= 4, f"{name}: {wide_loads} 8-byte global loads"

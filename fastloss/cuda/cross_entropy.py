@@ -319,6 +319,10 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
     # Hardware exp for float32 accumulation (see _math.fast_exp32); float64 keeps exp.
     fexp = M.fast_exp32 if ACC is np.float32 else M.exp
     block_softmax = block_softmax_for(ACC, TPB)
+    # Entries of the reduction's shared arrays: one per warp for the shuffle
+    # merge on a GPU (more room for the resident kernel's row), one per thread
+    # for the tree and for the simulator's emulated shuffles.
+    RED = 32 if TPB % 32 == 0 and not M.SIMULATOR else TPB
     vmax = M.fmax32 if ACC is np.float32 else M.fmax64  # NaN never wins
 
     if per == 1:
@@ -571,9 +575,9 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
         """Per-row loss ce_i + zl lse_i**2 into ``loss`` (reduction none, 0 for
         ignored rows), or per-block float64 partial sums of ce_i and lse_i**2 into
         ``partial[block]`` (mean/sum)."""
-        sh_m = cuda.shared.array(TPB, ACC)
-        sh_s = cuda.shared.array(TPB, ACC)
-        sh_q = cuda.shared.array(TPB, ACC)
+        sh_m = cuda.shared.array(RED, ACC)
+        sh_s = cuda.shared.array(RED, ACC)
+        sh_q = cuda.shared.array(RED, ACC)
         tid = cuda.threadIdx.x
         if stats[8] != 0:  # validate found bad input: NaN loss, the host raises
             if tid == 0:
@@ -627,9 +631,9 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
             into ``ow``/``oe`` in the storage type (they may be ``xw``/``xe``: in
             place). For mean the coefficients divide by the denominators in
             ``stats`` (0 when they are 0)."""
-            sh_m = cuda.shared.array(TPB, ACC)
-            sh_s = cuda.shared.array(TPB, ACC)
-            sh_q = cuda.shared.array(TPB, ACC)
+            sh_m = cuda.shared.array(RED, ACC)
+            sh_s = cuda.shared.array(RED, ACC)
+            sh_q = cuda.shared.array(RED, ACC)
             if resident:
                 sm = cuda.shared.array(0, WORD)
             else:
@@ -731,9 +735,9 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
     @kernel
     def lse(xw, xe, nclass, w, scale, inv, cap, out):
         """out[i] = logsumexp_j z_ij (-inf for a row of -inf)."""
-        sh_m = cuda.shared.array(TPB, ACC)
-        sh_s = cuda.shared.array(TPB, ACC)
-        sh_q = cuda.shared.array(TPB, ACC)
+        sh_m = cuda.shared.array(RED, ACC)
+        sh_s = cuda.shared.array(RED, ACC)
+        sh_q = cuda.shared.array(RED, ACC)
         tid = cuda.threadIdx.x
         for i in range(cuda.blockIdx.x, out.shape[0], cuda.gridDim.x):
             m, s, q = row_stats(xw, xe, i, nclass, tid, w, False, False, scale, inv, cap, xw,
