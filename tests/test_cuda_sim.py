@@ -522,6 +522,30 @@ def test_ce_errors(small_blocks, rng, monkeypatch):
 
 
 @sim
+def test_scratch_buffers_are_reused_and_grown(rng, monkeypatch):
+    """validate's numbers and the per-block partials live in per-thread,
+    per-stream scratch buffers, reused by the next call and grown when a
+    call needs more blocks; every call still gets its own loss."""
+    from fastloss.cuda import api
+    monkeypatch.setattr(fastloss.config, "CUDA_THREADS_PER_BLOCK", 8)
+    monkeypatch.setattr(api, "_SCRATCH", {})
+    x = make_logits(rng, (5, 21), np.float32)
+    t = make_targets(rng, (5,), 21)
+    ref_loss, ref_grad = ce_reference(x, t, reduction="sum")
+    losses = []
+    for limit in (1, 3, 2, 3):
+        monkeypatch.setattr(api, "GRID_LIMIT", limit)
+        loss, grad = api.cross_entropy_with_grad(dev(x), dev(t), reduction="sum")
+        losses.append(loss)
+        assert_grad(host(grad), ref_grad, 2e-6)
+    for loss in losses:  # distinct outputs, each right
+        assert_loss(host(loss), ref_loss, 2e-5)
+    rows = sorted(v[0].shape[0] for k, v in api._SCRATCH.items() if k[3] == "partial")
+    assert rows == [3]  # grown once (1 -> 3), then reused
+    assert len([k for k in api._SCRATCH if k[3] == "stats"]) == 1
+
+
+@sim
 def test_errors_raised_without_waiting(small_blocks, rng, monkeypatch):
     """On a GPU a call does not wait for its checks: while they have not landed
     (events not complete, as patched here) the call returns a NaN loss and

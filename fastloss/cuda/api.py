@@ -40,6 +40,7 @@ of the contract:
 
 import functools
 import sys
+import threading
 import weakref
 
 import numpy as np
@@ -138,10 +139,12 @@ class _Gpu:
             ptr = self.torch.cuda.current_stream(self.device).cuda_stream
             self.stream = _external_stream(cuda, self.device, ptr) if ptr else cuda.default_stream()
             self.key = str(self.device)
+            self.stream_key = ptr
         else:
             self.device = None
             self.stream = 0 if self.sim else cuda.default_stream()
             self.key = "numba"
+            self.stream_key = 0
 
     # -- viewing ------------------------------------------------------------
     def meta(self, obj):
@@ -232,6 +235,20 @@ class _Gpu:
         n = int(src.shape[0]) * int(src.shape[1])
         self.launch(copy2d_kernel(self.tpb), self.grid(-(-n // self.tpb)), src, dst)
 
+    def scratch(self, name, rows, cols, dtype):
+        """A (rows, cols) kernel array (cols 0: 1-D) of this call's internal
+        scratch, reused by the next calls of the same Python thread on the same
+        device and stream (stream order makes that safe: a later call's kernels
+        run after this one's are done with it); grown when too small."""
+        key = (self.key, self.stream_key, threading.get_ident(), name, np.dtype(dtype).str, cols)
+        buf = _SCRATCH.get(key)
+        if buf is None or buf[0].shape[0] < rows:
+            if len(_SCRATCH) > _MAX_VIEWS:
+                _SCRATCH.clear()
+            buf = _SCRATCH[key] = self.empty((max(rows, 1), cols) if cols else (max(rows, 1),), dtype)
+        dev = buf[0]
+        return dev if dev.shape[0] == rows else dev[:rows]
+
     def dummy(self, shape, dtype):
         """A small placeholder array for a kernel argument that this call never
         touches (cached: no allocation per call)."""
@@ -267,6 +284,7 @@ class _Gpu:
 
 
 _DUMMIES = {}
+_SCRATCH = {}
 _STREAMS = {}
 _VIEWS = {}
 _MAX_VIEWS = 64
@@ -811,7 +829,7 @@ class _CEPlan:
         from .cross_entropy import support_kernels
         gpu = self.gpu
         validate, _ = support_kernels(gpu.tpb)
-        self.stats, self.stats_obj = gpu.empty((11,), np.float64)
+        self.stats = gpu.scratch("stats", 11, 0, np.float64)
         norm = self.norm if self.norm is not None else 0.0
         gpu.launch(validate, 1, self.tgt, self.ign, self.has_ign, np.int64(self.nclass),
                    self.w, self.has_w, norm, self.stats)
@@ -843,7 +861,7 @@ class _CEPlan:
         if self.reduction == "none":
             loss, loss_obj = gpu.empty((self.n,), self.acc)
             return loss, loss_obj, gpu.dummy((1, 2), np.float64)
-        self.partial_all = gpu.empty((grid, 2), np.float64)[0]
+        self.partial_all = gpu.scratch("partial", grid, 2, np.float64)
         return gpu.dummy((1,), self.acc), None, self.partial_all
 
     def finish(self, stats, partial, loss_obj):
@@ -1118,7 +1136,7 @@ class _MSEPlan:
             loss, loss_obj = gpu.empty((n,), self.acc)
         else:
             loss, loss_obj = gpu.dummy((1,), self.acc), None
-        partial, _ = gpu.empty((grid,), np.float64)
+        partial = gpu.scratch("mse_partial", grid, 0, np.float64)
         do_grad = grad is not None
         if grad is None:
             grad = gpu.dummy((1,), self.dtype)
