@@ -201,8 +201,11 @@ class _FakeKernel:
 
 
 class _Words:
-    """The logits' word view (only its item size is read)."""
+    """The logits' word view (only its item size and layout are read)."""
     dtype = np.dtype(np.uint64)
+
+    def is_c_contiguous(self):
+        return True
 
 
 class _FakeGpu:

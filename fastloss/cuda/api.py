@@ -590,8 +590,10 @@ def _resident_refused(gpu, kernel, args, error):
     RESIDENT_NOTE = f"resident launch failed, streaming instead: {type(error).__name__}: {error}"
     dev = gpu.cuda.current_context().device
     key = (id(kernel), tuple(kernel.typeof_pyval(a) for a in args), dev.id)
+    fast = (id(kernel), dev.id) + tuple(
+        (a.dtype.str, a.is_c_contiguous()) for a in args if hasattr(a, "is_c_contiguous"))
     allowed, static, per_sm = _SMEM_ALLOWED.get(key, (0, 0, 0))
-    _SMEM_ALLOWED[key] = min(allowed, 48 * 1024 - static), static, per_sm
+    _SMEM_ALLOWED[key] = _SMEM_ALLOWED[fast] = min(allowed, 48 * 1024 - static), static, per_sm
 
 
 def _smem_allowed(gpu, kernel, args):
@@ -602,10 +604,20 @@ def _smem_allowed(gpu, kernel, args):
     shared memory of an SM."""
     global RESIDENT_NOTE
     dev = gpu.cuda.current_context().device
+    # A cheap key first (typing 23 arguments costs tens of microseconds): the
+    # kernel fixes every argument type but the layouts and the targets' dtype.
+    # Should it miss a difference, the new overload's launch is refused and
+    # the call streams (see _resident_refused).
+    fast = (id(kernel), dev.id) + tuple(
+        (a.dtype.str, a.is_c_contiguous()) for a in args if hasattr(a, "is_c_contiguous"))
+    hit = _SMEM_ALLOWED.get(fast)
+    if hit is not None:
+        return hit
     sig = tuple(kernel.typeof_pyval(a) for a in args)
     key = (id(kernel), sig, dev.id)
     hit = _SMEM_ALLOWED.get(key)
     if hit is not None:
+        _SMEM_ALLOWED[fast] = hit
         return hit
     allowed, static, per_sm = -1, 0, 0  # if numba's internals differ: no resident kernel
     try:
@@ -625,7 +637,7 @@ def _smem_allowed(gpu, kernel, args):
             allowed = optin
     except Exception as e:  # stay within what was established before the failure
         RESIDENT_NOTE = f"shared-memory opt-in failed: {type(e).__name__}: {e}"
-    _SMEM_ALLOWED[key] = allowed, static, per_sm
+    _SMEM_ALLOWED[key] = _SMEM_ALLOWED[fast] = allowed, static, per_sm
     return allowed, static, per_sm
 
 
