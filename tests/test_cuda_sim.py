@@ -386,6 +386,11 @@ def test_strided_logits_and_other_target_dtypes(small_blocks, rng):
         ref_loss, ref_grad = ce_reference(xs, t, reduction="sum")
         assert_loss(host(loss), ref_loss, 2e-5)
         assert_grad(host(grad), ref_grad, 2e-6)
+    # out= overlapping the strided logits (not only their staged copy) is refused
+    buf = dev(np.zeros(6 * 40 + 8, np.float32))
+    xv = buf[:240].reshape(6, 40)[:, 3:34]
+    with pytest.raises(ValueError, match="out: overlaps logits"):
+        api.cross_entropy_with_grad(xv, dev(np.zeros(6, np.int64)), out=buf[20:206].reshape(6, 31))
     # in place into the strided view: staged in a contiguous buffer and copied back
     whole = dev(big)
     t = rng.integers(0, 31, 6)
@@ -519,6 +524,29 @@ def test_ce_errors(small_blocks, rng, monkeypatch):
     monkeypatch.setattr(fastloss.config, "CUDA_THREADS_PER_BLOCK", 2048)
     with pytest.raises(ValueError, match="CUDA_THREADS_PER_BLOCK"):
         api.cross_entropy(x, t)
+
+
+@sim
+def test_pending_checks_ring_full(small_blocks, rng, monkeypatch):
+    """With every slot of the pinned ring in flight, the next call waits for
+    the oldest check (and raises its error, if any) before reusing its slot."""
+    api = small_blocks
+    checks = api._Checks()
+    checks.SLOTS = 2
+    monkeypatch.setattr(api, "_CHECKS", checks)
+    monkeypatch.setattr(api, "_event_done", lambda event: False)
+    x = dev(make_logits(rng, (3, 9), np.float32))
+    bad, good = dev(np.array([0, 9, 1])), dev(np.array([0, 1, 2]))
+    api.cross_entropy(x, bad)
+    api.cross_entropy(x, good)
+    assert len(checks.pending) == 2 and not checks.free
+    with pytest.raises(ValueError, match=r"position \(1,\): 9 \(an earlier GPU call"):
+        api.cross_entropy(x, good)  # ring full: waits for the oldest, the bad one
+    assert len(checks.pending) == 2  # this call's check was still queued
+    api.cross_entropy(x, bad)  # waits for the oldest (good) and queues its own
+    with pytest.raises(ValueError, match=r"position \(1,\): 9 \(an earlier"):
+        checks.synchronize()
+    assert not checks.pending and len(checks.free) == 2
 
 
 @sim

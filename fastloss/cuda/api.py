@@ -665,16 +665,22 @@ class _Checks:
         self.free = []
         self.pending = []  # [call id, event, slot, info], oldest first
         self.calls = 0
+        self.errors = []  # settled, not yet raised
+        self.lock = threading.RLock()  # calls from several Python threads
 
     def submit(self, gpu, stats, info):
         """Queue the copy of ``stats``; returns the call's id."""
+        with self.lock:
+            return self._submit(gpu, stats, info)
+
+    def _submit(self, gpu, stats, info):
         cuda = gpu.cuda
         if self.ring is None:
             self.ring = cuda.pinned_array((self.SLOTS, self.WIDTH), np.float64)
             self.free = list(range(self.SLOTS))
         self.calls += 1
         if not self.free:  # 64 calls in flight: wait for the oldest
-            self.poll(self.calls, wait_for=1)
+            self._poll(self.calls, wait_for=1)
         slot = self.free.pop()
         stats.copy_to_host(self.ring[slot], stream=gpu.stream)
         event = cuda.event() if gpu.sim else cuda.event(timing=False)
@@ -685,9 +691,18 @@ class _Checks:
     def poll(self, current=None, wait_for=0):
         """Settle the pending checks that have landed (waiting for the oldest
         ``wait_for`` of them, or for all with ``config.CUDA_SYNC_CHECKS``) and
-        raise the first error among them."""
+        raise the first error found (now or while making room in the ring)."""
+        with self.lock:
+            self._poll(current, wait_for)
+            errors, self.errors = self.errors, []
+        if errors:
+            more = f" [and {len(errors) - 1} more flagged call(s)]" if len(errors) > 1 else ""
+            raise ValueError(errors[0] + more)
+
+    def _poll(self, current, wait_for):
+        """Settle what has landed; errors go to ``self.errors``."""
         wait_all = bool(config.CUDA_SYNC_CHECKS)
-        errors, keep = [], []
+        keep = []
         for k, entry in enumerate(self.pending):
             call, event, slot, info = entry
             if wait_all or k < wait_for:
@@ -700,11 +715,8 @@ class _Checks:
             if msg is not None:
                 if call != current:
                     msg += " (an earlier GPU call; errors are checked without waiting, see fastloss.cuda.synchronize)"
-                errors.append(msg)
+                self.errors.append(msg)
         self.pending = keep
-        if errors:
-            more = f" [and {len(errors) - 1} more flagged call(s)]" if len(errors) > 1 else ""
-            raise ValueError(errors[0] + more)
 
     def synchronize(self):
         """Wait for every pending check and raise the first error."""
@@ -996,7 +1008,8 @@ def cross_entropy_with_grad(logits, targets, *, weight=None, ignore_index=-100,
             copy_back = plan.strided
     elif out_arr is not None:
         dest = gpu.flat(out_arr, (plan.n, plan.nclass), "out")
-        if not _same(gpu, dest, plan.x2) and _overlaps(gpu, dest, plan.x2):
+        src = plan.strided if plan.strided is not None else plan.x2  # the caller's logits
+        if not _same(gpu, dest, src) and _overlaps(gpu, dest, src):
             raise ValueError("out: overlaps logits; pass inplace=True to overwrite the logits")
         grad = out
     else:
