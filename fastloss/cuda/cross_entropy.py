@@ -546,10 +546,9 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
             f += TPB
 
     @M.device
-    def coefficients(i, ce_lse, s, wt, W, eps, nclass, zl, stats, red, gmode, go, gvec):
+    def coefficients(i, lse, s, wt, W, eps, nclass, zl, stats, red, gmode, go, gvec):
         """(a, b, c) of the gradient of row i (see grad_val): the upstream
         coefficients in float64, rounded once to the accumulation type."""
-        lse = ce_lse
         g = go
         if gmode == G_DEVICE_SCALAR:
             g = gvec[0]
