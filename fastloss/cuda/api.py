@@ -676,7 +676,7 @@ class _Checks:
     def _submit(self, gpu, stats, info):
         cuda = gpu.cuda
         if self.ring is None:
-            self.ring = cuda.pinned_array((self.SLOTS, self.WIDTH), np.float64)
+            self.ring = _pinned(gpu, (self.SLOTS, self.WIDTH))
             self.free = list(range(self.SLOTS))
         self.calls += 1
         if not self.free:  # 64 calls in flight: wait for the oldest
@@ -724,6 +724,20 @@ class _Checks:
 
 
 _CHECKS = _Checks()
+
+
+def _pinned(gpu, shape):
+    """A float64 host array in page-locked memory that every CUDA context sees
+    as pinned (so copies into it from any GPU stay asynchronous)."""
+    cuda = gpu.cuda
+    if not gpu.sim:
+        try:
+            nbytes = int(np.prod(shape)) * 8
+            buf = cuda.current_context().memhostalloc(nbytes, portable=True)
+            return np.ndarray(shape=shape, dtype=np.float64, buffer=buf)
+        except Exception:  # numba-cuda internals differ: pinned for this context only
+            pass
+    return cuda.pinned_array(shape, np.float64)
 
 
 def _event_done(event):
