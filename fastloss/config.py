@@ -45,7 +45,7 @@ CUDA_FUSED_L2_BYTES = None
 #: ``"stream"`` reads the whole row twice; ``"auto"`` takes resident when at
 #: least ``CUDA_RESIDENT_MIN_FRACTION`` of a row fits in the shared memory a
 #: block may have (about 227 KB on an H100/H200: all of a float32 row up to
-#: ~56k classes or a half-precision one up to ~113k; 86% of a bfloat16 row of
+#: ~56k classes or a half-precision one up to ~113k; 90% of a bfloat16 row of
 #: 128256, 45% of a float32 one) and stream otherwise. Not yet timed on a GPU:
 #: the default follows the memory traffic; ``benchmarks/gpu_check.py`` times
 #: both.
