@@ -9,9 +9,9 @@ the assembler's report is checked:
 
 * it assembles (a typing or lowering error would otherwise surface only on a
   GPU machine);
-* no register spills for blocks of up to 256 threads, and at most a few
-  bytes at 1024 threads (there the kernels cap registers at 64 per thread so
-  a block fits the register file, as ``fastloss.cuda.cross_entropy`` does);
+* no register spills for blocks of up to 256 threads, and at most 96 bytes
+  at 1024 threads (there the kernels cap registers at 64 per thread so a
+  block fits the register file, as ``fastloss.cuda.cross_entropy`` does);
 * the wide variants load 8-byte words (``ld.global.u64``) and the resident
   kernel uses dynamic shared memory.
 
@@ -108,9 +108,10 @@ def _ce_signatures(acc, kind, per):
         return types.Array(dt, nd, "C")
     head = (A(W), A(E), types.int64, A(types.int64), types.int64, types.boolean, A(ACC),
             types.boolean, ACC, ACC, ACC, types.float64, types.float64, A(types.float64))
-    forward = head + (types.int64, A(ACC), A(types.float64, 2))
-    fused = head + (types.int64, types.int64, types.float64, A(types.float64), A(W), A(E),
-                    A(ACC), A(types.float64, 2), types.uint64)
+    tail = (A(ACC), A(ACC), A(types.int32), A(types.float64, 2))  # loss, out, counter, partial
+    forward = head + (types.int64,) + tail
+    fused = head + (types.int64, types.int64, types.float64, A(types.float64), A(W), A(E)) + tail + (
+        types.uint64,)
     lse = (A(W), A(E), types.int64, A(ACC), ACC, ACC, ACC, A(ACC))
     return forward, fused, lse
 
@@ -131,7 +132,7 @@ def test_cross_entropy_kernels_assemble_without_spills(compiler, tmp_path, acc, 
     from fastloss.cuda.cross_entropy import ce_kernels
     forward, fused, lse, resident = ce_kernels(acc, kind, mode, tpb, per)
     sig_f, sig_g, sig_l = _ce_signatures(acc, kind, per)
-    spill_limit = 0 if tpb <= 256 else 64
+    spill_limit = 0 if tpb <= 256 else 96  # 1024 threads: 64 registers; measured 48-68 bytes
     for name, kernel, sig in (("forward", forward, sig_f), ("fused", fused, sig_g),
                               ("lse", lse, sig_l), ("fused_resident", resident, sig_g)):
         ptx, report = compiler(kernel, sig, tpb, tmp_path)
@@ -140,7 +141,8 @@ def test_cross_entropy_kernels_assemble_without_spills(compiler, tmp_path, acc, 
         if tpb > 256:
             assert regs <= 65536 // tpb, f"{name}: {regs} registers, a block of {tpb} does not fit"
         static = int(re.search(r"(\d+) bytes smem", report).group(1))
-        assert static <= 3 * 32 * 8, f"{name}: {static} bytes of static shared memory"  # one per warp
+        # one entry per warp: 3 softmax arrays, a float64 one and the last-block flag
+        assert static <= 4 * 32 * 8 + 16, f"{name}: {static} bytes of static shared memory"
         wide_loads = len(re.findall(r"ld\.global(\.nc)?\.(u64|b64)", ptx))
         if per > 1:  # the batched loop: 4 words in flight (forward, lse, both fused)
             assert wide_loads >= 4, f"{name}: {wide_loads} 8-byte global loads"

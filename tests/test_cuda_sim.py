@@ -571,6 +571,21 @@ def test_scratch_buffers_are_reused_and_grown(rng, monkeypatch):
     rows = sorted(v[0].shape[0] for k, v in api._SCRATCH.items() if k[3] == "partial")
     assert rows == [3]  # grown once (1 -> 3), then reused
     assert len([k for k in api._SCRATCH if k[3] == "stats"]) == 1
+    # the last block merged the partials and left the ticket counter at zero
+    (counter,) = [v[0] for k, v in api._SCRATCH.items() if k[3] == "counter"]
+    assert host(counter)[0] == 0
+
+
+@sim
+def test_mean_and_sum_take_two_launches(small_blocks, rng, launches):
+    """validate, then the loss kernel, whose last block merges the partials
+    (no separate finalize launch)."""
+    api = small_blocks
+    x = dev(make_logits(rng, (5, 12), np.float32))
+    t = dev(make_targets(rng, (5,), 12))
+    api.cross_entropy(x, t)
+    api.cross_entropy_with_grad(x, t, reduction="sum")
+    assert len(launches) == 4
 
 
 @sim

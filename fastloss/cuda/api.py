@@ -235,17 +235,19 @@ class _Gpu:
         n = int(src.shape[0]) * int(src.shape[1])
         self.launch(copy2d_kernel(self.tpb), self.grid(-(-n // self.tpb)), src, dst)
 
-    def scratch(self, name, rows, cols, dtype):
+    def scratch(self, name, rows, cols, dtype, zero=False):
         """A (rows, cols) kernel array (cols 0: 1-D) of this call's internal
         scratch, reused by the next calls of the same Python thread on the same
         device and stream (stream order makes that safe: a later call's kernels
-        run after this one's are done with it); grown when too small."""
+        run after this one's are done with it); grown when too small; zeroed
+        when made if ``zero`` (the kernels leave it zeroed after use)."""
         key = (self.key, self.stream_key, threading.get_ident(), name, np.dtype(dtype).str, cols)
         buf = _SCRATCH.get(key)
         if buf is None or buf[0].shape[0] < rows:
             if len(_SCRATCH) > _MAX_VIEWS:
                 _SCRATCH.clear()
-            buf = _SCRATCH[key] = self.empty((max(rows, 1), cols) if cols else (max(rows, 1),), dtype)
+            shape = (max(rows, 1), cols) if cols else (max(rows, 1),)
+            buf = _SCRATCH[key] = self.to_device(np.zeros(shape, dtype)) if zero else self.empty(shape, dtype)
         dev = buf[0]
         return dev if dev.shape[0] == rows else dev[:rows]
 
@@ -894,24 +896,25 @@ class _CEPlan:
         return ce_kernels(self.acc.name, self.x.kind, self.mode, tpb or self.gpu.tpb, per), per, views
 
     def outputs(self, grid):
-        """(loss, loss_obj, partial): per-row loss (none) or per-block partials."""
+        """``(loss, out, counter, partial)`` as the loss kernels take them: the
+        per-row loss (none), or the one-element loss, the last-block counter
+        and per-block partials (mean/sum); the others are placeholders. The
+        object handed back is ``self.loss_obj``."""
         gpu = self.gpu
         if self.reduction == "none":
-            loss, loss_obj = gpu.empty((self.n,), self.acc)
-            return loss, loss_obj, gpu.dummy((1, 2), np.float64)
+            loss, self.loss_obj = gpu.empty((self.n,), self.acc)
+            one = gpu.dummy((1,), self.acc)
+            return loss, one, gpu.dummy((1,), np.int32), gpu.dummy((1, 2), np.float64)
+        out, self.loss_obj = gpu.empty((1,), self.acc)
         self.partial_all = gpu.scratch("partial", grid, 2, np.float64)
-        return gpu.dummy((1,), self.acc), None, self.partial_all
+        counter = gpu.scratch("counter", 1, 0, np.int32, zero=True)
+        return gpu.dummy((1,), self.acc), out, counter, self.partial_all
 
-    def finish(self, stats, partial, loss_obj):
-        """The loss as handed back: finalize the partials for mean/sum."""
-        from .cross_entropy import support_kernels
-        gpu = self.gpu
+    def finish(self):
+        """The loss as handed back."""
         if self.reduction == "none":
-            return _reshape(gpu, loss_obj, self.tshape)
-        _, finalize = support_kernels(gpu.tpb)
-        out, out_obj = gpu.empty((1,), self.acc)
-        gpu.launch(finalize, 1, partial, stats, self.red, self.zl, out)
-        return gpu.reduced(out_obj)
+            return _reshape(self.gpu, self.loss_obj, self.tshape)
+        return self.gpu.reduced(self.loss_obj)
 
     def empty_loss(self):
         """The loss of an empty batch (mean/sum 0, none an empty array)."""
@@ -978,12 +981,12 @@ def cross_entropy(logits, targets, *, weight=None, ignore_index=-100, reduction=
     plan.device_inputs()
     (forward, _, _, _), _, ((xw, xe),) = plan.kernels(plan.x2)
     grid = gpu.grid(plan.n)
-    loss, loss_obj, partial = plan.outputs(grid)
+    loss, out, counter, partial = plan.outputs(grid)
     stats = plan.launch_validate()
     gpu.launch(forward, grid, xw, xe, np.int64(plan.nclass), plan.tgt, plan.ign, plan.has_ign,
                plan.w, plan.has_w, plan.scale, plan.inv, plan.cap, plan.eps, plan.zl, stats,
-               plan.red, loss, partial)
-    result = plan.finish(stats, partial, loss_obj)
+               plan.red, loss, out, counter, partial)
+    result = plan.finish()
     plan.check()
     return result
 
@@ -1036,11 +1039,11 @@ def cross_entropy_with_grad(logits, targets, *, weight=None, ignore_index=-100,
     (_, fused, _, _), per, ((xw, xe), (dw, de)) = plan.kernels(plan.x2, dest, tpb=ftpb)
     resident = plan.kernels(tpb=rtpb, per=per)[0][3]
     grid = max(gpu.grid(plan.n, rtpb), gpu.grid(plan.n, ftpb))  # partials for either
-    loss, loss_obj, partial = plan.outputs(grid)
+    loss, out, counter, partial = plan.outputs(grid)
     stats = plan.launch_validate()
     args = [xw, xe, np.int64(plan.nclass), plan.tgt, plan.ign, plan.has_ign, plan.w, plan.has_w,
             plan.scale, plan.inv, plan.cap, plan.eps, plan.zl, stats, plan.red,
-            gmode, go, gvec, dw, de, loss, partial, np.uint64(0)]
+            gmode, go, gvec, dw, de, loss, out, counter, partial, np.uint64(0)]
     isz = xw.dtype.itemsize
     smem, per_sm = _resident_bytes(gpu, resident, args, plan.nclass // per * isz, rtpb)
     if smem:
@@ -1061,7 +1064,7 @@ def cross_entropy_with_grad(logits, targets, *, weight=None, ignore_index=-100,
         if kgrid < grid and plan.reduction != "none":
             partial = args[-2] = partial[:kgrid]
         gpu.launch(fused, kgrid, *args, tpb=ftpb)
-    result = plan.finish(stats, partial, loss_obj)
+    result = plan.finish()
     if copy_back is not None:
         if is_torch_tensor(logits):
             logits.copy_(copy_back)

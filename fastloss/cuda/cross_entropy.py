@@ -78,11 +78,13 @@ gradient buffer is not written). ``fastloss.cuda.api`` copies ``stats`` to
 pinned host memory without waiting and raises the contract's errors once the
 copy has landed (see there). For mean/sum, thread 0 of each
 block accumulates its rows' ``ce_i`` and ``lse_i**2`` in float64 and writes
-one partial per block; ``finalize`` (one block) merges the partials into the
-one-element loss. No atomics: every accumulator has a single writer.
+one partial per block; the last block to finish (a ticket from an atomic
+counter, which it resets) merges the partials into the one-element loss, in a
+fixed order, so the result does not depend on which block is last. (MSE
+still merges with the one-block ``finalize`` kernel.)
 
-Indexing is 64-bit: rows and classes are int64 and the kernels index 2-D
-arrays, so ``row * V`` offsets are computed in int64.
+Indexing is 64-bit: rows and classes are int64 (flat offsets ``i * V + j``
+in int64).
 """
 
 import functools
@@ -232,6 +234,38 @@ def block_softmax_for(acc, tpb):
     return block_softmax
 
 
+def block_sum64_for(tpb):
+    """Sum of one float64 per thread over a block of ``tpb`` threads (every
+    thread gets it): warp shuffles and one exchange through ``sh`` (one entry
+    per warp) for whole warps, else the tree of :func:`_block_reduce` (``sh``
+    one entry per thread)."""
+    if tpb % 32:
+        @M.block_device
+        def block_sum64_tree(sh, tid, v):
+            return _block_reduce(sh, tid, v, False)
+        return block_sum64_tree
+    NW = tpb // 32
+
+    @M.block_device
+    def block_sum64(sh, tid, v):
+        lane = tid & 31
+        d = 16
+        while d > 0:
+            v += _shfl_down(v, d, sh, tid)
+            d //= 2
+        cuda.syncthreads()  # sh may still be read (previous use, emulated shuffles)
+        if lane == 0:
+            sh[tid >> 5] = v
+        cuda.syncthreads()
+        v = sh[lane] if lane < NW else 0.0
+        d = 16
+        while d > 0:
+            v += _shfl_down(v, d, sh, tid)
+            d //= 2
+        return _shfl_first(v, sh, tid)
+    return block_sum64
+
+
 @M.block_device
 def _block_reduce(sh, tid, v, is_min):
     """Sum (or minimum) of one value per thread over the block; every thread gets it."""
@@ -323,6 +357,7 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
     # merge on a GPU (more room for the resident kernel's row), one per thread
     # for the tree and for the simulator's emulated shuffles.
     RED = 32 if TPB % 32 == 0 and not M.SIMULATOR else TPB
+    block_sum64 = block_sum64_for(TPB)
     vmax = M.fmax32 if ACC is np.float32 else M.fmax64  # NaN never wins
 
     if per == 1:
@@ -568,24 +603,59 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
         b = ACC(gce * (1.0 - eps) * wt)
         return a, b, c
 
+    @M.block_device
+    def finish_reduction(partial, stats, red, zl, out, counter, sh_f, sh_flag, tid):
+        """Mean/sum: called by every thread of every block after its thread 0
+        wrote the block's partial sums; the last block to get here (ticket
+        ``gridDim - 1`` of the atomic ``counter``) merges all the partials into
+        ``out[0]`` (sum: ce + zl z; mean: ce / D_ce + zl z / D_z, 0 for a zero
+        denominator) and resets the counter for the next call."""
+        cuda.threadfence()  # this block's partials before its ticket
+        if tid == 0:
+            ticket = cuda.atomic.add(counter, 0, 1)
+            sh_flag[0] = 1 if ticket == cuda.gridDim.x - 1 else 0
+        cuda.syncthreads()
+        if sh_flag[0] == 0:
+            return
+        ce = 0.0
+        z = 0.0
+        for b in range(tid, cuda.gridDim.x, TPB):
+            ce += partial[b, 0]
+            z += partial[b, 1]
+        ce = block_sum64(sh_f, tid, ce)
+        z = block_sum64(sh_f, tid, z)
+        if tid == 0:
+            if red == SUM:
+                r = ce + zl * z if zl > 0 else ce
+            else:
+                d_ce = stats[4]
+                d_z = stats[5]
+                r = ce / d_ce if d_ce != 0 else 0.0
+                if zl > 0 and d_z != 0:
+                    r += zl * z / d_z
+            out[0] = r
+            counter[0] = 0
+
     @kernel
     def forward(xw, xe, nclass, tgt, ign, has_ign, w, has_w, scale, inv, cap, eps, zl, stats,
-                red, loss, partial):
+                red, loss, out, counter, partial):
         """Per-row loss ce_i + zl lse_i**2 into ``loss`` (reduction none, 0 for
-        ignored rows), or per-block float64 partial sums of ce_i and lse_i**2 into
-        ``partial[block]`` (mean/sum)."""
+        ignored rows), or (mean/sum) per-block float64 partial sums of ce_i and
+        lse_i**2 into ``partial[block]``, merged into ``out[0]`` by the last
+        block (see finish_reduction)."""
         sh_m = cuda.shared.array(RED, ACC)
         sh_s = cuda.shared.array(RED, ACC)
         sh_q = cuda.shared.array(RED, ACC)
+        sh_f = cuda.shared.array(RED, np.float64)
+        sh_flag = cuda.shared.array(1, np.int32)
         tid = cuda.threadIdx.x
         if stats[8] != 0:  # validate found bad input: NaN loss, the host raises
             if tid == 0:
                 if red == NONE:
                     for i in range(cuda.blockIdx.x, tgt.shape[0], cuda.gridDim.x):
                         loss[i] = np.nan
-                else:
-                    partial[cuda.blockIdx.x, 0] = np.nan
-                    partial[cuda.blockIdx.x, 1] = np.nan
+                elif cuda.blockIdx.x == 0:
+                    out[0] = np.nan
             return
         n = tgt.shape[0]
         W = stats[6]
@@ -611,9 +681,11 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
                 else:
                     ce_sum += ce
                     z_sum += lse * lse
-        if tid == 0 and red != NONE:
-            partial[cuda.blockIdx.x, 0] = ce_sum
-            partial[cuda.blockIdx.x, 1] = z_sum
+        if red != NONE:
+            if tid == 0:
+                partial[cuda.blockIdx.x, 0] = ce_sum
+                partial[cuda.blockIdx.x, 1] = z_sum
+            finish_reduction(partial, stats, red, zl, out, counter, sh_f, sh_flag, tid)
 
     def make_fused(resident):
         """The fused kernel; ``resident``: the first ``nslots`` words of each
@@ -625,7 +697,7 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
 
         @kernel
         def fused(xw, xe, nclass, tgt, ign, has_ign, w, has_w, scale, inv, cap, eps, zl, stats,
-                  red, gmode, go, gvec, ow, oe, loss, partial, nslots):
+                  red, gmode, go, gvec, ow, oe, loss, out, counter, partial, nslots):
             """:func:`forward`, plus ``d(sum_i gce_i ce_i + gz_i zl lse_i**2)/dx_ij``
             into ``ow``/``oe`` in the storage type (they may be ``xw``/``xe``: in
             place). For mean the coefficients divide by the denominators in
@@ -633,6 +705,8 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
             sh_m = cuda.shared.array(RED, ACC)
             sh_s = cuda.shared.array(RED, ACC)
             sh_q = cuda.shared.array(RED, ACC)
+            sh_f = cuda.shared.array(RED, np.float64)
+            sh_flag = cuda.shared.array(1, np.int32)
             if resident:
                 sm = cuda.shared.array(0, WORD)
             else:
@@ -643,9 +717,8 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
                     if red == NONE:
                         for i in range(cuda.blockIdx.x, tgt.shape[0], cuda.gridDim.x):
                             loss[i] = np.nan
-                    else:
-                        partial[cuda.blockIdx.x, 0] = np.nan
-                        partial[cuda.blockIdx.x, 1] = np.nan
+                    elif cuda.blockIdx.x == 0:
+                        out[0] = np.nan
                 return
             n = tgt.shape[0]
             W = stats[6]
@@ -723,9 +796,11 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
                     cnt -= np.uint64(1)
                 grad_edges(xe, oe, base, hend, tstart, end, tid, t, a, b, c, shift, w, has_w,
                            scale, inv, cap)
-            if tid == 0 and red != NONE:
-                partial[cuda.blockIdx.x, 0] = ce_sum
-                partial[cuda.blockIdx.x, 1] = z_sum
+            if red != NONE:
+                if tid == 0:
+                    partial[cuda.blockIdx.x, 0] = ce_sum
+                    partial[cuda.blockIdx.x, 1] = z_sum
+                finish_reduction(partial, stats, red, zl, out, counter, sh_f, sh_flag, tid)
         return fused
 
     fused = make_fused(False)
