@@ -13,10 +13,10 @@ of the contract:
   is a tensor, numba device arrays otherwise. Mean and sum give a one-element
   array (shape ``()`` for tensors, ``(1,)`` for numba arrays), float32 (float64
   for float64 data); none gives an array of ``targets.shape``.
-* Launch order of a cross-entropy call: ``validate`` (one block), the forward
-  or fused kernel, ``finalize`` (one block, mean/sum), all queued at once. The
-  mean's denominators stay on the device, where the gradient kernel reads
-  them. No call waits for the GPU: ``validate``'s eleven numbers (bad targets,
+* Launch order of a cross-entropy call: ``validate`` (one block), then the
+  forward or fused kernel (whose last block to finish merges the mean/sum),
+  both queued at once. The mean's denominators stay on the device, where the
+  gradient kernel reads them. No call waits for the GPU: ``validate``'s eleven numbers (bad targets,
   bad class weights) go to pinned host memory by an asynchronous copy, and
   :class:`_Checks` raises the contract's ``ValueError`` once they have landed
   (from this call or a later one, or from :func:`synchronize`). When they flag
