@@ -235,6 +235,15 @@ class _Gpu:
         n = int(src.shape[0]) * int(src.shape[1])
         self.launch(copy2d_kernel(self.tpb), self.grid(-(-n // self.tpb)), src, dst)
 
+    def contiguous2d(self, a, dtype):
+        """``a`` (a 2-D kernel array of logical dtype ``dtype``) itself when
+        C-contiguous, else a contiguous copy of it made on the device."""
+        if a.is_c_contiguous():
+            return a
+        staged = self.empty(tuple(a.shape), dtype)[0]
+        self.copy2d(a, staged)
+        return staged
+
     def scratch(self, name, rows, cols, dtype, zero=False):
         """A (rows, cols) kernel array (cols 0: 1-D) of this call's internal
         scratch, reused by the next calls of the same Python thread on the same
@@ -585,6 +594,15 @@ def _resident_bytes(gpu, kernel, args, need, tpb):
     return smem, max(1, min(2048 // tpb, by_smem))
 
 
+def _fast_key(kernel, dev, args):
+    """The cheap key of ``_SMEM_ALLOWED`` (typing 23 arguments costs tens of
+    microseconds): the kernel fixes every argument type but the arrays'
+    dtypes and layouts. Should it miss a difference, the new overload's launch
+    is refused and the call streams (see :func:`_resident_refused`)."""
+    return (id(kernel), dev.id) + tuple(
+        (a.dtype.str, a.is_c_contiguous()) for a in args if hasattr(a, "is_c_contiguous"))
+
+
 def _resident_refused(gpu, kernel, args, error):
     """A resident launch failed (the driver refused its shared memory): record
     why and allow this kernel no more than the default 48 KiB from now on."""
@@ -592,8 +610,7 @@ def _resident_refused(gpu, kernel, args, error):
     RESIDENT_NOTE = f"resident launch failed, streaming instead: {type(error).__name__}: {error}"
     dev = gpu.cuda.current_context().device
     key = (id(kernel), tuple(kernel.typeof_pyval(a) for a in args), dev.id)
-    fast = (id(kernel), dev.id) + tuple(
-        (a.dtype.str, a.is_c_contiguous()) for a in args if hasattr(a, "is_c_contiguous"))
+    fast = _fast_key(kernel, dev, args)
     allowed, static, per_sm = _SMEM_ALLOWED.get(key, (0, 0, 0))
     _SMEM_ALLOWED[key] = _SMEM_ALLOWED[fast] = min(allowed, 48 * 1024 - static), static, per_sm
 
@@ -606,12 +623,7 @@ def _smem_allowed(gpu, kernel, args):
     shared memory of an SM."""
     global RESIDENT_NOTE
     dev = gpu.cuda.current_context().device
-    # A cheap key first (typing 23 arguments costs tens of microseconds): the
-    # kernel fixes every argument type but the layouts and the targets' dtype.
-    # Should it miss a difference, the new overload's launch is refused and
-    # the call streams (see _resident_refused).
-    fast = (id(kernel), dev.id) + tuple(
-        (a.dtype.str, a.is_c_contiguous()) for a in args if hasattr(a, "is_c_contiguous"))
+    fast = _fast_key(kernel, dev, args)
     hit = _SMEM_ALLOWED.get(fast)
     if hit is not None:
         return hit
@@ -844,13 +856,10 @@ class _CEPlan:
         gpu = self.gpu
         self.x = gpu.view(self.logits, "logits", cache=True)
         self.x2 = gpu.flat(self.x, (self.n, self.nclass), "logits")
-        self.strided = None
-        if not self.x2.is_c_contiguous():
-            # The kernels take flat views: stage a strided 2-D view in a
-            # contiguous buffer (and copy the gradient back for inplace).
-            self.strided = self.x2
-            self.x2 = gpu.empty((self.n, self.nclass), self.dtype)[0]
-            gpu.copy2d(self.strided, self.x2)
+        # The kernels take flat views: a strided 2-D view is staged in a
+        # contiguous buffer (and the gradient copied back for inplace).
+        self.strided = None if self.x2.is_c_contiguous() else self.x2
+        self.x2 = gpu.contiguous2d(self.x2, self.dtype)
         t = _side_array(gpu, self.targets, "targets")
         self.t_arr = t
         self.tgt = gpu.flat(t, (self.n,), "targets")
@@ -1088,11 +1097,7 @@ def logsumexp(logits, *, softcap=None, logit_scale=1.0):
     if n:
         from .cross_entropy import ce_kernels
         x = gpu.view(logits, "logits", cache=True)
-        x2 = gpu.flat(x, (n, nclass), "logits")
-        if not x2.is_c_contiguous():
-            staged = gpu.empty((n, nclass), dtype)[0]
-            gpu.copy2d(x2, staged)
-            x2 = staged
+        x2 = gpu.contiguous2d(gpu.flat(x, (n, nclass), "logits"), dtype)
         per, ((xw, xe),) = _flat(gpu, dtype, (x2,))
         lse = ce_kernels(acc.name, x.kind, mode, gpu.tpb, per)[2]
         a = acc.type

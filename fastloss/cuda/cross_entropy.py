@@ -604,12 +604,28 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
         return a, b, c
 
     @M.block_device
-    def finish_reduction(partial, stats, red, zl, out, counter, sh_f, sh_flag, tid):
-        """Mean/sum: called by every thread of every block after its thread 0
-        wrote the block's partial sums; the last block to get here (ticket
-        ``gridDim - 1`` of the atomic ``counter``) merges all the partials into
-        ``out[0]`` (sum: ce + zl z; mean: ce / D_ce + zl z / D_z, 0 for a zero
-        denominator) and resets the counter for the next call."""
+    def nan_loss(loss, out, red, n, tid):
+        """The loss of a call whose inputs validate flagged: NaN (per row for
+        reduction none, else the one-element loss, written by block 0)."""
+        if tid == 0:
+            if red == NONE:
+                for i in range(cuda.blockIdx.x, n, cuda.gridDim.x):
+                    loss[i] = np.nan
+            elif cuda.blockIdx.x == 0:
+                out[0] = np.nan
+
+    @M.block_device
+    def finish_reduction(ce_sum, z_sum, partial, stats, red, zl, out, counter, sh_f, sh_flag,
+                         tid):
+        """Mean/sum, called by every thread of every block at its end: thread 0
+        writes the block's partial sums (its ``ce_sum``, ``z_sum``); the last
+        block to get here (ticket ``gridDim - 1`` of the atomic ``counter``)
+        merges all the partials into ``out[0]`` (sum: ce + zl z; mean:
+        ce / D_ce + zl z / D_z, 0 for a zero denominator) and resets the
+        counter for the next call."""
+        if tid == 0:
+            partial[cuda.blockIdx.x, 0] = ce_sum
+            partial[cuda.blockIdx.x, 1] = z_sum
         cuda.threadfence()  # this block's partials before its ticket
         if tid == 0:
             ticket = cuda.atomic.add(counter, 0, 1)
@@ -650,12 +666,7 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
         sh_flag = cuda.shared.array(1, np.int32)
         tid = cuda.threadIdx.x
         if stats[8] != 0:  # validate found bad input: NaN loss, the host raises
-            if tid == 0:
-                if red == NONE:
-                    for i in range(cuda.blockIdx.x, tgt.shape[0], cuda.gridDim.x):
-                        loss[i] = np.nan
-                elif cuda.blockIdx.x == 0:
-                    out[0] = np.nan
+            nan_loss(loss, out, red, tgt.shape[0], tid)
             return
         n = tgt.shape[0]
         W = stats[6]
@@ -682,10 +693,7 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
                     ce_sum += ce
                     z_sum += lse * lse
         if red != NONE:
-            if tid == 0:
-                partial[cuda.blockIdx.x, 0] = ce_sum
-                partial[cuda.blockIdx.x, 1] = z_sum
-            finish_reduction(partial, stats, red, zl, out, counter, sh_f, sh_flag, tid)
+            finish_reduction(ce_sum, z_sum, partial, stats, red, zl, out, counter, sh_f, sh_flag, tid)
 
     def make_fused(resident):
         """The fused kernel; ``resident``: the first ``nslots`` words of each
@@ -713,12 +721,7 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
                 sm = xw
             tid = cuda.threadIdx.x
             if stats[8] != 0:  # validate found bad input: NaN loss, the host raises
-                if tid == 0:
-                    if red == NONE:
-                        for i in range(cuda.blockIdx.x, tgt.shape[0], cuda.gridDim.x):
-                            loss[i] = np.nan
-                    elif cuda.blockIdx.x == 0:
-                        out[0] = np.nan
+                nan_loss(loss, out, red, tgt.shape[0], tid)
                 return
             n = tgt.shape[0]
             W = stats[6]
@@ -797,10 +800,8 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
                 grad_edges(xe, oe, base, hend, tstart, end, tid, t, a, b, c, shift, w, has_w,
                            scale, inv, cap)
             if red != NONE:
-                if tid == 0:
-                    partial[cuda.blockIdx.x, 0] = ce_sum
-                    partial[cuda.blockIdx.x, 1] = z_sum
-                finish_reduction(partial, stats, red, zl, out, counter, sh_f, sh_flag, tid)
+                finish_reduction(ce_sum, z_sum, partial, stats, red, zl, out, counter, sh_f,
+                                 sh_flag, tid)
         return fused
 
     fused = make_fused(False)
