@@ -152,21 +152,20 @@ def test_cross_entropy_kernels_assemble_without_spills(compiler, tmp_path, acc, 
 
 
 @pytest.mark.slow
-def test_support_and_mse_kernels_assemble(compiler, tmp_path):
+def test_validate_and_mse_kernels_assemble(compiler, tmp_path):
     from numba import types
 
     from fastloss.cuda import _math as M
-    from fastloss.cuda.cross_entropy import convert_kernel, copy2d_kernel, support_kernels
+    from fastloss.cuda.cross_entropy import convert_kernel, copy2d_kernel, validate_kernel
     from fastloss.cuda.mse import mse_kernels
 
     def A(dt, nd=1, layout="C"):
         return types.Array(dt, nd, layout)
     f32, f64, i64, b = types.float32, types.float64, types.int64, types.boolean
-    validate, finalize = support_kernels(256)
+    validate = validate_kernel(256)
     mse, weight_sum, fin = mse_kernels("float32", M.BF16, M.NATIVE, 256)
     cases = [
         (validate, (A(i64), i64, b, i64, A(f32), b, f64, A(f64))),
-        (finalize, (A(f64, 2), A(f64), i64, f64, A(f32))),
         (convert_kernel(M.BF16, 256), (A(types.uint16), A(f32))),
         (copy2d_kernel(256), (A(types.uint16, 2, "A"), A(types.uint16, 2))),
         (mse, (A(types.uint16), A(f32), A(f32), i64, i64, i64, f64, A(f64), b, i64, f64,

@@ -875,9 +875,9 @@ class _CEPlan:
     def launch_validate(self):
         """Queue ``validate``; returns the device ``stats`` that the loss kernels
         read (they do nothing when it flags an error)."""
-        from .cross_entropy import support_kernels
+        from .cross_entropy import validate_kernel
         gpu = self.gpu
-        validate, _ = support_kernels(gpu.tpb)
+        validate = validate_kernel(gpu.tpb)
         self.stats = gpu.scratch("stats", 11, 0, np.float64)
         norm = self.norm if self.norm is not None else 0.0
         gpu.launch(validate, 1, self.tgt, self.ign, self.has_ign, np.int64(self.nclass),

@@ -826,8 +826,8 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
 
 
 @functools.lru_cache(maxsize=None)
-def support_kernels(tpb):
-    """Kernels that do not depend on the logits' dtype: ``(validate, finalize)``."""
+def validate_kernel(tpb):
+    """The one-block ``validate`` kernel (it does not depend on the logits' dtype)."""
     TPB = tpb
 
     @cuda.jit
@@ -889,31 +889,7 @@ def support_kernels(tpb):
             stats[9] = np.float64(v >> 32)
             stats[10] = np.float64(v & 0xFFFFFFFF)
 
-    @cuda.jit
-    def finalize(partial, stats, red, zl, out):
-        """One block. out[0] = the reduced loss from the per-block partial sums:
-        sum: ce + zl z; mean: ce / D_ce + zl z / D_z (a zero denominator gives 0)."""
-        sh = cuda.shared.array(TPB, np.float64)
-        tid = cuda.threadIdx.x
-        ce = 0.0
-        z = 0.0
-        for b in range(tid, partial.shape[0], TPB):
-            ce += partial[b, 0]
-            z += partial[b, 1]
-        ce = _block_reduce(sh, tid, ce, False)
-        z = _block_reduce(sh, tid, z, False)
-        if tid == 0:
-            if red == SUM:
-                r = ce + zl * z if zl > 0 else ce
-            else:
-                d_ce = stats[4]
-                d_z = stats[5]
-                r = ce / d_ce if d_ce != 0 else 0.0
-                if zl > 0 and d_z != 0:
-                    r += zl * z / d_z
-            out[0] = r
-
-    return validate, finalize
+    return validate
 
 
 @functools.lru_cache(maxsize=None)
