@@ -16,7 +16,7 @@ import ml_dtypes
 import numba
 import numpy as np
 
-from . import config
+from . import codes, config
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 FLOAT_DTYPES = (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32), np.dtype(np.float64))
@@ -27,13 +27,24 @@ def _dtype_names():
     return "float16, bfloat16, float32 or float64"
 
 
-def float_array(a, name):
-    """``np.asarray(a)`` checked to have a supported float dtype and at least one dimension."""
+def native_array(a):
+    """``np.asarray(a)``; a byte-swapped float array becomes one native copy."""
     arr = np.asarray(a)
     if arr.dtype.kind == "f" and not arr.dtype.isnative:
-        arr = arr.astype(arr.dtype.newbyteorder("="))  # byte-swapped input: one native copy
-    if arr.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected dtype {_dtype_names()}, found {arr.dtype}")
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return arr
+
+
+def check_float_dtype(dtype, name):
+    """TypeError unless ``dtype`` is one of the supported float dtypes."""
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected dtype {_dtype_names()}, found {dtype}")
+
+
+def float_array(a, name):
+    """``np.asarray(a)`` (native byte order) checked to have a supported float dtype."""
+    arr = native_array(a)
+    check_float_dtype(arr.dtype, name)
     return arr
 
 
@@ -96,11 +107,107 @@ def check_finite(value, name):
 def logits_array(logits):
     """Validated logits array with at least one dimension and V >= 1."""
     arr = float_array(logits, "logits")
-    if arr.ndim == 0:
-        raise ValueError("logits: expected shape (..., V) with at least one dimension, found a 0-d array")
-    if arr.shape[-1] == 0:
-        raise ValueError(f"logits: the class dimension (last) must be at least 1, found shape {arr.shape}")
+    check_logits_meta(arr.shape, arr.dtype)
     return arr
+
+
+def check_ignore_index(ignore_index):
+    """``ignore_index`` as a Python int; TypeError for anything but an integer."""
+    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(ignore_index, (numbers.Integral, np.integer)):
+        raise TypeError(f"ignore_index: expected an integer, found {type(ignore_index).__name__}")
+    return int(ignore_index)
+
+
+def is_real_dtype(dtype):
+    """Whether ``dtype`` holds real numbers (integers, floats, bfloat16)."""
+    return dtype == BFLOAT16 or getattr(dtype, "kind", "?") in "iuf"
+
+
+def check_logits_meta(shape, dtype, name="logits"):
+    """Logits of ``shape`` and ``dtype``: a supported float dtype, shape (..., V), V >= 1."""
+    check_float_dtype(dtype, name)
+    if len(shape) == 0:
+        raise ValueError(f"{name}: expected shape (..., V) with at least one dimension, found a 0-d array")
+    if shape[-1] == 0:
+        raise ValueError(f"{name}: the class dimension (last) must be at least 1, found shape {tuple(shape)}")
+
+
+def check_targets_meta(shape, dtype, logits_shape):
+    """Class-index targets: an integer dtype and shape ``logits_shape[:-1]``."""
+    if getattr(dtype, "kind", "?") not in "iu":
+        raise TypeError(f"targets: expected an integer dtype, found {dtype}")
+    want = tuple(logits_shape[:-1])
+    if tuple(shape) != want:
+        raise ValueError(f"targets: expected shape {want} (logits.shape[:-1]), found {tuple(shape)}")
+
+
+def check_class_weight_meta(shape, dtype, nclass):
+    """Class weights of cross-entropy: a real dtype and shape (V,)."""
+    if not is_real_dtype(dtype):
+        raise TypeError(f"weight: expected a real (float or integer) array, found dtype {dtype}")
+    if tuple(shape) != (nclass,):
+        raise ValueError(f"weight: expected shape ({nclass},) (one weight per class), found {tuple(shape)}")
+
+
+def check_pred_target_meta(pshape, pdtype, tshape, tdtype):
+    """MSE ``pred`` and ``target``: supported float dtypes and one shape."""
+    check_float_dtype(pdtype, "pred")
+    check_float_dtype(tdtype, "target")
+    if tuple(pshape) != tuple(tshape):
+        raise ValueError(f"target: expected the shape of pred {tuple(pshape)}, found {tuple(tshape)}")
+
+
+def check_grad_output_meta(shape, dtype, reduction, want_shape, what):
+    """An array ``grad_output``: for "none" a real array of ``want_shape`` (named
+    ``what`` in the message), for mean/sum one real value."""
+    if reduction == "none":
+        if not is_real_dtype(dtype):
+            raise TypeError(f"grad_output: expected a real array, found dtype {dtype}")
+        if tuple(shape) != tuple(want_shape):
+            raise ValueError(f"grad_output: expected a scalar or shape {tuple(want_shape)} "
+                             f"({what}) for reduction='none', found {tuple(shape)}")
+        return
+    if int(np.prod(shape, dtype=np.int64)) != 1:
+        raise ValueError(f"grad_output: expected a scalar for reduction={reduction!r}, "
+                         f"found shape {tuple(shape)}")
+    if not is_real_dtype(dtype):
+        raise TypeError(f"grad_output: expected a real number, found an array of shape "
+                        f"{tuple(shape)} and dtype {dtype}")
+
+
+def scalar_grad_output(grad_output, reduction):
+    """A host ``grad_output`` for mean/sum as a Python float (1.0 for None)."""
+    if grad_output is None:
+        return 1.0
+    if np.ndim(grad_output) != 0 and np.size(grad_output) != 1:
+        check_grad_output_meta(np.shape(grad_output), None, reduction, (), "")
+    return real_scalar(np.asarray(grad_output).reshape(()), "grad_output")
+
+
+def rows_grad_output(grad_output, want_shape, what):
+    """A host ``grad_output`` for reduction "none": a Python float (1.0 for None,
+    or a scalar) or a float64 array of ``want_shape``."""
+    if grad_output is None:
+        return 1.0
+    if np.ndim(grad_output) == 0:
+        return real_scalar(grad_output, "grad_output")
+    g = np.asarray(grad_output)
+    check_grad_output_meta(g.shape, g.dtype, "none", want_shape, what)
+    return g.astype(np.float64)
+
+
+def outside_message(count, nclass, ignore_index, first_at, value, noun="value(s)"):
+    """The one wording of out-of-range targets: how many, and the first one."""
+    return (f"{count} {noun} outside [0, {nclass}) that are not ignore_index={ignore_index}; "
+            f"first at {first_at}: {value}")
+
+
+def bad_targets_error(count, nclass, ignore_index, shape, first, value):
+    """The contract's ValueError for ``count`` targets outside [0, V): the first at
+    flat index ``first`` of targets of ``shape``, holding ``value``."""
+    pos = np.unravel_index(first, shape) if len(shape) else ()
+    where = f"position {tuple(int(p) for p in pos)}"
+    return ValueError("targets: " + outside_message(count, nclass, ignore_index, where, value))
 
 
 def targets_for_kernel(targets, logits_shape, ignore_index):
@@ -109,15 +216,9 @@ def targets_for_kernel(targets, logits_shape, ignore_index):
     Raises ValueError naming the number of out-of-range targets, the first
     bad position and its value.
     """
-    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(ignore_index, (numbers.Integral, np.integer)):
-        raise TypeError(f"ignore_index: expected an integer, found {type(ignore_index).__name__}")
-    ignore_index = int(ignore_index)
+    ignore_index = check_ignore_index(ignore_index)
     t = np.asarray(targets)
-    if t.dtype.kind not in "iu":
-        raise TypeError(f"targets: expected an integer dtype, found {t.dtype}")
-    want = tuple(logits_shape[:-1])
-    if t.shape != want:
-        raise ValueError(f"targets: expected shape {want} (logits.shape[:-1]), found {t.shape}")
+    check_targets_meta(t.shape, t.dtype, logits_shape)
     nclass = logits_shape[-1]
     flat = t.reshape(-1)
     t64 = flat.astype(np.int64)
@@ -128,11 +229,7 @@ def targets_for_kernel(targets, logits_shape, ignore_index):
     bad = ~ignored & ((t64 < 0) | (t64 >= nclass) | huge)
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
-        pos = np.unravel_index(first, t.shape) if t.ndim else ()
-        value = flat[first]
-        raise ValueError(
-            f"targets: {int(bad.sum())} value(s) outside [0, {nclass}) that are not "
-            f"ignore_index={ignore_index}; first at position {tuple(int(p) for p in pos)}: {value}")
+        raise bad_targets_error(int(bad.sum()), nclass, ignore_index, t.shape, first, flat[first])
     return np.where(ignored, np.int64(-1), t64), ignored
 
 
@@ -141,10 +238,7 @@ def class_weight(weight, nclass, acc):
     if weight is None:
         return None
     w = np.asarray(weight)
-    if w.dtype.kind not in "iuf" and w.dtype != BFLOAT16:
-        raise TypeError(f"weight: expected a real (float or integer) array, found dtype {w.dtype}")
-    if w.shape != (nclass,):
-        raise ValueError(f"weight: expected shape ({nclass},) (one weight per class), found {w.shape}")
+    check_class_weight_meta(w.shape, w.dtype, nclass)
     return finite_nonnegative(w, "weight", acc)
 
 
@@ -162,7 +256,7 @@ def finite_nonnegative(w, name, acc):
 
 def check_weight_broadcast(wdtype, wshape, shape):
     """MSE ``weight``: a real dtype whose shape broadcasts to pred's ``shape``."""
-    if np.dtype(wdtype).kind not in "iuf" and wdtype != BFLOAT16:
+    if not is_real_dtype(wdtype):
         raise TypeError(f"weight: expected a real (float or integer) array, found dtype {wdtype}")
     try:
         full_shape = np.broadcast_shapes(tuple(wshape), tuple(shape))
@@ -181,7 +275,7 @@ def weight_layout(weight, shape, acc):
     """
     size = int(np.prod(shape, dtype=np.int64))
     if weight is None:
-        return 0, np.empty(0, acc), 1, float(size)
+        return codes.W_NONE, np.empty(0, acc), 1, float(size)
     w = np.asarray(weight)
     check_weight_broadcast(w.dtype, w.shape, shape)
     w = finite_nonnegative(w, "weight", acc)
@@ -190,36 +284,61 @@ def weight_layout(weight, shape, acc):
     if all(s == 1 for s in ws) or size == 0:
         # A scalar weight: a constant for every element.
         wc = w.reshape(-1)[:1] if w.size else np.ones(1, acc)
-        return 3, np.ascontiguousarray(wc), max(size, 1), float(wc[0]) * size
+        return codes.W_OUTER, np.ascontiguousarray(wc), max(size, 1), float(wc[0]) * size
     if ws == tuple(shape):
         flat = np.ascontiguousarray(w).reshape(-1)
-        return 1, flat, 1, float(flat.sum(dtype=np.float64))
+        return codes.W_FULL, flat, 1, float(flat.sum(dtype=np.float64))
     for k in range(1, ndim):
         lead, trail = ws[:k], ws[k:]
         inner = int(np.prod(shape[k:], dtype=np.int64))
         if all(s == 1 for s in lead) and trail == tuple(shape[k:]):
             row = np.ascontiguousarray(w).reshape(-1)
-            return 2, row, inner, float(row.sum(dtype=np.float64)) * (size // inner)
+            return codes.W_INNER, row, inner, float(row.sum(dtype=np.float64)) * (size // inner)
         if lead == tuple(shape[:k]) and all(s == 1 for s in trail):
             col = np.ascontiguousarray(w).reshape(-1)
-            return 3, col, inner, float(col.sum(dtype=np.float64)) * inner
+            return codes.W_OUTER, col, inner, float(col.sum(dtype=np.float64)) * inner
     # Mixed broadcasting (e.g. (A, 1, C) over (A, B, C)): materialise once.
     flat = np.ascontiguousarray(np.broadcast_to(w, shape)).reshape(-1)
-    return 1, flat, 1, float(flat.sum(dtype=np.float64))
+    return codes.W_FULL, flat, 1, float(flat.sum(dtype=np.float64))
+
+
+def check_out_meta(oshape, odtype, shape, dtype, name="out"):
+    """A caller-provided output buffer's shape and dtype (host or GPU)."""
+    if tuple(oshape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, found {tuple(oshape)}")
+    if odtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, found {odtype}")
+
+
+def not_contiguous_error(strides, name="out"):
+    return ValueError(f"{name}: expected a C-contiguous array, found strides {tuple(strides)}")
+
+
+def check_inplace_out(inplace, out):
+    """``inplace`` is a bool and not combined with ``out``; returns it as a bool."""
+    if not isinstance(inplace, (bool, np.bool_)):
+        raise TypeError(f"inplace: expected True or False, found {inplace!r}")
+    if inplace and out is not None:
+        raise ValueError("out: cannot be combined with inplace=True (the gradient goes into logits)")
+    return bool(inplace)
+
+
+def overlap_error(op):
+    """The error for an ``out=`` that overlaps the inputs (``op``: "ce" or "mse")."""
+    if op == "ce":
+        return ValueError("out: overlaps logits; pass inplace=True to overwrite the logits")
+    return ValueError("out: overlaps pred or target")
 
 
 def out_array(out, shape, dtype, name="out"):
     """Check a caller-provided output buffer: right shape and dtype, writable, C-contiguous."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name}: expected a numpy array, found {type(out).__name__}")
-    if out.shape != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)}, found {out.shape}")
-    if out.dtype != dtype:
-        raise TypeError(f"{name}: expected dtype {dtype}, found {out.dtype}")
+    check_out_meta(out.shape, out.dtype, shape, dtype, name)
     if not out.flags.writeable:
         raise ValueError(f"{name}: the array is read-only")
     if not out.flags.c_contiguous:
-        raise ValueError(f"{name}: expected a C-contiguous array, found strides {out.strides}")
+        raise not_contiguous_error(out.strides, name)
     return out
 
 

@@ -13,6 +13,15 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 #: (rows * classes), so tiny batches do not pay thread start-up per row.
 MIN_ELEMENTS_PER_TASK = 1 << 16
 
+#: Cap on the number of blocks of the CUDA row and element kernels; None: about
+#: one full wave of resident blocks (SMs x 2048 / threads per block; 3 blocks
+#: in the simulator). Tests lower it so the grid-stride loops run several rounds.
+CUDA_GRID_LIMIT = None
+
+#: Read and write CUDA rows as uint64 words where possible (see
+#: ``fastloss.cuda.cross_entropy``); tests switch it off to cover both paths.
+CUDA_WIDE_ACCESS = True
+
 CUDA_THREADS_PER_BLOCK = 256  # threads per block of the CUDA kernels (any of 1..1024; read at call time)
 
 #: Threads per block of the fused cross-entropy kernel (loss + gradient); None:
@@ -81,3 +90,8 @@ LINEAR_CE_LOGITS_BUDGET_BYTES = 90 * 2**20
 #: this many bytes per block of classes (scipy's ``?gemm`` with ``beta=1`` needs
 #: none). Read at call time.
 LINEAR_CE_GRAD_WEIGHT_BLOCK_BYTES = 8 * 2**20
+
+#: Bytes of logits per chunk of ``fastloss.evaluate`` when ``chunk_tokens=None``.
+#: The mapped chunk is most of the evaluation's resident memory
+#: (benchmarks/NOTES.md). Read at call time; tests patch it.
+EVAL_CHUNK_BYTES = 64 * 2**20

@@ -22,7 +22,7 @@ _I16, _I32, _F32 = ir.IntType(16), ir.IntType(32), ir.FloatType()
 
 
 @intrinsic
-def _i32_as_f32(typingctx, x):
+def i32_as_f32(typingctx, x):
     """Reinterpret the low 32 bits of an integer as a float32."""
     if not isinstance(x, types.Integer):
         return None
@@ -39,7 +39,7 @@ def _i32_as_f32(typingctx, x):
 
 
 @intrinsic
-def _f32_as_i32(typingctx, x):
+def f32_as_i32(typingctx, x):
     """Reinterpret the bits of a float32 as an int32."""
     if x != types.float32:
         return None
@@ -137,11 +137,11 @@ def tanh_f32(y):
     return small if a < np.float32(0.0625) else big
 
 
-def _exp(x):
+def exp(x):
     """exp in the accumulation precision (dispatched on the argument type)."""
 
 
-@overload(_exp, fastmath=_FM)
+@overload(exp, fastmath=_FM)
 def _exp_ol(x):
     if x == types.float32:
         return lambda x: exp_f32(x)
@@ -150,11 +150,11 @@ def _exp_ol(x):
     return None
 
 
-def _tanh(x):
+def tanh(x):
     """tanh in the accumulation precision (dispatched on the argument type)."""
 
 
-@overload(_tanh, fastmath=_FM)
+@overload(tanh, fastmath=_FM)
 def _tanh_ol(x):
     if x == types.float32:
         return lambda x: tanh_f32(x)
@@ -318,7 +318,7 @@ def ordered_bits(typingctx, v):
 @njit(fastmath=_FM)
 def from_ordered_bits(b):
     """Inverse of :func:`ordered_bits`."""
-    return _i32_as_f32(np.int32(b ^ ((b >> np.int32(31)) & np.int32(0x7FFFFFFF))))
+    return i32_as_f32(np.int32(b ^ ((b >> np.int32(31)) & np.int32(0x7FFFFFFF))))
 
 
 def row_max(row):

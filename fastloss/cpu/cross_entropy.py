@@ -46,17 +46,40 @@ one row ahead (``PREFETCH_MAX_ITEMSIZE``).
 """
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit, prange
 
 from .. import config
-from ._math import _exp, _tanh, as_acc, load, prefetch, row_max, store
+from ..codes import PLAIN, SCALED, SOFTCAP
+from ._math import as_acc, exp, load, prefetch, row_max, store, tanh
 
 _FM = config.FASTMATH
 
-#: Logit transform modes (chosen once per call, so each loop stays branch-free).
-PLAIN, SCALED, SOFTCAP = 0, 1, 2
+
+class CEConstants(NamedTuple):
+    """Per-call scalars of the cross-entropy kernels (accumulation type):
+    whether class weights are given, their sum ``W`` (V without weights),
+    label smoothing ``eps`` and the z-loss coefficient ``zl``. The logit
+    transform travels beside them as a ``fastloss.options.Transform``."""
+
+    has_w: bool
+    wsum: float
+    eps: float
+    zl: float
+
+
+class CEScratch(NamedTuple):
+    """Per-task scratch rows of the kernels: ``z`` (transformed logits, or the
+    fused kernel's exps), ``t`` (tanh values under softcap) and ``shifts``
+    (the fused kernel's per-block running max); each (ntask, V), (ntask,
+    n_row_blocks(V)) or (ntask, 0) where the kernel does not need it. The
+    number of tasks is ``z.shape[0]``."""
+
+    z: np.ndarray
+    t: np.ndarray
+    shifts: np.ndarray
 
 #: Elements per block of the one-sweep row statistics (8 KB of float32: the
 #: block is re-read from L1). A compile-time constant of the cached kernels.
@@ -95,7 +118,7 @@ def _row_transform(xr, zr, tr, mode, scale, cap):
         inv = scale / cap
         for j in range(n):
             v = load(xr[j])
-            t = _tanh(inv * v)
+            t = tanh(inv * v)
             tr[j] = t
             # -inf is a mask and stays -inf (cap * tanh would give -cap).
             zr[j] = v if v == -np.inf else cap * t
@@ -107,7 +130,7 @@ def _row_exp_sum(zr, m):
     """sum_j exp(z_j - m), reading z in the row's storage type."""
     s = m - m  # a zero of the accumulation type
     for j in range(zr.shape[0]):
-        s += _exp(load(zr[j]) - m)
+        s += exp(load(zr[j]) - m)
     return s
 
 
@@ -116,7 +139,7 @@ def _row_exp_store(zr, er, m):
     """er[j] = exp(z_j - m) (er may alias zr); returns their sum."""
     s = m - m
     for j in range(zr.shape[0]):
-        e = _exp(load(zr[j]) - m)
+        e = exp(load(zr[j]) - m)
         er[j] = e
         s += e
     return s
@@ -148,13 +171,13 @@ def _row_exp_lazy(zr, er, m, keep_exp):
     if keep_exp:
         for j in range(zr.shape[0]):
             d = load(zr[j]) - m
-            e = _exp(d if d < top else top)
+            e = exp(d if d < top else top)
             er[j] = e
             s += e
     else:
         for j in range(zr.shape[0]):
             d = load(zr[j]) - m
-            s += _exp(d if d < top else top)
+            s += exp(d if d < top else top)
     return s
 
 
@@ -179,7 +202,7 @@ def _block_update(src, er, m, s, mb, keep_exp, zero):
     relative to ``m`` (to 0 while every value so far is -inf, so they are 0)."""
     if mb > m:
         if m != -np.inf:
-            s = s * _exp(m - mb)
+            s = s * exp(m - mb)
         m = mb
     shift = zero if m == -np.inf else m
     if keep_exp:
@@ -215,11 +238,11 @@ def _z_scalar(v, mode, scale, cap):
         return v
     if mode == SCALED:
         return scale * v
-    return v if v == -np.inf else cap * _tanh(scale / cap * v)
+    return v if v == -np.inf else cap * tanh(scale / cap * v)
 
 
 @njit(fastmath=_FM)
-def _row_stats(xr, t, w, has_w, mode, scale, cap, eps, zr, tr, er, keep_exp, shifts, nxt, ahead):
+def _row_stats(xr, t, w, tf, k, zr, tr, er, keep_exp, shifts, nxt, ahead):
     """Softmax statistics of one row in ONE sweep over memory: (m, s, z_t, smooth_sum).
 
     The row is walked in blocks of ``ROW_BLOCK`` elements: each block's max is
@@ -232,8 +255,11 @@ def _row_stats(xr, t, w, has_w, mode, scale, cap, eps, zr, tr, er, keep_exp, shi
     ``s = sum_j exp(z_j - m)`` (``m`` is replaced by 0 for an all -inf row, so
     the exps are 0, not NaN). In PLAIN mode the logits are read directly;
     otherwise z is staged in ``zr``. With ``ahead``, each block of the next
-    row ``nxt`` is prefetched.
+    row ``nxt`` is prefetched. ``tf``: the ``Transform``; ``k``: the
+    ``CEConstants``.
     """
+    mode, scale, cap = tf
+    has_w, eps = k.has_w, k.eps
     zero = scale - scale
     smooth = zero
     n = xr.shape[0]
@@ -280,7 +306,7 @@ def _row_loss(shift, s, zt, smooth, wt, wsum, eps, nclass):
 
 
 @njit(fastmath=_FM)
-def _task_rows(ntask, n, task):
+def task_rows(ntask, n, task):
     """Rows [lo, hi) of task ``task`` when n rows are split evenly over ntask tasks."""
     return task * n // ntask, (task + 1) * n // ntask
 
@@ -309,17 +335,20 @@ def _row_grad(er, tr, w, has_w, mode, scale, a, c, orow):
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def ce_forward(x, tgt, w, has_w, wsum, mode, scale, cap, eps, zbuf, tbuf, loss, lse):
+def ce_forward(x, tgt, w, tf, k, scratch, loss, lse):
     """Per-row cross-entropy ``loss[i]`` (weighted, smoothed, without z-loss) and
     ``lse[i]``; both 0 for ignored rows (``tgt[i] < 0``).
 
-    ``zbuf``/``tbuf`` are per-task scratch rows, (ntask, V) or (ntask, 0) when
-    the mode does not need them; the number of tasks is ``zbuf.shape[0]``.
+    ``tf``: the ``Transform``; ``k``: the ``CEConstants``; ``scratch``: a
+    ``CEScratch`` whose ``z``/``t`` rows are (ntask, V) or (ntask, 0) when the
+    mode does not need them.
     """
     n, nclass = x.shape
+    zbuf, tbuf = scratch.z, scratch.t
     ntask = zbuf.shape[0]
+    scale = tf.scale
     for task in prange(ntask):
-        lo, hi = _task_rows(ntask, n, task)
+        lo, hi = task_rows(ntask, n, task)
         zr = zbuf[task]
         tr = tbuf[task]
         for i in range(lo, hi):
@@ -329,47 +358,52 @@ def ce_forward(x, tgt, w, has_w, wsum, mode, scale, cap, eps, zbuf, tbuf, loss, 
                 lse[i] = 0
                 continue
             nxt, ahead = _next_row(x, i, hi)
-            shift, s, zt, smooth = _row_stats(x[i], t, w, has_w, mode, scale, cap, eps, zr, tr,
-                                              zr, False, zr[:0], nxt, ahead)
-            wt = w[t] if has_w else scale - scale + 1
-            ce, l = _row_loss(shift, s, zt, smooth, wt, wsum, eps, nclass)
+            shift, s, zt, smooth = _row_stats(x[i], t, w, tf, k, zr, tr, zr, False, zr[:0], nxt, ahead)
+            wt = w[t] if k.has_w else scale - scale + 1
+            ce, l = _row_loss(shift, s, zt, smooth, wt, k.wsum, k.eps, nclass)
             loss[i] = ce
             lse[i] = l
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def lse_forward(x, mode, scale, cap, zbuf, tbuf, lse):
-    """lse[i] = logsumexp_j z_ij for every row."""
+def lse_forward(x, tf, scratch, lse):
+    """lse[i] = logsumexp_j z_ij for every row (``tf``: the ``Transform``;
+    ``scratch``: a ``CEScratch`` as for :func:`ce_forward`)."""
     n = x.shape[0]
+    zbuf, tbuf = scratch.z, scratch.t
     ntask = zbuf.shape[0]
     w = zbuf[0, :0]
+    zero = tf.scale - tf.scale
+    k = CEConstants(False, zero, zero, zero)
     for task in prange(ntask):
-        lo, hi = _task_rows(ntask, n, task)
+        lo, hi = task_rows(ntask, n, task)
         zr = zbuf[task]
         tr = tbuf[task]
         for i in range(lo, hi):
             nxt, ahead = _next_row(x, i, hi)
-            shift, s, zt, smooth = _row_stats(x[i], 0, w, False, mode, scale, cap, scale - scale,
-                                              zr, tr, zr, False, zr[:0], nxt, ahead)
+            shift, s, zt, smooth = _row_stats(x[i], 0, w, tf, k, zr, tr, zr, False, zr[:0], nxt, ahead)
             lse[i] = as_acc(_row_lse(shift, s), s)
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def ce_fused(x, tgt, w, has_w, wsum, mode, scale, cap, eps, zl, gce, gz,
-             out, zbuf, tbuf, sbuf, loss, lse):
+def ce_fused(x, tgt, w, tf, k, gce, gz, out, scratch, loss, lse):
     """Forward and backward in one sweep per row: ``loss``/``lse`` as in
     :func:`ce_forward` and ``out[i, j] = d(sum_i gce_i ce_i + gz_i zl lse_i**2)/dx_ij``.
 
     ``out`` may be ``x`` itself (in place): each row is fully read before it
-    is written. ``zbuf`` is always (ntask, V); ``tbuf`` is (ntask, V) under
-    softcap, else (ntask, 0); ``sbuf`` is (ntask, n_row_blocks(V)): the running
-    max each block's stored exponentials are relative to.
+    is written. In ``scratch`` (a ``CEScratch``), ``z`` is always (ntask, V);
+    ``t`` is (ntask, V) under softcap, else (ntask, 0); ``shifts`` is (ntask,
+    n_row_blocks(V)): the running max each block's stored exponentials are
+    relative to.
     """
     n, nclass = x.shape
+    zbuf, tbuf, sbuf = scratch
+    mode, scale, cap = tf
+    has_w, wsum, eps, zl = k
     ntask = zbuf.shape[0]
     one = scale - scale + 1
     for task in prange(ntask):
-        lo, hi = _task_rows(ntask, n, task)
+        lo, hi = task_rows(ntask, n, task)
         er = zbuf[task]
         tr = tbuf[task]
         shifts = sbuf[task]
@@ -382,8 +416,7 @@ def ce_fused(x, tgt, w, has_w, wsum, mode, scale, cap, eps, zl, gce, gz,
                 for j in range(nclass):
                     store(orow, j, one - one)
                 continue
-            shift, s, zt, smooth = _row_stats(x[i], t, w, has_w, mode, scale, cap,
-                                              eps, er, tr, er, True, shifts, x[i], False)
+            shift, s, zt, smooth = _row_stats(x[i], t, w, tf, k, er, tr, er, True, shifts, x[i], False)
             wt = w[t] if has_w else one
             ce, l = _row_loss(shift, s, zt, smooth, wt, wsum, eps, nclass)
             loss[i] = ce
@@ -401,11 +434,11 @@ def ce_fused(x, tgt, w, has_w, wsum, mode, scale, cap, eps, zl, gce, gz,
                     # Fetch the next row's block while this one is computed from
                     # cache, so memory stays busy between the rows' read sweeps.
                     _prefetch_block(nxt, blo, bhi)
-                ab = a * _exp(shifts[b] - shift)
+                ab = a * exp(shifts[b] - shift)
                 _row_grad(er[blo:bhi], tr[blo:bhi] if mode == SOFTCAP else tr,
                           w[blo:bhi] if has_w else w, has_w, mode, scale, ab, c, orow[blo:bhi])
             # The target's extra -gce (1 - eps) w_t term, rounded once with the rest.
             d = scale * (one - tr[t] * tr[t]) if mode == SOFTCAP else scale
             wj = w[t] if has_w else one
-            pt = er[t] * _exp(shifts[t // ROW_BLOCK] - shift)
+            pt = er[t] * exp(shifts[t // ROW_BLOCK] - shift)
             store(orow, t, (a * pt - c * wj - g * (1 - eps) * wt) * d)

@@ -1,12 +1,10 @@
 """CPU kernels for (weighted) mean squared error.
 
 Inputs arrive flat (C-contiguous, kernel dtypes; see ``fastloss._validate``).
-A weight broadcast to the data is described without materialising it:
-
-    wmode 0  no weight             w_k = 1
-    wmode 1  full                  w_k = w[k]
-    wmode 2  varies along the last ``inner`` elements (shape (..., C) tiled)   w_k = w[k % inner]
-    wmode 3  constant along the last ``inner`` elements                      w_k = w[k // inner]
+A weight broadcast to the data is described without materialising it, as a
+``WeightLayout(wmode, w, inner)`` (the layouts ``fastloss.codes.W_NONE``,
+``W_FULL``, ``W_INNER``, ``W_OUTER``: no weight, one per element, ``w[k %
+inner]``, ``w[k // inner]``).
 
 Each parallel task owns the element range ``[n*task/ntask, n*(task+1)/ntask)``
 and walks it in segments that never cross a row of length ``inner``, so every
@@ -14,12 +12,25 @@ inner loop is a plain vectorisable loop. Sums accumulate in float64 per task
 and are merged by the caller (race-free).
 """
 
+from typing import NamedTuple
+
+import numpy as np
 from numba import njit, prange
 
 from .. import config
+from ..codes import W_INNER, W_NONE, W_OUTER
 from ._math import as_acc, load, store
 
 _FM = config.FASTMATH
+
+class WeightLayout(NamedTuple):
+    """An MSE weight broadcast to the data (see ``fastloss.codes.W_*``):
+    ``wmode``, the weight values ``w`` (accumulation type) and ``inner``."""
+
+    wmode: int
+    w: np.ndarray
+    inner: int
+
 
 #: Elements per inner segment (a compile-time constant of the cached kernel).
 SEGMENT = 8192
@@ -40,12 +51,12 @@ def _segment(p, t, w, wmode, inner, lo, hi, scale, grad, loss):
     ps = p[lo:hi]
     ts = t[lo:hi]
     n = hi - lo
-    if wmode == 0 or wmode == 3:
-        wc = w[lo // inner] if wmode == 3 else as_acc(1.0, scale)
+    if wmode == W_NONE or wmode == W_OUTER:
+        wc = w[lo // inner] if wmode == W_OUTER else as_acc(1.0, scale)
         ws = w[:0]
     else:
         wc = as_acc(1.0, scale)
-        off = lo % inner if wmode == 2 else lo
+        off = lo % inner if wmode == W_INNER else lo
         ws = w[off:off + n]
     gr = grad[lo:hi] if grad.shape[0] > 0 else grad
     ls = loss[lo:hi] if loss.shape[0] > 0 else loss
@@ -84,10 +95,12 @@ def _segment(p, t, w, wmode, inner, lo, hi, scale, grad, loss):
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def mse_kernel(p, t, w, wmode, inner, scale, grad, loss, partial):
+def mse_kernel(p, t, wl, scale, grad, loss, partial):
     """partial[task] = sum over the task's elements of w_k (p_k - t_k)^2; optionally
     the gradient ``scale * 2 w_k (p_k - t_k)`` into ``grad`` and the per-element
-    loss into ``loss`` (either may have length 0 to skip it)."""
+    loss into ``loss`` (either may have length 0 to skip it). ``wl``: the
+    ``WeightLayout``."""
+    wmode, w, inner = wl
     n = p.shape[0]
     ntask = partial.shape[0]
     for task in prange(ntask):
@@ -99,7 +112,7 @@ def mse_kernel(p, t, w, wmode, inner, scale, grad, loss, partial):
             # Segments of at most SEGMENT elements keep the extra pass for the
             # per-element loss (reduction="none") in L1/L2.
             end = min(hi, k + SEGMENT)
-            if wmode >= 2:
+            if wmode == W_INNER or wmode == W_OUTER:
                 end = min(end, (k // inner + 1) * inner)
             acc += _segment(p, t, w, wmode, inner, k, end, scale, grad, loss)
             k = end

@@ -41,8 +41,8 @@ from numba import njit, prange, types
 from numba.core.extending import overload
 
 from .. import config
-from ..cpu._math import _exp, _f32_as_i32, _i32_as_f32, as_acc, load, row_max
-from ..cpu.cross_entropy import _task_rows
+from ..cpu._math import exp, f32_as_i32, i32_as_f32, as_acc, load, row_max
+from ..cpu.cross_entropy import task_rows
 
 _FM = config.FASTMATH
 
@@ -68,7 +68,7 @@ def _ekey_ol(e):
     if e == types.float32:
         # The bits of a non-negative float32 order like its value: an int32 max
         # vectorises where a float max without ``nnan`` does not.
-        return lambda e: _f32_as_i32(e)
+        return lambda e: f32_as_i32(e)
     return lambda e: e
 
 
@@ -90,7 +90,7 @@ def _ekey_value(k):
 @overload(_ekey_value)
 def _ekey_value_ol(k):
     if k == types.int32:
-        return lambda k: np.float64(_i32_as_f32(k)) if k >= 0 else 0.0
+        return lambda k: np.float64(i32_as_f32(k)) if k >= 0 else 0.0
     return lambda k: k if k > 0 else 0.0
 
 
@@ -115,7 +115,7 @@ def _block_sums(blk, shift, zt, ge, zero):
             d = v - shift
             d = low if d < low else d
             d = high if d > high else d
-            e = _exp(d)
+            e = exp(d)
             s += e
             u += e * d
             c += one if v >= zt else zero
@@ -127,7 +127,7 @@ def _block_sums(blk, shift, zt, ge, zero):
             d = v - shift
             d = low if d < low else d
             d = high if d > high else d
-            e = _exp(d)
+            e = exp(d)
             s += e
             u += e * d
             c += one if v > zt else zero
@@ -208,7 +208,7 @@ def eval_rows(x, tgt, zero, ntask, loss, ent, conf, rank):
     runs (``nogil``), so other Python threads are not held up."""
     n = x.shape[0]
     for task in prange(ntask):
-        lo, hi = _task_rows(ntask, n, task)
+        lo, hi = task_rows(ntask, n, task)
         for i in range(lo, hi):
             t = tgt[i]
             if t < 0:

@@ -1,104 +1,18 @@
-"""Public cross-entropy API: ``cross_entropy``, ``cross_entropy_with_grad``, ``logsumexp``."""
+"""Public cross-entropy API: ``cross_entropy``, ``cross_entropy_with_grad``, ``logsumexp``.
 
-import numpy as np
+Each function validates its options once (``fastloss.options``) and hands
+``(arrays, options)`` to the backend of its first array: host arrays to
+``fastloss.cpu.cross_entropy_host``, GPU arrays to
+``fastloss.cuda.cross_entropy_host`` (imported on first use).
+"""
 
 from .. import _validate as V
-from .. import cuda as _cuda
-from ..cpu import cross_entropy as K
+from ..cpu import cross_entropy_host as _cpu
+from ..cuda import is_device_array
+from ..options import CrossEntropyOptions, LogsumexpOptions
+from ..results import CrossEntropyResult
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad", "logsumexp"]
-
-
-class _Plan:
-    """Validated inputs and derived constants of one cross-entropy call."""
-
-    def __init__(self, logits, targets, weight, ignore_index, reduction, label_smoothing,
-                 z_loss, softcap, logit_scale, normalizer):
-        self.logits = V.logits_array(logits)
-        self.reduction = V.check_reduction(reduction)
-        self.eps = V.check_range(label_smoothing, "label_smoothing", low=0.0, high=1.0)
-        self.zl = V.check_range(z_loss, "z_loss", low=0.0)
-        self.norm = V.check_range(normalizer, "normalizer", low=0.0, low_open=True, allow_none=True)
-        if self.norm is not None and self.reduction != "mean":
-            raise ValueError(f"normalizer: only used with reduction='mean', found reduction={self.reduction!r}")
-        self.mode, self.scale, self.cap = _transform(softcap, logit_scale)
-        shape = self.logits.shape
-        self.nclass = shape[-1]
-        self.tgt, self.ignored = V.targets_for_kernel(targets, shape, ignore_index)
-        self.acc = V.acc_dtype(self.logits.dtype)
-        self.weight = V.class_weight(weight, self.nclass, self.acc)
-        self.count = int(self.tgt.size - np.count_nonzero(self.ignored))
-        if self.weight is None:
-            self.wsum = float(self.nclass)
-            self.target_wsum = float(self.count)
-        else:
-            self.wsum = float(self.weight.sum(dtype=np.float64))
-            counted = self.tgt[~self.ignored]
-            self.target_wsum = float(self.weight[counted].sum(dtype=np.float64))
-
-    def denominators(self):
-        """(D_ce, D_z) for mean: cross-entropy is divided by the counted target
-        weight (or count), z-loss by the count; ``normalizer`` replaces both."""
-        if self.norm is not None:
-            return self.norm, self.norm
-        return self.target_wsum, float(self.count)
-
-    def kernel_args(self):
-        acc = self.acc.type
-        w = self.weight if self.weight is not None else np.empty(0, self.acc)
-        return (w, self.weight is not None, acc(self.wsum), self.mode, acc(self.scale),
-                acc(self.cap), acc(self.eps))
-
-    def reduce(self, loss_rows, lse_rows):
-        """Combine per-row cross-entropy and logsumexp into the requested reduction."""
-        zl = self.zl
-        if self.reduction == "none":
-            out = loss_rows
-            if zl > 0:
-                out = out + self.acc.type(zl) * lse_rows * lse_rows
-            return out.reshape(self.logits.shape[:-1])
-        ce = float(loss_rows.sum(dtype=np.float64))
-        z = float(np.square(lse_rows, dtype=np.float64).sum()) if zl > 0 else 0.0
-        if self.reduction == "sum":
-            return ce + zl * z
-        d_ce, d_z = self.denominators()
-        return _safe_div(ce, d_ce) + (_safe_div(zl * z, d_z) if zl > 0 else 0.0)
-
-
-def _safe_div(num, den):
-    """num / den, with a zero denominator (nothing counted) giving 0."""
-    return num / den if den != 0 else 0.0
-
-
-def _transform(softcap, logit_scale):
-    scale = V.check_range(logit_scale, "logit_scale", low=0.0, low_open=True)
-    cap = V.check_range(softcap, "softcap", low=0.0, low_open=True, allow_none=True)
-    if cap is not None:
-        return K.SOFTCAP, scale, cap
-    return (K.PLAIN if scale == 1.0 else K.SCALED), scale, 1.0
-
-
-def _scratch(plan, rows, need_z, need_t):
-    """Per-task scratch rows for the kernels: (zbuf, tbuf, sbuf); sbuf holds the
-    per-block shifts of the fused kernel (allocated with ``need_z``)."""
-    ntask = V.num_tasks(rows, rows * plan.nclass)
-    zbuf = np.empty((ntask, plan.nclass if need_z else 0), plan.acc)
-    tbuf = np.empty((ntask, plan.nclass if need_t else 0), plan.acc)
-    sbuf = np.empty((ntask, K.n_row_blocks(plan.nclass) if need_z else 0), plan.acc)
-    return zbuf, tbuf, sbuf
-
-
-def _forward_rows(plan):
-    """Per-row (cross-entropy, logsumexp) arrays in the accumulation dtype."""
-    n = plan.tgt.size
-    loss = np.empty(n, plan.acc)
-    lse = np.empty(n, plan.acc)
-    if n:
-        x = V.kernel_view(plan.logits).reshape(n, plan.nclass)
-        zbuf, tbuf, _ = _scratch(plan, n, plan.mode != K.PLAIN, plan.mode == K.SOFTCAP)
-        with V.kernel_launch(zbuf.shape[0]):
-            K.ce_forward(x, plan.tgt, *plan.kernel_args(), zbuf, tbuf, loss, lse)
-    return loss, lse
 
 
 def cross_entropy(logits, targets, *, weight=None, ignore_index=-100, reduction="mean",
@@ -165,15 +79,10 @@ def cross_entropy(logits, targets, *, weight=None, ignore_index=-100, reduction=
     >>> fastloss.cross_entropy(logits, np.array([-100, -100]))
     0.0
     """
-    if _cuda.is_device_array(logits):
-        from ..cuda import api
-        return api.cross_entropy(
-            logits, targets, weight=weight, ignore_index=ignore_index, reduction=reduction,
-            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-            logit_scale=logit_scale, normalizer=normalizer)
-    plan = _Plan(logits, targets, weight, ignore_index, reduction, label_smoothing, z_loss,
-                 softcap, logit_scale, normalizer)
-    return plan.reduce(*_forward_rows(plan))
+    opts = CrossEntropyOptions.check(
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+        z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, normalizer=normalizer)
+    return _backend(logits).cross_entropy(logits, targets, weight, opts)
 
 
 def cross_entropy_with_grad(logits, targets, *, weight=None, ignore_index=-100,
@@ -199,12 +108,15 @@ def cross_entropy_with_grad(logits, targets, *, weight=None, ignore_index=-100,
 
     Returns
     -------
-    loss : float or numpy.ndarray
-        As returned by :func:`cross_entropy`.
-    grad : numpy.ndarray
-        ``d(grad_output * loss) / d(logits)``, of logits' shape and dtype,
-        computed in the accumulation precision and rounded once; zero in the
-        rows of ignored tokens.
+    CrossEntropyResult
+        A named tuple ``(loss, grad)`` (unpacks as ``loss, grad = ...``):
+
+        loss : float or numpy.ndarray
+            As returned by :func:`cross_entropy`.
+        grad : numpy.ndarray
+            ``d(grad_output * loss) / d(logits)``, of logits' shape and dtype,
+            computed in the accumulation precision and rounded once; zero in the
+            rows of ignored tokens.
 
     Raises
     ------
@@ -224,107 +136,21 @@ def cross_entropy_with_grad(logits, targets, *, weight=None, ignore_index=-100,
     >>> import numpy as np, fastloss
     >>> logits = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]], dtype=np.float32)
     >>> loss, grad = fastloss.cross_entropy_with_grad(logits, np.array([0, 2]))
+    >>> r = fastloss.cross_entropy_with_grad(logits, np.array([0, 2]))
+    >>> r.loss == loss and bool((r.grad == grad).all())
+    True
     >>> grad.shape, grad.dtype
     ((2, 3), dtype('float32'))
     >>> bool(np.allclose(grad.sum(axis=1), 0.0, atol=1e-6))  # softmax - onehot rows sum to 0
     True
     """
-    if _cuda.is_device_array(logits):
-        from ..cuda import api
-        return api.cross_entropy_with_grad(
-            logits, targets, weight=weight, ignore_index=ignore_index, reduction=reduction,
-            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-            logit_scale=logit_scale, normalizer=normalizer,
-            grad_output=grad_output, out=out, inplace=inplace)
-    plan = _Plan(logits, targets, weight, ignore_index, reduction, label_smoothing, z_loss,
-                 softcap, logit_scale, normalizer)
-    x = plan.logits
-    n = plan.tgt.size
-    gce, gz = _row_coefficients(plan, grad_output)
-    grad, copy_back = _grad_buffer(logits, x, out, inplace)
-    loss = np.empty(n, plan.acc)
-    lse = np.empty(n, plan.acc)
-    if n:
-        xk = V.kernel_view(x).reshape(n, plan.nclass)
-        gk = V.kernel_view(grad).reshape(n, plan.nclass)
-        zbuf, tbuf, sbuf = _scratch(plan, n, True, plan.mode == K.SOFTCAP)
-        w, has_w, wsum, mode, scale, cap, eps = plan.kernel_args()
-        with V.kernel_launch(zbuf.shape[0]):
-            K.ce_fused(xk, plan.tgt, w, has_w, wsum, mode, scale, cap, eps,
-                       plan.acc.type(plan.zl), gce, gz, gk, zbuf, tbuf, sbuf, loss, lse)
-    if copy_back:
-        x[...] = grad
-    if inplace:
-        grad = logits  # the caller's own object (an ndarray subclass such as np.memmap included)
-    return plan.reduce(loss, lse), grad
-
-
-def _row_coefficients(plan, grad_output):
-    """Per-row upstream coefficients (gce, gz) of the cross-entropy and z-loss terms,
-    already divided by the mean's denominators; 0 for ignored rows."""
-    n = plan.tgt.size
-    if plan.reduction == "none":
-        if grad_output is None:
-            g = np.ones(n)
-        elif np.ndim(grad_output) == 0:
-            g = np.full(n, V.real_scalar(grad_output, "grad_output"))
-        else:
-            g = np.asarray(grad_output)
-            if g.dtype.kind not in "iuf" and g.dtype != V.BFLOAT16:
-                raise TypeError(f"grad_output: expected a real array, found dtype {g.dtype}")
-            want = plan.logits.shape[:-1]
-            if g.shape != want:
-                raise ValueError(f"grad_output: expected a scalar or shape {want} "
-                                 f"(targets.shape) for reduction='none', found {g.shape}")
-            g = g.astype(np.float64).reshape(-1)
-        gce = g
-        gz = g
-    else:
-        if grad_output is None:
-            go = 1.0
-        else:
-            if np.ndim(grad_output) != 0 and np.size(grad_output) != 1:
-                raise ValueError(f"grad_output: expected a scalar for reduction={plan.reduction!r}, "
-                                 f"found shape {np.shape(grad_output)}")
-            go = V.real_scalar(np.asarray(grad_output).reshape(()), "grad_output")
-        if plan.reduction == "mean":
-            d_ce, d_z = plan.denominators()
-            gce = np.full(n, _safe_div(go, d_ce))
-            gz = np.full(n, _safe_div(go, d_z))
-        else:
-            gce = np.full(n, go)
-            gz = gce
-    gce = np.where(plan.ignored, 0.0, gce).astype(plan.acc)
-    gz = np.where(plan.ignored, 0.0, gz).astype(plan.acc)
-    return gce, gz
-
-
-def _grad_buffer(original, x, out, inplace):
-    """Where the gradient goes: (buffer, copy_back). ``copy_back`` is set when
-    ``inplace`` targets a non-contiguous array, which is computed into a fresh
-    buffer and copied over the logits afterwards."""
-    if not isinstance(inplace, (bool, np.bool_)):
-        raise TypeError(f"inplace: expected True or False, found {inplace!r}")
-    if inplace:
-        if out is not None:
-            raise ValueError("out: cannot be combined with inplace=True (the gradient goes into logits)")
-        if not isinstance(original, np.ndarray):
-            raise TypeError(f"logits: inplace=True needs a numpy array, found {type(original).__name__}")
-        if x is not original and not np.shares_memory(x, original):
-            raise ValueError(f"logits: inplace=True needs a native-byte-order float array, "
-                             f"found dtype {original.dtype}")
-        if not x.flags.writeable:
-            raise ValueError("logits: inplace=True needs a writable array, found a read-only one")
-        if x.flags.c_contiguous:
-            return x, False
-        return np.empty(x.shape, x.dtype), True
-    if out is None:
-        return np.empty(x.shape, x.dtype), False
-    V.out_array(out, x.shape, x.dtype)
-    same = out.__array_interface__["data"][0] == x.__array_interface__["data"][0] and x.flags.c_contiguous
-    if not same and np.may_share_memory(out, x):
-        raise ValueError("out: overlaps logits; pass inplace=True to overwrite the logits")
-    return out, False
+    opts = CrossEntropyOptions.check(
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+        z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, normalizer=normalizer)
+    inplace = V.check_inplace_out(inplace, out)
+    loss, grad = _backend(logits).cross_entropy_with_grad(logits, targets, weight, opts,
+                                                          grad_output, out, inplace)
+    return CrossEntropyResult(loss, grad)
 
 
 def logsumexp(logits, *, softcap=None, logit_scale=1.0):
@@ -356,20 +182,13 @@ def logsumexp(logits, *, softcap=None, logit_scale=1.0):
     >>> fastloss.logsumexp(np.log(np.array([[1.0, 3.0]])))
     array([1.38629436])
     """
-    if _cuda.is_device_array(logits):
-        from ..cuda import api
-        return api.logsumexp(logits, softcap=softcap, logit_scale=logit_scale)
-    x = V.logits_array(logits)
-    mode, scale, cap = _transform(softcap, logit_scale)
-    acc = V.acc_dtype(x.dtype)
-    nclass = x.shape[-1]
-    n = x.size // nclass
-    lse = np.empty(n, acc)
-    if n:
-        xk = V.kernel_view(x).reshape(n, nclass)
-        ntask = V.num_tasks(n, x.size)
-        zbuf = np.empty((ntask, nclass if mode != K.PLAIN else 0), acc)
-        tbuf = np.empty((ntask, nclass if mode == K.SOFTCAP else 0), acc)
-        with V.kernel_launch(ntask):
-            K.lse_forward(xk, mode, acc.type(scale), acc.type(cap), zbuf, tbuf, lse)
-    return lse.reshape(x.shape[:-1])
+    opts = LogsumexpOptions.check(softcap=softcap, logit_scale=logit_scale)
+    return _backend(logits).logsumexp(logits, opts)
+
+
+def _backend(x):
+    """The host module of the backend that runs ``x``: CPU, or CUDA for GPU arrays."""
+    if is_device_array(x):
+        from ..cuda import cross_entropy_host
+        return cross_entropy_host
+    return _cpu

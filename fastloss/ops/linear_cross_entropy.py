@@ -27,9 +27,10 @@ import numpy as np
 
 from .. import _validate as V
 from .. import config
-from .. import cuda as _cuda
 from ..cpu import cross_entropy as K
-from .cross_entropy import _Plan, _row_coefficients, _scratch
+from ..cpu.cross_entropy_host import CrossEntropyPlan
+from ..cuda import is_device_array
+from ..options import CrossEntropyOptions
 
 try:  # GEMM with beta=1 accumulates grad_weight without a (V, D) temporary
     from scipy.linalg import blas as _blas
@@ -55,9 +56,9 @@ class LinearCrossEntropyResult(NamedTuple):
 class _LinearPlan:
     """Validated inputs of one linear cross-entropy call."""
 
-    def __init__(self, hidden, lm_head, targets, bias, chunk_size, ce_kwargs):
+    def __init__(self, hidden, lm_head, targets, bias, chunk_size, weight, opts):
         for name, a in (("hidden", hidden), ("lm_head", lm_head), ("bias", bias)):
-            if a is not None and _cuda.is_device_array(a):
+            if a is not None and is_device_array(a):
                 raise TypeError(f"{name}: GPU arrays are not supported by linear_cross_entropy "
                                 "yet (CPU only); pass numpy arrays")
         h = V.float_array(hidden, "hidden")
@@ -81,7 +82,7 @@ class _LinearPlan:
         # The cross-entropy plan sees (N, V) logits of the accumulation dtype: a
         # zero-stride stand-in, so nothing of that size is allocated.
         fake = np.broadcast_to(np.zeros((), self.acc), h.shape[:-1] + (nclass,))
-        self.ce = _Plan(fake, t, **ce_kwargs)
+        self.ce = CrossEntropyPlan(fake, t, weight, opts)
         if bias is not None:
             b = V.float_array(bias, "bias")
             if b.shape != (nclass,):
@@ -216,6 +217,11 @@ def _sub(idx, a):
     return a[idx]
 
 
+def _tasks(scratch, nt):
+    """The scratch rows of the first ``nt`` tasks (a chunk of fewer rows than tasks)."""
+    return K.CEScratch(scratch.z[:nt], scratch.t[:nt], scratch.shifts[:nt])
+
+
 def linear_cross_entropy(hidden, lm_head, /, targets, *, bias=None, weight=None,
                          ignore_index=-100, reduction="mean", label_smoothing=0.0,
                          z_loss=0.0, softcap=None, logit_scale=1.0, normalizer=None,
@@ -276,10 +282,10 @@ def linear_cross_entropy(hidden, lm_head, /, targets, *, bias=None, weight=None,
     >>> bool(abs(a - b) < 1e-5)
     True
     """
-    plan = _LinearPlan(hidden, lm_head, targets, bias, chunk_size, dict(
-        weight=weight, ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-        logit_scale=logit_scale, normalizer=normalizer))
+    opts = CrossEntropyOptions.check(
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+        z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, normalizer=normalizer)
+    plan = _LinearPlan(hidden, lm_head, targets, bias, chunk_size, weight, opts)
     ce = plan.ce
     n = ce.tgt.size
     loss = np.zeros(n, plan.acc)
@@ -287,17 +293,16 @@ def linear_cross_entropy(hidden, lm_head, /, targets, *, bias=None, weight=None,
     if ce.count:
         head = plan.compute_head()
         buf, hbuf = _prepare(plan)
-        zbuf, tbuf, _ = _scratch(ce, buf.shape[0], ce.mode != K.PLAIN, ce.mode == K.SOFTCAP)
-        args = ce.kernel_args()
+        scratch = ce.scratch(buf.shape[0], fused=False)
+        w, tf, k = ce.kernel_weight(), ce.transform(), ce.constants()
         lrow = np.empty(buf.shape[0], plan.acc)
         srow = np.empty(buf.shape[0], plan.acc)
         products = _Products(plan.acc, plan.nclass, plan.dim)
         for idx, c in plan.chunks():
             _, x = plan.logits_into(buf, idx, c, head, hbuf, products)
-            nt = min(zbuf.shape[0], c)
+            nt = min(scratch.z.shape[0], c)
             with V.kernel_launch(nt):
-                K.ce_forward(x, _sub(idx, ce.tgt), *args, zbuf[:nt], tbuf[:nt],
-                             lrow[:c], srow[:c])
+                K.ce_forward(x, _sub(idx, ce.tgt), w, tf, k, _tasks(scratch, nt), lrow[:c], srow[:c])
             loss[idx] = lrow[:c]
             lse[idx] = srow[:c]
     return ce.reduce(loss, lse)
@@ -358,14 +363,14 @@ def linear_cross_entropy_with_grad(hidden, lm_head, /, targets, *, bias=None, we
     >>> r.grad_bias.shape
     (7,)
     """
-    plan = _LinearPlan(hidden, lm_head, targets, bias, chunk_size, dict(
-        weight=weight, ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-        logit_scale=logit_scale, normalizer=normalizer))
+    opts = CrossEntropyOptions.check(
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+        z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, normalizer=normalizer)
+    plan = _LinearPlan(hidden, lm_head, targets, bias, chunk_size, weight, opts)
     ce = plan.ce
     acc = plan.acc
     n = ce.tgt.size
-    gce, gz = _row_coefficients(ce, grad_output)
+    gce, gz = ce.row_coefficients(grad_output)
     loss = np.zeros(n, acc)
     lse = np.zeros(n, acc)
     hdt, wdt = plan.hidden.dtype, plan.lm_head.dtype
@@ -378,9 +383,8 @@ def linear_cross_entropy_with_grad(hidden, lm_head, /, targets, *, bias=None, we
         head = plan.compute_head()
         buf, hbuf = _prepare(plan)
         cmax = buf.shape[0]
-        zbuf, tbuf, sbuf = _scratch(ce, cmax, True, ce.mode == K.SOFTCAP)
-        w, has_w, wsum, mode, scale, cap, eps = ce.kernel_args()
-        zl = acc.type(ce.zl)
+        scratch = ce.scratch(cmax, fused=True)
+        w, tf, k = ce.kernel_weight(), ce.transform(), ce.constants()
         lrow = np.empty(cmax, acc)
         srow = np.empty(cmax, acc)
         direct = plan.rows is None and hdt == acc  # grad_hidden rows written by the product
@@ -388,11 +392,10 @@ def linear_cross_entropy_with_grad(hidden, lm_head, /, targets, *, bias=None, we
         products = _Products(acc, plan.nclass, plan.dim)
         for idx, c in plan.chunks():
             hc, x = plan.logits_into(buf, idx, c, head, hbuf, products)
-            nt = min(zbuf.shape[0], c)
+            nt = min(scratch.z.shape[0], c)
             with V.kernel_launch(nt):
-                K.ce_fused(x, _sub(idx, ce.tgt), w, has_w, wsum, mode, scale, cap, eps, zl,
-                           _sub(idx, gce), _sub(idx, gz), x, zbuf[:nt], tbuf[:nt],
-                           sbuf[:nt], lrow[:c], srow[:c])
+                K.ce_fused(x, _sub(idx, ce.tgt), w, tf, k, _sub(idx, gce), _sub(idx, gz), x,
+                           _tasks(scratch, nt), lrow[:c], srow[:c])
             loss[idx] = lrow[:c]
             lse[idx] = srow[:c]
             # x now holds dL/dlogits of the chunk.

@@ -1,0 +1,92 @@
+"""Host side of the CPU mean squared error: arrays checked and shaped for the
+kernel of ``fastloss.cpu.mse``, launch and reduction.
+
+The twin of ``fastloss.cuda.mse_host``: both take ``(pred, target, weight,
+options)`` with the options already validated by ``fastloss.ops`` (a
+``fastloss.options.MSEOptions``).
+"""
+
+import numpy as np
+
+from .. import _validate as V
+from ..options import safe_div
+from . import mse as K
+
+
+class MSEPlan:
+    """Validated host inputs of one MSE call, with the weight described as
+    (wmode, w, inner) for ``fastloss.cpu.mse.mse_kernel`` (``fastloss.codes.W_*``)."""
+
+    def __init__(self, pred, target, weight, opts):
+        self.pred = V.native_array(pred)
+        self.target = V.native_array(target)
+        V.check_pred_target_meta(self.pred.shape, self.pred.dtype, self.target.shape, self.target.dtype)
+        self.reduction = opts.reduction
+        self.acc = V.acc_dtype(np.result_type(V.acc_dtype(self.pred.dtype),
+                                              V.acc_dtype(self.target.dtype)))
+        self.size = self.pred.size
+        self.wmode, self.w, self.inner, self.wsum = V.weight_layout(weight, self.pred.shape, self.acc)
+        self.weight = weight
+
+    def broadcast_weight(self):
+        """The weight broadcast to pred's shape (a view), 1 without a weight."""
+        if self.weight is None:
+            return self.acc.type(1)
+        return np.broadcast_to(np.asarray(self.weight).astype(self.acc), self.pred.shape)
+
+    def run(self, scale, grad, loss):
+        """Run the kernel; returns sum_k w_k d_k^2 as a Python float."""
+        if self.size == 0:
+            return 0.0
+        p = V.kernel_view(self.pred).reshape(-1)
+        t = V.kernel_view(self.target).reshape(-1)
+        partial = np.empty(V.num_tasks(self.size, self.size), np.float64)
+        with V.kernel_launch(partial.size):
+            K.mse_kernel(p, t, K.WeightLayout(self.wmode, self.w, self.inner), self.acc.type(scale),
+                         grad, loss, partial)
+        return float(partial.sum())
+
+    def result(self, total, loss_elems):
+        """The loss as handed back: per element, the sum, or the weighted mean."""
+        if self.reduction == "none":
+            return loss_elems.reshape(self.pred.shape)
+        if self.reduction == "sum":
+            return total
+        return safe_div(total, self.wsum)
+
+
+def mse(pred, target, weight, opts):
+    """``fastloss.mse`` on host arrays."""
+    plan = MSEPlan(pred, target, weight, opts)
+    loss = np.empty(plan.size if plan.reduction == "none" else 0, plan.acc)
+    total = plan.run(1.0, np.empty(0, plan.acc), loss)
+    return plan.result(total, loss)
+
+
+def mse_with_grad(pred, target, weight, opts, grad_output, out):
+    """``fastloss.mse_with_grad`` on host arrays: ``(loss, grad)``."""
+    plan = MSEPlan(pred, target, weight, opts)
+    shape, dtype = plan.pred.shape, plan.pred.dtype
+    if out is None:
+        grad = np.empty(shape, dtype)
+    else:
+        grad = V.out_array(out, shape, dtype)
+        if np.may_share_memory(out, plan.target) or (
+                np.may_share_memory(out, plan.pred) and out is not plan.pred):
+            raise V.overlap_error("mse")
+    if plan.reduction == "none":
+        loss = np.empty(plan.size, plan.acc)
+        go = V.rows_grad_output(grad_output, shape, "pred.shape")
+        if np.ndim(go) == 0:
+            plan.run(go, V.kernel_view(grad).reshape(-1), loss)
+        else:
+            # Per-element upstream gradient (not the hot path): the kernel gives
+            # the loss; the gradient is formed in the accumulation dtype and rounded once.
+            plan.run(1.0, np.empty(0, plan.acc), loss)
+            d = plan.pred.astype(plan.acc) - plan.target.astype(plan.acc)
+            grad[...] = (2 * plan.broadcast_weight() * d * go.astype(plan.acc)).astype(dtype)
+        return loss.reshape(shape), grad
+    go = V.scalar_grad_output(grad_output, plan.reduction)
+    scale = safe_div(go, plan.wsum) if plan.reduction == "mean" else go
+    total = plan.run(scale, V.kernel_view(grad).reshape(-1), np.empty(0, plan.acc))
+    return plan.result(total, None), grad

@@ -1,0 +1,141 @@
+"""The scalar options of a call, validated once, in one frozen object per op.
+
+``fastloss.ops`` spells out the public keywords and builds these objects; the
+CPU plans (``fastloss.ops``) and the CUDA plans (``fastloss.cuda``) take
+``(arrays, options)`` and never re-check or re-word what was checked here.
+Array checks that need only ``(shape, dtype)`` live in ``fastloss._validate``,
+so host and device arrays share them too.
+
+Kernel scalars travel as named tuples (``Transform`` here, the per-op
+constants beside each op's kernels), never as long positional lists.
+"""
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from . import _validate as V
+from . import codes
+
+
+class Transform(NamedTuple):
+    """The logit transform as kernels take it: ``mode`` (``codes.PLAIN``,
+    ``SCALED``, ``SOFTCAP``), ``scale`` and ``cap`` (1 without softcap), in the
+    accumulation type. ``z = scale * x``, then ``z = cap * tanh(z / cap)``
+    under softcap; ``-inf`` stays ``-inf``."""
+
+    mode: int
+    scale: float
+    cap: float
+
+
+@dataclass(frozen=True)
+class CrossEntropyOptions:
+    """Validated options of a cross-entropy call (class-index targets).
+
+    Build with :meth:`check`, which raises the contract's ``TypeError`` /
+    ``ValueError`` naming the argument. ``softcap`` is None without a cap.
+    """
+
+    reduction: str = "mean"
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: Optional[float] = None
+    logit_scale: float = 1.0
+    normalizer: Optional[float] = None
+
+    @classmethod
+    def check(cls, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+              softcap=None, logit_scale=1.0, normalizer=None):
+        """The options of one call, checked (same keywords as ``fastloss.cross_entropy``)."""
+        reduction = V.check_reduction(reduction)
+        eps = V.check_range(label_smoothing, "label_smoothing", low=0.0, high=1.0)
+        zl = V.check_range(z_loss, "z_loss", low=0.0)
+        norm = V.check_range(normalizer, "normalizer", low=0.0, low_open=True, allow_none=True)
+        if norm is not None and reduction != "mean":
+            raise ValueError(f"normalizer: only used with reduction='mean', found reduction={reduction!r}")
+        scale, cap = check_transform(softcap, logit_scale)
+        return cls(reduction, V.check_ignore_index(ignore_index), eps, zl, cap, scale, norm)
+
+    @property
+    def mode(self):
+        """The transform mode (``codes.PLAIN``, ``SCALED`` or ``SOFTCAP``)."""
+        return transform_mode(self.softcap, self.logit_scale)
+
+    @property
+    def reduction_code(self):
+        """``codes.NONE``, ``SUM`` or ``MEAN``."""
+        return codes.REDUCTION_CODES[self.reduction]
+
+    def transform(self, acc):
+        """The :class:`Transform` in accumulation dtype ``acc``."""
+        return make_transform(self.softcap, self.logit_scale, acc)
+
+    def denominators(self, count, target_wsum):
+        """(D_ce, D_z) of the mean: cross-entropy is divided by the counted target
+        weight (``target_wsum``; the count without class weights), z-loss by
+        the ``count`` of counted tokens; ``normalizer`` replaces both."""
+        if self.normalizer is not None:
+            return self.normalizer, self.normalizer
+        return target_wsum, float(count)
+
+
+@dataclass(frozen=True)
+class LogsumexpOptions:
+    """Validated options of ``logsumexp``: the logit transform."""
+
+    softcap: Optional[float] = None
+    logit_scale: float = 1.0
+
+    @classmethod
+    def check(cls, *, softcap=None, logit_scale=1.0):
+        scale, cap = check_transform(softcap, logit_scale)
+        return cls(cap, scale)
+
+    @property
+    def mode(self):
+        return transform_mode(self.softcap, self.logit_scale)
+
+    def transform(self, acc):
+        return make_transform(self.softcap, self.logit_scale, acc)
+
+
+@dataclass(frozen=True)
+class MSEOptions:
+    """Validated options of an MSE call."""
+
+    reduction: str = "mean"
+
+    @classmethod
+    def check(cls, *, reduction="mean"):
+        return cls(V.check_reduction(reduction))
+
+    @property
+    def reduction_code(self):
+        return codes.REDUCTION_CODES[self.reduction]
+
+
+def check_transform(softcap, logit_scale):
+    """(logit_scale, softcap or None) as Python floats, checked > 0 and finite."""
+    scale = V.check_range(logit_scale, "logit_scale", low=0.0, low_open=True)
+    cap = V.check_range(softcap, "softcap", low=0.0, low_open=True, allow_none=True)
+    return scale, cap
+
+
+def transform_mode(softcap, logit_scale):
+    if softcap is not None:
+        return codes.SOFTCAP
+    return codes.PLAIN if logit_scale == 1.0 else codes.SCALED
+
+
+def make_transform(softcap, logit_scale, acc):
+    a = np.dtype(acc).type
+    cap = 1.0 if softcap is None else softcap
+    return Transform(transform_mode(softcap, logit_scale), a(logit_scale), a(cap))
+
+
+def safe_div(num, den):
+    """num / den, with a zero denominator (nothing counted) giving 0."""
+    return num / den if den != 0 else 0.0
