@@ -11,7 +11,7 @@ constants beside each op's kernels), never as long positional lists.
 """
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 
@@ -42,9 +42,9 @@ class CrossEntropyOptions:
     ignore_index: int = -100
     label_smoothing: float = 0.0
     z_loss: float = 0.0
-    softcap: Optional[float] = None
+    softcap: float | None = None
     logit_scale: float = 1.0
-    normalizer: Optional[float] = None
+    normalizer: float | None = None
 
     @classmethod
     def check(cls, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
@@ -86,7 +86,7 @@ class CrossEntropyOptions:
 class LogsumexpOptions:
     """Validated options of ``logsumexp``: the logit transform."""
 
-    softcap: Optional[float] = None
+    softcap: float | None = None
     logit_scale: float = 1.0
 
     @classmethod

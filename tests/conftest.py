@@ -2,6 +2,9 @@
 
 * ``@pytest.mark.slow`` tests run only with ``--runslow``.
 * ``rng``: a numpy Generator with a fixed seed, fresh for every test.
+* ``backend``: each test that takes it runs once per backend (``cpu``,
+  ``cuda-sim``, ``gpu``; see ``tests/backends.py``); a backend that cannot run
+  in this process is skipped (the simulator runs in its own pytest step).
 """
 
 import os
@@ -13,6 +16,8 @@ import pytest
 # Make ``import reference`` work from every test module regardless of rootdir
 # or import mode.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from backends import NAMES, Backend, unavailable  # noqa: E402  (needs the path above)
 
 
 def pytest_addoption(parser):
@@ -33,6 +38,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip_slow)
+
+
+@pytest.fixture(params=NAMES)
+def backend(request, monkeypatch):
+    """The backend a contract test runs on (``tests/backends.py``)."""
+    why = unavailable(request.param)
+    if why:
+        pytest.skip(why)
+    b = Backend(request.param)
+    b.configure(monkeypatch)
+    return b
 
 
 @pytest.fixture

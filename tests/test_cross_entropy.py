@@ -703,7 +703,7 @@ def test_threads_match_serial(rng):
                 np.testing.assert_allclose(g, sg, rtol=1e-6, atol=1e-30)
                 np.testing.assert_allclose(s, ss, rtol=1e-6)
         results = list(pool.map(run_sync, cases[:8]))
-        for (l, g, s), (sl, sg, ss) in zip(results, serial[:8]):
+        for (l, g, _s), (sl, sg, _ss) in zip(results, serial[:8]):
             np.testing.assert_allclose(l, sl, rtol=1e-6)
             np.testing.assert_allclose(g, sg, rtol=1e-6, atol=1e-30)
     for (logits, targets, kw), (l, g, _) in zip(cases, serial):

@@ -292,27 +292,31 @@ def test_default_chunk_meets_the_five_percent_budget(monkeypatch):
     assert peak - outputs < 0.05 * n * v * 4, (peak, outputs)
 
 
+lce, lceg = fastloss.linear_cross_entropy, fastloss.linear_cross_entropy_with_grad
+
+
 @pytest.mark.parametrize("call, exc, match", [
-    (lambda h, w, b, t: fastloss.linear_cross_entropy(h.astype(np.int32), w, t), TypeError, "hidden: expected dtype"),
-    (lambda h, w, b, t: fastloss.linear_cross_entropy(h[0, 0], w, t), ValueError, "hidden: expected shape"),
-    (lambda h, w, b, t: fastloss.linear_cross_entropy(h, w[:, :3], t), ValueError, r"lm_head: expected shape \(V, 5\)"),
-    (lambda h, w, b, t: fastloss.linear_cross_entropy(h, w[0], t), ValueError, "lm_head: expected shape"),
-    (lambda h, w, b, t: fastloss.linear_cross_entropy(h, w[:0], t), ValueError, "lm_head: expected at least one row"),
-    (lambda h, w, b, t: fastloss.linear_cross_entropy(h, w.astype(np.float32), t), TypeError, "lm_head: expected the dtype of hidden"),
-    (lambda h, w, b, t: fastloss.linear_cross_entropy(h, w, t[:2]), ValueError, r"targets: expected shape \(4,\) \(hidden"),
-    (lambda h, w, b, t: fastloss.linear_cross_entropy(h, w, t.astype(float)), TypeError, "targets: expected an integer dtype"),
-    (lambda h, w, b, t: fastloss.linear_cross_entropy(h, w, t + 20), ValueError, r"targets: \d+ value\(s\) outside \[0, 11\)"),
-    (lambda h, w, b, t: fastloss.linear_cross_entropy(h, w, t, bias=b[:3]), ValueError, r"bias: expected shape \(11,\)"),
-    (lambda h, w, b, t: fastloss.linear_cross_entropy(h, w, t, bias=b.astype(int)), TypeError, "bias: expected dtype"),
-    (lambda h, w, b, t: fastloss.linear_cross_entropy(h, w, t, chunk_size=0), ValueError, "chunk_size: expected a positive integer, found 0"),
-    (lambda h, w, b, t: fastloss.linear_cross_entropy(h, w, t, chunk_size=2.0), TypeError, "chunk_size: expected a positive integer or None"),
-    (lambda h, w, b, t: fastloss.linear_cross_entropy(h, w, t, chunk_size=True), TypeError, "chunk_size"),
-    (lambda h, w, b, t: fastloss.linear_cross_entropy(h, w, t, weight=np.ones(5)), ValueError, r"weight: expected shape \(11,\)"),
-    (lambda h, w, b, t: fastloss.linear_cross_entropy(h, w, t, reduction="avg"), ValueError, "reduction: expected one of"),
-    (lambda h, w, b, t: fastloss.linear_cross_entropy(h, w, t, z_loss=-1), ValueError, "z_loss"),
-    (lambda h, w, b, t: fastloss.linear_cross_entropy(h, w, t, normalizer=2.0, reduction="sum"), ValueError, "normalizer: only used"),
-    (lambda h, w, b, t: fastloss.linear_cross_entropy_with_grad(h, w, t, grad_output=np.ones(3)), ValueError, "grad_output: expected a scalar"),
-    (lambda h, w, b, t: fastloss.linear_cross_entropy_with_grad(h, w, t, reduction="none", grad_output=np.ones(3)), ValueError, r"grad_output: expected a scalar or shape \(4,\)"),
+    (lambda h, w, b, t: lce(h.astype(np.int32), w, t), TypeError, "hidden: expected dtype"),
+    (lambda h, w, b, t: lce(h[0, 0], w, t), ValueError, "hidden: expected shape"),
+    (lambda h, w, b, t: lce(h, w[:, :3], t), ValueError, r"lm_head: expected shape \(V, 5\)"),
+    (lambda h, w, b, t: lce(h, w[0], t), ValueError, "lm_head: expected shape"),
+    (lambda h, w, b, t: lce(h, w[:0], t), ValueError, "lm_head: expected at least one row"),
+    (lambda h, w, b, t: lce(h, w.astype(np.float32), t), TypeError, "lm_head: expected the dtype of hidden"),
+    (lambda h, w, b, t: lce(h, w, t[:2]), ValueError, r"targets: expected shape \(4,\) \(hidden"),
+    (lambda h, w, b, t: lce(h, w, t.astype(float)), TypeError, "targets: expected an integer dtype"),
+    (lambda h, w, b, t: lce(h, w, t + 20), ValueError, r"targets: \d+ value\(s\) outside \[0, 11\)"),
+    (lambda h, w, b, t: lce(h, w, t, bias=b[:3]), ValueError, r"bias: expected shape \(11,\)"),
+    (lambda h, w, b, t: lce(h, w, t, bias=b.astype(int)), TypeError, "bias: expected dtype"),
+    (lambda h, w, b, t: lce(h, w, t, chunk_size=0), ValueError, "chunk_size: expected a positive integer, found 0"),
+    (lambda h, w, b, t: lce(h, w, t, chunk_size=2.0), TypeError, "chunk_size: expected a positive integer or None"),
+    (lambda h, w, b, t: lce(h, w, t, chunk_size=True), TypeError, "chunk_size"),
+    (lambda h, w, b, t: lce(h, w, t, weight=np.ones(5)), ValueError, r"weight: expected shape \(11,\)"),
+    (lambda h, w, b, t: lce(h, w, t, reduction="avg"), ValueError, "reduction: expected one of"),
+    (lambda h, w, b, t: lce(h, w, t, z_loss=-1), ValueError, "z_loss"),
+    (lambda h, w, b, t: lce(h, w, t, normalizer=2.0, reduction="sum"), ValueError, "normalizer: only used"),
+    (lambda h, w, b, t: lceg(h, w, t, grad_output=np.ones(3)), ValueError, "grad_output: expected a scalar"),
+    (lambda h, w, b, t: lceg(h, w, t, reduction="none", grad_output=np.ones(3)), ValueError,
+     r"grad_output: expected a scalar or shape \(4,\)"),
 ])
 def test_errors_name_the_argument(call, exc, match):
     h, w, b, t = _inputs(4, 5, 11, ignore=0.0)

@@ -154,7 +154,7 @@ def run(cases, providers=None, *, threads=None, repeat=DEFAULT_REPEAT, warmup=DE
             bench = C.build(case, inputs, provider)
             row["note"] = bench.note
             times, warm, loss = time_bench(bench, repeat, warmup, max_time,
-                                           inspect=lambda ret: C.loss_value(ret, case.mode))
+                                           inspect=lambda ret, mode=case.mode: C.loss_value(ret, mode))
             del bench
             fill_row(row, case, times, calibration)
             row.update(warmup_ms=[t * 1e3 for t in warm], loss=loss)

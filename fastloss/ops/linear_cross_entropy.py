@@ -316,7 +316,8 @@ def linear_cross_entropy_with_grad(hidden, lm_head, /, targets, *, bias=None, we
 
     Parameters
     ----------
-    hidden, lm_head, targets, bias, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, normalizer, chunk_size
+    hidden, lm_head, targets, bias, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, \
+    logit_scale, normalizer, chunk_size
         As in :func:`linear_cross_entropy`.
     grad_output : float or array_like, optional
         Upstream gradient: a scalar for "mean"/"sum" (default 1.0); a scalar or
