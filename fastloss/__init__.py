@@ -25,7 +25,7 @@ through the CPU kernels; ``fastloss.cli`` is the ``fastloss`` command.
 from ._threads import get_num_threads, max_threads, set_num_threads
 from ._version import __version__
 from .cuda import cuda_available
-from .evaluation import EvalReport, evaluate
+from .evaluation import EvalReport, Layout, evaluate
 from .ops.cross_entropy import cross_entropy, cross_entropy_with_grad, logsumexp
 from .ops.linear_cross_entropy import LinearCrossEntropyResult, linear_cross_entropy, linear_cross_entropy_with_grad
 from .ops.mse import mse, mse_with_grad
@@ -49,4 +49,5 @@ __all__ = [
     "cuda_available",
     "evaluate",
     "EvalReport",
+    "Layout",
 ]

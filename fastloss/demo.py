@@ -16,10 +16,13 @@ Everything it needs ships with Python: the text is ``pydoc_data.topics.topics``
 4. writes the validation logits and targets as a dump (``val_logits.npy``,
    ``val_targets.npy``), evaluates it with :func:`fastloss.evaluate` and
    diagnoses the log with :func:`fastloss.evaluation.curves.diagnose`.
+
+:func:`run_demo` runs these as named steps: :func:`build_corpus` (1), ``_warm_up``
+and ``_train`` (2, 3), ``_dump``, ``_evaluate`` and ``_print_result`` (4).
 """
 
 import contextlib
-import ctypes
+import dataclasses
 import json
 import math
 import os
@@ -31,6 +34,7 @@ from collections import Counter
 
 import numpy as np
 
+from ._io import write_json_atomic
 from ._threads import get_num_threads, set_num_threads
 from .evaluation import evaluate
 from .evaluation.curves import diagnose, read_log
@@ -45,6 +49,11 @@ SIZES = {
     True: dict(steps=300, chars=64, context=6, embed=8, hidden=64, batch=128, lr=6e-3,
                log_every=20, val_tokens=2048, dump_all=False),
 }
+
+
+#: What a run writes into its folder (``out``, or a temporary one).
+FILES = ("train_log.csv", "val_logits.npy", "val_targets.npy", "vocab.json", "eval_report.json",
+         "curves.json")
 
 
 def load_text(val_fraction=0.1):
@@ -90,46 +99,25 @@ def encode(text, vocab):
 
 @contextlib.contextmanager
 def _single_threaded():
-    """Run the enclosed small-matrix work on one thread (numba kernels and OpenBLAS).
+    """Run the enclosed small-matrix work on one thread (numba kernels and BLAS).
 
     The demo's matrices are small (a few hundred rows). Their cost is then the
     wake-up of worker threads, not arithmetic, and OpenBLAS's workers spin for a
     while after each matmul, so a second thread for the fastloss kernel, or for the
     next matmul, waits on a core that is busy spinning: on a 2-core machine that
-    made each step ten times slower. OpenBLAS's thread count is set through its C
-    API when the library is found among the loaded ones (Linux); otherwise it is
-    left as it is.
+    made each step ten times slower. The BLAS thread pools that ``threadpoolctl``
+    finds loaded (OpenBLAS, including numpy's ``scipy_openblas``, MKL, BLIS) are
+    limited to one thread for the duration; one it does not know is left as it is.
     """
-    setters = []
-    try:
-        with open("/proc/self/maps") as f:
-            libs = {line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line}
-    except OSError:
-        libs = set()
-    for path in sorted(libs):
+    from threadpoolctl import threadpool_limits  # here: ``import fastloss`` stays fast
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        threads = get_num_threads()
+        set_num_threads(1)
         try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix in ("scipy_openblas", "openblas"):
-            for suffix in ("64_", ""):
-                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                if get is not None and put is not None:
-                    setters.append((put, get()))
-                    put(1)
-                    break
-            else:
-                continue
-            break
-    threads = get_num_threads()
-    set_num_threads(1)
-    try:
-        yield
-    finally:
-        set_num_threads(threads)
-        for put, n in setters:
-            put(n)
+            yield
+        finally:
+            set_num_threads(threads)
 
 
 class CharMLP:
@@ -235,6 +223,44 @@ def run_demo(steps=None, seed=0, out=None, plot=None, quick=False, stream=None, 
         path; the paths exist only when ``out`` was given), ``plots``,
         ``seconds``.
     """
+    cfg = _settings(quick, steps, sizes)
+    write = _printer(stream)
+    t_start = time.perf_counter()
+    data = build_corpus(cfg["chars"], cfg["context"])
+    rng = np.random.default_rng(seed)
+    model = CharMLP(data.nclass, cfg["context"], cfg["embed"], cfg["hidden"], rng)
+    # The characters of the logged validation loss (sampled once, after the model's init).
+    val_pos = np.sort(rng.choice(np.arange(cfg["context"], len(data.val_ids)),
+                                 min(cfg["val_tokens"], len(data.val_ids) - cfg["context"]),
+                                 replace=False))
+    _print_setup(write, data, model, cfg, val_pos)
+    folder, tmp = _run_folder(out)
+    files = {name: os.path.join(folder, name) for name in FILES}
+    try:
+        _warm_up(data.nclass, write)
+        with _single_threaded():
+            history, kernel_s = _train(model, data, val_pos, rng, cfg, write)
+            n_dump = _dump(model, data, val_pos, history, cfg, files)
+        report, curves = _evaluate(files, history, data, n_dump, write)
+        plots = {}
+        if plot is not None:
+            plots = _plots(plot, files["train_log.csv"], report, curves, data.nclass, data.unigram, write)
+        _print_result(write, report.mean_loss, data)
+        if out is not None:
+            write(f"Files in {folder}: " + ", ".join(files))
+        seconds = time.perf_counter() - t_start
+        write(f"Total {seconds:.1f} s.")
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"history": history, "vocab": data.vocab, "uniform": data.uniform, "unigram": data.unigram,
+            "final_train": history[-1][1], "final_val": report.mean_loss, "report": report,
+            "curves": curves, "files": files, "plots": plots, "seconds": seconds,
+            "kernel_seconds": kernel_s, "folder": folder}
+
+
+def _settings(quick, steps, sizes):
+    """The run's sizes: ``SIZES[quick]`` with the overrides, checked."""
     cfg = dict(SIZES[bool(quick)])
     unknown = set(sizes) - set(cfg)
     if unknown:
@@ -244,124 +270,161 @@ def run_demo(steps=None, seed=0, out=None, plot=None, quick=False, stream=None, 
         cfg["steps"] = steps
     if isinstance(cfg["steps"], bool) or not isinstance(cfg["steps"], int) or cfg["steps"] < 1:
         raise ValueError(f"steps: expected a positive integer, found {cfg['steps']!r}")
-    write = (lambda s="": print(s, file=stream, flush=True)) if stream is not None else (lambda s="": None)
-    t_start = time.perf_counter()
+    return cfg
 
+
+def _printer(stream):
+    """``write(line="")``: print a line to ``stream`` and flush, or do nothing without one."""
+    if stream is None:
+        return lambda s="": None
+    return lambda s="": print(s, file=stream, flush=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """The demo's data: both splits as text and as character ids over ``vocab``, and
+    the validation baselines (nats per character)."""
+
+    train_text: str
+    val_text: str
+    vocab: list
+    train_ids: np.ndarray
+    val_ids: np.ndarray
+    #: ``ln V``: guessing uniformly.
+    uniform: float
+    #: Validation cross-entropy of the training split's character frequencies (the
+    #: characters after the first ``context``, the ones a model predicts).
+    unigram: float
+
+    @property
+    def nclass(self):
+        """V: the number of classes (characters of the vocabulary, ``<unk>`` included)."""
+        return len(self.vocab)
+
+
+def build_corpus(chars, context):
+    """Step 1: the text split (:func:`load_text`), its vocabulary of the ``chars`` most
+    frequent training characters plus ``<unk>``, the ids, and the baselines."""
     train_text, val_text = load_text()
-    vocab = build_vocab(train_text, cfg["chars"])
+    vocab = build_vocab(train_text, chars)
     train_ids, val_ids = encode(train_text, vocab), encode(val_text, vocab)
-    V = len(vocab)
-    k = cfg["context"]
-    freq = np.bincount(train_ids, minlength=V) / len(train_ids)
-    unigram = float(-np.mean(np.log(np.maximum(freq[val_ids[k:]], 1e-12))))
-    uniform = math.log(V)
+    freq = np.bincount(train_ids, minlength=len(vocab)) / len(train_ids)
+    unigram = float(-np.mean(np.log(np.maximum(freq[val_ids[context:]], 1e-12))))
+    return Corpus(train_text, val_text, vocab, train_ids, val_ids, math.log(len(vocab)), unigram)
 
-    rng = np.random.default_rng(seed)
-    model = CharMLP(V, k, cfg["embed"], cfg["hidden"], rng)
-    val_pos = np.sort(rng.choice(np.arange(k, len(val_ids)), min(cfg["val_tokens"], len(val_ids) - k),
-                                 replace=False))
+
+def _print_setup(write, data, model, cfg, val_pos):
+    """The header: corpus, vocabulary, model and baselines."""
+    V = data.nclass
     n_params = sum(w.size for w in model.params.values())
     write(f"fastloss demo: a character-level language model on Python's own documentation "
           f"(pydoc_data.topics, "
-          f"{len(train_text) + len(val_text):,} characters)")
-    write(f"  {len(train_ids):,} training / {len(val_ids):,} validation characters; vocabulary "
-          f"{V} ({V - 1} characters + {UNK}); model: {k} previous characters x {cfg['embed']}-d "
+          f"{len(data.train_text) + len(data.val_text):,} characters)")
+    write(f"  {len(data.train_ids):,} training / {len(data.val_ids):,} validation characters; vocabulary "
+          f"{V} ({V - 1} characters + {UNK}); model: {cfg['context']} previous characters x {cfg['embed']}-d "
           f"embedding -> {cfg['hidden']} tanh -> {V} logits ({n_params:,} parameters)")
-    write(f"  baselines on validation: uniform ln V = {uniform:.4f} nats/char, unigram "
-          f"(training character frequencies) = {unigram:.4f}; the logged validation loss is "
+    write(f"  baselines on validation: uniform ln V = {data.uniform:.4f} nats/char, unigram "
+          f"(training character frequencies) = {data.unigram:.4f}; the logged validation loss is "
           f"on a sample of {len(val_pos):,} characters")
 
-    tmp = None
+
+def _run_folder(out):
+    """``(folder, temporary)``: ``out`` (created if needed), or a new temporary folder
+    that the caller removes (then ``temporary`` is that folder, else None)."""
     if out is None:
         tmp = tempfile.mkdtemp(prefix="fastloss-demo-")
-        folder = tmp
-    else:
-        folder = os.fspath(out)
-        os.makedirs(folder, exist_ok=True)
-    files = {name: os.path.join(folder, name) for name in
-             ("train_log.csv", "val_logits.npy", "val_targets.npy", "vocab.json",
-              "eval_report.json", "curves.json")}
-    try:
-        t0 = time.perf_counter()
-        cross_entropy_with_grad(np.zeros((2, V), np.float32), np.zeros(2, np.int64), inplace=True)
-        cross_entropy(np.zeros((2, V), np.float32), np.zeros(2, np.int64))
-        write(f"  kernel compile/load: {time.perf_counter() - t0:.2f} s (cached on disk afterwards)")
-        write(f"  {'step':>6} {'train loss':>11} {'val loss':>9}")
+        return tmp, tmp
+    folder = os.fspath(out)
+    os.makedirs(folder, exist_ok=True)
+    return folder, None
 
-        history, kernel_s = [], 0.0
-        t_train = time.perf_counter()
-        with _single_threaded():
-            def val_loss():
-                return float(cross_entropy(_logits_in_chunks(model, val_ids, val_pos), val_ids[val_pos]))
 
-            # Step 0: the untrained model (about ln V: the output weights start near 0).
-            pos = rng.integers(k, len(train_ids), cfg["batch"])
-            history.append((0, float(cross_entropy(model.forward(train_ids, pos)[0], train_ids[pos])),
-                            val_loss()))
-            write(f"  {0:>6} {history[0][1]:>11.4f} {history[0][2]:>9.4f}")
-            print_every = cfg["log_every"] * max(1, cfg["steps"] // 10 // cfg["log_every"])
+def _warm_up(nclass, write):
+    """Step 2: compile (or load from the disk cache) the kernels the training calls."""
+    t0 = time.perf_counter()
+    cross_entropy_with_grad(np.zeros((2, nclass), np.float32), np.zeros(2, np.int64), inplace=True)
+    cross_entropy(np.zeros((2, nclass), np.float32), np.zeros(2, np.int64))
+    write(f"  kernel compile/load: {time.perf_counter() - t0:.2f} s (cached on disk afterwards)")
+
+
+def _train(model, data, val_pos, rng, cfg, write):
+    """Step 3: ``cfg["steps"]`` Adam steps on random minibatches, each loss and
+    ``d loss / d logits`` from ``cross_entropy_with_grad(..., inplace=True)``;
+    returns ``(history, seconds in the kernel)``, ``history`` the
+    ``(step, train_loss, val_loss)`` logged every ``log_every`` steps."""
+    k, train_ids, val_ids = cfg["context"], data.train_ids, data.val_ids
+    write(f"  {'step':>6} {'train loss':>11} {'val loss':>9}")
+    history, kernel_s = [], 0.0
+    t_train = time.perf_counter()
+
+    def val_loss():
+        return float(cross_entropy(_logits_in_chunks(model, val_ids, val_pos), val_ids[val_pos]))
+
+    # Step 0: the untrained model (about ln V: the output weights start near 0).
+    pos = rng.integers(k, len(train_ids), cfg["batch"])
+    history.append((0, float(cross_entropy(model.forward(train_ids, pos)[0], train_ids[pos])),
+                    val_loss()))
+    write(f"  {0:>6} {history[0][1]:>11.4f} {history[0][2]:>9.4f}")
+    print_every = cfg["log_every"] * max(1, cfg["steps"] // 10 // cfg["log_every"])
+    running, count = 0.0, 0
+    for step in range(1, cfg["steps"] + 1):
+        pos = rng.integers(k, len(train_ids), cfg["batch"])
+        logits, cache = model.forward(train_ids, pos)
+        t1 = time.perf_counter()
+        loss, grad = cross_entropy_with_grad(logits, train_ids[pos], inplace=True)
+        kernel_s += time.perf_counter() - t1
+        model.adam(model.backward(grad, cache), cfg["lr"])
+        running += float(loss)
+        count += 1
+        if step % cfg["log_every"] == 0 or step == cfg["steps"]:
+            # train loss: the mean minibatch loss since the previous log line
+            history.append((step, running / count, val_loss()))
             running, count = 0.0, 0
-            for step in range(1, cfg["steps"] + 1):
-                pos = rng.integers(k, len(train_ids), cfg["batch"])
-                logits, cache = model.forward(train_ids, pos)
-                t1 = time.perf_counter()
-                loss, grad = cross_entropy_with_grad(logits, train_ids[pos], inplace=True)
-                kernel_s += time.perf_counter() - t1
-                model.adam(model.backward(grad, cache), cfg["lr"])
-                running += float(loss)
-                count += 1
-                if step % cfg["log_every"] == 0 or step == cfg["steps"]:
-                    # train loss: the mean minibatch loss since the previous log line
-                    history.append((step, running / count, val_loss()))
-                    running, count = 0.0, 0
-                    if step % print_every == 0 or step == cfg["steps"]:
-                        write(f"  {step:>6} {history[-1][1]:>11.4f} {history[-1][2]:>9.4f}")
-            train_s = time.perf_counter() - t_train
+            if step % print_every == 0 or step == cfg["steps"]:
+                write(f"  {step:>6} {history[-1][1]:>11.4f} {history[-1][2]:>9.4f}")
+    train_s = time.perf_counter() - t_train
+    write(f"  {cfg['steps']} steps in {train_s:.1f} s, of which {kernel_s:.2f} s in "
+          f"fastloss.cross_entropy_with_grad ({1e3 * kernel_s / cfg['steps']:.3f} ms per "
+          f"{cfg['batch']} x {data.nclass} minibatch)")
+    write()
+    return history, kernel_s
 
-            with open(files["train_log.csv"], "w") as f:
-                f.write("step,train_loss,val_loss\n")
-                f.writelines(f"{s},{tr:.6f},{va:.6f}\n" for s, tr, va in history)
-            # The dump: every validation character (or, for a quick run, the logged sample).
-            dump_pos = np.arange(k, len(val_ids)) if cfg["dump_all"] else val_pos
-            np.save(files["val_logits.npy"], _logits_in_chunks(model, val_ids, dump_pos))
-            np.save(files["val_targets.npy"], val_ids[dump_pos])
-        with open(files["vocab.json"], "w") as f:
-            json.dump(vocab, f)
-        write(f"  {cfg['steps']} steps in {train_s:.1f} s, of which {kernel_s:.2f} s in "
-              f"fastloss.cross_entropy_with_grad ({1e3 * kernel_s / cfg['steps']:.3f} ms per "
-              f"{cfg['batch']} x {V} minibatch)")
-        write()
 
-        final_train = history[-1][1]
-        report = evaluate(files["val_logits.npy"], files["val_targets.npy"], train_loss=final_train)
-        write(f"fastloss.evaluate on the validation dump ({len(dump_pos):,} characters):")
-        write(report.format())
-        curves = diagnose(read_log(files["train_log.csv"]), vocab=V, baseline=unigram,
-                          baseline_name="unigram baseline")
-        write(curves.format())
-        from .cli.evaluate import write_json_atomic
-        write_json_atomic(report.to_dict(), files["eval_report.json"])
-        write_json_atomic(curves.to_dict(), files["curves.json"])
+def _dump(model, data, val_pos, history, cfg, files):
+    """Step 4: write the loss log, the validation dump (every validation character, or
+    for a quick run the logged sample) and the vocabulary; returns the dump's tokens."""
+    with open(files["train_log.csv"], "w") as f:
+        f.write("step,train_loss,val_loss\n")
+        f.writelines(f"{s},{tr:.6f},{va:.6f}\n" for s, tr, va in history)
+    dump_pos = np.arange(cfg["context"], len(data.val_ids)) if cfg["dump_all"] else val_pos
+    np.save(files["val_logits.npy"], _logits_in_chunks(model, data.val_ids, dump_pos))
+    np.save(files["val_targets.npy"], data.val_ids[dump_pos])
+    with open(files["vocab.json"], "w") as f:
+        json.dump(data.vocab, f)
+    return len(dump_pos)
 
-        plots = {}
-        if plot is not None:
-            plots = _plots(plot, files["train_log.csv"], report, curves, V, unigram, write)
-        final_val = report.mean_loss
-        write(f"Result: validation loss {final_val:.4f} nats/char ({final_val / math.log(2):.3f} "
-              f"bits/char) against {unigram:.4f} for the unigram baseline and {uniform:.4f} for "
-              f"uniform guessing: {unigram - final_val:.4f} nats/char below the unigram baseline "
-              f"({np.exp(unigram - final_val):.1f}x lower perplexity).")
-        if out is not None:
-            write(f"Files in {folder}: " + ", ".join(files))
-        seconds = time.perf_counter() - t_start
-        write(f"Total {seconds:.1f} s.")
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return {"history": history, "vocab": vocab, "uniform": uniform, "unigram": unigram,
-            "final_train": final_train, "final_val": final_val, "report": report,
-            "curves": curves, "files": files, "plots": plots, "seconds": seconds,
-            "kernel_seconds": kernel_s, "folder": folder}
+
+def _evaluate(files, history, data, n_dump, write):
+    """Step 5: ``fastloss.evaluate`` on the dump and ``diagnose`` on the log, printed
+    and written as JSON; returns ``(EvalReport, CurveReport)``."""
+    report = evaluate(files["val_logits.npy"], files["val_targets.npy"], train_loss=history[-1][1])
+    write(f"fastloss.evaluate on the validation dump ({n_dump:,} characters):")
+    write(report.format())
+    curves = diagnose(read_log(files["train_log.csv"]), vocab=data.nclass, baseline=data.unigram,
+                      baseline_name="unigram baseline")
+    write(curves.format())
+    write_json_atomic(report.to_dict(), files["eval_report.json"])
+    write_json_atomic(curves.to_dict(), files["curves.json"])
+    return report, curves
+
+
+def _print_result(write, final_val, data):
+    """Step 6: the validation loss against the two baselines."""
+    unigram, uniform = data.unigram, data.uniform
+    write(f"Result: validation loss {final_val:.4f} nats/char ({final_val / math.log(2):.3f} "
+          f"bits/char) against {unigram:.4f} for the unigram baseline and {uniform:.4f} for "
+          f"uniform guessing: {unigram - final_val:.4f} nats/char below the unigram baseline "
+          f"({np.exp(unigram - final_val):.1f}x lower perplexity).")
 
 
 def _plots(folder, log_path, report, curves, vocab, unigram, write):

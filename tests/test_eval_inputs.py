@@ -15,7 +15,7 @@ from scipy.special import logsumexp
 
 import fastloss
 from fastloss.cli import main
-from fastloss.evaluation import EvalInputError
+from fastloss.evaluation import EvalInputError, Layout
 from fastloss.evaluation.readers import expand_paths, natural_key
 
 IGNORE = -100
@@ -82,7 +82,7 @@ def test_safetensors_package_files_match_arrays(rng, tmp_path, dtype, tdtype):
         r = fastloss.evaluate([tmp_path / "a.safetensors", tmp_path / "b.safetensors"],
                               tmp_path / "t.safetensors", chunk_tokens=chunk)
         _same_report(r, base)
-    r = fastloss.evaluate(x, tmp_path / "t.safetensors", targets_key="input_ids")
+    r = fastloss.evaluate(x, tmp_path / "t.safetensors", layout=Layout(targets_key="input_ids"))
     _same_report(r, fastloss.evaluate(x, t[::-1]))
 
 
@@ -111,10 +111,10 @@ def test_safetensors_tensor_choice(rng, tmp_path):
     with pytest.raises(EvalInputError, match=r"two\.safetensors: holds 2 tensors \('a', 'b'\) and "
                                              r"none is named 'logits'; choose one with logits_key="):
         fastloss.evaluate(two, t)
-    _same_report(fastloss.evaluate(two, t, logits_key="b"), fastloss.evaluate(x, t))
+    _same_report(fastloss.evaluate(two, t, layout=Layout(logits_key="b")), fastloss.evaluate(x, t))
     with pytest.raises(EvalInputError, match=r"two\.safetensors: no tensor named 'c'; the file "
                                              r"holds 'a', 'b'"):
-        fastloss.evaluate(two, t, logits_key="c")
+        fastloss.evaluate(two, t, layout=Layout(logits_key="c"))
     tt = write_safetensors(tmp_path / "t.safetensors", {"x": t, "y": t})
     with pytest.raises(EvalInputError, match="'targets' or 'labels' or 'input_ids'.*targets_key="):
         fastloss.evaluate(x, tt)
@@ -190,10 +190,10 @@ def test_raw_logits_and_targets(rng, tmp_path, dtype, name):
     t.tofile(tmp_path / "t64")
     base = fastloss.evaluate(x, t)
     logits = [tmp_path / "x0.bin", tmp_path / "x1.raw"]
-    _same_report(fastloss.evaluate(logits, tmp_path / "t64", raw_dtype=name, vocab=11,
+    _same_report(fastloss.evaluate(logits, tmp_path / "t64", layout=Layout(raw_dtype=name, vocab=11),
                                    chunk_tokens=8), base)
-    _same_report(fastloss.evaluate(logits, tmp_path / "t32.bin", raw_dtype=dtype, vocab=11,
-                                   targets_dtype="int32"), base)
+    _same_report(fastloss.evaluate(logits, tmp_path / "t32.bin",
+                                   layout=Layout(raw_dtype=dtype, vocab=11, targets_dtype="int32")), base)
 
 
 def test_raw_errors(rng, tmp_path):
@@ -207,20 +207,47 @@ def test_raw_errors(rng, tmp_path):
                                              r"logits values: pass raw_dtype= \(--dtype\) and vocab="):
         fastloss.evaluate(xb, t)
     with pytest.raises(EvalInputError, match=r"pass vocab= \(--vocab\)$"):
-        fastloss.evaluate(xb, t, raw_dtype="float32")
+        fastloss.evaluate(xb, t, layout=Layout(raw_dtype="float32"))
     with pytest.raises(EvalInputError, match=r"odd\.bin: raw file of 156 bytes is not a whole number "
                                              r"of rows \(4 x float32 = 16 bytes per row\)"):
-        fastloss.evaluate(tmp_path / "odd.bin", t, raw_dtype="float32", vocab=4)
+        fastloss.evaluate(tmp_path / "odd.bin", t, layout=Layout(raw_dtype="float32", vocab=4))
     with pytest.raises(EvalInputError, match=r"todd\.bin: raw file of 77 bytes .*\(int64, 8 bytes per row\)"):
         fastloss.evaluate(x, tmp_path / "todd.bin")
     with pytest.raises(ValueError, match=r"raw_dtype \(--dtype\): unknown dtype 'float33'"):
-        fastloss.evaluate(xb, t, raw_dtype="float33", vocab=4)
+        fastloss.evaluate(xb, t, layout=Layout(raw_dtype="float33", vocab=4))
     with pytest.raises(ValueError, match=r"vocab \(--vocab\): expected a positive integer, found 0"):
-        fastloss.evaluate(xb, t, raw_dtype="float32", vocab=0)
+        fastloss.evaluate(xb, t, layout=Layout(raw_dtype="float32", vocab=0))
     with pytest.raises(EvalInputError, match="logits dtype int32; expected float16"):
-        fastloss.evaluate(xb, t, raw_dtype="int32", vocab=4)
+        fastloss.evaluate(xb, t, layout=Layout(raw_dtype="int32", vocab=4))
     with pytest.raises(EvalInputError, match="targets dtype float32; expected integers"):
-        fastloss.evaluate(x, tmp_path / "t.bin", targets_dtype="float32")
+        fastloss.evaluate(x, tmp_path / "t.bin", layout=Layout(targets_dtype="float32"))
+
+
+def test_layout_checked_once_and_keyword_only(rng):
+    """``Layout`` holds the file-format knobs that used to be evaluate's keywords."""
+    import dataclasses
+
+    lay = Layout(raw_dtype="bf16", vocab=np.int64(11), hidden_dim=8, targets_dtype="i4",
+                 targets_key="input_ids")
+    assert (lay.raw_dtype, lay.vocab, lay.hidden_dim, lay.targets_dtype) == (BF16, 11, 8, np.dtype(np.int32))
+    assert type(lay.vocab) is int and lay.targets_key == "input_ids" and lay.logits_key is None
+    assert Layout() == Layout(raw_dtype=None) and fastloss.evaluation.Layout is Layout
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        lay.vocab = 3
+    with pytest.raises(TypeError):
+        Layout("float32")  # keyword-only: no argument-order mistakes
+    with pytest.raises(TypeError, match=r"^lm_head_key \(--lm-head-key\): expected a tensor name "
+                                        r"\(str\) or None, found int$"):
+        Layout(lm_head_key=3)
+    with pytest.raises(ValueError, match=r"hidden_dim \(--hidden-dim\): expected a positive integer, found -1"):
+        Layout(hidden_dim=-1)
+    with pytest.raises(ValueError, match=r"targets_dtype \(--targets-dtype\): unknown dtype 'int33'"):
+        Layout(targets_dtype="int33")
+    x, t = _dump(rng, n=10, v=4)
+    with pytest.raises(TypeError, match=r"^layout: expected a fastloss\.evaluation\.Layout or None, found dict$"):
+        fastloss.evaluate(x, t, layout={"vocab": 4})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'raw_dtype'"):
+        fastloss.evaluate(x, t, raw_dtype="float32")  # the keywords before Layout
 
 
 # ---- glob patterns -------------------------------------------------------------------
@@ -412,7 +439,7 @@ def test_hidden_from_files_and_cli(rng, tmp_path, capsys):
     _same_report(r, ref, rtol=1e-6)
     assert r.lm_head_file.endswith("model.safetensors") and r.bias_file.endswith("b.npy")
     r = fastloss.evaluate(hidden=tmp_path / "h.raw", lm_head=w, bias=b, targets=t,
-                          raw_dtype="float32", hidden_dim=8)
+                          layout=Layout(raw_dtype="float32", hidden_dim=8))
     _same_report(r, ref, rtol=1e-6)
     out = tmp_path / "r.json"
     assert main(["eval", "--hidden", str(tmp_path / "h-*.npy"), "--lm-head",

@@ -9,6 +9,7 @@ import pytest
 from scipy.special import logsumexp
 
 import fastloss
+from fastloss import config
 from fastloss.cli import main
 from fastloss.evaluation import EvalInputError
 from fastloss.evaluation import stream as S
@@ -133,7 +134,7 @@ def test_default_chunk_from_byte_budget(rng, monkeypatch):
     x, t = _dump(rng, n=100, v=16)
     seen = []
     real = S._chunk
-    monkeypatch.setattr(S, "CHUNK_BYTES", 16 * 8 * 30)  # 30 float64 rows per chunk
+    monkeypatch.setattr(config, "EVAL_CHUNK_BYTES", 16 * 8 * 30)  # 30 float64 rows per chunk
     monkeypatch.setattr(S, "_chunk", lambda tot, sh, lo, hi, *a: (seen.append(hi - lo), real(tot, sh, lo, hi, *a)))
     fastloss.evaluate(x, t)
     assert seen == [30, 30, 30, 10]
@@ -172,7 +173,8 @@ def test_all_ignored_and_bad_options(rng):
         fastloss.evaluate(x, np.zeros(5, int), chunk_tokens=0)
     with pytest.raises(ValueError, match="on_invalid: expected one of"):
         fastloss.evaluate(x, np.zeros(5, int), on_invalid="drop")
-    with pytest.raises(EvalInputError, match=r"<targets array>: 1 target\(s\) outside \[0, 4\).*token 2 of this file: 4"):
+    with pytest.raises(EvalInputError,
+                       match=r"<targets array>: 1 target\(s\) outside \[0, 4\).*token 2 of this file: 4"):
         fastloss.evaluate(x, np.array([0, 1, 4, -100, 3]))
     with pytest.raises(TypeError, match="targets: expected an integer dtype"):
         fastloss.evaluate(x, np.zeros(5))
@@ -385,7 +387,7 @@ def _row_reference(z, t):
 @pytest.mark.parametrize("dtype, acc, rtol", [(np.float64, np.float64, 1e-10),
                                               (np.float32, np.float32, 2e-6)])
 def test_metrics_kernel_multi_block_rows(rng, dtype, acc, rtol):
-    from fastloss.evaluation import metrics as M
+    from fastloss.cpu import eval_metrics as M
 
     v = 2 * M.ROW_BLOCK + 905  # three blocks, the last one partial
     n = 12
@@ -416,7 +418,7 @@ def test_metrics_kernel_multi_block_rows(rng, dtype, acc, rtol):
 
 
 def test_metrics_kernel_nan_inf_and_ignored_rows(rng):
-    from fastloss.evaluation import metrics as M
+    from fastloss.cpu import eval_metrics as M
 
     v = M.ROW_BLOCK + 300
     x = rng.standard_normal((6, v)).astype(np.float32)

@@ -53,8 +53,8 @@ def add_parser(sub):
 
 def run(args, argv):
     """``fastloss curves``: returns the exit status (2 on bad input, with one line on stderr)."""
+    from .._io import write_json_atomic
     from ..evaluation.curves import diagnose, read_log
-    from .evaluate import write_json_atomic
 
     def fail(e, status):
         if args.debug:

@@ -1,7 +1,8 @@
 """``fastloss eval``: stream a dump through the kernels and print the evaluation report."""
 
-import os
 import sys
+
+from .._io import write_json_atomic
 
 
 def add_parser(sub):
@@ -68,26 +69,6 @@ def add_parser(sub):
     ev.set_defaults(run=run)
 
 
-def write_json_atomic(obj, path):
-    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder and os.replace."""
-    import json
-    import tempfile
-
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".fastloss-eval-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _check_args(args):
     """ValueError for argument combinations argparse cannot express."""
     if args.hidden:
@@ -106,6 +87,16 @@ def _check_args(args):
             raise ValueError(f"{flag}: expected a positive integer, found {value}")
     if args.shift and args.seq_len is None:
         raise ValueError("--shift: needs --seq-len L, the length of each sequence")
+
+
+def _layout(args):
+    """The ``Layout`` of the raw-file and safetensors flags (``--dtype``, ``--vocab``, ...)."""
+    from ..evaluation import Layout
+
+    return Layout(raw_dtype=args.dtype, vocab=args.vocab, hidden_dim=args.hidden_dim,
+                  targets_dtype=args.targets_dtype, logits_key=args.logits_key,
+                  targets_key=args.targets_key, hidden_key=args.hidden_key,
+                  lm_head_key=args.lm_head_key, bias_key=args.bias_key)
 
 
 def _fail(args, e):
@@ -135,11 +126,8 @@ def run(args, argv):
                           seq_len=args.seq_len, shift=args.shift,
                           chunk_tokens=args.chunk_tokens,
                           on_invalid="skip" if args.skip_invalid else "raise",
-                          train_loss=train_loss, raw_dtype=args.dtype, vocab=args.vocab,
-                          hidden_dim=args.hidden_dim, targets_dtype=args.targets_dtype,
-                          logits_key=args.logits_key, targets_key=args.targets_key,
-                          hidden_key=args.hidden_key, lm_head_key=args.lm_head_key,
-                          bias_key=args.bias_key, progress=args.progress)
+                          train_loss=train_loss, layout=_layout(args),
+                          progress=args.progress)
         if report.tokens == 0:
             raise ValueError(f"{', '.join(report.targets_files)}: no counted tokens (every "
                              f"target equals --ignore-index {args.ignore_index})")

@@ -24,11 +24,10 @@ import io
 import json
 import math
 import os
-from typing import Optional
 
 import numpy as np
 
-from .report import _clean
+from .._io import json_safe
 
 #: Column / key names read as the training loss, in order of preference.
 TRAIN_KEYS = ("train_loss", "loss")
@@ -165,7 +164,7 @@ def _csv_records(text, source):
             if len(row) > len(names):
                 raise CurveLogError(source, f"line {reader.line_num}: {len(row)} cells but the "
                                             f"header names {len(names)} columns")
-            records.append((f"line {reader.line_num}", dict(zip(names, row))))
+            records.append((f"line {reader.line_num}", dict(zip(names, row, strict=False))))
     except csv.Error as e:
         raise CurveLogError(source, f"line {reader.line_num}: not valid CSV ({e})") from None
     return records
@@ -452,29 +451,29 @@ class CurveReport:
     first_step: float
     last_step: float
     final_train_loss: float
-    final_val_loss: Optional[float]
-    generalization_gap: Optional[float]
+    final_val_loss: float | None
+    generalization_gap: float | None
     window: int
     window_start_step: float
     window_end_step: float
     trend: str
     train_slope: float
     train_slope_se: float
-    val_trend: Optional[str] = None
-    val_slope: Optional[float] = None
-    val_slope_se: Optional[float] = None
-    overfitting: Optional[bool] = None
-    val_min_step: Optional[float] = None
-    val_min_loss: Optional[float] = None
-    val_rise: Optional[float] = None
-    val_noise: Optional[float] = None
-    underfitting: Optional[bool] = None
+    val_trend: str | None = None
+    val_slope: float | None = None
+    val_slope_se: float | None = None
+    overfitting: bool | None = None
+    val_min_step: float | None = None
+    val_min_loss: float | None = None
+    val_rise: float | None = None
+    val_noise: float | None = None
+    underfitting: bool | None = None
     baselines: dict = dataclasses.field(default_factory=dict)
     findings: list = dataclasses.field(default_factory=list)
 
     def to_dict(self):
         """A JSON-ready dict whose keys are the field names (non-finite floats become None)."""
-        return _clean(dataclasses.asdict(self))
+        return json_safe(dataclasses.asdict(self))
 
     def format(self):
         """The findings as readable text, numbers first."""

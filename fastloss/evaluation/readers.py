@@ -26,11 +26,12 @@ uncached one (the kernel's own read-ahead on the mapping already keeps up).
   ``"__metadata__"`` entry is skipped), then the little-endian data. Parsed here,
   without the ``safetensors`` package.
 * anything else: raw little-endian rows whose dtype and row width come from the
-  caller (``raw_dtype``/``vocab``/``hidden_dim``).
+  caller's ``Layout`` (``raw_dtype``/``vocab``/``hidden_dim``, ``targets_dtype``).
 
 Paths may be glob patterns (``"dump/logits-*.npy"``), expanded in natural order.
 """
 
+import dataclasses
 import glob
 import json
 import os
@@ -344,23 +345,90 @@ def positive_int(value, name):
     return int(value)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Layout:
-    """How to read files that carry no shape: ``raw_dtype`` and row width for raw float
-    files, ``targets_dtype`` for raw targets, and the tensor ``keys`` of safetensors."""
+    """How to read dump files whose format does not say it all: the dtype and row
+    width of raw (headerless) files, and which tensor of a ``.safetensors`` file.
 
-    def __init__(self, raw_dtype=None, vocab=None, hidden_dim=None, targets_dtype=None, keys=None):
-        self.raw_dtype = None if raw_dtype is None else parse_dtype(raw_dtype, "raw_dtype (--dtype)")
-        self.vocab = None if vocab is None else positive_int(vocab, "vocab (--vocab)")
-        self.hidden_dim = None if hidden_dim is None else \
-            positive_int(hidden_dim, "hidden_dim (--hidden-dim)")
-        self.targets_dtype = np.dtype(np.int64) if targets_dtype is None else \
-            parse_dtype(targets_dtype, "targets_dtype (--targets-dtype)")
-        self.keys = keys or {}
+    Pass one to ``fastloss.evaluate(..., layout=Layout(...))``; ``fastloss eval``
+    builds one from its ``--dtype``, ``--vocab``, ``--hidden-dim``,
+    ``--targets-dtype`` and ``--*-key`` flags. Every field is keyword-only and
+    optional, and is checked (and dtypes parsed) when the Layout is made. Fields a
+    dump does not need are ignored (``vocab`` for ``.npy`` logits, for example).
+
+    Parameters
+    ----------
+    raw_dtype : dtype or str, optional
+        dtype of raw logits, hidden-state, LM-head and bias files: a numpy dtype or a
+        name ("float32", "float16", "bfloat16"/"bf16", "float64", "fp32", ...).
+    vocab : int, optional
+        Row width (V) of raw logits files.
+    hidden_dim : int, optional
+        Row width (D) of raw hidden-state and LM-head files.
+    targets_dtype : dtype or str, optional
+        dtype of raw targets files; None reads them as int64.
+    logits_key, targets_key, hidden_key, lm_head_key, bias_key : str, optional
+        Tensor to read from a ``.safetensors`` file of that input. None: the file's
+        only tensor, else the first present of "logits"; "targets", "labels",
+        "input_ids"; "hidden", "hidden_states"; "lm_head.weight", "lm_head",
+        "weight"; "lm_head.bias", "bias".
+
+    Raises
+    ------
+    ValueError
+        An unknown dtype name, or a ``vocab`` / ``hidden_dim`` that is not a
+        positive integer.
+    TypeError
+        A key that is not a string.
+
+    Examples
+    --------
+    >>> from fastloss.evaluation import Layout
+    >>> lay = Layout(raw_dtype="bf16", vocab=32000, targets_key="input_ids")
+    >>> lay.raw_dtype, lay.vocab, lay.targets_dtype
+    (dtype(bfloat16), 32000, None)
+    >>> Layout(vocab=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: vocab (--vocab): expected a positive integer, found 0
+    """
+
+    raw_dtype: str | np.dtype | None = None
+    vocab: int | None = None
+    hidden_dim: int | None = None
+    targets_dtype: str | np.dtype | None = None
+    logits_key: str | None = None
+    targets_key: str | None = None
+    hidden_key: str | None = None
+    lm_head_key: str | None = None
+    bias_key: str | None = None
+
+    def __post_init__(self):
+        checked = {
+            "raw_dtype": None if self.raw_dtype is None else parse_dtype(self.raw_dtype, "raw_dtype (--dtype)"),
+            "vocab": None if self.vocab is None else positive_int(self.vocab, "vocab (--vocab)"),
+            "hidden_dim": None if self.hidden_dim is None else
+            positive_int(self.hidden_dim, "hidden_dim (--hidden-dim)"),
+            "targets_dtype": None if self.targets_dtype is None else
+            parse_dtype(self.targets_dtype, "targets_dtype (--targets-dtype)"),
+        }
+        for kind in KINDS:
+            name = f"{kind}_key"
+            key = getattr(self, name)
+            if key is not None and not isinstance(key, str):
+                raise TypeError(f"{name} (--{kind.replace('_', '-')}-key): expected a tensor name "
+                                f"(str) or None, found {type(key).__name__}")
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)  # frozen: the checked values, set once
+
+    def key(self, kind):
+        """The ``.safetensors`` tensor name given for a ``kind`` input, or None."""
+        return getattr(self, f"{kind}_key")
 
     def raw_format(self, path, kind):
         """(dtype, width) of a raw ``kind`` file; EvalInputError when the caller gave none."""
         if kind == "targets":
-            return self.targets_dtype, 0
+            return (np.dtype(np.int64) if self.targets_dtype is None else self.targets_dtype), 0
         need = [("raw_dtype= (--dtype)", self.raw_dtype)]
         width = 0  # bias: 1-D
         if kind == "logits":
@@ -383,7 +451,7 @@ def open_file(path, kind, layout):
     if ext == ".npy":
         return NpyShard(p, kind)
     if ext == ".safetensors":
-        return SafetensorsShard(p, kind, layout.keys.get(kind))
+        return SafetensorsShard(p, kind, layout.key(kind))
     return RawShard(p, kind, *layout.raw_format(p, kind))
 
 
@@ -434,7 +502,7 @@ class Concat:
 
     def read(self, lo, hi):
         parts = []
-        for s, start in zip(self.shards, self.starts):
+        for s, start in zip(self.shards, self.starts, strict=False):
             a, b = max(lo, start), min(hi, start + s.rows)
             if a < b:
                 parts.append(s.read(a - start, b - start))

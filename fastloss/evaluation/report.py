@@ -2,22 +2,10 @@
 
 import dataclasses
 import math
-from typing import Optional
+
+from .._io import json_safe
 
 LN2 = math.log(2.0)
-
-
-def _clean(v):
-    """JSON-safe value: NaN/inf floats become None, numpy scalars Python numbers."""
-    if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    if hasattr(v, "item") and not isinstance(v, (str, bytes)):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
 
 
 @dataclasses.dataclass
@@ -46,26 +34,26 @@ class EvalReport:
     ece: float
     uniform_baseline: float
     unigram_baseline: float
-    gap_closed: Optional[float]
+    gap_closed: float | None
     loss_max: float
     loss_histogram: dict
     calibration: list
-    train_loss: Optional[float] = None
-    generalization_gap: Optional[float] = None
-    seq_len: Optional[int] = None
+    train_loss: float | None = None
+    generalization_gap: float | None = None
+    seq_len: int | None = None
     shift: bool = False
-    per_position_loss: Optional[list] = None
-    per_position_count: Optional[list] = None
+    per_position_loss: list | None = None
+    per_position_count: list | None = None
     logits_files: list = dataclasses.field(default_factory=list)
     targets_files: list = dataclasses.field(default_factory=list)
     hidden_files: list = dataclasses.field(default_factory=list)
-    lm_head_file: Optional[str] = None
-    bias_file: Optional[str] = None
+    lm_head_file: str | None = None
+    bias_file: str | None = None
     warnings: list = dataclasses.field(default_factory=list)
 
     def to_dict(self):
         """A JSON-ready dict whose keys are the field names (non-finite floats become None)."""
-        return _clean(dataclasses.asdict(self))
+        return json_safe(dataclasses.asdict(self))
 
     def format(self):
         """A readable table that also says what the loss means."""
@@ -102,7 +90,7 @@ class EvalReport:
             lines.append(f"  loss histogram ({len(h['counts'])} bins on [{h['edges'][0]:g}, "
                          f"{h['edges'][-1]:g}] nats; the last also holds larger losses, max {num(self.loss_max)}):")
             peak = max(h["counts"])
-            for lo, hi, c in zip(h["edges"][:-1], h["edges"][1:], h["counts"]):
+            for lo, hi, c in zip(h["edges"][:-1], h["edges"][1:], h["counts"], strict=True):
                 if c:
                     bar = "#" * max(1, round(30 * c / peak))
                     lines.append(f"    [{lo:6.2f}, {hi:6.2f})  {c:>10,}  {bar}")

@@ -7,6 +7,8 @@ import sys
 import numpy as np
 
 from .. import _validate as V
+from .. import config
+from ..cpu.eval_metrics import eval_rows
 from . import metrics as M
 from .readers import (
     Concat,
@@ -17,10 +19,6 @@ from .readers import (
     positive_int,
 )
 from .report import LN2, EvalReport
-
-#: Bytes of logits per chunk when ``chunk_tokens=None`` (read at call time; tests patch it).
-#: The mapped chunk is most of the evaluation's resident memory (benchmarks/NOTES.md).
-CHUNK_BYTES = 64 * 2**20
 
 #: Targets per chunk of the up-front target check.
 TARGET_CHECK_TOKENS = 1 << 20
@@ -33,7 +31,7 @@ def _check_targets(tsrc, nclass, ignore_index, seq_len, shift):
     before any logits are read; EvalInputError names the file, count and first bad token.
     With ``shift`` the source holds token ids, and the first token of each sequence
     (never a target) is not checked."""
-    for shard, start in zip(tsrc.shards, tsrc.starts):
+    for shard, start in zip(tsrc.shards, tsrc.starts, strict=False):
         bad_count, first = 0, None
         for lo in range(0, shard.rows, TARGET_CHECK_TOKENS):
             hi = min(lo + TARGET_CHECK_TOKENS, shard.rows)
@@ -49,10 +47,10 @@ def _check_targets(tsrc, nclass, ignore_index, seq_len, shift):
                 first = (lo + k, t[k])
             bad_count += nbad
         if bad_count:
-            what = "token id(s) used as targets" if shift else "target(s)"
-            raise EvalInputError(shard.name, f"{bad_count} {what} outside [0, {nclass}) that are "
-                                             f"not ignore_index={ignore_index}; first at token "
-                                             f"{first[0]} of this file: {first[1]}")
+            noun = "token id(s) used as targets" if shift else "target(s)"
+            raise EvalInputError(shard.name, V.outside_message(bad_count, nclass, ignore_index,
+                                                               f"token {first[0]} of this file",
+                                                               first[1], noun=noun))
 
 
 class _LMHead:
@@ -123,9 +121,7 @@ def _chunk_targets(tsrc, g, n, ntok, ignore_index, seq_len, shift):
 
 def evaluate(logits=None, targets=None, *, hidden=None, lm_head=None, bias=None,
              ignore_index=-100, seq_len=None, shift=False, chunk_tokens=None, on_invalid="nan",
-             train_loss=None, hist_bins=40, hist_max=None, raw_dtype=None, vocab=None,
-             hidden_dim=None, targets_dtype=None, logits_key=None, targets_key=None,
-             hidden_key=None, lm_head_key=None, bias_key=None, progress=False):
+             train_loss=None, hist_bins=40, hist_max=None, layout=None, progress=False):
     """Evaluate next-token logits against targets, streaming dumps larger than memory.
 
     Parameters
@@ -157,8 +153,8 @@ def evaluate(logits=None, targets=None, *, hidden=None, lm_head=None, bias=None,
         ``i + 1``, except at the last position of each sequence (``i % L == L - 1``),
         which is ignored. Requires ``seq_len``.
     chunk_tokens : int, optional
-        Rows per chunk; default: as many as fit in ``CHUNK_BYTES`` (64 MiB) of logits
-        (of the float32/float64 logits buffer with ``hidden``).
+        Rows per chunk; default: as many as fit in ``fastloss.config.EVAL_CHUNK_BYTES``
+        (64 MiB) of logits (of the float32/float64 logits buffer with ``hidden``).
     on_invalid : {"nan", "raise", "skip"}, default "nan"
         A counted token whose loss is NaN (NaN logits, or +inf ones): "nan" lets it
         make the report's means NaN (as cross_entropy does); "raise" raises
@@ -171,17 +167,13 @@ def evaluate(logits=None, targets=None, *, hidden=None, lm_head=None, bias=None,
     hist_max : float, optional
         Upper edge of the histogram; default ``max(2 ln V, 1)``. Larger losses
         fall in the last bin.
-    raw_dtype : dtype or str, optional
-        dtype of raw logits / hidden / LM-head / bias files ("float32", "bfloat16", ...).
-    vocab, hidden_dim : int, optional
-        Row width of raw logits files (V), of raw hidden and LM-head files (D).
-    targets_dtype : dtype or str, optional
-        dtype of raw targets files; default int64.
-    logits_key, targets_key, hidden_key, lm_head_key, bias_key : str, optional
-        Tensor to read from a ``.safetensors`` file. Default: the file's only tensor,
-        else the first present of "logits"; "targets", "labels", "input_ids";
-        "hidden", "hidden_states"; "lm_head.weight", "lm_head", "weight";
-        "lm_head.bias", "bias".
+    layout : Layout, optional
+        How to read files that do not describe themselves: the dtype (``raw_dtype``,
+        ``targets_dtype``) and row width (``vocab``, ``hidden_dim``) of raw files, and
+        the tensor of each ``.safetensors`` input (``logits_key``, ``targets_key``,
+        ``hidden_key``, ``lm_head_key``, ``bias_key``); see
+        ``fastloss.evaluation.Layout``. Default: ``Layout()`` (raw files then cannot
+        be read; raw targets are int64).
     progress : bool or None, default False
         A tqdm progress bar (tokens/s) on stderr: True always, None only when stderr
         is a terminal, False never.
@@ -197,12 +189,12 @@ def evaluate(logits=None, targets=None, *, hidden=None, lm_head=None, bias=None,
         mismatch, targets out of range, a raw file without its dtype/width, or
         (``on_invalid="raise"``) a NaN loss; the message starts with the file name.
     TypeError, ValueError
-        Bad dtypes or options.
+        Bad dtypes or options; ``layout`` not a Layout.
 
     Notes
     -----
-    Per chunk one kernel (``metrics.eval_rows``) reads each row once, as stored
-    (no float32 copy of half-precision logits), and gives the loss
+    Per chunk one kernel (``fastloss.cpu.eval_metrics.eval_rows``) reads each row
+    once, as stored (no float32 copy of half-precision logits), and gives the loss
     ``lse_i - z_{i,t}``, the entropy ``-sum_j p_ij log p_ij``, the top-1
     confidence ``max_j p_ij`` and the target's rank; row statistics accumulate in
     float32 blocks (float64 for float64 logits) summed in float64, and all totals
@@ -232,6 +224,18 @@ def evaluate(logits=None, targets=None, *, hidden=None, lm_head=None, bias=None,
     >>> r = evaluate(z, np.array([0, 1, 2, 3, 2, 1]), seq_len=3, shift=True)
     >>> r.tokens, r.ignored, r.per_position_count
     (4, 2, [2, 2, 0])
+
+    A raw (headerless) bfloat16 dump needs its dtype and vocabulary size:
+
+    >>> import os, tempfile
+    >>> import ml_dtypes
+    >>> from fastloss.evaluation import Layout
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     z.astype(ml_dtypes.bfloat16).tofile(os.path.join(d, "logits.bin"))
+    ...     r = evaluate(os.path.join(d, "logits.bin"), np.array([0, 1, 2, 3, 2, 1]),
+    ...                  layout=Layout(raw_dtype="bfloat16", vocab=4))
+    >>> r.tokens, round(r.mean_loss, 4)
+    (6, 1.3863)
     """
     if on_invalid not in ON_INVALID:
         raise ValueError(f"on_invalid: expected one of 'nan', 'raise', 'skip', found {on_invalid!r}")
@@ -250,9 +254,11 @@ def evaluate(logits=None, targets=None, *, hidden=None, lm_head=None, bias=None,
         raise TypeError(f"progress: expected True, False or None, found {progress!r}")
     if targets is None:
         raise TypeError("targets: required")
-    layout = Layout(raw_dtype, vocab, hidden_dim, targets_dtype,
-                    {"logits": logits_key, "targets": targets_key, "hidden": hidden_key,
-                     "lm_head": lm_head_key, "bias": bias_key})
+    if layout is None:
+        layout = Layout()
+    elif not isinstance(layout, Layout):
+        raise TypeError(f"layout: expected a fastloss.evaluation.Layout or None, found "
+                        f"{type(layout).__name__}")
     if hidden is not None:
         if logits is not None:
             raise ValueError("logits: pass either logits or hidden (with lm_head), not both")
@@ -280,10 +286,10 @@ def evaluate(logits=None, targets=None, *, hidden=None, lm_head=None, bias=None,
         raise EvalInputError(", ".join(s.name for s in tsrc.shards),
                              f"{ntok} tokens are not a whole number of sequences of "
                              f"seq_len={seq_len} (--seq-len)")
-    V.targets_for_kernel(np.zeros(0, np.int64), (0, nclass), ignore_index)  # type-check ignore_index
+    ignore_index = V.check_ignore_index(ignore_index)
     _check_targets(tsrc, nclass, ignore_index, seq_len, shift)
     if chunk_tokens is None:
-        chunk_tokens = max(1, CHUNK_BYTES // (nclass * itemsize))
+        chunk_tokens = max(1, config.EVAL_CHUNK_BYTES // (nclass * itemsize))
     top = max(2 * math.log(nclass), 1.0) if hist_max is None else \
         V.check_range(hist_max, "hist_max", low=0.0, low_open=True)
     totals = M.Totals(nclass, np.linspace(0.0, top, hist_bins + 1), seq_len)
@@ -326,7 +332,7 @@ def _chunk(totals, x, lo, hi, tgt, pos, name, ignore_index, on_invalid):
         xk = V.kernel_view(x).reshape(n, x.shape[-1])
         ntask = V.num_tasks(n, xk.size)
         with V.kernel_launch(ntask):
-            M.eval_rows(xk, kt, V.acc_dtype(x.dtype).type(0), ntask, loss, ent, conf, rank)
+            eval_rows(xk, kt, V.acc_dtype(x.dtype).type(0), ntask, loss, ent, conf, rank)
         del xk
     counted = ~ignored
     totals.ignored += int(n - np.count_nonzero(counted))
@@ -380,7 +386,7 @@ def _report(t, nclass, on_invalid, train_loss, shards, tsrc, head, shift):
     per_loss = per_count = None
     if t.pos_count is not None:
         per_count = t.pos_count.tolist()
-        per_loss = [float(s / c) if c else None for s, c in zip(t.pos_loss.tolist(), per_count)]
+        per_loss = [float(s / c) if c else None for s, c in zip(t.pos_loss.tolist(), per_count, strict=True)]
     return EvalReport(
         tokens=n, ignored=t.ignored, skipped=t.skipped, vocab=nclass,
         mean_loss=mean_loss,

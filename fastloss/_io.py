@@ -1,0 +1,63 @@
+"""Small I/O helpers shared by the evaluation reports, the command line and the demo.
+
+* :func:`json_safe`: a report's values as JSON-ready Python objects;
+* :func:`write_json_atomic`: write such a dict to a file so that a reader never
+  sees half of it.
+"""
+
+import math
+import os
+
+
+def json_safe(v):
+    """JSON-safe value: NaN/inf floats become None, numpy scalars Python numbers,
+    tuples lists (recursively through dicts and lists).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> json_safe({"a": np.float32(0.5), "b": [float("nan"), np.int64(3)], "c": (1, "x")})
+    {'a': 0.5, 'b': [None, 3], 'c': [1, 'x']}
+    """
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    if hasattr(v, "item") and not isinstance(v, (str, bytes)):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def write_json_atomic(obj, path):
+    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder and os.replace.
+
+    ``obj`` must be JSON-ready (see :func:`json_safe`): NaN or inf raise ValueError and
+    the file is left as it was. The temporary file is removed on any failure.
+
+    Examples
+    --------
+    >>> import json, os, tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     path = os.path.join(d, "report.json")
+    ...     write_json_atomic({"tokens": 2, "ece": None}, path)
+    ...     json.load(open(path)), os.listdir(d)
+    ({'tokens': 2, 'ece': None}, ['report.json'])
+    """
+    import json
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".fastloss-eval-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
