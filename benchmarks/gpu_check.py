@@ -137,6 +137,7 @@ class patched:
 
 
 def correctness(torch, api, quick, device="cuda"):
+    """Part 1; ``api``: the module whose functions are checked (``fastloss``)."""
     import fastloss.config as config
     import fastloss.cuda as fastloss_cuda
     F = torch.nn.functional
@@ -267,8 +268,10 @@ def correctness(torch, api, quick, device="cuda"):
                 pr = p.detach().double().requires_grad_(True)
                 d = pr - q.double()
                 e = w.double() * d * d
-                ref = {"mean": lambda: e.sum() / (w.double().sum() * 1023),
-                       "sum": lambda: e.sum(), "none": lambda: e}[red]()
+                if red == "mean":
+                    ref = e.sum() / (w.double().sum() * 1023)
+                else:
+                    ref = e.sum() if red == "sum" else e
                 ref.backward(torch.ones_like(ref))
                 loss, grad = api.mse_with_grad(p, q, reduction=red, weight=w.cpu().numpy())
                 ok1, m1 = close(torch, loss, ref.detach(), dtype, "loss")
@@ -313,19 +316,18 @@ def providers(torch, api, config, tname, budget, sm_count):
     F = torch.nn.functional
 
     def fastloss_variant(**settings):
-        """Timing closures with fastloss.config tunables (``CUDA_*``) and
-        ``api.GRID_LIMIT`` patched for the duration of each call."""
+        """Timing closures with fastloss.config tunables (``CUDA_*``) patched
+        for the duration of each call."""
         def setup():
             old = {}
             for k, v in settings.items():
-                mod = api if k == "GRID_LIMIT" else config
-                old[k] = getattr(mod, k)
-                setattr(mod, k, v)
+                old[k] = getattr(config, k)
+                setattr(config, k, v)
             return old
 
         def restore(old):
             for k, v in old.items():
-                setattr(api if k == "GRID_LIMIT" else config, k, v)
+                setattr(config, k, v)
 
         def fwd(x, t):
             def run():
@@ -475,23 +477,25 @@ def host_overhead_us(torch, api, reps=200):
 
 def fused_choice(api, x, t):
     """Which fused kernel the default settings launch for (x, t)."""
+    from fastloss.cuda import launch
     seen = []
-    orig = api._Gpu.launch
+    orig = launch.Gpu.launch
 
     def spy(self, kernel, grid, *args, tpb=None, smem=0):
-        if args and len(args) > 20:  # the fused kernels
+        if getattr(getattr(kernel, "py_func", None), "__name__", "") == "fused":  # both fused kernels
             seen.append((smem, tpb, grid))
         return orig(self, kernel, grid, *args, tpb=tpb, smem=smem)
-    api._Gpu.launch = spy
+    launch.Gpu.launch = spy
     try:
         api.cross_entropy_with_grad(x, t)
     finally:
-        api._Gpu.launch = orig
+        launch.Gpu.launch = orig
     if not seen:
         return "none"
     smem, tpb, grid = seen[-1]
     kind = f"resident ({smem / 1024:.0f} KiB shared)" if smem else "stream"
-    return f"{kind}, {tpb} threads, {grid} blocks" + (f"; {api.RESIDENT_NOTE}" if api.RESIDENT_NOTE else "")
+    note = launch.RESIDENT_NOTE
+    return f"{kind}, {tpb} threads, {grid} blocks" + (f"; {note}" if note else "")
 
 
 def timings(torch, api, config, quick, budget, copy_gbps, shapes=None, device="cuda"):
@@ -558,7 +562,8 @@ def timings(torch, api, config, quick, budget, copy_gbps, shapes=None, device="c
 
 def print_table(rows, copy_gbps):
     log(f"device-to-device copy bandwidth: {copy_gbps:.0f} GB/s")
-    head = f"{'dtype':8s} {'shape':15s} {'pass':7s} {'provider':26s} {'ms':>8s} {'GB/s':>7s} {'%copy':>6s} {'x eager':>8s}"
+    head = (f"{'dtype':8s} {'shape':15s} {'pass':7s} {'provider':26s} {'ms':>8s} {'GB/s':>7s} "
+            f"{'%copy':>6s} {'x eager':>8s}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -591,8 +596,9 @@ def main(argv=None):
     try:
         import torch
 
+        import fastloss as api
         import fastloss.config as config
-        from fastloss.cuda import api, cuda_available, simulator_enabled
+        from fastloss.cuda import cuda_available, simulator_enabled
         if not torch.cuda.is_available():
             log("PyTorch sees no CUDA device")
             result["errors"].append("no CUDA device")

@@ -242,13 +242,23 @@ def class_weight(weight, nclass, acc):
     return finite_nonnegative(w, "weight", acc)
 
 
+def nonfinite_weight_error(name="weight"):
+    """The error for weights holding NaN or inf (host and GPU checks)."""
+    return ValueError(f"{name}: expected finite values, found NaN or inf")
+
+
+def negative_weight_error(minimum, name="weight"):
+    """The error for negative weights, naming the smallest (host and GPU checks)."""
+    return ValueError(f"{name}: expected non-negative values, found minimum {minimum}")
+
+
 def finite_nonnegative(w, name, acc):
     """``w`` converted to ``acc``, checked finite (also after the conversion) and >= 0."""
     w64 = np.asarray(w, dtype=np.float64)
     if not np.all(np.isfinite(w64)):
-        raise ValueError(f"{name}: expected finite values, found NaN or inf")
+        raise nonfinite_weight_error(name)
     if np.any(w64 < 0):
-        raise ValueError(f"{name}: expected non-negative values, found minimum {w64.min()}")
+        raise negative_weight_error(w64.min(), name)
     if w64.size and w64.max() > np.finfo(acc).max:
         raise ValueError(f"{name}: values up to {w64.max()} overflow the {acc} accumulation")
     return np.ascontiguousarray(w64, dtype=acc)

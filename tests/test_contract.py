@@ -268,6 +268,10 @@ def test_mse_out_and_zero_weight(backend, rng):
     loss, grad = fastloss.mse_with_grad(backend.put(p), backend.put(q), out=out)
     assert grad is out
     assert_grad(backend.get(out), mse_reference(p, q)[1], 2e-6)
+    dp = backend.put(p.copy())
+    loss, grad = fastloss.mse_with_grad(dp, backend.put(q), out=dp)  # over pred itself: allowed
+    assert grad is dp
+    assert_grad(backend.get(dp), mse_reference(p, q)[1], 2e-6)
     z = backend.put(np.zeros((0, 3), np.float32))
     assert backend.scalar(fastloss.mse(z, z)) == 0.0
     assert backend.scalar(fastloss.mse(backend.put(p), backend.put(q), weight=np.zeros((5, 7)))) == 0.0

@@ -15,8 +15,10 @@ the assembler's report is checked:
 * the wide variants load 8-byte words (``ld.global.u64``) and the resident
   kernel uses dynamic shared memory.
 
-Also the launch decision for the resident kernel (``api._resident_bytes``)
-against a fake device. Skipped when numba-cuda, NVVM or ptxas is missing.
+Also the launch decision for the resident kernel
+(``fastloss.cuda.launch.resident_bytes``) against a fake device, and that each
+kernel's argument tuple names its parameters in order. Skipped when
+numba-cuda, NVVM or ptxas is missing.
 """
 
 import os
@@ -95,34 +97,47 @@ def _report(text):
     return regs, st, ld
 
 
+def _scalar_types(acc):
+    """The numba types of the kernels' scalar tuples, as the host side builds them."""
+    import numba
+
+    from fastloss.cuda.cross_entropy import CEScalars, GradScalars, LogitScalars
+    from fastloss.cuda.mse import MSEScalars
+    a = np.float64 if acc == "float64" else np.float32
+    tr = numba.typeof(LogitScalars(a(1), a(1), a(1)))
+    sc = numba.typeof(CEScalars(np.int64(3), np.int64(-100), True, True, 0.1, 0.01, 2))
+    up = numba.typeof(GradScalars(0, 1.0))
+    ms = numba.typeof(MSEScalars(1, np.int64(1), 2, 1.0, False, True))
+    return tr, sc, up, ms
+
+
 def _ce_signatures(acc, kind, per):
-    """Argument types of (forward, fused/fused_resident, lse) as the API passes them."""
+    """Argument types of (forward, fused/fused_resident, lse) as the host side passes them
+    (``ForwardArgs``, ``FusedArgs``, ``LseArgs`` of ``fastloss.cuda.cross_entropy``)."""
     from numba import types
 
-    from fastloss.cuda import _math as M
+    from fastloss import codes
     ACC = types.float64 if acc == "float64" else types.float32
-    E = types.uint16 if kind != M.NATIVE else ACC
+    E = types.uint16 if kind != codes.NATIVE else ACC
     W = types.uint64 if per > 1 else E
+    tr, sc, up, _ = _scalar_types(acc)
 
     def A(dt, nd=1):
         return types.Array(dt, nd, "C")
-    head = (A(W), A(E), types.int64, A(types.int64), types.int64, types.boolean, A(ACC),
-            types.boolean, ACC, ACC, ACC, types.float64, types.float64, A(types.float64))
+    head = (A(W), A(E), A(types.int64), A(ACC), A(types.float64), tr, sc)  # logits, tgt, w, stats
     tail = (A(ACC), A(ACC), A(types.int32), A(types.float64, 2))  # loss, out, counter, partial
-    forward = head + (types.int64,) + tail
-    fused = head + (types.int64, types.int64, types.float64, A(types.float64), A(W), A(E)) + tail + (
-        types.uint64,)
-    lse = (A(W), A(E), types.int64, A(ACC), ACC, ACC, ACC, A(ACC))
+    forward = head + tail
+    fused = head + (up, A(types.float64), A(W), A(E)) + tail + (types.uint64,)
+    lse = (A(W), A(E), types.int64, A(ACC), tr, A(ACC))
     return forward, fused, lse
 
 
 def _ce_cases():
-    from fastloss.cuda import _math as M
-    from fastloss.cuda.cross_entropy import PLAIN, SCALED, SOFTCAP
-    quick = [("float32", M.BF16, 4, PLAIN, 256), ("float32", M.NATIVE, 2, PLAIN, 1024)]
-    slow = [("float32", M.BF16, 4, SOFTCAP, 1024), ("float32", M.F16, 4, SCALED, 256),
-            ("float32", M.NATIVE, 2, SOFTCAP, 256), ("float32", M.BF16, 1, PLAIN, 256),
-            ("float64", M.NATIVE, 1, PLAIN, 256)]
+    from fastloss.codes import BF16, F16, NATIVE, PLAIN, SCALED, SOFTCAP
+    quick = [("float32", BF16, 4, PLAIN, 256), ("float32", NATIVE, 2, PLAIN, 1024)]
+    slow = [("float32", BF16, 4, SOFTCAP, 1024), ("float32", F16, 4, SCALED, 256),
+            ("float32", NATIVE, 2, SOFTCAP, 256), ("float32", BF16, 1, PLAIN, 256),
+            ("float64", NATIVE, 1, PLAIN, 256)]
     return ([pytest.param(*c, id="-".join(map(str, c))) for c in quick]
             + [pytest.param(*c, id="-".join(map(str, c)), marks=pytest.mark.slow) for c in slow])
 
@@ -155,28 +170,53 @@ def test_cross_entropy_kernels_assemble_without_spills(compiler, tmp_path, acc, 
 def test_validate_and_mse_kernels_assemble(compiler, tmp_path):
     from numba import types
 
-    from fastloss.cuda import _math as M
-    from fastloss.cuda.cross_entropy import convert_kernel, copy2d_kernel, validate_kernel
+    from fastloss import codes
+    from fastloss.cuda.convert import convert_kernel, copy2d_kernel
+    from fastloss.cuda.cross_entropy import validate_kernel
     from fastloss.cuda.mse import mse_kernels
 
     def A(dt, nd=1, layout="C"):
         return types.Array(dt, nd, layout)
-    f32, f64, i64, b = types.float32, types.float64, types.int64, types.boolean
+    f32, f64, i64 = types.float32, types.float64, types.int64
+    _, sc, up, ms = _scalar_types("float32")
     validate = validate_kernel(256)
-    mse, weight_sum, fin = mse_kernels("float32", M.BF16, M.NATIVE, 256)
+    mse, weight_sum, fin = mse_kernels("float32", codes.BF16, codes.NATIVE, 256)
     cases = [
-        (validate, (A(i64), i64, b, i64, A(f32), b, f64, A(f64))),
-        (convert_kernel(M.BF16, 256), (A(types.uint16), A(f32))),
+        (validate, (A(i64), A(f32), sc, f64, A(f64))),
+        (convert_kernel(codes.BF16, 256), (A(types.uint16), A(f32))),
         (copy2d_kernel(256), (A(types.uint16, 2, "A"), A(types.uint16, 2))),
-        (mse, (A(types.uint16), A(f32), A(f32), i64, i64, i64, f64, A(f64), b, i64, f64,
-               A(f64), b, A(types.uint16), A(f32), A(f64))),
+        (mse, (A(types.uint16), A(f32), A(f32), ms, A(f64), up, A(f64), A(types.uint16), A(f32),
+               A(f64))),
         (weight_sum, (A(f32), f64, A(f64))),
-        (fin, (A(f64), i64, f64, A(f64), b, A(f32))),
+        (fin, (A(f64), ms, A(f64), A(f32))),
     ]
     for kernel, sig in cases:
         _, report = compiler(kernel, sig, 256, tmp_path)
         _, st, ld = _report(report)
         assert st == 0 and ld == 0, report
+
+
+def test_argument_tuples_name_the_kernel_parameters():
+    """The host side builds each launch's arguments by name (``ForwardArgs``,
+    ...); their fields must be the kernel's parameters, in order."""
+    import inspect
+
+    from fastloss import codes
+    from fastloss.cuda.cross_entropy import (
+        ForwardArgs,
+        FusedArgs,
+        LseArgs,
+        ValidateArgs,
+        ce_kernels,
+        validate_kernel,
+    )
+    from fastloss.cuda.mse import FinalizeArgs, MSEArgs, mse_kernels
+    forward, fused, lse, resident = ce_kernels("float32", codes.BF16, codes.SOFTCAP, 64, 4)
+    mse, _, finalize = mse_kernels("float32", codes.F16, codes.NATIVE, 64)
+    for kernel, args in ((forward, ForwardArgs), (fused, FusedArgs), (resident, FusedArgs),
+                         (lse, LseArgs), (validate_kernel(64), ValidateArgs), (mse, MSEArgs),
+                         (finalize, FinalizeArgs)):
+        assert tuple(inspect.signature(kernel.py_func).parameters) == args._fields
 
 
 # --- the resident kernel's launch decision, against a fake device ----------------------
@@ -238,46 +278,46 @@ def fake_driver(monkeypatch):
             calls.append((int(attr), value, dev))
     d = Driver()
     monkeypatch.setattr(drv, "driver", d)
-    from fastloss.cuda import api
-    monkeypatch.setattr(api, "_SMEM_ALLOWED", {})
+    from fastloss.cuda import launch
+    monkeypatch.setattr(launch, "SMEM_ALLOWED", {})
     return d, calls
 
 
 def test_resident_kernel_opts_in_to_large_shared_memory(fake_driver, monkeypatch):
     import fastloss.config
-    from fastloss.cuda import api
+    from fastloss.cuda import launch
     drv, calls = fake_driver
     k, gpu = _FakeKernel(), _FakeGpu()
     # float32 rows of 32000 classes: 16000 words of 8 bytes
-    smem, per_sm = api._resident_bytes(gpu, k, (_Words(), 2.0), 128000, 1024)
+    smem, per_sm = launch.resident_bytes(gpu, k, (_Words(), 2.0), 128000, 1024)
     assert smem == 128000 and per_sm == 1  # one such block per SM
     assert calls == [(8, 232448 - 3072, 7)]  # MAX_DYNAMIC_SHARED_SIZE_BYTES, once per kernel
-    assert api._resident_bytes(gpu, k, (_Words(), 2.0), 64000, 1024) == (64000, 2)
-    assert api._resident_bytes(gpu, k, (_Words(), 2.0), 20000, 256) == (20000, 8)  # by threads
+    assert launch.resident_bytes(gpu, k, (_Words(), 2.0), 64000, 1024) == (64000, 2)
+    assert launch.resident_bytes(gpu, k, (_Words(), 2.0), 20000, 256) == (20000, 8)  # by threads
     assert len(calls) == 1
     # rows larger than a block may hold: the prefix that fits, when it is at
     # least a quarter of the row (bfloat16 x 128256: 90%, float32: 45%), else
     # the streaming kernel unless resident is forced
     room = 232448 - 3072
-    assert api._resident_bytes(gpu, k, (_Words(), 2.0), 256512, 1024) == (room, 1)
-    assert api._resident_bytes(gpu, k, (_Words(), 2.0), 513024, 1024) == (room, 1)
-    assert api._resident_bytes(gpu, k, (_Words(), 2.0), 4 * room + 8, 1024) == (0, None)
+    assert launch.resident_bytes(gpu, k, (_Words(), 2.0), 256512, 1024) == (room, 1)
+    assert launch.resident_bytes(gpu, k, (_Words(), 2.0), 513024, 1024) == (room, 1)
+    assert launch.resident_bytes(gpu, k, (_Words(), 2.0), 4 * room + 8, 1024) == (0, None)
     monkeypatch.setattr(fastloss.config, "CUDA_FUSED_STRATEGY", "resident")
-    assert api._resident_bytes(gpu, k, (_Words(), 2.0), 4 * room + 8, 1024) == (room, 1)
+    assert launch.resident_bytes(gpu, k, (_Words(), 2.0), 4 * room + 8, 1024) == (room, 1)
     monkeypatch.setattr(fastloss.config, "CUDA_RESIDENT_MAX_BYTES", 1001)
-    assert api._resident_bytes(gpu, k, (_Words(), 2.0), 513024, 256) == (1000, 8)  # whole words
+    assert launch.resident_bytes(gpu, k, (_Words(), 2.0), 513024, 256) == (1000, 8)  # whole words
     monkeypatch.setattr(fastloss.config, "CUDA_FUSED_STRATEGY", "stream")
-    assert api._resident_bytes(gpu, k, (_Words(), 2.0), 1000, 1024) == (0, None)
+    assert launch.resident_bytes(gpu, k, (_Words(), 2.0), 1000, 1024) == (0, None)
 
 
 def test_resident_kernel_without_opt_in_stays_within_48k(fake_driver):
-    from fastloss.cuda import api
+    from fastloss.cuda import launch
     drv, calls = fake_driver
     drv.fail = True
     k, gpu = _FakeKernel(), _FakeGpu()
-    assert api._resident_bytes(gpu, k, (_Words(),), 4 * 46080 + 8, 1024) == (0, None)
-    assert "opt-in failed" in api.RESIDENT_NOTE
-    smem, _ = api._resident_bytes(gpu, k, (_Words(),), 48 * 1024 - 3072, 1024)
+    assert launch.resident_bytes(gpu, k, (_Words(),), 4 * 46080 + 8, 1024) == (0, None)
+    assert "opt-in failed" in launch.RESIDENT_NOTE
+    smem, _ = launch.resident_bytes(gpu, k, (_Words(),), 48 * 1024 - 3072, 1024)
     assert smem == 48 * 1024 - 3072
 
 
@@ -286,7 +326,7 @@ def test_row_span_tiles_the_buffer():
     (``row_span``, run here as Python): over consecutive rows the words and
     the edge elements cover every element exactly once, edges are shorter
     than a word, and a word never holds elements of two rows."""
-    from fastloss.cuda.cross_entropy import make_row_span
+    from fastloss.cuda.rows import make_row_span
     for per in (1, 2, 4):
         span = make_row_span(per)
         for nclass in (1, 2, 3, 5, 7, 8, 29, 50257, 128256):
@@ -308,12 +348,12 @@ def test_row_span_tiles_the_buffer():
 def test_resident_launch_refused_falls_back_to_48k(fake_driver):
     """If the driver refuses a launch's shared memory after all, that kernel is
     held to the default 48 KiB from then on (and the note says why)."""
-    from fastloss.cuda import api
+    from fastloss.cuda import launch
     k, gpu = _FakeKernel(), _FakeGpu()
     args = (_Words(), 2.0)
-    assert api._resident_bytes(gpu, k, args, 128000, 1024) == (128000, 1)
-    api._resident_refused(gpu, k, args, RuntimeError("CUDA_ERROR_INVALID_VALUE"))
-    assert "resident launch failed" in api.RESIDENT_NOTE
+    assert launch.resident_bytes(gpu, k, args, 128000, 1024) == (128000, 1)
+    launch.resident_refused(gpu, k, args, RuntimeError("CUDA_ERROR_INVALID_VALUE"))
+    assert "resident launch failed" in launch.RESIDENT_NOTE
     # 48 KiB less the static 3 KiB: 35% of the row, above the quarter: kept
-    assert api._resident_bytes(gpu, k, args, 128000, 1024) == (48 * 1024 - 3072, 2)
-    assert api._resident_bytes(gpu, k, args, 4 * 48 * 1024, 1024) == (0, None)
+    assert launch.resident_bytes(gpu, k, args, 128000, 1024) == (48 * 1024 - 3072, 2)
+    assert launch.resident_bytes(gpu, k, args, 4 * 48 * 1024, 1024) == (0, None)

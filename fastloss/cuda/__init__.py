@@ -1,5 +1,15 @@
 """CUDA backend: numba-cuda twins of the CPU kernels (one module per op, same
-names as ``fastloss.cpu``) and the device-array API in ``fastloss.cuda.api``.
+names as ``fastloss.cpu``), each beside its host side, which ``fastloss.ops``
+calls for GPU arrays with the options it validated:
+
+* ``cross_entropy`` / ``cross_entropy_host``: cross-entropy and logsumexp;
+* ``mse`` / ``mse_host``: mean squared error;
+* ``rows``, ``reductions``, ``_math``, ``convert``: device functions and
+  helper kernels the op kernels share (reading a row, block reductions,
+  scalar math, staging copies);
+* ``arrays`` (GPU arrays as the kernels see them), ``launch`` (grids, block
+  sizes, scratch, the resident kernel's shared memory) and ``checks`` (the
+  asynchronous checks of targets and class weights, :func:`synchronize`).
 
 Importing this package needs neither numba-cuda nor a GPU: ``numba.cuda`` is
 imported only inside functions. Running a kernel without a usable GPU raises
@@ -73,10 +83,10 @@ def synchronize():
     >>> import fastloss.cuda
     >>> fastloss.cuda.synchronize()
     """
-    if "fastloss.cuda.api" not in sys.modules:
+    if "fastloss.cuda.checks" not in sys.modules:
         return
-    from . import api
-    api.synchronize()
+    from . import checks
+    checks.synchronize()
 
 
 def require_gpu():

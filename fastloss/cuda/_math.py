@@ -1,10 +1,12 @@
 """Scalar device functions shared by the CUDA kernels: bit casts, float16 /
-bfloat16 <-> float32 conversion, exp/log/tanh and block reductions.
+bfloat16 <-> float32 conversion, loads and stores by storage kind, exp/log/tanh.
+Block reductions are in ``fastloss.cuda.reductions``.
 
 Half-precision storage follows the CPU convention (``fastloss.cpu._math``),
 except that both half types reach the kernels as ``uint16`` bit views (one
 unsigned type keeps the bit arithmetic free of sign extension and of int16
-overflow in the simulator): ``F16`` and ``BF16`` below say how to decode them.
+overflow in the simulator): the storage kinds ``NATIVE``, ``F16`` and ``BF16``
+of ``fastloss.codes`` say how to decode them.
 Conversions happen in registers; no float32 copy of the data is ever made.
 
 The functions run in two worlds: compiled by numba-cuda for a real GPU, and as
@@ -20,8 +22,11 @@ when a kernel is about to run. Without numba-cuda the module still imports
 """
 
 import math
+from typing import NamedTuple
 
 import numpy as np
+
+from ..codes import BF16, F16, NATIVE
 
 try:
     from numba import cuda
@@ -41,10 +46,6 @@ def _simulator():
 
 #: True when numba-cuda runs kernels in the CUDA simulator (plain Python).
 SIMULATOR = _simulator()
-
-#: Storage kinds of a kernel array: native float32/float64 (or an integer
-#: array read as is), float16 bits, bfloat16 bits (both as uint16).
-NATIVE, F16, BF16 = 0, 1, 2
 
 
 def device(fn):
@@ -274,3 +275,15 @@ log0 = device(_log0)
 def tanh(x):
     """tanh in the argument's precision."""
     return math.tanh(x)
+
+
+# --- per-call scalars shared by the kernels of several ops ---------------------------
+
+class GradScalars(NamedTuple):
+    """Where the upstream gradient comes from, as the gradient kernels take it:
+    ``gmode`` (``codes.G_SCALAR``: the value ``go``; ``G_DEVICE_SCALAR``:
+    ``gvec[0]``; ``G_ROWS``: ``gvec[i]`` per row or element; ``gvec`` is a
+    separate array argument) and ``go`` (float64)."""
+
+    gmode: int
+    go: float

@@ -3,7 +3,7 @@
 The twin of ``fastloss.cpu.cross_entropy``: the same per-row formulas (see
 that module's docstring for ``ce_i``, ``lse_i`` and the fused gradient
 ``dL/dx_j = [A e_j - C w_j - [j == t] gce (1 - eps) w_t] dz_j/dx_j``). The
-public entry points are in ``fastloss.cuda.api``, which validates and launches.
+host side, ``fastloss.cuda.cross_entropy_host``, checks the arrays and launches.
 
 Mapping. One thread block per row, with a grid-stride loop over rows (the
 grid is capped near the number of resident blocks). The threads of a block
@@ -27,7 +27,7 @@ accumulation uses the hardware exp (``_math.fast_exp32``, about 2 ulp plus
 accurate exp. The block then merges the per-thread ``(m, s)`` (and the
 smoothing sum ``sum_j w_j z_j``): by warp shuffles and one exchange through
 shared memory (2 barriers) for blocks of whole warps, by a tree in shared
-memory otherwise (``block_softmax_for``).
+memory otherwise (``fastloss.cuda.reductions.block_softmax_for``).
 
 Flat, wide accesses: the kernels take the logits (and the gradient
 destination) as flat 1-D views of one C-contiguous buffer, twice: as words
@@ -38,7 +38,7 @@ read and written 8 bytes per access (unpacked and packed in registers); the
 few elements at each end that share a word with the neighbouring row (fewer
 than ``per``) go element by element (``row_span``). So every class count,
 odd ones like 50257 included, gets 8-byte accesses. Strided logits are first
-copied to a contiguous buffer by the API.
+copied to a contiguous buffer by the host side.
 
 Passes over memory per row: the forward and logsumexp kernels read the row
 once. The fused kernel has two forms:
@@ -74,7 +74,7 @@ writes them to ``stats`` (float64):
 The loss kernels read the denominators ``D_ce``/``D_z`` and ``W`` from device
 memory; when ``error`` is set they write a NaN loss and nothing else (so a bad
 target is never used as an index, ``inplace`` logits stay untouched and a
-gradient buffer is not written). ``fastloss.cuda.api`` copies ``stats`` to
+gradient buffer is not written). ``fastloss.cuda.checks`` copies ``stats`` to
 pinned host memory without waiting and raises the contract's errors once the
 copy has landed (see there). For mean/sum, thread 0 of each
 block accumulates its rows' ``ce_i`` and ``lse_i**2`` in float64 and writes
@@ -85,425 +85,137 @@ still merges with the one-block ``finalize`` kernel.)
 
 Indexing is 64-bit: rows and classes are int64 (flat offsets ``i * V + j``
 in int64).
+
+Arguments. What is fixed per compiled kernel (accumulation dtype, storage
+kind, transform mode, threads per block, elements per word) is a parameter of
+the factory :func:`ce_kernels`; the per-call scalars travel as named tuples
+(:class:`LogitScalars`, :class:`CEScalars`, ``_math.GradScalars``), and each
+kernel's argument list is a named tuple too (:class:`ForwardArgs`,
+:class:`FusedArgs`, :class:`LseArgs`, :class:`ValidateArgs`, whose fields are
+the kernel's parameters in order), built by name on the host.
 """
 
 import functools
+from typing import NamedTuple
 
-import numba
 import numpy as np
 
 from . import _math as M
-from ._math import cuda
+from ._math import GradScalars, cuda
+from ..codes import G_DEVICE_SCALAR, G_ROWS, MEAN, NONE, SCALED, SOFTCAP, SUM
+from .reductions import block_reduce
+from .rows import element_functions, kernel_spec, row_stats_function
 
-#: Logit transform modes (as in the CPU kernels), fixed per compiled kernel.
-PLAIN, SCALED, SOFTCAP = 0, 1, 2
-
-#: Reductions as the kernels see them.
-NONE, SUM, MEAN = 0, 1, 2
-
-#: Where the upstream gradient of a row comes from: a scalar argument, a
-#: one-element device array, or one value per row.
-G_SCALAR, G_DEVICE_SCALAR, G_ROWS = 0, 1, 2
+__all__ = ["CEScalars", "ForwardArgs", "FusedArgs", "GradScalars", "LogitScalars", "LseArgs",
+           "ValidateArgs", "ce_kernels", "validate_kernel"]
 
 _NINF = -np.inf
 
 
-@M.device
-def _merge(m1, s1, q1, m2, s2, q2):
-    """Two online-softmax states (max, sum of exp(z - max), smoothing sum) as one."""
-    mx = m1 if m1 >= m2 else m2
-    if mx != _NINF:
-        s1 = s1 * M.exp(m1 - mx) + s2 * M.exp(m2 - mx)
-    else:
-        s1 = s1 + s2
-    return mx, s1, q1 + q2
+# --- the kernels' arguments ------------------------------------------------------------
+
+class LogitScalars(NamedTuple):
+    """The logit transform's scalars in the accumulation type: ``z = scale x``
+    (mode SCALED), or ``z = cap tanh(inv x)`` with ``inv = scale / cap``
+    (mode SOFTCAP; ``inv`` rounded once from the float64 quotient)."""
+
+    scale: float
+    inv: float
+    cap: float
 
 
-@M.block_device
-def _block_softmax(sh_m, sh_s, sh_q, tid, m, s, q):
-    """Merge the per-thread online-softmax states (m, s) and sums q of a block
-    (tree in shared memory; any block size). Every thread gets the result."""
-    nt = sh_m.shape[0]
-    sh_m[tid] = m
-    sh_s[tid] = s
-    sh_q[tid] = q
-    cuda.syncthreads()
-    stride = 1
-    while stride * 2 < nt:
-        stride *= 2
-    while stride > 0:
-        if tid < stride and tid + stride < nt:
-            mx, s1, q1 = _merge(sh_m[tid], sh_s[tid], sh_q[tid],
-                                sh_m[tid + stride], sh_s[tid + stride], sh_q[tid + stride])
-            sh_m[tid] = mx
-            sh_s[tid] = s1
-            sh_q[tid] = q1
-        cuda.syncthreads()
-        stride //= 2
-    m = sh_m[0]
-    s = sh_s[0]
-    q = sh_q[0]
-    cuda.syncthreads()  # before the arrays are reused for the next row
-    return m, s, q
+class CEScalars(NamedTuple):
+    """The per-call constants of the cross-entropy kernels: ``nclass`` (int64),
+    ``ign``/``has_ign`` (targets equal to ``ign`` are ignored, int64),
+    ``has_w`` (class weights given), ``eps`` (label smoothing) and ``zl``
+    (z-loss), float64, and ``red`` (``codes.NONE``, ``SUM`` or ``MEAN``)."""
+
+    nclass: int
+    ign: int
+    has_ign: bool
+    has_w: bool
+    eps: float
+    zl: float
+    red: int
 
 
-# Warp shuffles. The simulator has none: there they are emulated through the
-# block's shared arrays (every thread of the block calls them together, as the
-# warp-level code below does), so the simulator runs the same reduction.
-if M.SIMULATOR or cuda is None:
-    @M.block_device
-    def _shfl_down(v, d, sh, tid):
-        """v of lane + d of this warp (lanes past 31: v itself)."""
-        cuda.syncthreads()
-        sh[tid] = v
-        cuda.syncthreads()
-        r = sh[tid + d] if (tid & 31) + d < 32 else v
-        cuda.syncthreads()
-        return r
+class ValidateArgs(NamedTuple):
+    """``validate``'s parameters, in order (``norm``: the mean's normalizer, 0 for none)."""
 
-    @M.block_device
-    def _shfl_first(v, sh, tid):
-        """v of lane 0 of this warp."""
-        cuda.syncthreads()
-        sh[tid] = v
-        cuda.syncthreads()
-        r = sh[tid - (tid & 31)]
-        cuda.syncthreads()
-        return r
-else:
-    @M.block_device
-    def _shfl_down(v, d, sh, tid):
-        """v of lane + d of this warp (lanes past 31: v itself)."""
-        return cuda.shfl_down_sync(0xFFFFFFFF, v, d)
-
-    @M.block_device
-    def _shfl_first(v, sh, tid):
-        """v of lane 0 of this warp."""
-        return cuda.shfl_sync(0xFFFFFFFF, v, 0)
+    tgt: object
+    w: object
+    sc: CEScalars
+    norm: float
+    stats: object
 
 
-@M.block_device
-def _warp_softmax(sh_m, sh_s, sh_q, tid, m, s, q):
-    """Lane 0 of each warp gets the merge of its warp's states (shuffles; the
-    other lanes hold partial merges)."""
-    d = 16
-    while d > 0:
-        m2 = _shfl_down(m, d, sh_m, tid)
-        s2 = _shfl_down(s, d, sh_s, tid)
-        q2 = _shfl_down(q, d, sh_q, tid)
-        m, s, q = _merge(m, s, q, m2, s2, q2)
-        d //= 2
-    return m, s, q
+class ForwardArgs(NamedTuple):
+    """``forward``'s parameters, in order: the logits as words and elements, the
+    targets, class weights (a placeholder without), ``validate``'s ``stats``,
+    the scalars, then the outputs (see :func:`ce_kernels`)."""
+
+    xw: object
+    xe: object
+    tgt: object
+    w: object
+    stats: object
+    tr: LogitScalars
+    sc: CEScalars
+    loss: object
+    out: object
+    counter: object
+    partial: object
 
 
-def block_softmax_for(acc, tpb):
-    """The block merge of online-softmax states for blocks of ``tpb`` threads
-    accumulating in ``acc``: :func:`_block_softmax` (tree), or for whole warps
-    (``tpb`` a multiple of 32) a version with 2 barriers instead of one per
-    tree level: each warp merges its states by shuffles, lane 0 posts them in
-    shared memory, then every warp merges the posted states itself (no
-    broadcast barrier) and hands lane 0's result to its lanes."""
-    if tpb % 32:
-        return _block_softmax
-    ACC = acc
-    NW = tpb // 32
+class FusedArgs(NamedTuple):
+    """``fused``'s (and ``fused_resident``'s) parameters, in order: those of
+    :class:`ForwardArgs` plus the upstream gradient (``up``, ``gvec``), the
+    gradient destination as words and elements (``ow``, ``oe``) and ``nslots``
+    (uint64: words of a row kept in shared memory; the streaming kernel
+    ignores it)."""
 
-    @M.block_device
-    def block_softmax(sh_m, sh_s, sh_q, tid, m, s, q):
-        lane = tid & 31
-        m, s, q = _warp_softmax(sh_m, sh_s, sh_q, tid, m, s, q)
-        cuda.syncthreads()  # the arrays may still be read (previous row, emulated shuffles)
-        if lane == 0:
-            w = tid >> 5
-            sh_m[w] = m
-            sh_s[w] = s
-            sh_q[w] = q
-        cuda.syncthreads()
-        m = ACC(_NINF)
-        s = ACC(0)
-        q = ACC(0)
-        if lane < NW:
-            m = sh_m[lane]
-            s = sh_s[lane]
-            q = sh_q[lane]
-        m, s, q = _warp_softmax(sh_m, sh_s, sh_q, tid, m, s, q)
-        m = _shfl_first(m, sh_m, tid)
-        s = _shfl_first(s, sh_s, tid)
-        q = _shfl_first(q, sh_q, tid)
-        return m, s, q
-    return block_softmax
+    xw: object
+    xe: object
+    tgt: object
+    w: object
+    stats: object
+    tr: LogitScalars
+    sc: CEScalars
+    up: GradScalars
+    gvec: object
+    ow: object
+    oe: object
+    loss: object
+    out: object
+    counter: object
+    partial: object
+    nslots: int
 
 
-def block_sum64_for(tpb):
-    """Sum of one float64 per thread over a block of ``tpb`` threads (every
-    thread gets it): warp shuffles and one exchange through ``sh`` (one entry
-    per warp) for whole warps, else the tree of :func:`_block_reduce` (``sh``
-    one entry per thread)."""
-    if tpb % 32:
-        @M.block_device
-        def block_sum64_tree(sh, tid, v):
-            return _block_reduce(sh, tid, v, False)
-        return block_sum64_tree
-    NW = tpb // 32
+class LseArgs(NamedTuple):
+    """``lse``'s parameters, in order (``w``: a placeholder; ``out``: one value per row)."""
 
-    @M.block_device
-    def block_sum64(sh, tid, v):
-        lane = tid & 31
-        d = 16
-        while d > 0:
-            v += _shfl_down(v, d, sh, tid)
-            d //= 2
-        cuda.syncthreads()  # sh may still be read (previous use, emulated shuffles)
-        if lane == 0:
-            sh[tid >> 5] = v
-        cuda.syncthreads()
-        v = sh[lane] if lane < NW else 0.0
-        d = 16
-        while d > 0:
-            v += _shfl_down(v, d, sh, tid)
-            d //= 2
-        return _shfl_first(v, sh, tid)
-    return block_sum64
+    xw: object
+    xe: object
+    nclass: int
+    w: object
+    tr: LogitScalars
+    out: object
 
 
-@M.block_device
-def _block_reduce(sh, tid, v, is_min):
-    """Sum (or minimum) of one value per thread over the block; every thread gets it."""
-    nt = sh.shape[0]
-    sh[tid] = v
-    cuda.syncthreads()
-    stride = 1
-    while stride * 2 < nt:
-        stride *= 2
-    while stride > 0:
-        if tid < stride and tid + stride < nt:
-            a = sh[tid]
-            b = sh[tid + stride]
-            if is_min:
-                sh[tid] = a if a <= b else b
-            else:
-                sh[tid] = a + b
-        cuda.syncthreads()
-        stride //= 2
-    r = sh[0]
-    cuda.syncthreads()
-    return r
+# --- per-row loss and the mean/sum ---------------------------------------------------------
+
+class _Loss(NamedTuple):
+    row_loss: object
+    nan_loss: object
+    finish_reduction: object
 
 
-def make_row_span(per):
-    """``row_span(i, nclass)`` for words of ``per`` elements (a plain function;
-    the kernels compile it as a device function)."""
-    P = per
-    PM1 = per - 1
-
-    def row_span(i, nclass):
-        """Where row ``i`` lies in the flat views: ``(base, w0, w1, hend, tstart,
-        end)``. Its elements are ``[base, end)`` (``base = i V``, int64); the
-        words ``[w0, w1)`` hold only elements of this row; the head ``[base,
-        hend)`` and tail ``[tstart, end)`` (fewer than ``per`` elements each,
-        in words shared with the neighbouring rows) are read and written
-        element by element. With ``per = 1`` there is no head or tail. A row
-        inside one word (V < per) is all head."""
-        base = np.int64(i) * nclass
-        end = base + nclass
-        w0 = (base + PM1) // P
-        w1 = end // P
-        if w1 < w0:  # inside one word
-            w1 = w0
-            hend = end
-            tstart = end
-        else:
-            hend = w0 * P
-            tstart = w1 * P
-        return base, w0, w1, hend, tstart, end
-    return row_span
-
-
-@functools.lru_cache(maxsize=None)
-def ce_kernels(acc, kind, mode, tpb, per=1):
-    """Compile-time specialised kernels for one accumulation dtype (``"float32"``
-    or ``"float64"``), storage kind (``_math.NATIVE/F16/BF16``), transform mode,
-    threads per block and elements per word (``per``: 1, or 2 float32 / 4 half
-    precision values per uint64 word). Returns ``(forward, fused, lse,
-    fused_resident)``.
-
-    Every kernel takes the logits twice, as flat 1-D views of the same
-    C-contiguous buffer: ``xw``, its words (uint64 when ``per > 1``; else the
-    elements) and ``xe``, its elements (uint16 bits for half precision), plus
-    the class count; the fused kernels take the gradient destination the same
-    way (``ow``, ``oe``). See :func:`row_span` for how a row splits into words."""
-    ACC = np.float64 if acc == "float64" else np.float32
-    TPB = tpb
-    MODE = mode
-    P = per
-    load = M.loader(kind)
-    unpack = M.unpacker(kind, per)
-    pack = M.packer(kind, per)
-    store = M.storer(kind)
-    # Storage type of one word (the resident kernel's shared memory).
-    # (a numba type: the simulator's dynamic shared arrays need one).
-    WORD = numba.from_dtype(np.dtype(np.uint64 if per > 1 else np.uint16 if kind != M.NATIVE else ACC))
-    # A block of more than 256 threads must fit the register file (64K registers
-    # per SM): cap registers per thread (allocated in multiples of 8), or the launch
-    # fails with CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES (seen at 1024 threads).
-    regs = None if TPB <= 256 or M.SIMULATOR else max(16, min(255, 65536 // TPB) // 8 * 8)
-    kernel = cuda.jit if regs is None else cuda.jit(max_registers=regs)
-    # Word strides of the batched loops (unsigned, like the word index).
-    T1, T2, T3, T4 = (np.uint64(TPB * u) for u in (1, 2, 3, 4))
-    # Hardware exp for float32 accumulation (see _math.fast_exp32); float64 keeps exp.
-    fexp = M.fast_exp32 if ACC is np.float32 else M.exp
-    block_softmax = block_softmax_for(ACC, TPB)
-    # Entries of the reduction's shared arrays: one per warp for the shuffle
-    # merge on a GPU (more room for the resident kernel's row), one per thread
-    # for the tree and for the simulator's emulated shuffles.
-    RED = 32 if TPB % 32 == 0 and not M.SIMULATOR else TPB
-    block_sum64 = block_sum64_for(TPB)
-    vmax = M.fmax32 if ACC is np.float32 else M.fmax64  # NaN never wins
-
-    if per == 1:
-        @M.device
-        def zero_word():
-            return store(ACC(0))
-    else:
-        @M.device
-        def zero_word():
-            return np.uint64(0)
-
-    row_span = M.device(make_row_span(per))
-
-    @M.device
-    def zval(v, scale, inv, cap):
-        """The logit transform z(x) in the accumulation type; -inf stays -inf."""
-        if MODE == PLAIN:
-            return v
-        if MODE == SCALED:
-            return scale * v
-        if v == _NINF:
-            return v
-        return cap * M.tanh(inv * v)
-
-    @M.device
-    def word_max(word, bm):
-        """max(bm, the raw values of a word). NaN never wins (a NaN bm stays only
-        if it came in, which the callers never pass)."""
-        for p in range(P):
-            bm = vmax(unpack(word, p), bm)
-        return bm
-
-    @M.device
-    def word_sum(word, j0, sh, s, q, w, has_w, want_q, scale, inv, cap):
-        """s + sum_p exp(z_p - sh) over a word whose first element is class
-        ``j0`` (one exp per element, no branch on the data: a masked -inf gives
-        exp(-inf) = 0, NaN poisons s), and q + the smoothing terms when ``want_q``."""
-        for p in range(P):
-            z = zval(unpack(word, p), scale, inv, cap)
-            s += fexp(z - sh)
-            if want_q:
-                if has_w:
-                    q += w[j0 + p] * z
-                else:
-                    q += z
-        return s, q
-
-    @M.device
-    def elem_stats(v, j, m, s, q, w, has_w, want_q, scale, inv, cap):
-        """The online softmax (m, s, q) updated with one element (class j)."""
-        z = zval(v, scale, inv, cap)
-        if z > m:
-            s = s * fexp(m - z)
-            m = z
-        sh = m if m != _NINF else ACC(0)
-        s += fexp(z - sh)
-        if want_q:
-            if has_w:
-                q += w[j] * z
-            else:
-                q += z
-        return m, s, q
-
-    def make_row_stats(keep):
-        """``row_stats``; with ``keep`` it also stores each word it reads in the
-        shared array ``sm`` (slot ``k - w0``: the thread's own slots, the same
-        for every row) when the slot is below ``nslots``, for the resident
-        kernel's second pass."""
-        @M.device
-        def row_stats(xw, xe, i, nclass, tid, w, has_w, want_q, scale, inv, cap, sm, nslots):
-            """This thread's online softmax (m, s) over its share of row i, and
-            q = sum w_j z_j over it when ``want_q`` (label smoothing).
-
-            Words are read in batches of 4 (k, k + T, k + 2T, k + 3T): four
-            independent loads in flight before any arithmetic, then the batch's max
-            (compares on the raw values; z is non-decreasing in them), one rescale of
-            s per batch (skipped when the max did not grow) and one exp per element.
-            +inf makes the row NaN (exp(inf - inf)), as in the CPU kernels."""
-            base, w0, w1, hend, tstart, end = row_span(i, nclass)
-            m = ACC(_NINF)
-            s = ACC(0)
-            q = ACC(0)
-            # Unsigned word indices: numba adds no negative-index wraparound (a
-            # compare and select per load) for them.
-            ub = np.uint64(w0)
-            wend = np.uint64(w1)
-            k = ub + np.uint64(tid)
-            while k + T3 < wend:
-                a0 = xw[k]
-                a1 = xw[k + T1]
-                a2 = xw[k + T2]
-                a3 = xw[k + T3]
-                if keep:
-                    r = k - ub
-                    if r + T3 < nslots:
-                        sm[r] = a0
-                        sm[r + T1] = a1
-                        sm[r + T2] = a2
-                        sm[r + T3] = a3
-                    else:  # past the kept prefix of the row (partly resident)
-                        if r < nslots:
-                            sm[r] = a0
-                        if r + T1 < nslots:
-                            sm[r + T1] = a1
-                        if r + T2 < nslots:
-                            sm[r + T2] = a2
-                bm = word_max(a0, ACC(_NINF))
-                bm = word_max(a1, bm)
-                bm = word_max(a2, bm)
-                bm = word_max(a3, bm)
-                bz = zval(bm, scale, inv, cap)
-                if bz > m:
-                    s = s * fexp(m - bz)
-                    m = bz
-                sh = m if m != _NINF else ACC(0)
-                j0 = np.int64(k) * P - base
-                s, q = word_sum(a0, j0, sh, s, q, w, has_w, want_q, scale, inv, cap)
-                s, q = word_sum(a1, j0 + TPB * P, sh, s, q, w, has_w, want_q, scale, inv, cap)
-                s, q = word_sum(a2, j0 + 2 * TPB * P, sh, s, q, w, has_w, want_q, scale, inv, cap)
-                s, q = word_sum(a3, j0 + 3 * TPB * P, sh, s, q, w, has_w, want_q, scale, inv, cap)
-                k += T4
-            while k < wend:  # the last words: at most 3 per thread, one at a time
-                a0 = xw[k]
-                if keep and k - ub < nslots:
-                    sm[k - ub] = a0
-                bz = zval(word_max(a0, ACC(_NINF)), scale, inv, cap)
-                if bz > m:
-                    s = s * fexp(m - bz)
-                    m = bz
-                sh = m if m != _NINF else ACC(0)
-                s, q = word_sum(a0, np.int64(k) * P - base, sh, s, q, w, has_w, want_q,
-                                scale, inv, cap)
-                k += T1
-            f = base + tid  # head and tail elements (fewer than P each)
-            while f < hend:
-                m, s, q = elem_stats(load(xe[f]), f - base, m, s, q, w, has_w, want_q, scale, inv, cap)
-                f += TPB
-            f = tstart + tid
-            while f < end:
-                m, s, q = elem_stats(load(xe[f]), f - base, m, s, q, w, has_w, want_q, scale, inv, cap)
-                f += TPB
-            return m, s, q
-        return row_stats
-
-    row_stats = make_row_stats(False)
-    row_stats_keep = make_row_stats(True)
+def _loss_functions(spec, el):
+    """The loss of a row from its statistics, the NaN loss of a flagged call,
+    and the merge of the mean/sum by the last block."""
+    ACC, TPB, block_sum64 = spec.ACC, spec.TPB, spec.block_sum64
+    zval = el.zval
 
     @M.device
     def row_loss(xt, m, s, q, wt, W, eps, nclass, scale, inv, cap):
@@ -515,6 +227,74 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
         if eps > 0:  # only then: a -inf logit would turn 0 * inf into NaN
             ce += eps / nclass * (W * lse - np.float64(q))
         return ce, lse
+
+    @M.block_device
+    def nan_loss(loss, out, red, n, tid):
+        """The loss of a call whose inputs validate flagged: NaN (per row for
+        reduction none, else the one-element loss, written by block 0)."""
+        if tid == 0:
+            if red == NONE:
+                for i in range(cuda.blockIdx.x, n, cuda.gridDim.x):
+                    loss[i] = np.nan
+            elif cuda.blockIdx.x == 0:
+                out[0] = np.nan
+
+    @M.block_device
+    def finish_reduction(ce_sum, z_sum, partial, stats, red, zl, out, counter, sh_f, sh_flag,
+                         tid):
+        """Mean/sum, called by every thread of every block at its end: thread 0
+        writes the block's partial sums (its ``ce_sum``, ``z_sum``); the last
+        block to get here (ticket ``gridDim - 1`` of the atomic ``counter``)
+        merges all the partials into ``out[0]`` (sum: ce + zl z; mean:
+        ce / D_ce + zl z / D_z, 0 for a zero denominator) and resets the
+        counter for the next call."""
+        if tid == 0:
+            partial[cuda.blockIdx.x, 0] = ce_sum
+            partial[cuda.blockIdx.x, 1] = z_sum
+        cuda.threadfence()  # this block's partials before its ticket
+        if tid == 0:
+            ticket = cuda.atomic.add(counter, 0, 1)
+            sh_flag[0] = 1 if ticket == cuda.gridDim.x - 1 else 0
+        cuda.syncthreads()
+        if sh_flag[0] == 0:
+            return
+        ce = 0.0
+        z = 0.0
+        for b in range(tid, cuda.gridDim.x, TPB):
+            ce += partial[b, 0]
+            z += partial[b, 1]
+        ce = block_sum64(sh_f, tid, ce)
+        z = block_sum64(sh_f, tid, z)
+        if tid == 0:
+            if red == SUM:
+                r = ce + zl * z if zl > 0 else ce
+            else:
+                d_ce = stats[4]
+                d_z = stats[5]
+                r = ce / d_ce if d_ce != 0 else 0.0
+                if zl > 0 and d_z != 0:
+                    r += zl * z / d_z
+            out[0] = r
+            counter[0] = 0
+
+    return _Loss(row_loss, nan_loss, finish_reduction)
+
+
+# --- the gradient ---------------------------------------------------------------------------
+
+class _Grad(NamedTuple):
+    grad_word: object
+    grad_edges: object
+    zero_row: object
+    coefficients: object
+
+
+def _gradient_functions(spec, el):
+    """The gradient of a word, of a row's edge elements, of an ignored row, and
+    a row's coefficients (a, b, c)."""
+    ACC, TPB, MODE, P = spec.ACC, spec.TPB, spec.MODE, spec.P
+    load, store, unpack, pack, fexp, T1 = spec.load, spec.store, spec.unpack, spec.pack, spec.fexp, spec.T1
+    zero_word = el.zero_word
 
     @M.device
     def grad_val(v, j, t, a, b, c, shift, w, has_w, scale, inv, cap):
@@ -603,62 +383,32 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
         b = ACC(gce * (1.0 - eps) * wt)
         return a, b, c
 
-    @M.block_device
-    def nan_loss(loss, out, red, n, tid):
-        """The loss of a call whose inputs validate flagged: NaN (per row for
-        reduction none, else the one-element loss, written by block 0)."""
-        if tid == 0:
-            if red == NONE:
-                for i in range(cuda.blockIdx.x, n, cuda.gridDim.x):
-                    loss[i] = np.nan
-            elif cuda.blockIdx.x == 0:
-                out[0] = np.nan
+    return _Grad(grad_word, grad_edges, zero_row, coefficients)
 
-    @M.block_device
-    def finish_reduction(ce_sum, z_sum, partial, stats, red, zl, out, counter, sh_f, sh_flag,
-                         tid):
-        """Mean/sum, called by every thread of every block at its end: thread 0
-        writes the block's partial sums (its ``ce_sum``, ``z_sum``); the last
-        block to get here (ticket ``gridDim - 1`` of the atomic ``counter``)
-        merges all the partials into ``out[0]`` (sum: ce + zl z; mean:
-        ce / D_ce + zl z / D_z, 0 for a zero denominator) and resets the
-        counter for the next call."""
-        if tid == 0:
-            partial[cuda.blockIdx.x, 0] = ce_sum
-            partial[cuda.blockIdx.x, 1] = z_sum
-        cuda.threadfence()  # this block's partials before its ticket
-        if tid == 0:
-            ticket = cuda.atomic.add(counter, 0, 1)
-            sh_flag[0] = 1 if ticket == cuda.gridDim.x - 1 else 0
-        cuda.syncthreads()
-        if sh_flag[0] == 0:
-            return
-        ce = 0.0
-        z = 0.0
-        for b in range(tid, cuda.gridDim.x, TPB):
-            ce += partial[b, 0]
-            z += partial[b, 1]
-        ce = block_sum64(sh_f, tid, ce)
-        z = block_sum64(sh_f, tid, z)
-        if tid == 0:
-            if red == SUM:
-                r = ce + zl * z if zl > 0 else ce
-            else:
-                d_ce = stats[4]
-                d_z = stats[5]
-                r = ce / d_ce if d_ce != 0 else 0.0
-                if zl > 0 and d_z != 0:
-                    r += zl * z / d_z
-            out[0] = r
-            counter[0] = 0
 
-    @kernel
-    def forward(xw, xe, nclass, tgt, ign, has_ign, w, has_w, scale, inv, cap, eps, zl, stats,
-                red, loss, out, counter, partial):
+# --- the kernels ----------------------------------------------------------------------------
+
+def _forward_kernel(spec, row_stats, lf):
+    ACC, RED, load = spec.ACC, spec.RED, spec.load
+    block_softmax = spec.block_softmax
+    row_loss, nan_loss, finish_reduction = lf.row_loss, lf.nan_loss, lf.finish_reduction
+
+    @spec.kernel
+    def forward(xw, xe, tgt, w, stats, tr, sc, loss, out, counter, partial):
         """Per-row loss ce_i + zl lse_i**2 into ``loss`` (reduction none, 0 for
         ignored rows), or (mean/sum) per-block float64 partial sums of ce_i and
         lse_i**2 into ``partial[block]``, merged into ``out[0]`` by the last
         block (see finish_reduction)."""
+        scale = tr.scale
+        inv = tr.inv
+        cap = tr.cap
+        nclass = sc.nclass
+        ign = sc.ign
+        has_ign = sc.has_ign
+        has_w = sc.has_w
+        eps = sc.eps
+        zl = sc.zl
+        red = sc.red
         sh_m = cuda.shared.array(RED, ACC)
         sh_s = cuda.shared.array(RED, ACC)
         sh_q = cuda.shared.array(RED, ACC)
@@ -694,122 +444,144 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
                     z_sum += lse * lse
         if red != NONE:
             finish_reduction(ce_sum, z_sum, partial, stats, red, zl, out, counter, sh_f, sh_flag, tid)
+    return forward
 
-    def make_fused(resident):
-        """The fused kernel; ``resident``: the first ``nslots`` words of each
-        row (all of it when it fits) are kept in dynamic shared memory by the
-        statistics pass, and the gradient pass reads them from there, the
-        rest from global memory again; the streaming kernel ignores
-        ``nslots``."""
-        stats_fn = row_stats_keep if resident else row_stats
 
-        @kernel
-        def fused(xw, xe, nclass, tgt, ign, has_ign, w, has_w, scale, inv, cap, eps, zl, stats,
-                  red, gmode, go, gvec, ow, oe, loss, out, counter, partial, nslots):
-            """:func:`forward`, plus ``d(sum_i gce_i ce_i + gz_i zl lse_i**2)/dx_ij``
-            into ``ow``/``oe`` in the storage type (they may be ``xw``/``xe``: in
-            place). For mean the coefficients divide by the denominators in
-            ``stats`` (0 when they are 0)."""
-            sh_m = cuda.shared.array(RED, ACC)
-            sh_s = cuda.shared.array(RED, ACC)
-            sh_q = cuda.shared.array(RED, ACC)
-            sh_f = cuda.shared.array(RED, np.float64)
-            sh_flag = cuda.shared.array(1, np.int32)
-            if resident:
-                sm = cuda.shared.array(0, WORD)
-            else:
-                sm = xw
-            tid = cuda.threadIdx.x
-            if stats[8] != 0:  # validate found bad input: NaN loss, the host raises
-                nan_loss(loss, out, red, tgt.shape[0], tid)
-                return
-            n = tgt.shape[0]
-            W = stats[6]
-            ce_sum = 0.0
-            z_sum = 0.0
-            for i in range(cuda.blockIdx.x, n, cuda.gridDim.x):
-                t = np.int64(tgt[i])
-                base, w0, w1, hend, tstart, end = row_span(i, nclass)
-                if has_ign and t == ign:
-                    zero_row(ow, oe, base, w0, w1, hend, tstart, end, tid)
-                    if tid == 0 and red == NONE:
-                        loss[i] = 0
-                    continue
-                # Read x[i, t] before the barriers in block_softmax: in place, the
-                # gradient pass below overwrites it.
-                xt = load(xe[base + t])
-                m, s, q = stats_fn(xw, xe, i, nclass, tid, w, has_w, eps > 0, scale, inv, cap, sm,
-                                   nslots)
-                m, s, q = block_softmax(sh_m, sh_s, sh_q, tid, m, s, q)
-                wt = np.float64(w[t]) if has_w else 1.0
-                ce, lse = row_loss(xt, m, s, q, wt, W, eps, nclass, scale, inv, cap)
-                if tid == 0:
-                    if red == NONE:
-                        loss[i] = ce + zl * lse * lse if zl > 0 else ce
-                    else:
-                        ce_sum += ce
-                        z_sum += lse * lse
-                a, b, c = coefficients(i, lse, s, wt, W, eps, nclass, zl, stats, red, gmode, go, gvec)
-                shift = m if m != _NINF else ACC(0)
-                # The gradient pass walks the thread's words backwards: the words
-                # the statistics pass read last come first, while they may still
-                # be in L2 (the streaming kernel, the unkept tail of a partly
-                # resident row). Batches of 4 as in row_stats (slots r, r - T,
-                # r - 2T, r - 3T; from shared memory where kept), then 4 words of
-                # gradient, then 4 stores (each thread rewrites only the words
-                # it read, so in place is safe).
-                ub = np.uint64(w0)
-                nw = np.uint64(w1) - ub
-                tu = np.uint64(tid)
-                cnt = (nw - tu - np.uint64(1)) // T1 + np.uint64(1) if tu < nw else np.uint64(0)
-                while cnt >= np.uint64(4):
-                    r = tu + (cnt - np.uint64(1)) * T1  # the batch's last slot
-                    k = ub + r
-                    if resident and r < nslots:
-                        a0 = sm[r]
-                        a1 = sm[r - T1]
-                        a2 = sm[r - T2]
-                        a3 = sm[r - T3]
-                    elif resident:  # the end of the kept prefix
-                        a0 = xw[k]
-                        a1 = sm[r - T1] if r - T1 < nslots else xw[k - T1]
-                        a2 = sm[r - T2] if r - T2 < nslots else xw[k - T2]
-                        a3 = sm[r - T3] if r - T3 < nslots else xw[k - T3]
-                    else:
-                        a0 = xw[k]
-                        a1 = xw[k - T1]
-                        a2 = xw[k - T2]
-                        a3 = xw[k - T3]
-                    j0 = np.int64(k) * P - base
-                    o0 = grad_word(a0, j0, t, a, b, c, shift, w, has_w, scale, inv, cap)
-                    o1 = grad_word(a1, j0 - TPB * P, t, a, b, c, shift, w, has_w, scale, inv, cap)
-                    o2 = grad_word(a2, j0 - 2 * TPB * P, t, a, b, c, shift, w, has_w, scale, inv, cap)
-                    o3 = grad_word(a3, j0 - 3 * TPB * P, t, a, b, c, shift, w, has_w, scale, inv, cap)
-                    ow[k] = o0
-                    ow[k - T1] = o1
-                    ow[k - T2] = o2
-                    ow[k - T3] = o3
-                    cnt -= np.uint64(4)
-                while cnt > np.uint64(0):
-                    r = tu + (cnt - np.uint64(1)) * T1
-                    k = ub + r
-                    a0 = sm[r] if resident and r < nslots else xw[k]
-                    ow[k] = grad_word(a0, np.int64(k) * P - base, t, a, b, c, shift, w, has_w,
-                                      scale, inv, cap)
-                    cnt -= np.uint64(1)
-                grad_edges(xe, oe, base, hend, tstart, end, tid, t, a, b, c, shift, w, has_w,
-                           scale, inv, cap)
-            if red != NONE:
-                finish_reduction(ce_sum, z_sum, partial, stats, red, zl, out, counter, sh_f,
-                                 sh_flag, tid)
-        return fused
+def _fused_kernel(spec, el, stats_fn, lf, gf, resident):
+    """The fused kernel; ``resident``: the first ``nslots`` words of each
+    row (all of it when it fits) are kept in dynamic shared memory by the
+    statistics pass (``stats_fn`` keeps them), and the gradient pass reads
+    them from there, the rest from global memory again; the streaming kernel
+    ignores ``nslots``."""
+    ACC, TPB, P, RED, WORD, load = spec.ACC, spec.TPB, spec.P, spec.RED, spec.WORD, spec.load
+    T1, T2, T3 = spec.T1, spec.T2, spec.T3
+    block_softmax = spec.block_softmax
+    row_span = el.row_span
+    row_loss, nan_loss, finish_reduction = lf.row_loss, lf.nan_loss, lf.finish_reduction
+    grad_word, grad_edges, zero_row, coefficients = gf.grad_word, gf.grad_edges, gf.zero_row, gf.coefficients
 
-    fused = make_fused(False)
-    fused_resident = make_fused(True)
+    @spec.kernel
+    def fused(xw, xe, tgt, w, stats, tr, sc, up, gvec, ow, oe, loss, out, counter, partial, nslots):
+        """:func:`forward`, plus ``d(sum_i gce_i ce_i + gz_i zl lse_i**2)/dx_ij``
+        into ``ow``/``oe`` in the storage type (they may be ``xw``/``xe``: in
+        place). For mean the coefficients divide by the denominators in
+        ``stats`` (0 when they are 0)."""
+        scale = tr.scale
+        inv = tr.inv
+        cap = tr.cap
+        nclass = sc.nclass
+        ign = sc.ign
+        has_ign = sc.has_ign
+        has_w = sc.has_w
+        eps = sc.eps
+        zl = sc.zl
+        red = sc.red
+        gmode = up.gmode
+        go = up.go
+        sh_m = cuda.shared.array(RED, ACC)
+        sh_s = cuda.shared.array(RED, ACC)
+        sh_q = cuda.shared.array(RED, ACC)
+        sh_f = cuda.shared.array(RED, np.float64)
+        sh_flag = cuda.shared.array(1, np.int32)
+        if resident:
+            sm = cuda.shared.array(0, WORD)
+        else:
+            sm = xw
+        tid = cuda.threadIdx.x
+        if stats[8] != 0:  # validate found bad input: NaN loss, the host raises
+            nan_loss(loss, out, red, tgt.shape[0], tid)
+            return
+        n = tgt.shape[0]
+        W = stats[6]
+        ce_sum = 0.0
+        z_sum = 0.0
+        for i in range(cuda.blockIdx.x, n, cuda.gridDim.x):
+            t = np.int64(tgt[i])
+            base, w0, w1, hend, tstart, end = row_span(i, nclass)
+            if has_ign and t == ign:
+                zero_row(ow, oe, base, w0, w1, hend, tstart, end, tid)
+                if tid == 0 and red == NONE:
+                    loss[i] = 0
+                continue
+            # Read x[i, t] before the barriers in block_softmax: in place, the
+            # gradient pass below overwrites it.
+            xt = load(xe[base + t])
+            m, s, q = stats_fn(xw, xe, i, nclass, tid, w, has_w, eps > 0, scale, inv, cap, sm,
+                               nslots)
+            m, s, q = block_softmax(sh_m, sh_s, sh_q, tid, m, s, q)
+            wt = np.float64(w[t]) if has_w else 1.0
+            ce, lse = row_loss(xt, m, s, q, wt, W, eps, nclass, scale, inv, cap)
+            if tid == 0:
+                if red == NONE:
+                    loss[i] = ce + zl * lse * lse if zl > 0 else ce
+                else:
+                    ce_sum += ce
+                    z_sum += lse * lse
+            a, b, c = coefficients(i, lse, s, wt, W, eps, nclass, zl, stats, red, gmode, go, gvec)
+            shift = m if m != _NINF else ACC(0)
+            # The gradient pass walks the thread's words backwards: the words
+            # the statistics pass read last come first, while they may still
+            # be in L2 (the streaming kernel, the unkept tail of a partly
+            # resident row). Batches of 4 as in row_stats (slots r, r - T,
+            # r - 2T, r - 3T; from shared memory where kept), then 4 words of
+            # gradient, then 4 stores (each thread rewrites only the words
+            # it read, so in place is safe).
+            ub = np.uint64(w0)
+            nw = np.uint64(w1) - ub
+            tu = np.uint64(tid)
+            cnt = (nw - tu - np.uint64(1)) // T1 + np.uint64(1) if tu < nw else np.uint64(0)
+            while cnt >= np.uint64(4):
+                r = tu + (cnt - np.uint64(1)) * T1  # the batch's last slot
+                k = ub + r
+                if resident and r < nslots:
+                    a0 = sm[r]
+                    a1 = sm[r - T1]
+                    a2 = sm[r - T2]
+                    a3 = sm[r - T3]
+                elif resident:  # the end of the kept prefix
+                    a0 = xw[k]
+                    a1 = sm[r - T1] if r - T1 < nslots else xw[k - T1]
+                    a2 = sm[r - T2] if r - T2 < nslots else xw[k - T2]
+                    a3 = sm[r - T3] if r - T3 < nslots else xw[k - T3]
+                else:
+                    a0 = xw[k]
+                    a1 = xw[k - T1]
+                    a2 = xw[k - T2]
+                    a3 = xw[k - T3]
+                j0 = np.int64(k) * P - base
+                o0 = grad_word(a0, j0, t, a, b, c, shift, w, has_w, scale, inv, cap)
+                o1 = grad_word(a1, j0 - TPB * P, t, a, b, c, shift, w, has_w, scale, inv, cap)
+                o2 = grad_word(a2, j0 - 2 * TPB * P, t, a, b, c, shift, w, has_w, scale, inv, cap)
+                o3 = grad_word(a3, j0 - 3 * TPB * P, t, a, b, c, shift, w, has_w, scale, inv, cap)
+                ow[k] = o0
+                ow[k - T1] = o1
+                ow[k - T2] = o2
+                ow[k - T3] = o3
+                cnt -= np.uint64(4)
+            while cnt > np.uint64(0):
+                r = tu + (cnt - np.uint64(1)) * T1
+                k = ub + r
+                a0 = sm[r] if resident and r < nslots else xw[k]
+                ow[k] = grad_word(a0, np.int64(k) * P - base, t, a, b, c, shift, w, has_w,
+                                  scale, inv, cap)
+                cnt -= np.uint64(1)
+            grad_edges(xe, oe, base, hend, tstart, end, tid, t, a, b, c, shift, w, has_w,
+                       scale, inv, cap)
+        if red != NONE:
+            finish_reduction(ce_sum, z_sum, partial, stats, red, zl, out, counter, sh_f,
+                             sh_flag, tid)
+    return fused
 
-    @kernel
-    def lse(xw, xe, nclass, w, scale, inv, cap, out):
+
+def _lse_kernel(spec, row_stats):
+    ACC, RED, block_softmax = spec.ACC, spec.RED, spec.block_softmax
+
+    @spec.kernel
+    def lse(xw, xe, nclass, w, tr, out):
         """out[i] = logsumexp_j z_ij (-inf for a row of -inf)."""
+        scale = tr.scale
+        inv = tr.inv
+        cap = tr.cap
         sh_m = cuda.shared.array(RED, ACC)
         sh_s = cuda.shared.array(RED, ACC)
         sh_q = cuda.shared.array(RED, ACC)
@@ -821,22 +593,54 @@ def ce_kernels(acc, kind, mode, tpb, per=1):
             if tid == 0:
                 shift = m if m != _NINF else ACC(0)
                 out[i] = shift + M.log0(s)
+    return lse
 
+
+@functools.cache
+def ce_kernels(acc, kind, mode, tpb, per=1):
+    """Compile-time specialised kernels for one accumulation dtype (``"float32"``
+    or ``"float64"``), storage kind (``codes.NATIVE/F16/BF16``), transform mode,
+    threads per block and elements per word (``per``: 1, or 2 float32 / 4 half
+    precision values per uint64 word). Returns ``(forward, fused, lse,
+    fused_resident)``, taking :class:`ForwardArgs`, :class:`FusedArgs`,
+    :class:`LseArgs` and :class:`FusedArgs`.
+
+    Every kernel takes the logits twice, as flat 1-D views of the same
+    C-contiguous buffer: ``xw``, its words (uint64 when ``per > 1``; else the
+    elements) and ``xe``, its elements (uint16 bits for half precision), plus
+    the class count; the fused kernels take the gradient destination the same
+    way (``ow``, ``oe``). See ``fastloss.cuda.rows.make_row_span`` for how a row
+    splits into words."""
+    spec = kernel_spec(acc, kind, mode, tpb, per)
+    el = element_functions(spec)
+    row_stats = row_stats_function(spec, el, keep=False)
+    row_stats_keep = row_stats_function(spec, el, keep=True)
+    lf = _loss_functions(spec, el)
+    gf = _gradient_functions(spec, el)
+    forward = _forward_kernel(spec, row_stats, lf)
+    fused = _fused_kernel(spec, el, row_stats, lf, gf, resident=False)
+    fused_resident = _fused_kernel(spec, el, row_stats_keep, lf, gf, resident=True)
+    lse = _lse_kernel(spec, row_stats)
     return forward, fused, lse, fused_resident
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def validate_kernel(tpb):
-    """The one-block ``validate`` kernel (it does not depend on the logits' dtype)."""
+    """The one-block ``validate`` kernel (it does not depend on the logits' dtype);
+    takes :class:`ValidateArgs`."""
     TPB = tpb
 
     @cuda.jit
-    def validate(tgt, ign, has_ign, nclass, w, has_w, norm, stats):
+    def validate(tgt, w, sc, norm, stats):
         """One block. Fills ``stats`` (see the module docstring): bad targets
         (neither ignored nor in [0, nclass)), the first one's flat position, the
         counted tokens, non-finite class weights, the mean's denominators
         (``norm`` when > 0), the class-weight sum W, the smallest weight and
         an error flag (any of these wrong)."""
+        ign = sc.ign
+        has_ign = sc.has_ign
+        nclass = sc.nclass
+        has_w = sc.has_w
         sh = cuda.shared.array(TPB, np.float64)
         tid = cuda.threadIdx.x
         n = tgt.shape[0]
@@ -866,13 +670,13 @@ def validate_kernel(tpb):
                     wmin = v if v < wmin else wmin
                 else:
                     wbad += 1.0
-        nbad = _block_reduce(sh, tid, nbad, False)
-        first = _block_reduce(sh, tid, first, True)
-        count = _block_reduce(sh, tid, count, False)
-        twsum = _block_reduce(sh, tid, twsum, False)
-        wsum = _block_reduce(sh, tid, wsum, False)
-        wbad = _block_reduce(sh, tid, wbad, False)
-        wmin = _block_reduce(sh, tid, wmin, True)
+        nbad = block_reduce(sh, tid, nbad, False)
+        first = block_reduce(sh, tid, first, True)
+        count = block_reduce(sh, tid, count, False)
+        twsum = block_reduce(sh, tid, twsum, False)
+        wsum = block_reduce(sh, tid, wsum, False)
+        wbad = block_reduce(sh, tid, wbad, False)
+        wmin = block_reduce(sh, tid, wmin, True)
         if tid == 0:
             stats[0] = nbad
             stats[1] = first
@@ -890,37 +694,3 @@ def validate_kernel(tpb):
             stats[10] = np.float64(v & 0xFFFFFFFF)
 
     return validate
-
-
-@functools.lru_cache(maxsize=None)
-def convert_kernel(kind, tpb):
-    """``convert(src, dst)``: dst[k] = value of src[k] (storage kind ``kind``),
-    cast to dst's dtype; for small side inputs (weights, grad_output)."""
-    load = M.loader(kind)
-
-    @cuda.jit
-    def convert(src, dst):
-        start = cuda.blockIdx.x * tpb + cuda.threadIdx.x
-        for k in range(start, src.shape[0], cuda.gridDim.x * tpb):
-            dst[k] = load(src[k])
-
-    return convert
-
-
-@functools.lru_cache(maxsize=None)
-def copy2d_kernel(tpb):
-    """``copy2d(src, dst)``: dst[i, j] = src[i, j] for 2-D arrays of one dtype and
-    any strides (stages strided logits in a contiguous buffer, and back)."""
-
-    @cuda.jit
-    def copy2d(src, dst):
-        v = np.int64(src.shape[1])
-        total = np.int64(src.shape[0]) * v
-        start = np.int64(cuda.blockIdx.x) * tpb + cuda.threadIdx.x
-        step = np.int64(cuda.gridDim.x) * tpb
-        for f in range(start, total, step):
-            i = f // v
-            j = f - i * v
-            dst[i, j] = src[i, j]
-
-    return copy2d
