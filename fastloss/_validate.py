@@ -75,9 +75,14 @@ def real_scalar(value, name):
         raise TypeError(f"{name}: expected a real number, found {type(value).__name__}")
     arr = np.asarray(value)
     if arr.ndim != 0 or arr.dtype.kind not in "iuf":
-        raise TypeError(f"{name}: expected a real number, found an array of shape {arr.shape} "
-                        f"and dtype {arr.dtype}")
+        raise not_a_number_error(name, arr.shape, arr.dtype)
     return float(arr)
+
+
+def not_a_number_error(name, shape, dtype):
+    """The error for an array given where one real number is expected."""
+    return TypeError(f"{name}: expected a real number, found an array of shape {tuple(shape)} "
+                     f"and dtype {dtype}")
 
 
 def check_range(value, name, *, low=None, high=None, low_open=False, allow_none=False):
@@ -141,10 +146,15 @@ def check_targets_meta(shape, dtype, logits_shape):
         raise ValueError(f"targets: expected shape {want} (logits.shape[:-1]), found {tuple(shape)}")
 
 
-def check_class_weight_meta(shape, dtype, nclass):
-    """Class weights of cross-entropy: a real dtype and shape (V,)."""
+def check_weight_dtype(dtype):
+    """A ``weight`` (class weights, MSE weights) of a real dtype."""
     if not is_real_dtype(dtype):
         raise TypeError(f"weight: expected a real (float or integer) array, found dtype {dtype}")
+
+
+def check_class_weight_meta(shape, dtype, nclass):
+    """Class weights of cross-entropy: a real dtype and shape (V,)."""
+    check_weight_dtype(dtype)
     if tuple(shape) != (nclass,):
         raise ValueError(f"weight: expected shape ({nclass},) (one weight per class), found {tuple(shape)}")
 
@@ -171,8 +181,7 @@ def check_grad_output_meta(shape, dtype, reduction, want_shape, what):
         raise ValueError(f"grad_output: expected a scalar for reduction={reduction!r}, "
                          f"found shape {tuple(shape)}")
     if not is_real_dtype(dtype):
-        raise TypeError(f"grad_output: expected a real number, found an array of shape "
-                        f"{tuple(shape)} and dtype {dtype}")
+        raise not_a_number_error("grad_output", shape, dtype)
 
 
 def scalar_grad_output(grad_output, reduction):
@@ -266,8 +275,7 @@ def finite_nonnegative(w, name, acc):
 
 def check_weight_broadcast(wdtype, wshape, shape):
     """MSE ``weight``: a real dtype whose shape broadcasts to pred's ``shape``."""
-    if not is_real_dtype(wdtype):
-        raise TypeError(f"weight: expected a real (float or integer) array, found dtype {wdtype}")
+    check_weight_dtype(wdtype)
     try:
         full_shape = np.broadcast_shapes(tuple(wshape), tuple(shape))
     except ValueError:

@@ -65,6 +65,12 @@ class CrossEntropyOptions:
         return transform_mode(self.softcap, self.logit_scale)
 
     @property
+    def scale_cap(self):
+        """(scale, cap) of the logit transform as Python floats (cap 1 without softcap):
+        what every backend builds its kernel scalars from."""
+        return scale_cap(self.softcap, self.logit_scale)
+
+    @property
     def reduction_code(self):
         """``codes.NONE``, ``SUM`` or ``MEAN``."""
         return codes.REDUCTION_CODES[self.reduction]
@@ -98,6 +104,10 @@ class LogsumexpOptions:
     def mode(self):
         return transform_mode(self.softcap, self.logit_scale)
 
+    @property
+    def scale_cap(self):
+        return scale_cap(self.softcap, self.logit_scale)
+
     def transform(self, acc):
         return make_transform(self.softcap, self.logit_scale, acc)
 
@@ -130,10 +140,14 @@ def transform_mode(softcap, logit_scale):
     return codes.PLAIN if logit_scale == 1.0 else codes.SCALED
 
 
+def scale_cap(softcap, logit_scale):
+    return logit_scale, (1.0 if softcap is None else softcap)
+
+
 def make_transform(softcap, logit_scale, acc):
     a = np.dtype(acc).type
-    cap = 1.0 if softcap is None else softcap
-    return Transform(transform_mode(softcap, logit_scale), a(logit_scale), a(cap))
+    scale, cap = scale_cap(softcap, logit_scale)
+    return Transform(transform_mode(softcap, logit_scale), a(scale), a(cap))
 
 
 def safe_div(num, den):

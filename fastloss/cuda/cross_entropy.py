@@ -399,16 +399,8 @@ def _forward_kernel(spec, row_stats, lf):
         ignored rows), or (mean/sum) per-block float64 partial sums of ce_i and
         lse_i**2 into ``partial[block]``, merged into ``out[0]`` by the last
         block (see finish_reduction)."""
-        scale = tr.scale
-        inv = tr.inv
-        cap = tr.cap
-        nclass = sc.nclass
-        ign = sc.ign
-        has_ign = sc.has_ign
-        has_w = sc.has_w
-        eps = sc.eps
-        zl = sc.zl
-        red = sc.red
+        scale, inv, cap = tr  # LogitScalars
+        nclass, ign, has_ign, has_w, eps, zl, red = sc  # CEScalars
         sh_m = cuda.shared.array(RED, ACC)
         sh_s = cuda.shared.array(RED, ACC)
         sh_q = cuda.shared.array(RED, ACC)
@@ -466,18 +458,9 @@ def _fused_kernel(spec, el, stats_fn, lf, gf, resident):
         into ``ow``/``oe`` in the storage type (they may be ``xw``/``xe``: in
         place). For mean the coefficients divide by the denominators in
         ``stats`` (0 when they are 0)."""
-        scale = tr.scale
-        inv = tr.inv
-        cap = tr.cap
-        nclass = sc.nclass
-        ign = sc.ign
-        has_ign = sc.has_ign
-        has_w = sc.has_w
-        eps = sc.eps
-        zl = sc.zl
-        red = sc.red
-        gmode = up.gmode
-        go = up.go
+        scale, inv, cap = tr  # LogitScalars
+        nclass, ign, has_ign, has_w, eps, zl, red = sc  # CEScalars
+        gmode, go = up  # GradScalars
         sh_m = cuda.shared.array(RED, ACC)
         sh_s = cuda.shared.array(RED, ACC)
         sh_q = cuda.shared.array(RED, ACC)
@@ -579,9 +562,7 @@ def _lse_kernel(spec, row_stats):
     @spec.kernel
     def lse(xw, xe, nclass, w, tr, out):
         """out[i] = logsumexp_j z_ij (-inf for a row of -inf)."""
-        scale = tr.scale
-        inv = tr.inv
-        cap = tr.cap
+        scale, inv, cap = tr  # LogitScalars
         sh_m = cuda.shared.array(RED, ACC)
         sh_s = cuda.shared.array(RED, ACC)
         sh_q = cuda.shared.array(RED, ACC)

@@ -48,8 +48,7 @@ def logit_scalars(opts, acc):
     once."""
     from .cross_entropy import LogitScalars
     a = acc.type
-    scale = opts.logit_scale
-    cap = 1.0 if opts.softcap is None else opts.softcap
+    scale, cap = opts.scale_cap
     return LogitScalars(a(scale), a(scale / cap), a(cap))
 
 
