@@ -71,6 +71,11 @@ def check_reduction(reduction):
 
 def real_scalar(value, name):
     """A Python float from a real number (0-d arrays accepted); TypeError otherwise."""
+    # The common cases without numpy (as numpy would convert them; bool is not int here).
+    if type(value) is float:
+        return value
+    if type(value) is int and -(1 << 63) <= value < (1 << 63):
+        return float(value)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.ndarray, np.generic)):
         raise TypeError(f"{name}: expected a real number, found {type(value).__name__}")
     arr = np.asarray(value)

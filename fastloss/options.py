@@ -10,7 +10,6 @@ Kernel scalars travel as named tuples (``Transform`` here, the per-op
 constants beside each op's kernels), never as long positional lists.
 """
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -30,9 +29,9 @@ class Transform(NamedTuple):
     cap: float
 
 
-@dataclass(frozen=True)
-class CrossEntropyOptions:
-    """Validated options of a cross-entropy call (class-index targets).
+class CrossEntropyOptions(NamedTuple):
+    """Validated options of a cross-entropy call (class-index targets); frozen
+    (a named tuple: cheap to build on every call).
 
     Build with :meth:`check`, which raises the contract's ``TypeError`` /
     ``ValueError`` naming the argument. ``softcap`` is None without a cap.
@@ -88,8 +87,7 @@ class CrossEntropyOptions:
         return target_wsum, float(count)
 
 
-@dataclass(frozen=True)
-class LogsumexpOptions:
+class LogsumexpOptions(NamedTuple):
     """Validated options of ``logsumexp``: the logit transform."""
 
     softcap: float | None = None
@@ -112,8 +110,7 @@ class LogsumexpOptions:
         return make_transform(self.softcap, self.logit_scale, acc)
 
 
-@dataclass(frozen=True)
-class MSEOptions:
+class MSEOptions(NamedTuple):
     """Validated options of an MSE call."""
 
     reduction: str = "mean"
