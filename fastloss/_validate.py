@@ -27,9 +27,18 @@ def _dtype_names():
     return "float16, bfloat16, float32 or float64"
 
 
-def native_array(a):
-    """``np.asarray(a)``; a byte-swapped float array becomes one native copy."""
-    arr = np.asarray(a)
+def as_array(a, name):
+    """``np.asarray(a)``; input numpy cannot turn into an array (a ragged list)
+    raises a ValueError naming the argument."""
+    try:
+        return np.asarray(a)
+    except ValueError as e:  # e.g. "setting an array element with a sequence"
+        raise ValueError(f"{name}: expected an array, found an object numpy cannot convert ({e})") from e
+
+
+def native_array(a, name):
+    """``as_array(a, name)``; a byte-swapped float array becomes one native copy."""
+    arr = as_array(a, name)
     if arr.dtype.kind == "f" and not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))
     return arr
@@ -43,7 +52,7 @@ def check_float_dtype(dtype, name):
 
 def float_array(a, name):
     """``np.asarray(a)`` (native byte order) checked to have a supported float dtype."""
-    arr = native_array(a)
+    arr = native_array(a, name)
     check_float_dtype(arr.dtype, name)
     return arr
 
@@ -193,9 +202,10 @@ def scalar_grad_output(grad_output, reduction):
     """A host ``grad_output`` for mean/sum as a Python float (1.0 for None)."""
     if grad_output is None:
         return 1.0
-    if np.ndim(grad_output) != 0 and np.size(grad_output) != 1:
-        check_grad_output_meta(np.shape(grad_output), None, reduction, (), "")
-    return real_scalar(np.asarray(grad_output).reshape(()), "grad_output")
+    g = as_array(grad_output, "grad_output")
+    if g.ndim != 0 and g.size != 1:
+        check_grad_output_meta(g.shape, None, reduction, (), "")
+    return real_scalar(g.reshape(()), "grad_output")
 
 
 def rows_grad_output(grad_output, want_shape, what):
@@ -203,9 +213,9 @@ def rows_grad_output(grad_output, want_shape, what):
     or a scalar) or a float64 array of ``want_shape``."""
     if grad_output is None:
         return 1.0
-    if np.ndim(grad_output) == 0:
+    g = as_array(grad_output, "grad_output")
+    if g.ndim == 0:
         return real_scalar(grad_output, "grad_output")
-    g = np.asarray(grad_output)
     check_grad_output_meta(g.shape, g.dtype, "none", want_shape, what)
     return g.astype(np.float64)
 
@@ -231,7 +241,7 @@ def targets_for_kernel(targets, logits_shape, ignore_index):
     bad position and its value.
     """
     ignore_index = check_ignore_index(ignore_index)
-    t = np.asarray(targets)
+    t = as_array(targets, "targets")
     check_targets_meta(t.shape, t.dtype, logits_shape)
     nclass = logits_shape[-1]
     flat = t.reshape(-1)
@@ -251,7 +261,7 @@ def class_weight(weight, nclass, acc):
     """Validated class-weight vector of shape (V,) in the accumulation dtype, or None."""
     if weight is None:
         return None
-    w = np.asarray(weight)
+    w = as_array(weight, "weight")
     check_class_weight_meta(w.shape, w.dtype, nclass)
     return finite_nonnegative(w, "weight", acc)
 
@@ -299,7 +309,7 @@ def weight_layout(weight, shape, acc):
     size = int(np.prod(shape, dtype=np.int64))
     if weight is None:
         return codes.W_NONE, np.empty(0, acc), 1, float(size)
-    w = np.asarray(weight)
+    w = as_array(weight, "weight")
     check_weight_broadcast(w.dtype, w.shape, shape)
     w = finite_nonnegative(w, "weight", acc)
     ws = (1,) * (len(shape) - w.ndim) + w.shape

@@ -303,3 +303,59 @@ def test_mse_errors(backend, rng):
     for call, exc, pattern in cases:
         with pytest.raises(exc, match=pattern):
             call()
+
+
+# --- aliasing: out= over the input and inplace give what a fresh buffer gives ----------
+
+WEIGHTS = {None: lambda rng, shape: None, "full": lambda rng, shape: rng.uniform(0, 2, shape),
+           "row": lambda rng, shape: rng.uniform(0, 2, shape[-1:]),
+           "col": lambda rng, shape: rng.uniform(0, 2, shape[:-1] + (1,))}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype, rtol, gtol", DTYPES)
+@pytest.mark.parametrize("weight", list(WEIGHTS))
+def test_mse_out_over_pred_every_reduction(backend, rng, reduction, dtype, rtol, gtol, weight):
+    """``out=pred`` (the gradient written over pred) gives the loss and gradient of
+    a call with a fresh buffer, for every reduction and weight layout."""
+    p = make_logits(rng, (6, 9), dtype, 1.0)
+    q = make_logits(rng, (6, 9), np.float32, 1.0)
+    w = WEIGHTS[weight](rng, p.shape)
+    ref_loss, ref_grad = fastloss.mse_with_grad(backend.put(p), backend.put(q), reduction=reduction, weight=w)
+    d = backend.put(p.copy())
+    loss, grad = fastloss.mse_with_grad(d, backend.put(q), reduction=reduction, weight=w, out=d)
+    assert grad is d
+    np.testing.assert_array_equal(to_float64(backend.get(grad)), to_float64(backend.get(ref_grad)))
+    # Element-wise results are identical; a sum may be taken in another order (the
+    # compiled loop runs unvectorised over overlapping arrays): equal to rounding.
+    sum_rtol = 1e-12 if dtype == np.float64 else 1e-6
+    np.testing.assert_allclose(loss_value(backend, loss, reduction), loss_value(backend, ref_loss, reduction),
+                               rtol=sum_rtol, atol=0)
+    np.testing.assert_allclose(loss_value(backend, loss, reduction), mse_reference(p, q, reduction=reduction,
+                                                                                   weight=w)[0], rtol=rtol, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype, rtol, gtol", DTYPES)
+def test_cross_entropy_inplace_and_out_over_logits_every_reduction(backend, rng, reduction, dtype, rtol, gtol):
+    """``inplace=True`` and ``out=logits`` give the loss and gradient of a call with
+    a fresh buffer, for every reduction (options that read the logits twice:
+    label smoothing, softcap, z-loss)."""
+    if backend.name == "gpu" and dtype == BF16:
+        pytest.skip("bfloat16 GPU inputs are torch tensors: in place is covered in test_cuda_sim")
+    x = make_logits(rng, (5, 23), dtype)
+    t = make_targets(rng, (5,), 23)
+    kw = dict(reduction=reduction, label_smoothing=0.1, softcap=4.0, z_loss=1e-3)
+    ref_loss, ref_grad = fastloss.cross_entropy_with_grad(backend.put(x), backend.put(t), **kw)
+    want_grad = to_float64(backend.get(ref_grad))
+    want_loss = loss_value(backend, ref_loss, reduction)
+    d = backend.put(x.copy())
+    loss, grad = fastloss.cross_entropy_with_grad(d, backend.put(t), inplace=True, **kw)
+    assert grad is d
+    np.testing.assert_array_equal(to_float64(backend.get(grad)), want_grad)
+    np.testing.assert_array_equal(loss_value(backend, loss, reduction), want_loss)
+    d = backend.put(x.copy())
+    loss, grad = fastloss.cross_entropy_with_grad(d, backend.put(t), out=d, **kw)
+    assert grad is d
+    np.testing.assert_array_equal(to_float64(backend.get(grad)), want_grad)
+    np.testing.assert_array_equal(loss_value(backend, loss, reduction), want_loss)

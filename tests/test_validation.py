@@ -778,3 +778,20 @@ def test_non_native_byte_order_is_still_float(rng, order):
     loss, grad = fastloss.mse_with_grad(pred.astype(order + "f4"), target.astype(order + "f4"))
     assert loss == pytest.approx(ref_loss, rel=1e-6)
     np.testing.assert_allclose(to_float64(grad), ref_grad, rtol=2.0**-22)
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: fastloss.cross_entropy([[1.0, 2.0], [1.0]], [0, 1]), "logits"),
+    (lambda: fastloss.logsumexp([[1.0], [1.0, 2.0]]), "logits"),
+    (lambda: fastloss.cross_entropy(np.zeros((2, 3)), [[0], [1, 2]]), "targets"),
+    (lambda: fastloss.cross_entropy(np.zeros((2, 3)), [0, 1], weight=[[1.0], [1.0, 2.0]]), "weight"),
+    (lambda: fastloss.mse([[1.0, 2.0], [1.0]], [1.0]), "pred"),
+    (lambda: fastloss.mse(np.zeros(2), [[1.0], [1.0, 2.0]]), "target"),
+    (lambda: fastloss.mse(np.zeros(2), np.zeros(2), weight=[[1.0], [1.0, 2.0]]), "weight"),
+    (lambda: fastloss.cross_entropy_with_grad(np.zeros((2, 3)), [0, 1], reduction="none",
+                                              grad_output=[[1.0], [1.0, 2.0]]), "grad_output"),
+])
+def test_ragged_input_names_the_argument(call, name):
+    """A ragged list (numpy cannot make an array of it) gets a ValueError naming the argument."""
+    with pytest.raises(ValueError, match=rf"^{name}: expected an array, found an object numpy cannot convert"):
+        call()

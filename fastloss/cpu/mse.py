@@ -61,7 +61,15 @@ def _segment(p, t, w, wmode, inner, lo, hi, scale, grad, loss):
     gr = grad[lo:hi] if grad.shape[0] > 0 else grad
     ls = loss[lo:hi] if loss.shape[0] > 0 else loss
     acc = 0.0
+    # The per-element loss is written first: ``grad`` may be ``pred`` itself
+    # (``out=pred``), and the gradient loop overwrites each element only after
+    # reading it, so every loop that reads ``pred`` after that one would see
+    # the gradient instead.
     if ws.shape[0] > 0:
+        if ls.shape[0] > 0:
+            for k in range(n):
+                d = load(ps[k]) - load(ts[k])
+                ls[k] = ws[k] * d * d
         if gr.shape[0] > 0:
             for k in range(n):
                 d = load(ps[k]) - load(ts[k])
@@ -71,12 +79,12 @@ def _segment(p, t, w, wmode, inner, lo, hi, scale, grad, loss):
             for k in range(n):
                 d = load(ps[k]) - load(ts[k])
                 acc += ws[k] * d * d
+    else:
+        gw = gs * wc
         if ls.shape[0] > 0:
             for k in range(n):
                 d = load(ps[k]) - load(ts[k])
-                ls[k] = ws[k] * d * d
-    else:
-        gw = gs * wc
+                ls[k] = wc * d * d
         if gr.shape[0] > 0:
             for k in range(n):
                 d = load(ps[k]) - load(ts[k])
@@ -87,10 +95,6 @@ def _segment(p, t, w, wmode, inner, lo, hi, scale, grad, loss):
                 d = load(ps[k]) - load(ts[k])
                 acc += d * d
         acc *= wc
-        if ls.shape[0] > 0:
-            for k in range(n):
-                d = load(ps[k]) - load(ts[k])
-                ls[k] = wc * d * d
     return acc
 
 

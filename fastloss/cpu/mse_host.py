@@ -18,8 +18,8 @@ class MSEPlan:
     (wmode, w, inner) for ``fastloss.cpu.mse.mse_kernel`` (``fastloss.codes.W_*``)."""
 
     def __init__(self, pred, target, weight, opts):
-        self.pred = V.native_array(pred)
-        self.target = V.native_array(target)
+        self.pred = V.native_array(pred, "pred")
+        self.target = V.native_array(target, "target")
         V.check_pred_target_meta(self.pred.shape, self.pred.dtype, self.target.shape, self.target.dtype)
         self.reduction = opts.reduction
         self.acc = V.acc_dtype(np.result_type(V.acc_dtype(self.pred.dtype),
