@@ -63,11 +63,11 @@ class CrossEntropyOptions(NamedTuple):
         """The transform mode (``codes.PLAIN``, ``SCALED`` or ``SOFTCAP``)."""
         return transform_mode(self.softcap, self.logit_scale)
 
-    @property
-    def scale_cap(self):
-        """(scale, cap) of the logit transform as Python floats (cap 1 without softcap):
-        what every backend builds its kernel scalars from."""
-        return scale_cap(self.softcap, self.logit_scale)
+    def scale_cap(self, acc):
+        """(scale, cap) of the logit transform as Python floats (cap 1 without softcap),
+        checked to fit accumulation dtype ``acc``: what every backend builds its
+        kernel scalars from."""
+        return scale_cap(self.softcap, self.logit_scale, acc)
 
     @property
     def reduction_code(self):
@@ -102,9 +102,8 @@ class LogsumexpOptions(NamedTuple):
     def mode(self):
         return transform_mode(self.softcap, self.logit_scale)
 
-    @property
-    def scale_cap(self):
-        return scale_cap(self.softcap, self.logit_scale)
+    def scale_cap(self, acc):
+        return scale_cap(self.softcap, self.logit_scale, acc)
 
     def transform(self, acc):
         return make_transform(self.softcap, self.logit_scale, acc)
@@ -137,13 +136,23 @@ def transform_mode(softcap, logit_scale):
     return codes.PLAIN if logit_scale == 1.0 else codes.SCALED
 
 
-def scale_cap(softcap, logit_scale):
-    return logit_scale, (1.0 if softcap is None else softcap)
+def scale_cap(softcap, logit_scale, acc):
+    """(scale, cap), 1 for no cap. ValueError when the kernels' constants
+    (``scale``, ``cap`` and ``scale / cap``) would overflow the accumulation
+    dtype ``acc`` (float32 for float32/float16/bfloat16 logits): a cap of 1e39
+    would be inf in float32, and the transform NaN."""
+    cap = 1.0 if softcap is None else softcap
+    big = float(np.finfo(acc).max)
+    for name, v in (("logit_scale", logit_scale), ("softcap", cap), ("logit_scale / softcap", logit_scale / cap)):
+        if v > big:
+            raise ValueError(f"{name}: {v!r} overflows the {np.dtype(acc)} accumulation of these logits "
+                             f"(at most {big!r})")
+    return logit_scale, cap
 
 
 def make_transform(softcap, logit_scale, acc):
     a = np.dtype(acc).type
-    scale, cap = scale_cap(softcap, logit_scale)
+    scale, cap = scale_cap(softcap, logit_scale, acc)
     return Transform(transform_mode(softcap, logit_scale), a(scale), a(cap))
 
 

@@ -262,6 +262,10 @@ def _ce_errors(b, x, t):
         (lambda: ceg(x, t, out=b.put(np.zeros((4, 36), np.float32))), ValueError, r"out: expected shape \(4, 37\)"),
         (lambda: ceg(x, t, inplace=1), TypeError, "inplace: expected True or False"),
         (lambda: fastloss.logsumexp(x, logit_scale=-1.0), ValueError, "logit_scale: expected a finite value"),
+        (lambda: ce(x, t, softcap=3.5e38), ValueError, r"softcap: 3.5e\+38 overflows the float32 accumulation"),
+        (lambda: ceg(x, t, logit_scale=1e39), ValueError, r"logit_scale: 1e\+39 overflows the float32 accumulation"),
+        (lambda: fastloss.logsumexp(x, softcap=3.5e38), ValueError, "softcap: .* overflows the float32"),
+        (lambda: ce(x, t, softcap=1e-40), ValueError, r"logit_scale / softcap: 1e\+40 overflows the float32"),
     ]
 
 
@@ -273,6 +277,15 @@ def test_cross_entropy_errors(backend, rng):
             call()
     if backend.device:
         fastloss.cuda.synchronize()  # nothing is left pending
+
+
+def test_huge_softcap_is_no_cap_in_float64(backend, rng):
+    """A cap that float64 holds but float32 does not: refused for float32 logits
+    (test_cross_entropy_errors), the same as no cap for float64 logits."""
+    x = make_logits(rng, (3, 10), np.float64)
+    t = make_targets(rng, (3,), 10)
+    got = loss_value(backend, fastloss.cross_entropy(backend.put(x), backend.put(t), softcap=3.5e38), "mean")
+    np.testing.assert_allclose(got, ce_reference(x, t)[0], rtol=1e-12)
 
 
 def test_bad_targets_leave_inplace_logits_alone(backend, rng):

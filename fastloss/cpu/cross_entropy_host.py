@@ -25,6 +25,7 @@ class CrossEntropyPlan:
         self.tgt, self.ignored = V.targets_for_kernel(targets, shape, opts.ignore_index)
         self.acc = V.acc_dtype(self.logits.dtype)
         self.mode = opts.mode
+        self.tf = opts.transform(self.acc)  # checked against the accumulation dtype's range
         self.weight = V.class_weight(weight, self.nclass, self.acc)
         self.count = int(self.tgt.size - np.count_nonzero(self.ignored))
         if self.weight is None:
@@ -45,7 +46,7 @@ class CrossEntropyPlan:
 
     def transform(self):
         """The logit transform (``fastloss.options.Transform``) in the accumulation type."""
-        return self.opts.transform(self.acc)
+        return self.tf
 
     def constants(self):
         """The kernels' per-call scalars (``CEConstants``)."""
@@ -168,6 +169,7 @@ def logsumexp(logits, opts):
     """``fastloss.logsumexp`` on host arrays (``opts``: ``LogsumexpOptions``)."""
     x = V.logits_array(logits)
     acc = V.acc_dtype(x.dtype)
+    tf = opts.transform(acc)
     nclass = x.shape[-1]
     n = x.size // nclass
     lse = np.empty(n, acc)
@@ -179,5 +181,5 @@ def logsumexp(logits, opts):
                               np.empty((ntask, nclass if mode == SOFTCAP else 0), acc),
                               np.empty((ntask, 0), acc))
         with V.kernel_launch(ntask):
-            K.lse_forward(xk, opts.transform(acc), scratch, lse)
+            K.lse_forward(xk, tf, scratch, lse)
     return lse.reshape(x.shape[:-1])

@@ -48,7 +48,7 @@ def logit_scalars(opts, acc):
     once."""
     from .cross_entropy import LogitScalars
     a = acc.type
-    scale, cap = opts.scale_cap
+    scale, cap = opts.scale_cap(acc)
     return LogitScalars(a(scale), a(scale / cap), a(cap))
 
 
@@ -297,6 +297,7 @@ def logsumexp(logits, opts):
     shape, dtype = A.meta(logits)
     V.check_logits_meta(shape, dtype)
     acc = V.acc_dtype(dtype)
+    tr = logit_scalars(opts, acc)
     nclass = shape[-1]
     n = int(np.prod(shape[:-1], dtype=np.int64))
     out, out_obj = A.empty(gpu, (n,), acc)
@@ -307,6 +308,6 @@ def logsumexp(logits, opts):
         per, ((xw, xe),) = A.word_views(gpu, dtype, (x2,))
         lse = ce_kernels(acc.name, x.kind, opts.mode, gpu.tpb, per)[2]
         args = LseArgs(xw=xw, xe=xe, nclass=np.int64(nclass), w=gpu.dummy((1,), acc),
-                       tr=logit_scalars(opts, acc), out=out)
+                       tr=tr, out=out)
         gpu.launch(lse, gpu.grid(n), *args)
     return A.reshape(gpu, out_obj, tuple(shape[:-1]))
