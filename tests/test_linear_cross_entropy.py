@@ -350,3 +350,25 @@ def test_bench_case_providers_agree():
                 np.testing.assert_allclose(C.grad_array((None, a)), b, rtol=1e-3, atol=1e-6)
     with pytest.raises(ValueError, match="mode: op 'lce' is measured as 'fwd\\+bwd' only"):
         C.Case("lce", (4, 3, 2), mode="forward")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_zero_hidden_size(dtype, reduction):
+    """D = 0: every logit is the bias (here 0), so the loss is ln V per counted
+    token as in torch; grad_hidden and grad_weight are empty, grad_bias is the
+    cross-entropy gradient of all-zero logits."""
+    torch = pytest.importorskip("torch")
+    h = np.zeros((3, 2, 0), dtype)
+    w = np.zeros((7, 0), dtype)
+    b = np.zeros(7, dtype)
+    t = np.array([[0, 6], [-100, 3], [2, 2]])
+    r = fastloss.linear_cross_entropy_with_grad(h, w, t, bias=b, reduction=reduction)
+    want = torch.nn.functional.cross_entropy(torch.zeros(6, 7, dtype=torch.float64),
+                                             torch.from_numpy(t.reshape(-1)), reduction=reduction)
+    np.testing.assert_allclose(np.asarray(r.loss).reshape(-1), want.numpy().reshape(-1), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(fastloss.linear_cross_entropy(h, w, t, reduction=reduction)).reshape(-1),
+                               want.numpy().reshape(-1), rtol=1e-6)
+    assert r.grad_hidden.shape == h.shape and r.grad_weight.shape == w.shape
+    _, g = fastloss.cross_entropy_with_grad(np.zeros((3, 2, 7), dtype), t, reduction=reduction)
+    np.testing.assert_allclose(r.grad_bias, g.reshape(-1, 7).sum(0), rtol=1e-6, atol=1e-7)

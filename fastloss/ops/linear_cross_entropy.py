@@ -143,9 +143,10 @@ class _Products:
     """
 
     def __init__(self, acc, nclass, dim):
-        self.gemm = None if _blas is None else (_blas.dgemm if acc == np.float64 else _blas.sgemm)
+        # numpy's matmul for D = 0: scipy's f2py gemm refuses empty operands
+        self.gemm = None if _blas is None or dim == 0 else (_blas.dgemm if acc == np.float64 else _blas.sgemm)
         block_bytes = int(config.LINEAR_CE_GRAD_WEIGHT_BLOCK_BYTES)
-        self.block = max(64, block_bytes // (dim * np.dtype(acc).itemsize))
+        self.block = max(64, block_bytes // max(1, dim * np.dtype(acc).itemsize))  # D = 0: no temporary
         self.tmp = None
         self.acc, self.nclass, self.dim = acc, nclass, dim
 
@@ -377,7 +378,7 @@ def linear_cross_entropy_with_grad(hidden, lm_head, /, targets, *, bias=None, we
     hdt, wdt = plan.hidden.dtype, plan.lm_head.dtype
     grad_hidden = np.zeros(plan.hidden.shape, hdt) if plan.rows is not None or n == 0 \
         else np.empty(plan.hidden.shape, hdt)
-    gh2 = grad_hidden.reshape(-1, plan.dim)
+    gh2 = grad_hidden.reshape(plan.h2.shape)  # explicit rows: D may be 0
     gw = np.zeros((plan.nclass, plan.dim), acc)  # the output itself for float32/float64
     gb = None if plan.bias is None else np.zeros(plan.nclass, np.float64)
     if ce.count:
