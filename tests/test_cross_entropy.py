@@ -874,3 +874,17 @@ def test_later_blocks_above_the_reference_max(rng, dtype, rtol):
     # atol: p_t - 1 at a target with p_t ~ 1 cancels to a few float32 ulps of 1 (as in torch)
     np.testing.assert_allclose(g, ref_grad, rtol=gtol, atol=3e-7)
     assert np.isnan(loss[5]) and np.isnan(fastloss.logsumexp(x)[5])
+
+
+@pytest.mark.parametrize("dtype, bound", [(np.float32, 2e-6), (BF16, 2e-6), (np.float16, 2e-6), (np.float64, 1e-14)])
+@pytest.mark.parametrize("nclass", [7, 4099, 32000])
+@pytest.mark.parametrize("kw", [dict(), dict(softcap=30.0), dict(logit_scale=0.7, z_loss=1e-3),
+                                dict(softcap=5.0, logit_scale=2.0, label_smoothing=0.1)])
+def test_fused_loss_equals_forward_loss_up_to_rounding(rng, dtype, bound, nclass, kw):
+    """The loss of cross_entropy_with_grad is cross_entropy's up to the documented
+    rounding bound (docs/api.md), per token, for every transform."""
+    x = (rng.standard_normal((16, nclass)) * 4).astype(dtype)
+    t = rng.integers(0, nclass, 16)
+    fwd = fastloss.cross_entropy(x, t, reduction="none", **kw).astype(np.float64)
+    fused = fastloss.cross_entropy_with_grad(x, t, reduction="none", **kw).loss.astype(np.float64)
+    assert np.all(np.abs(fused - fwd) <= bound * np.maximum(1.0, np.abs(fwd)))
