@@ -372,3 +372,30 @@ def test_cross_entropy_inplace_and_out_over_logits_every_reduction(backend, rng,
     assert grad is d
     np.testing.assert_array_equal(to_float64(backend.get(grad)), want_grad)
     np.testing.assert_array_equal(loss_value(backend, loss, reduction), want_loss)
+
+
+def test_mean_over_nothing_has_zero_gradient_despite_nan(backend, rng):
+    """A mean whose denominator is 0 gives 0.0 and exact zeros as gradient, also
+    when a NaN sits in a row or element that counts for nothing (docs/semantics.md)."""
+    p = make_logits(rng, (4, 6), np.float32, 1.0)
+    p[1, 2] = np.nan
+    q = make_logits(rng, (4, 6), np.float32, 1.0)
+    loss, grad = fastloss.mse_with_grad(backend.put(p), backend.put(q), weight=np.zeros((4, 6)))
+    assert backend.scalar(loss) == 0.0
+    assert np.all(to_float64(backend.get(grad)) == 0)
+    x = make_logits(rng, (5, 9), np.float32)
+    x[2, 4] = np.nan
+    t = np.array([0, 1, 2, 3, 4])
+    loss, grad = fastloss.cross_entropy_with_grad(backend.put(x), backend.put(t), weight=backend.put(np.zeros(9)))
+    assert backend.scalar(loss) == 0.0
+    assert np.all(to_float64(backend.get(grad)) == 0)
+    # grad_output = 0: nothing flows back anywhere
+    loss, grad = fastloss.cross_entropy_with_grad(backend.put(x), backend.put(t), grad_output=0.0)
+    assert np.isnan(backend.scalar(loss))
+    assert np.all(to_float64(backend.get(grad)) == 0)
+    # with z-loss the counted rows still get the z-loss gradient (the NaN row: NaN)
+    loss, grad = fastloss.cross_entropy_with_grad(backend.put(x), backend.put(t), z_loss=0.1,
+                                                  weight=backend.put(np.zeros(9)))
+    g = to_float64(backend.get(grad))
+    assert np.all(np.isnan(g[2])) and np.all(np.isfinite(np.delete(g, 2, axis=0)))
+    assert np.any(np.delete(g, 2, axis=0) != 0)

@@ -21,7 +21,8 @@ with ``t`` the target, ``w`` the class weights (all 1 without weights) and
 where ``e_j = exp(z_j - m)``, ``gce``/``gz`` are the per-row upstream
 coefficients of the cross-entropy and z-loss terms (already divided by the
 reduction's denominator; 0 for ignored rows) and ``dz/dx`` is ``scale``, or
-``scale (1 - tanh^2)`` under softcap.
+``scale (1 - tanh^2)`` under softcap. A row to which nothing flows back
+(``gce = 0`` and ``gz zl = 0``) gets a zero gradient, NaN logits included.
 
 Statistics accumulate in float32 (float64 for float64 logits); half-precision
 inputs arrive as integer views and are converted in registers (``_math.load``).
@@ -422,6 +423,13 @@ def ce_fused(x, tgt, w, tf, k, gce, gz, out, scratch, loss, lse):
             loss[i] = ce
             lse[i] = l
             g = gce[i]
+            if g == 0 and (gz[i] == 0 or zl == 0):
+                # Nothing flows back to this row (a mean over nothing, e.g. all class
+                # weights 0, or a zero upstream gradient): zeros, even where a NaN in
+                # the row would make the formula's 0 * NaN a NaN.
+                for j in range(nclass):
+                    store(orow, j, one - one)
+                continue
             a = as_acc((g * ((1 - eps) * wt + eps * wsum / nclass) + gz[i] * 2 * zl * l) / s, one)
             c = as_acc(g * eps / nclass, one)
             nxt, ahead = _next_row(x, i, hi)

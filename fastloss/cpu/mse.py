@@ -61,6 +61,12 @@ def _segment(p, t, w, wmode, inner, lo, hi, scale, grad, loss):
     gr = grad[lo:hi] if grad.shape[0] > 0 else grad
     ls = loss[lo:hi] if loss.shape[0] > 0 else loss
     acc = 0.0
+    # Nothing flows back (a mean over a zero weight sum, or a zero upstream
+    # gradient): the gradient is zeros, written last (after every read of pred,
+    # which it may overwrite), even where a NaN or inf difference would give 0 * NaN.
+    zero_grad = gr
+    if gs == 0:
+        gr = gr[:0]
     # The per-element loss is written first: ``grad`` may be ``pred`` itself
     # (``out=pred``), and the gradient loop overwrites each element only after
     # reading it, so every loop that reads ``pred`` after that one would see
@@ -95,6 +101,9 @@ def _segment(p, t, w, wmode, inner, lo, hi, scale, grad, loss):
                 d = load(ps[k]) - load(ts[k])
                 acc += d * d
         acc *= wc
+    if gs == 0:
+        for k in range(zero_grad.shape[0]):
+            store(zero_grad, k, two - two)
     return acc
 
 

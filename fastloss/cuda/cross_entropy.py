@@ -362,8 +362,11 @@ def _gradient_functions(spec, el):
 
     @M.device
     def coefficients(i, lse, s, wt, W, eps, nclass, zl, stats, red, gmode, go, gvec):
-        """(a, b, c) of the gradient of row i (see grad_val): the upstream
-        coefficients in float64, rounded once to the accumulation type."""
+        """(a, b, c, nothing) of the gradient of row i (see grad_val): the upstream
+        coefficients in float64, rounded once to the accumulation type;
+        ``nothing`` when no gradient flows back to the row (the cross-entropy
+        coefficient is 0 and so is the z-loss one, or ``zl``), whose gradient is
+        then zeros (as on the CPU), not the formula's 0 * NaN for a NaN row."""
         g = go
         if gmode == G_DEVICE_SCALAR:
             g = gvec[0]
@@ -381,7 +384,7 @@ def _gradient_functions(spec, el):
         a = ACC((gce * ((1.0 - eps) * wt + eps * W / nclass) + gz * 2.0 * zl * lse) * inv_s)
         c = ACC(gce * eps / nclass)
         b = ACC(gce * (1.0 - eps) * wt)
-        return a, b, c
+        return a, b, c, gce == 0 and (gz == 0 or zl == 0)
 
     return _Grad(grad_word, grad_edges, zero_row, coefficients)
 
@@ -500,7 +503,11 @@ def _fused_kernel(spec, el, stats_fn, lf, gf, resident):
                 else:
                     ce_sum += ce
                     z_sum += lse * lse
-            a, b, c = coefficients(i, lse, s, wt, W, eps, nclass, zl, stats, red, gmode, go, gvec)
+            a, b, c, nothing = coefficients(i, lse, s, wt, W, eps, nclass, zl, stats, red, gmode, go,
+                                            gvec)
+            if nothing:  # nothing flows back to this row: zeros, NaN logits included
+                zero_row(ow, oe, base, w0, w1, hend, tstart, end, tid)
+                continue
             shift = m if m != _NINF else ACC(0)
             # The gradient pass walks the thread's words backwards: the words
             # the statistics pass read last come first, while they may still

@@ -130,6 +130,8 @@ def mse_kernels(acc, pkind, tkind, tpb):
             if do_grad:
                 if gmode == G_ROWS:
                     grad[k] = store(ACC(2.0 * gvec[k]) * wk * dk)
+                elif gs == 0:  # nothing flows back (as on the CPU): zeros, even for a NaN difference
+                    grad[k] = store(ACC(0))
                 else:
                     grad[k] = store(gs * wk * dk)
         total = block_reduce(sh, tid, total, False)
