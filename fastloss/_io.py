@@ -51,6 +51,9 @@ def write_json_atomic(obj, path):
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".fastloss-eval-", suffix=".json", dir=folder)
     try:
+        umask = os.umask(0)  # read it (no other way), then restore it at once
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # what a plain open(path, "w") would give
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, allow_nan=False)
             f.write("\n")
@@ -61,3 +64,17 @@ def write_json_atomic(obj, path):
         except OSError:
             pass
         raise
+
+
+def check_output_path(path, flag):
+    """ValueError unless ``path`` (the value of option ``flag``) could be written: not
+    empty, not a directory, and in an existing, writable folder. Checked before any work."""
+    if not path:
+        raise ValueError(f"{flag}: expected a file path, found an empty string")
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: cannot write ({flag}): is a directory, expected a file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{path}: cannot write ({flag}): no such folder {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: cannot write ({flag}): permission denied in {folder}")

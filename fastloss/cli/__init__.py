@@ -5,6 +5,7 @@ Each subcommand module has ``add_parser(sub)``, which adds its parser and sets
 """
 
 import argparse
+import os
 import sys
 
 from .._version import __version__
@@ -32,7 +33,16 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 0
-    return args.run(args, argv)
+    try:
+        return args.run(args, argv)
+    except Exception as e:  # a bug: exit 1 with one line (bad input exits 2 in run)
+        if os.environ.get("FASTLOSS_DEBUG") == "1" or getattr(args, "debug", False):
+            raise
+        msg = " ".join(str(e).split())
+        sys.stderr.write(f"fastloss {args.command}: internal error: {type(e).__name__}"
+                         f"{': ' + msg if msg else ''} (please report it with the command "
+                         f"line; FASTLOSS_DEBUG=1 shows the traceback)\n")
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 import sys
 
-from .._io import write_json_atomic
+from .._io import check_output_path, write_json_atomic
 
 
 def add_parser(sub):
@@ -87,6 +87,9 @@ def _check_args(args):
             raise ValueError(f"{flag}: expected a positive integer, found {value}")
     if args.shift and args.seq_len is None:
         raise ValueError("--shift: needs --seq-len L, the length of each sequence")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None:
+            check_output_path(path, flag)
 
 
 def _layout(args):
@@ -142,7 +145,10 @@ def run(args, argv):
         sys.stdout.write(text)
         sys.stdout.flush()
         if args.json:
-            write_json_atomic(out, args.json)
+            try:
+                write_json_atomic(out, args.json)
+            except OSError as e:
+                raise OSError(f"{args.json}: cannot write: {e.strerror or e}") from None
     except (ValueError, TypeError, OSError) as e:
         _fail(args, e)
         return 2

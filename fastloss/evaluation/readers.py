@@ -34,6 +34,7 @@ Paths may be glob patterns (``"dump/logits-*.npy"``), expanded in natural order.
 import dataclasses
 import glob
 import json
+import math
 import os
 import re
 import struct
@@ -87,6 +88,9 @@ SAFETENSORS_DTYPES = {
 #: Longest JSON header read (the safetensors package refuses longer ones too).
 SAFETENSORS_MAX_HEADER = 100_000_000
 
+#: Widest row (vocabulary) accepted from a file with no rows, whose size bounds nothing.
+MAX_EMPTY_WIDTH = 1 << 24
+
 _DTYPE_ALIASES = {"bf16": V.BFLOAT16, "bfloat16": V.BFLOAT16, "fp16": np.dtype(np.float16),
                   "half": np.dtype(np.float16), "fp32": np.dtype(np.float32),
                   "fp64": np.dtype(np.float64)}
@@ -115,6 +119,9 @@ def _check_contents(name, dtype, shape, kind):
         if (ndim is not None and len(shape) != ndim) or len(shape) == 0 or shape[-1] == 0:
             raise EvalInputError(name, f"{kind} shape {tuple(shape)}; expected {layout}"
                                        + ("" if ndim == 1 else f" with {layout[-2]} >= 1"))
+        if ndim == 2 and shape[0] == 0:
+            raise EvalInputError(name, f"{kind} shape {tuple(shape)}; expected {layout} with "
+                                       f"{layout[1]} >= 1")
         return int(shape[-1]) if ndim != 1 else 0
     if dtype.kind not in "iu":
         raise EvalInputError(name, f"{kind} dtype {dtype}; expected integers")
@@ -141,17 +148,24 @@ class _FileShard:
     mapped per read. Subclasses parse the header and call ``_setup``."""
 
     def _setup(self, kind, dtype, shape, offset, size):
-        self.width = _check_contents(self.name, dtype, shape, kind)
-        self.dtype = dtype
+        # Every size from the header in Python ints (no int64 wrap-around), checked
+        # against the file size before numpy sees any of it.
         self.shape = tuple(int(s) for s in shape)
+        self.width = _check_contents(self.name, dtype, self.shape, kind)
+        self.dtype = dtype
         self.offset = offset
-        count = int(np.prod(self.shape, dtype=np.int64))
+        count = math.prod(self.shape)
         self.rows = count // self.width if self.width else count
         need = offset + count * dtype.itemsize
         if size < need:
             raise EvalInputError(
                 self.name, f"truncated: the header promises shape {self.shape} of {dtype} "
                            f"({need} bytes with the header), the file has {size} bytes")
+        if not self.rows and self.width > MAX_EMPTY_WIDTH:
+            # No rows, so the size check does not bound the width (the vocabulary),
+            # whose per-class arrays could not be allocated.
+            raise EvalInputError(self.name, f"shape {self.shape}: no rows, and a row width of "
+                                            f"{self.width} (more than {MAX_EMPTY_WIDTH})")
 
     def read(self, lo, hi):
         row_bytes = self.dtype.itemsize * max(self.width, 1)
@@ -193,7 +207,8 @@ class NpyShard(_FileShard):
                 else:
                     shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
                 offset = f.tell()
-        except (ValueError, OSError, SyntaxError, TypeError) as e:
+        except Exception as e:  # noqa: BLE001 - numpy parses untrusted bytes; it raises
+            # ValueError, SyntaxError, tokenize.TokenError, OverflowError, RecursionError, ...
             problem = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise EvalInputError(self.name, f"not a valid .npy file (corrupt header: {problem})") from None
         if dtype.hasobject:
@@ -218,9 +233,12 @@ def _safetensors_header(name, f, size):
                                    f"(more than {SAFETENSORS_MAX_HEADER})")
     try:
         header = json.loads(f.read(hlen).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:  # UnicodeDecodeError, JSONDecodeError, too many digits
         raise EvalInputError(name, f"not a valid .safetensors file (corrupt header: not JSON: "
                                    f"{e})") from None
+    except RecursionError:
+        raise EvalInputError(name, "not a valid .safetensors file (corrupt header: JSON nested "
+                                   "too deeply)") from None
     if not isinstance(header, dict):
         raise EvalInputError(name, f"not a valid .safetensors file (corrupt header: a JSON "
                                    f"{type(header).__name__}, expected an object)")
@@ -249,7 +267,7 @@ def _tensor_entry(name, key, entry):
     if not ints(offsets) or len(offsets) != 2 or offsets[1] < offsets[0]:
         raise bad(f"data_offsets {offsets!r}; expected [begin, end] with 0 <= begin <= end")
     begin, end = offsets
-    need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    need = math.prod(shape) * dtype.itemsize  # Python ints: no wrap-around
     if end - begin != need:
         raise bad(f"data_offsets [{begin}, {end}] hold {end - begin} bytes, but shape "
                   f"{tuple(shape)} of {code} needs {need}")

@@ -282,6 +282,10 @@ def evaluate(logits=None, targets=None, *, hidden=None, lm_head=None, bias=None,
         raise EvalInputError(", ".join(s.name for s in tsrc.shards),
                              f"{tsrc.rows} target tokens, but the {'hidden states' if head else 'logits'} "
                              f"({names}) hold {ntok} tokens")
+    if seq_len is not None and seq_len > max(ntok, 1):
+        # checked before the per-position arrays of seq_len entries are allocated
+        raise EvalInputError(", ".join(s.name for s in tsrc.shards),
+                             f"seq_len={seq_len} (--seq-len) is longer than the {ntok} tokens")
     if seq_len is not None and ntok % seq_len:
         raise EvalInputError(", ".join(s.name for s in tsrc.shards),
                              f"{ntok} tokens are not a whole number of sequences of "
