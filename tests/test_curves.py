@@ -429,3 +429,82 @@ def test_missing_matplotlib_says_how_to_install(tmp_path, monkeypatch, capsys):
     assert captured.err.startswith("fastloss curves: error: plotting needs matplotlib: "
                                    "pip install fastloss[plot]")
     assert not os.path.exists(tmp_path / "c.png")
+
+
+def _reference_csv(path):
+    """A small, obviously-correct reader of a generated step,train_loss,val_loss log."""
+    steps, train, vsteps, val = [], [], [], []
+    with open(path, encoding="utf-8") as f:
+        next(f)
+        for line in f:
+            if not line.strip():
+                continue
+            s, t, v = line.rstrip("\n").split(",")
+            if t:
+                steps.append(float(s))
+                train.append(float(t))
+            if v:
+                vsteps.append(float(s))
+                val.append(float(v))
+    return steps, train, vsteps, val
+
+
+def _write_big_csv(path, n):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("step,train_loss,val_loss\n")
+        for i in range(n):
+            t = "" if i % 997 == 5 else f"{1.0 + 3.0 / (1 + i / 2000):.6f}"
+            v = f"{1.1 + 3.0 / (1 + i / 2000):.6f}" if i % 50 == 0 else ""
+            f.write(f"{i},{t},{v}\n" + ("\n" if i % 1000 == 3 else ""))
+
+
+def test_large_csv_matches_a_reference_reader(tmp_path):
+    path = tmp_path / "big.csv"
+    _write_big_csv(path, 200_000)
+    log = read_log(path)
+    ref = _reference_csv(path)
+    for got, want in zip((log.steps, log.train_loss, log.val_steps, log.val_loss), ref, strict=True):
+        assert got.dtype == np.float64
+        np.testing.assert_array_equal(got, np.array(want))
+
+
+@pytest.mark.slow
+def test_large_csv_is_read_in_bounded_memory(tmp_path):
+    import subprocess
+
+    path = tmp_path / "big.csv"
+    _write_big_csv(path, 2_000_000)
+    code = ("import resource, sys\n"
+            "from fastloss.evaluation.curves import read_log\n"
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "log = read_log(sys.argv[1])\n"
+            "print(len(log.steps), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert int(out[0]) == 2_000_000 - len(range(5, 2_000_000, 997))
+    assert int(out[1]) < 120  # MiB over the imports; the file is ~70 MB, the arrays 48 MB
+
+
+def test_deeply_nested_json_is_a_curve_log_error(tmp_path, capsys):
+    deep = "[" * 100_000 + "]" * 100_000
+    for name, text in (("deep.json", deep), ("deep.jsonl", '{"step": 1}\n' + deep + "\n")):
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(CurveLogError, match=rf"{name}: .*nested too deeply") as exc:
+            read_log(path)
+        assert not isinstance(exc.value.__context__, RecursionError) or exc.value.__suppress_context__
+        assert main(["curves", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert "nested too deeply" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_bad_output_path_fails_before_the_report(tmp_path, capsys, flag):
+    """An output path that cannot be written (empty, or in a missing folder) exits 2
+    with one line before any work, so no report is printed."""
+    log = tmp_path / "log.csv"
+    log.write_text("step,train_loss\n" + "".join(f"{i},{3 - i * 0.01}\n" for i in range(50)))
+    for bad in ("", str(tmp_path / "nodir" / "out")):
+        assert main(["curves", str(log), flag, bad]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.strip().splitlines()) == 1 and flag in err, (out, err)

@@ -53,7 +53,7 @@ def add_parser(sub):
 
 def run(args, argv):
     """``fastloss curves``: returns the exit status (2 on bad input, with one line on stderr)."""
-    from .._io import write_json_atomic
+    from .._io import check_output_path, write_json_atomic
     from ..evaluation.curves import diagnose, read_log
 
     def fail(e, status):
@@ -64,6 +64,9 @@ def run(args, argv):
         return status
 
     try:
+        for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
+            if path is not None:  # before any work: a bad path prints no report
+                check_output_path(path, flag)
         log = read_log(args.log)
         report = diagnose(log, window=args.window, baseline=args.baseline, vocab=args.vocab)
     except (ValueError, TypeError) as e:

@@ -18,9 +18,10 @@ missing). A JSON document holding a list of such objects, or an object with a
 * the final training and validation losses and the gap between them.
 """
 
+import array
+import codecs
 import csv
 import dataclasses
-import io
 import json
 import math
 import os
@@ -107,7 +108,7 @@ def _pick(record, keys):
 
 def _build(records, source):
     """A TrainingLog from ``(where, mapping)`` records, with every check of the log format."""
-    steps, train, vsteps, val = [], [], [], []
+    steps, train, vsteps, val = (array.array("d") for _ in range(4))
     last_step, last_where = None, None
     for where, rec in records:
         tkey, tval = _pick(rec, TRAIN_KEYS)
@@ -136,12 +137,16 @@ def _build(records, source):
     if len(steps) < 2:
         raise CurveLogError(source, f"{len(steps)} train_loss point(s); need at least 2")
     f64 = np.float64
-    return TrainingLog(np.array(steps, f64), np.array(train, f64), np.array(vsteps, f64),
-                       np.array(val, f64), source)
+    return TrainingLog(*(np.frombuffer(a, f64) for a in (steps, train, vsteps, val)),
+                       source)  # views of the arrays' buffers: no copy
 
 
-def _csv_records(text, source):
-    reader = csv.reader(io.StringIO(text))
+def _csv_records(lines, source):
+    """``(where, record)`` pairs from CSV ``lines`` (an iterable of lines), read lazily.
+
+    Each record holds just the step and loss columns.
+    """
+    reader = csv.reader(lines)
     try:
         header = next(reader)
     except StopIteration:
@@ -156,18 +161,22 @@ def _csv_records(text, source):
         raise CurveLogError(source, f"no {' or '.join(repr(m) for m in missing)} column in the "
                                     f"CSV header (found {shown}); expected step, train_loss "
                                     f"and optionally val_loss")
-    records = []
+    # A repeated column name keeps its last cell (as dict(zip(names, row)) would).
+    wanted = {k: i for i, k in enumerate(names) if k in ("step", *TRAIN_KEYS, *VAL_KEYS)}
+    wanted = list(wanted.items())
+    ncols = len(names)
+
     try:
         for row in reader:
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) > len(names):
+            if len(row) > ncols:
+                if not any(cell.strip() for cell in row):
+                    continue
                 raise CurveLogError(source, f"line {reader.line_num}: {len(row)} cells but the "
-                                            f"header names {len(names)} columns")
-            records.append((f"line {reader.line_num}", dict(zip(names, row, strict=False))))
+                                            f"header names {ncols} columns")
+            nrow = len(row)
+            yield f"line {reader.line_num}", {k: row[i] for k, i in wanted if i < nrow}
     except csv.Error as e:
         raise CurveLogError(source, f"line {reader.line_num}: not valid CSV ({e})") from None
-    return records
 
 
 def _json_records(text, source):
@@ -179,6 +188,8 @@ def _json_records(text, source):
         whole = json.loads(text)  # one document: a list of records, or trainer_state.json
     except ValueError:
         whole = None
+    except RecursionError:
+        raise CurveLogError(source, "JSON nested too deeply to read") from None
     if isinstance(whole, list) or (isinstance(whole, dict) and "log_history" in whole):
         items = whole.get("log_history") if isinstance(whole, dict) else whole
         if not isinstance(items, list):
@@ -192,6 +203,9 @@ def _json_records(text, source):
                 continue
             try:
                 records.append((f"line {i + 1}", json.loads(line)))
+            except RecursionError:
+                raise CurveLogError(source, f"line {i + 1}: JSON nested too deeply to "
+                                            f"read") from None
             except ValueError as e:
                 raise CurveLogError(source, f"line {i + 1}: not valid JSON ({e.args[0]})") from None
     for where, item in records:
@@ -241,29 +255,70 @@ def read_log(path):
     ([0.0, 100.0, 200.0], [3.2, 2.7])
     """
     source = os.fspath(path)
+    ext = os.path.splitext(source)[1].lower()
     try:
+        _check_utf8(source)
         with open(source, encoding="utf-8", newline="") as f:
-            text = f.read()
+            if ext in (".jsonl", ".ndjson", ".json"):
+                as_json = True
+            elif ext == ".csv":
+                as_json = False
+            else:
+                as_json = _first_char(f) in ("{", "[")
+                f.seek(0)
+            if as_json:
+                return _build(_json_records(f.read().removeprefix("\ufeff"), source), source)
+            return _build(_csv_records(_skip_bom(f), source), source)
     except FileNotFoundError:
         raise CurveLogError(source, "no such file") from None
     except IsADirectoryError:
         raise CurveLogError(source, "is a directory, expected a CSV or JSON-lines log") from None
     except PermissionError:
         raise CurveLogError(source, "permission denied") from None
-    except UnicodeDecodeError as e:
-        raise CurveLogError(source, f"not a UTF-8 text file (byte {e.start})") from None
     except OSError as e:
         raise CurveLogError(source, f"cannot read: {e.strerror or e}") from None
-    text = text.removeprefix("\ufeff")
-    ext = os.path.splitext(source)[1].lower()
-    if ext in (".jsonl", ".ndjson", ".json"):
-        as_json = True
-    elif ext == ".csv":
-        as_json = False
-    else:
-        as_json = text.lstrip()[:1] in ("{", "[")
-    records = _json_records(text, source) if as_json else _csv_records(text, source)
-    return _build(records, source)
+
+
+def _check_utf8(source, chunk=1 << 20):
+    """Raise CurveLogError unless the file is UTF-8 text (read in chunks, nothing kept)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    done = 0
+    with open(source, "rb") as f:
+        while True:
+            data = f.read(chunk)
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                # e.start counts from the start of the bytes the decoder held: any
+                # bytes of an incomplete character left over from the last chunk, then data.
+                held = len(e.object) - len(data)
+                raise CurveLogError(source, f"not a UTF-8 text file "
+                                            f"(byte {done - held + e.start})") from None
+            if not data:
+                return
+            done += len(data)
+
+
+def _first_char(f, chunk=1 << 16):
+    """The first non-whitespace character of text file ``f`` ("" if none), skipping a BOM."""
+    first = True
+    while True:
+        text = f.read(chunk)
+        if not text:
+            return ""
+        if first:
+            text, first = text.removeprefix("\ufeff"), False
+        text = text.lstrip()
+        if text:
+            return text[0]
+
+
+def _skip_bom(f):
+    """The lines of text file ``f``, a leading byte-order mark removed."""
+    line = f.readline().removeprefix("\ufeff")
+    if line:
+        yield line
+        yield from f
 
 
 def as_log(log):
