@@ -38,9 +38,15 @@ from ._io import write_json_atomic
 from ._threads import get_num_threads, set_num_threads
 from .evaluation import evaluate
 from .evaluation.curves import diagnose, read_log
+from .evaluation.report import baseline_comparison
 from .ops.cross_entropy import cross_entropy, cross_entropy_with_grad
 
 UNK = "<unk>"
+
+#: Where the demo's one unigram baseline counts its frequencies.
+UNIGRAM_SOURCE = "training characters"
+#: Its name in the curve diagnosis (and the curves plot).
+UNIGRAM_NAME = f"unigram baseline (counts from the {UNIGRAM_SOURCE})"
 
 #: Model and run sizes: the default run, and ``quick=True`` (a few seconds, for tests).
 SIZES = {
@@ -217,8 +223,9 @@ def run_demo(steps=None, seed=0, out=None, plot=None, quick=False, stream=None, 
     -------
     dict
         ``history`` (list of ``(step, train_loss, val_loss)``), ``vocab``,
-        ``uniform`` (``ln V``), ``unigram`` (validation cross-entropy of the
-        training split's character frequencies), ``final_train``, ``final_val``,
+        ``uniform`` (``ln V``), ``unigram`` (cross-entropy of the training split's
+        character frequencies on the dumped validation characters: the one unigram
+        baseline of every report), ``final_train``, ``final_val``,
         ``report`` (EvalReport), ``curves`` (CurveReport), ``files`` (name ->
         path; the paths exist only when ``out`` was given), ``plots``,
         ``seconds``.
@@ -233,19 +240,22 @@ def run_demo(steps=None, seed=0, out=None, plot=None, quick=False, stream=None, 
     val_pos = np.sort(rng.choice(np.arange(cfg["context"], len(data.val_ids)),
                                  min(cfg["val_tokens"], len(data.val_ids) - cfg["context"]),
                                  replace=False))
-    _print_setup(write, data, model, cfg, val_pos)
+    dump_pos = np.arange(cfg["context"], len(data.val_ids)) if cfg["dump_all"] else val_pos
+    unigram = data.unigram_loss(data.val_ids[dump_pos])
+    _print_setup(write, data, model, cfg, val_pos, unigram, len(dump_pos))
     folder, tmp = _run_folder(out)
     files = {name: os.path.join(folder, name) for name in FILES}
     try:
         _warm_up(data.nclass, write)
         with _single_threaded():
             history, kernel_s = _train(model, data, val_pos, rng, cfg, write)
-            n_dump = _dump(model, data, val_pos, history, cfg, files)
-        report, curves = _evaluate(files, history, data, n_dump, write)
+            _dump(model, data, dump_pos, history, files)
+        report, curves = _evaluate(files, history, data, unigram, len(dump_pos),
+                                   write, temporary=tmp is not None)
         plots = {}
         if plot is not None:
-            plots = _plots(plot, files["train_log.csv"], report, curves, data.nclass, data.unigram, write)
-        _print_result(write, report.mean_loss, data)
+            plots = _plots(plot, files["train_log.csv"], report, curves, data.nclass, unigram, write)
+        _print_result(write, report, data)
         if out is not None:
             write(f"Files in {folder}: " + ", ".join(files))
         seconds = time.perf_counter() - t_start
@@ -253,7 +263,7 @@ def run_demo(steps=None, seed=0, out=None, plot=None, quick=False, stream=None, 
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    return {"history": history, "vocab": data.vocab, "uniform": data.uniform, "unigram": data.unigram,
+    return {"history": history, "vocab": data.vocab, "uniform": data.uniform, "unigram": unigram,
             "final_train": history[-1][1], "final_val": report.mean_loss, "report": report,
             "curves": curves, "files": files, "plots": plots, "seconds": seconds,
             "kernel_seconds": kernel_s, "folder": folder}
@@ -301,6 +311,12 @@ class Corpus:
         """V: the number of classes (characters of the vocabulary, ``<unk>`` included)."""
         return len(self.vocab)
 
+    def unigram_loss(self, ids):
+        """Cross-entropy (nats per character) of ``ids`` under the training split's
+        character frequencies: the unigram baseline, counted over the training characters."""
+        freq = np.bincount(self.train_ids, minlength=self.nclass) / len(self.train_ids)
+        return float(-np.mean(np.log(np.maximum(freq[ids], 1e-12))))
+
 
 def build_corpus(chars, context):
     """Step 1: the text split (:func:`load_text`), its vocabulary of the ``chars`` most
@@ -308,12 +324,11 @@ def build_corpus(chars, context):
     train_text, val_text = load_text()
     vocab = build_vocab(train_text, chars)
     train_ids, val_ids = encode(train_text, vocab), encode(val_text, vocab)
-    freq = np.bincount(train_ids, minlength=len(vocab)) / len(train_ids)
-    unigram = float(-np.mean(np.log(np.maximum(freq[val_ids[context:]], 1e-12))))
-    return Corpus(train_text, val_text, vocab, train_ids, val_ids, math.log(len(vocab)), unigram)
+    data = Corpus(train_text, val_text, vocab, train_ids, val_ids, math.log(len(vocab)), math.nan)
+    return dataclasses.replace(data, unigram=data.unigram_loss(val_ids[context:]))
 
 
-def _print_setup(write, data, model, cfg, val_pos):
+def _print_setup(write, data, model, cfg, val_pos, unigram, n_dump):
     """The header: corpus, vocabulary, model and baselines."""
     V = data.nclass
     n_params = sum(w.size for w in model.params.values())
@@ -323,9 +338,9 @@ def _print_setup(write, data, model, cfg, val_pos):
     write(f"  {len(data.train_ids):,} training / {len(data.val_ids):,} validation characters; vocabulary "
           f"{V} ({V - 1} characters + {UNK}); model: {cfg['context']} previous characters x {cfg['embed']}-d "
           f"embedding -> {cfg['hidden']} tanh -> {V} logits ({n_params:,} parameters)")
-    write(f"  baselines on validation: uniform ln V = {data.uniform:.4f} nats/char, unigram "
-          f"(training character frequencies) = {data.unigram:.4f}; the logged validation loss is "
-          f"on a sample of {len(val_pos):,} characters")
+    write(f"  baselines on the {n_dump:,} validation characters evaluated at the end: uniform "
+          f"ln V = {data.uniform:.4f} nats/char, unigram (counts from the {UNIGRAM_SOURCE}) = "
+          f"{unigram:.4f}; the logged validation loss is on a sample of {len(val_pos):,} characters")
 
 
 def _run_folder(out):
@@ -390,41 +405,51 @@ def _train(model, data, val_pos, rng, cfg, write):
     return history, kernel_s
 
 
-def _dump(model, data, val_pos, history, cfg, files):
-    """Step 4: write the loss log, the validation dump (every validation character, or
-    for a quick run the logged sample) and the vocabulary; returns the dump's tokens."""
+def _dump(model, data, dump_pos, history, files):
+    """Step 4: write the loss log, the validation dump (the characters at ``dump_pos``:
+    every validation character, or for a quick run the logged sample) and the vocabulary."""
     with open(files["train_log.csv"], "w") as f:
         f.write("step,train_loss,val_loss\n")
         f.writelines(f"{s},{tr:.6f},{va:.6f}\n" for s, tr, va in history)
-    dump_pos = np.arange(cfg["context"], len(data.val_ids)) if cfg["dump_all"] else val_pos
     np.save(files["val_logits.npy"], _logits_in_chunks(model, data.val_ids, dump_pos))
     np.save(files["val_targets.npy"], data.val_ids[dump_pos])
     with open(files["vocab.json"], "w") as f:
         json.dump(data.vocab, f)
-    return len(dump_pos)
 
 
-def _evaluate(files, history, data, n_dump, write):
+def _evaluate(files, history, data, unigram, n_dump, write, temporary):
     """Step 5: ``fastloss.evaluate`` on the dump and ``diagnose`` on the log, printed
-    and written as JSON; returns ``(EvalReport, CurveReport)``."""
-    report = evaluate(files["val_logits.npy"], files["val_targets.npy"], train_loss=history[-1][1])
-    write(f"fastloss.evaluate on the validation dump ({n_dump:,} characters):")
+    and written as JSON; returns ``(EvalReport, CurveReport)``.
+
+    Both reports use the demo's one unigram baseline (training-split frequencies) in
+    place of ``evaluate``'s (frequencies of the evaluated characters). With
+    ``temporary`` files the log is named by its file name alone: its folder is removed.
+    """
+    step, train_loss = history[-1][0], history[-1][1]
+    report = evaluate(files["val_logits.npy"], files["val_targets.npy"], train_loss=train_loss)
+    report = report.with_unigram(unigram, UNIGRAM_SOURCE)
+    first = max(history[-2][0] + 1, 1) if len(history) > 1 else step
+    report.train_loss_source = (f"mean minibatch loss of steps {first:,}-{step:,}, logged at "
+                                f"step {step:,}")
+    write(f"fastloss.evaluate on the validation dump ({n_dump:,} characters, the model at step "
+          f"{step:,}):")
     write(report.format())
-    curves = diagnose(read_log(files["train_log.csv"]), vocab=data.nclass, baseline=data.unigram,
-                      baseline_name="unigram baseline")
+    log = read_log(files["train_log.csv"])
+    if temporary:
+        log = dataclasses.replace(log, source=os.path.basename(log.source))
+    curves = diagnose(log, vocab=data.nclass, baseline=unigram, baseline_name=UNIGRAM_NAME)
     write(curves.format())
     write_json_atomic(report.to_dict(), files["eval_report.json"])
     write_json_atomic(curves.to_dict(), files["curves.json"])
     return report, curves
 
 
-def _print_result(write, final_val, data):
+def _print_result(write, report, data):
     """Step 6: the validation loss against the two baselines."""
-    unigram, uniform = data.unigram, data.uniform
+    final_val, unigram = report.mean_loss, report.unigram_baseline
     write(f"Result: validation loss {final_val:.4f} nats/char ({final_val / math.log(2):.3f} "
-          f"bits/char) against {unigram:.4f} for the unigram baseline and {uniform:.4f} for "
-          f"uniform guessing: {unigram - final_val:.4f} nats/char below the unigram baseline "
-          f"({np.exp(unigram - final_val):.1f}x lower perplexity).")
+          f"bits/char); unigram baseline {unigram:.4f}, uniform ln V {data.uniform:.4f}. "
+          + (baseline_comparison(final_val, data.uniform, unigram, report.unigram_source) or ""))
 
 
 def _plots(folder, log_path, report, curves, vocab, unigram, write):
@@ -437,7 +462,7 @@ def _plots(folder, log_path, report, curves, vocab, unigram, write):
              "eval.png": os.path.join(folder, "eval.png")}
     try:
         plot_curves(log_path, paths["curves.png"], vocab=vocab, baseline=unigram,
-                    baseline_name="unigram baseline", report=curves)
+                    baseline_name=UNIGRAM_NAME, report=curves)
         plot_report(report.to_dict(), paths["eval.png"])
     except RuntimeError as e:
         write(f"No plots: {e}")

@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -118,10 +119,44 @@ def test_demo_cli_prints_the_reports(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "pydoc_data.topics" in text and "uniform ln V = 4.1744" in text
     assert "fastloss eval:" in text and "fastloss curves:" in text
-    assert "Result: validation loss" in text and "below the unigram baseline" in text
+    assert "Result: validation loss" in text
+    assert "Beyond the unigram baseline (counts from the training characters): the loss is" in text
     assert sorted(os.listdir(out)) == ["curves.json", "eval_report.json", "train_log.csv",
                                        "val_logits.npy", "val_targets.npy", "vocab.json"]
     assert read_log(out / "train_log.csv").steps[-1] == 100
+
+
+def test_demo_prints_no_path_of_its_temporary_folder(capsys):
+    import tempfile
+
+    assert main(["demo", "--quick", "--steps", "60", "--seed", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "fastloss-demo-" not in text and tempfile.gettempdir() not in text
+    assert "fastloss curves: train_log.csv: 4 training points" in text
+
+
+def test_demo_has_one_unigram_baseline(quick_run, capsys):
+    res, _ = quick_run
+    report, curves = res["report"], res["curves"]
+    u = res["unigram"]
+    assert report.unigram_baseline == u and report.unigram_source == "training characters"
+    assert curves.baselines == {"uniform baseline ln V": res["uniform"],
+                                "unigram baseline (counts from the training characters)": u}
+    # the frequencies of the training split, on the dumped validation characters
+    targets = np.load(res["files"]["val_targets.npy"])
+    ids = encode(load_text()[0], res["vocab"])
+    freq = np.bincount(ids, minlength=len(res["vocab"])) / len(ids)
+    assert u == pytest.approx(-np.mean(np.log(freq[targets])), rel=1e-12)
+    assert report.to_dict()["unigram_source"] == "training characters"
+    # every printed unigram number is that one
+    again = run_demo(quick=True, seed=1, steps=60, stream=sys.stdout)
+    text = capsys.readouterr().out
+    # (the "Beyond the unigram baseline" sentences give distances, not the baseline)
+    values = re.findall(r"unigram[^\n]*?(\d+\.\d{4})", re.sub(r"Beyond[^\n]*", "", text))
+    assert len(values) >= 4 and set(values) == {f"{again['unigram']:.4f}"}, values
+    assert "counts from the training characters" in text and "evaluated tokens" not in text
+    assert f"train loss        {again['history'][-1][1]:.4f} nats (mean minibatch loss of steps " \
+           f"41-60, logged at step 60)" in text
 
 
 def test_demo_plots(tmp_path, capsys):

@@ -60,21 +60,45 @@ def test_still_improving_slope_matches_linregress(rng):
     assert "Still improving" in r.format() and "per 1000 steps" in r.format()
 
 
-def test_flat_noisy_curve_is_converged(rng):
+def test_flat_quiet_curve_is_converged(rng):
     s = np.arange(300) * 10.0
-    y = 2.0 + rng.normal(0, 0.05, 300)
+    y = 2.0 + rng.normal(0, 0.005, 300)
     r = diagnose({"step": s, "train_loss": y})
     assert r.trend == "converged"
     assert abs(r.train_slope) < 2 * r.train_slope_se
-    assert "Converged" in r.findings[0]
+    # the slope's +-2 se interval allows at most 1% of the loss across the window
+    span = r.window_end_step - r.window_start_step
+    assert r.train_change_limit == pytest.approx((abs(r.train_slope) + 2 * r.train_slope_se)
+                                                 * span / 1000)
+    assert r.train_change_limit <= 0.01 * 2.0 and r.converged_tolerance == 0.01
+    assert r.findings[0].startswith("Converged:") and "within the 1% tolerance" in r.findings[0]
+
+
+def test_flat_noisy_curve_is_undetermined(rng):
+    # Noise 0.05 on a loss of 2 over 60 points: the slope is not significant, but its
+    # interval allows a change of ~7 sigma / sqrt(60) = 2.2% of the loss across the window.
+    s = np.arange(300) * 10.0
+    y = 2.0 + rng.normal(0, 0.05, 300)
+    r = diagnose({"step": s, "train_loss": y})
+    assert abs(r.train_slope) < 2 * r.train_slope_se
+    assert r.trend == "undetermined" and r.train_change_limit > 0.01 * 2.0
+    assert r.findings[0].startswith("Undetermined:") and "Converged" not in r.format()
+    assert "more than the 1% tolerance for 'converged'" in r.findings[0]
+    # the same noise over 5x as many points narrows the interval enough
+    long = diagnose({"step": np.arange(6000) * 10.0,
+                     "train_loss": 2.0 + rng.normal(0, 0.05, 6000)})
+    assert long.trend == "converged"
 
 
 def test_flat_false_alarm_rate_is_small():
-    # A 2-standard-error test on pure noise flags about 2.5% per side.
+    # A 2-standard-error test on pure noise flags about 2.5% per side; never "converged"
+    # here (20 points of noise 2.5% of the loss cannot rule out a 1% change).
     flagged = 0
     for seed in range(40):
         y = 2.0 + np.random.default_rng(seed).normal(0, 0.05, 100)
-        flagged += diagnose({"step": np.arange(100), "train_loss": y}).trend != "converged"
+        trend = diagnose({"step": np.arange(100), "train_loss": y}).trend
+        flagged += trend in ("still improving", "rising")
+        assert trend != "converged"
     assert flagged <= 6
 
 
@@ -121,6 +145,61 @@ def test_overfitting_from_the_right_step(rng):
     assert r.generalization_gap == pytest.approx(r.final_val_loss - np.interp(last_val_step, s, train))
     text = r.format()
     assert "Overfitting" in text and f"near step {r.val_min_step:,} should generalise best" in text
+
+
+def test_val_minimum_raw_and_smoothed_and_the_rise_window(rng):
+    s, train, val, _ = u_shaped(rng)
+    r = diagnose({"step": s, "train_loss": train, "val_loss": val})
+    vs, vy = s[~np.isnan(val)], val[~np.isnan(val)]
+    assert r.val_min_raw_loss == vy.min() and r.val_min_raw_step == vs[np.argmin(vy)]
+    assert r.val_smoothing == 2 * max(1, len(vy) // 20) + 1
+    assert r.val_min_loss >= r.val_min_raw_loss  # a mean of points around the raw minimum or so
+    m = r.val_rise_points
+    assert r.val_rise == pytest.approx(vy[-m:].mean() - r.val_min_loss)
+    assert r.val_rise_start_step == vs[-m]
+    text = " ".join(r.format().split())  # table widths aside
+    assert (f"val minimum {r.val_min_raw_loss:.4f} at step {r.val_min_raw_step:,} "
+            f"(logged value); smoothed (moving average of {r.val_smoothing} points) "
+            f"{r.val_min_loss:.4f} at step {r.val_min_step:,}") in text
+    last = f"the mean of the last {m} validation points (steps {r.val_rise_start_step:,}-{vs[-1]:,.0f})"
+    assert f"val rise {r.val_rise:+.4f}: {last} minus the smoothed minimum" in text
+    assert (f"Overfitting: {last} is {r.val_rise:.4f} above the smoothed validation minimum "
+            f"{r.val_min_loss:.4f} at step {r.val_min_step:,} (moving average of "
+            f"{r.val_smoothing} points; lowest logged value {r.val_min_raw_loss:.4f} at step "
+            f"{r.val_min_raw_step:,})") in text
+    d = r.to_dict()
+    for key in ("val_min_step", "val_min_loss", "val_rise", "val_min_raw_step", "val_min_raw_loss",
+                "val_smoothing", "val_rise_points", "val_rise_start_step"):
+        assert key in d, key
+
+
+def test_gap_is_one_definition_stated_with_its_step():
+    s = [0, 10, 20, 30, 40, 50]
+    train = [3.0, 2.5, 2.2, 2.0, 1.9, 1.85]
+    logged = diagnose({"step": s, "train_loss": train, "val_loss": [None, 2.6, None, 2.3, None, None]})
+    assert logged.gap_step == 30 and logged.gap_train_loss == 2.0 and not logged.gap_train_interpolated
+    assert logged.generalization_gap == pytest.approx(0.3)
+    assert "val - train gap   +0.3000: validation minus training loss (2.0000) at step 30, both " \
+           "logged there" in logged.format()
+    assert "is 0.3000 above the training loss 2.0000 at step 30." in logged.format()
+    between = diagnose({"step": [0, 10, 20, 25, 30], "train_loss": [3.0, 2.5, 2.2, None, 2.0],
+                        "val_loss": [None, None, None, 2.4, None]})
+    assert between.gap_step == 25 and between.gap_train_loss == pytest.approx(2.1)
+    assert between.gap_train_interpolated and between.gap_train_steps == [20, 30]
+    assert "at step 25, training interpolated between its logged steps 20 and 30" in between.format()
+    after = diagnose({"step": [0, 10, 20, 30], "train_loss": [3.0, 2.5, 2.2, None],
+                      "val_loss": [None, None, None, 2.4]})
+    assert after.gap_train_steps == [20, 20] and after.gap_train_loss == 2.2
+    assert "training taken from step 20, the nearest logged" in after.format()
+
+
+def test_window_means_are_labelled(rng):
+    s = np.arange(50) * 10.0
+    r = diagnose({"step": s, "train_loss": np.full(50, 3.5)}, baseline=3.2,
+                 baseline_name="unigram baseline (counts from the training tokens)")
+    assert ("the training loss (3.5000, mean of the last 10 points, steps 400-490) is not below "
+            "the unigram baseline (counts from the training tokens) 3.2000") in r.format()
+    assert "  unigram baseline  3.2000 (counts from the training tokens)" in r.format()
 
 
 def test_val_noise_is_not_overfitting():

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -160,8 +161,9 @@ def test_train_loss_gap_and_report_text(rng):
     r = fastloss.evaluate(x, t, train_loss=1.25)
     assert r.generalization_gap == pytest.approx(r.mean_loss - 1.25, rel=1e-12)
     text = str(r)
-    for word in ("mean loss", "perplexity", "ln V", "unigram", "gap from the uniform", "ECE", "train"):
+    for word in ("mean loss", "perplexity", "ln V", "unigram", "ECE", "train"):
         assert word in text
+    assert "val - train gap" in text and "(the mean loss above minus the train loss)" in text
 
 
 def test_all_ignored_and_bad_options(rng):
@@ -195,6 +197,121 @@ def test_nan_logits_propagate_raise_skip(rng):
     assert s.skipped == 1 and "skipped" in s.warnings[0]
 
 
+# ---- what the report text says -----------------------------------------------------
+
+def _percents(text):
+    """Every percentage printed in ``text``, as numbers."""
+    return [float(p) for p in re.findall(r"(-?\d+(?:\.\d+)?)%", text)]
+
+
+def _boosted(rng, boost, n=3000, v=40):
+    """Skewed targets (frequency ~ 1/rank, so the unigram baseline is well below ln V) and
+    logits that half know those frequencies, the target's raised by ``boost`` (negative:
+    lowered)."""
+    freq = 1.0 / np.arange(1, v + 1)
+    freq /= freq.sum()
+    t = rng.choice(v, n, p=freq)
+    x = 0.5 * np.log(freq) + 0.3 * rng.standard_normal((n, v))
+    x[np.arange(n), t] += boost
+    return x, t
+
+
+def test_baseline_sentence_between_beyond_and_below(rng):
+    from fastloss.evaluation.report import baseline_comparison
+
+    # between the baselines: a percentage in [0, 100]
+    line = baseline_comparison(3.0, 4.0, 2.0)
+    assert line == ("The loss closes 50.0% of the gap from the uniform baseline to the unigram "
+                    "baseline (counts from the evaluated tokens): between guessing uniformly and "
+                    "predicting target frequencies.")
+    assert "100.0%" in baseline_comparison(2.0, 4.0, 2.0)
+    assert "0.0%" in baseline_comparison(4.0, 4.0, 2.0)
+    # beyond the unigram baseline: nats below it and the ratio of losses, never a percentage
+    line = baseline_comparison(1.5, 4.0, 2.0, "training tokens")
+    assert line.startswith("Beyond the unigram baseline (counts from the training tokens): the "
+                           "loss is 0.5000 nats below it (0.750 times it; perplexity 1.65x lower)")
+    assert "%" not in line
+    # worse than uniform: said plainly, no negative percentage
+    line = baseline_comparison(4.5, 4.0, 2.0)
+    assert line == ("Worse than uniform guessing: the loss is 0.5000 nats above the uniform "
+                    "baseline ln V (1.125 times it).")
+    assert baseline_comparison(math.nan, 4.0, 2.0) is None
+
+
+@pytest.mark.parametrize("boost, first_word", [(6.0, "Beyond"), (0.0, "The loss closes"),
+                                               (-3.0, "Worse than uniform")])
+def test_report_never_prints_a_gap_percentage_outside_0_100(rng, boost, first_word):
+    x, t = _boosted(rng, boost)
+    r = fastloss.evaluate(x, t)
+    text = r.format()
+    verdict = [line for line in text.splitlines() if first_word in line]
+    assert len(verdict) == 1, text
+    assert all(0 <= p <= 100 for p in _percents(text)), text
+    if boost > 0:
+        assert r.gap_closed > 1 and "nats below it" in verdict[0] and "%" not in verdict[0]
+        assert r.to_dict()["nats_below_unigram"] == pytest.approx(r.unigram_baseline - r.mean_loss)
+        assert r.to_dict()["loss_over_unigram"] == pytest.approx(r.mean_loss / r.unigram_baseline)
+    elif boost < 0:
+        assert r.gap_closed < 0 and "nats above the uniform baseline" in verdict[0]
+    else:
+        assert 0 <= r.gap_closed <= 1 and f"{r.gap_closed:.1%}" in verdict[0]
+
+
+def test_one_unigram_baseline_named_by_its_counts(rng):
+    x, t = _boosted(rng, 1.5)
+    r = fastloss.evaluate(x, t)
+    assert r.unigram_source == "evaluated tokens" and r.to_dict()["unigram_source"] == "evaluated tokens"
+    assert "counted over the evaluated tokens" in r.format()
+    trained = r.with_unigram(3.5, "training tokens")
+    assert trained.unigram_baseline == 3.5 and r.unigram_baseline != 3.5  # a copy
+    assert trained.gap_closed == pytest.approx((r.uniform_baseline - r.mean_loss)
+                                               / (r.uniform_baseline - 3.5))
+    text = trained.format()
+    rows = [line for line in text.splitlines() if line.strip().startswith("unigram baseline")]
+    assert rows == ["  unigram baseline  3.5000 nats (predicting each target by its frequency, "
+                    "counted over the training tokens)"]
+    assert f"{r.unigram_baseline:.4f}" not in text  # the evaluated tokens' entropy is gone
+    assert "unigram baseline (counts from the training tokens)" in text
+    assert trained.to_dict()["unigram_source"] == "training tokens"
+    # a baseline at or above ln V has no gap to close
+    assert r.with_unigram(r.uniform_baseline + 0.1, "training tokens").gap_closed is None
+
+
+def test_histogram_folded_by_default_and_open_ended_last_bin(rng):
+    x, t = _boosted(rng, -4.0, n=500, v=10)  # many losses above 2 ln V
+    r = fastloss.evaluate(x, t)
+    top, last_lo = r.loss_histogram["edges"][-1], r.loss_histogram["edges"][-2]
+    assert r.loss_max > top and r.loss_histogram["counts"][-1] > 0
+    folded = r.format()
+    assert f"the last open-ended (≥ {last_lo:.2f}, max {r.loss_max:.4f}); folded" in folded
+    assert "[  " not in folded and "#" not in folded  # no bin lines, no bars
+    shown = r.format(histogram=True)
+    bins = [line for line in shown.splitlines() if line.startswith("    [") or "≥" in line]
+    assert bins[-1].startswith(f"    ≥ {last_lo:.2f}") and bins[-1].endswith("#" * 30)
+    assert sum(int(b.split()[-2].replace(",", "")) for b in bins[1:]) == r.tokens
+    # no overflow: the last bin is closed, [lo, hi]
+    y, u = _boosted(rng, 3.0, n=500, v=10)
+    quiet = fastloss.evaluate(y, u, hist_max=50.0)
+    assert quiet.loss_max < 50.0
+    shown = quiet.format(histogram=True)
+    assert "≥" not in shown and "open-ended" not in shown
+    assert "bins of 1.25 nats on [0, 50.00]:" in shown
+
+
+def test_profile_has_a_legend(rng):
+    x, t = _boosted(rng, 1.0, n=640, v=20)
+    text = fastloss.evaluate(x, t, seq_len=128).format()
+    lines = text.splitlines()
+    i = next(k for k, line in enumerate(lines) if "profile [" in line)
+    legend = lines[i + 1]
+    assert legend.startswith("    legend: '.' ") and "'@' " in legend and "nats (the nearest level)" in legend
+    for level in ".:-=+*#%@":
+        assert f"'{level}' " in legend
+    assert "a column is the mean loss of 2 positions' counted tokens, position 0 on the left" in lines[i + 2]
+    one = fastloss.evaluate(x[:600], t[:600], seq_len=20).format()
+    assert "a column is one position, position 0 on the left" in one
+
+
 # ---- the command line -------------------------------------------------------------
 
 def _files(rng, tmp_path, n=120, v=19):
@@ -213,6 +330,7 @@ def test_cli_prints_table_and_writes_json(rng, tmp_path, capsys):
     cap = capsys.readouterr()
     assert code == 0, cap.err
     assert "mean loss" in cap.out and "unigram baseline" in cap.out and "val - train gap" in cap.out
+    assert "train loss        2.0000 nats (given with --train-loss)" in cap.out
     d = json.loads(out_json.read_text())
     for key in ("tokens", "ignored", "mean_loss", "perplexity", "bits_per_token", "accuracy",
                 "top5_accuracy", "mean_entropy", "ece", "uniform_baseline", "unigram_baseline",
@@ -241,6 +359,9 @@ def test_cli_curves_log_gives_gap_and_diagnosis(rng, tmp_path, capsys):
     assert d["generalization_gap"] == pytest.approx(d["mean_loss"] - train[-1])
     assert d["curves"]["final_train_loss"] == pytest.approx(train[-1])
     assert "val - train gap" in cap.out and "fastloss curves" in cap.out
+    assert f"(the last train_loss of {log}, at step 1,950)" in cap.out
+    # the curves report's baseline is the report's one unigram baseline, named the same way
+    assert "unigram baseline       " in cap.out and "(counts from the evaluated tokens)" in cap.out
     # --train-loss wins over the log; a bad log is a one-line error naming it
     assert main(["eval", *logits, "--targets", targets, "--curves", str(log), "--train-loss", "1.5",
                  "--json", str(out_json)]) == 0
@@ -249,6 +370,23 @@ def test_cli_curves_log_gives_gap_and_diagnosis(rng, tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("step,loss_typo\n1,2\n")
     _expect_error(capsys, ["eval", *logits, "--targets", targets, "--curves", str(bad)], "bad.csv")
+
+
+def test_cli_histogram_flag(rng, tmp_path, capsys):
+    _, _, logits, targets = _files(rng, tmp_path)
+    assert main(["eval", *logits, "--targets", targets]) == 0
+    folded = capsys.readouterr().out
+    assert "folded (--histogram shows it" in folded
+    assert not [line for line in folded.splitlines() if line.startswith("    [")]
+    assert main(["eval", *logits, "--targets", targets, "--histogram"]) == 0
+    shown = capsys.readouterr().out
+    bins = [line for line in shown.splitlines() if line.startswith("    [") or line.startswith("    ≥")]
+    assert len(bins) >= 5 and "folded" not in shown
+    # everything else is the same report
+    def rest(text):
+        return [line for line in text.splitlines()
+                if line not in bins and not line.startswith("  loss histogram")]
+    assert rest(shown) == rest(folded)
 
 
 def _expect_error(capsys, argv, *needles):

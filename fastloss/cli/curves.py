@@ -32,15 +32,16 @@ def _positive_float(text):
 def add_parser(sub):
     cv = sub.add_parser(
         "curves", help="diagnose a training run from its loss log (CSV or JSON lines): still "
-                       "improving or converged, overfitting, underfitting",
+                       "improving, converged or undetermined, overfitting, underfitting",
         description="Read LOG (CSV with a header naming step, train_loss and optionally "
                     "val_loss; or JSON lines with those keys) and print what the curves show, "
                     "with the numbers behind each finding. Bad input exits with status 2 and a "
                     "one-line message naming the file.")
     cv.add_argument("log", metavar="LOG", help="training log: .csv or .jsonl")
     cv.add_argument("--window", type=_positive_int("window", 3), metavar="K",
-                    help="trailing training points whose slope decides 'still improving' "
-                         "(default: the last 20%%, at least 5)")
+                    help="trailing training points whose slope decides 'still improving', "
+                         "'converged' (its +-2 se interval allows at most a 1%% change across "
+                         "them) or 'undetermined' (default: the last 20%%, at least 5)")
     cv.add_argument("--vocab", type=_positive_int("vocab", 2), metavar="V",
                     help="number of classes: compare against the uniform baseline ln V")
     cv.add_argument("--baseline", type=_positive_float, metavar="X",

@@ -52,6 +52,9 @@ def add_parser(sub):
     ev.add_argument("--plot", metavar="PNG",
                     help="also draw the loss histogram (and, with --seq-len, the loss per "
                          "position) to PNG (needs matplotlib: pip install fastloss[plot])")
+    ev.add_argument("--histogram", action="store_true",
+                    help="print the per-token loss histogram (folded to one line by default; "
+                         "--json always holds it)")
     ev.add_argument("--curves", metavar="LOG",
                     help="training log (CSV or JSON lines, as for `fastloss curves`): its final "
                          "training loss gives the validation - train gap (unless --train-loss), "
@@ -110,6 +113,11 @@ def _fail(args, e):
     sys.stderr.write(f"fastloss eval: error: {msg}\n")
 
 
+def _step_text(step):
+    """A logged step as printed: 3,000 (or 12.5 for a fractional step)."""
+    return f"{int(step):,}" if float(step).is_integer() else f"{step:g}"
+
+
 def run(args, argv):
     """``fastloss eval``: returns the exit status (2 on bad input, 1 when --plot lacks
     matplotlib; one line on stderr)."""
@@ -119,11 +127,14 @@ def run(args, argv):
         _check_args(args)
         log = None
         train_loss = args.train_loss
+        train_source = "given with --train-loss" if train_loss is not None else None
         if args.curves:
             from ..evaluation.curves import read_log
             log = read_log(args.curves)
             if train_loss is None:
                 train_loss = float(log.train_loss[-1])
+                train_source = (f"the last train_loss of {args.curves}, at step "
+                                f"{_step_text(log.steps[-1])}")
         report = evaluate(args.logits or None, args.targets, hidden=args.hidden,
                           lm_head=args.lm_head, bias=args.bias, ignore_index=args.ignore_index,
                           seq_len=args.seq_len, shift=args.shift,
@@ -131,15 +142,17 @@ def run(args, argv):
                           on_invalid="skip" if args.skip_invalid else "raise",
                           train_loss=train_loss, layout=_layout(args),
                           progress=args.progress)
+        report.train_loss_source = train_source
         if report.tokens == 0:
             raise ValueError(f"{', '.join(report.targets_files)}: no counted tokens (every "
                              f"target equals --ignore-index {args.ignore_index})")
         out = report.to_dict()
-        text = report.format()
+        text = report.format(histogram=args.histogram)
         if log is not None:
             from ..evaluation.curves import diagnose
             curves = diagnose(log, vocab=report.vocab, baseline=report.unigram_baseline,
-                              baseline_name="unigram baseline")
+                              baseline_name=f"unigram baseline (counts from the "
+                                            f"{report.unigram_source})")
             out["curves"] = curves.to_dict()
             text += "\n" + curves.format()
         sys.stdout.write(text)

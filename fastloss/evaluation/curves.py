@@ -9,13 +9,16 @@ missing). A JSON document holding a list of such objects, or an object with a
 
 :func:`diagnose` answers four questions, each with the numbers behind the answer:
 
-* **still improving or converged**: the least-squares slope of the training loss
-  over the last ``window`` points, with its standard error;
+* **still improving, converged or undetermined**: the least-squares slope of the
+  training loss over the last ``window`` points, with its standard error; converged
+  only when the slope's ~95% interval rules out a change of more than 1% of the loss
+  across the window;
 * **overfitting**: has the validation loss risen since its minimum by more than
   its own noise, while the training loss kept falling;
 * **underfitting**: is the training loss still near a baseline (``ln V``, the
   loss of uniform guessing over ``V`` classes, or one you give);
-* the final training and validation losses and the gap between them.
+* the final training and validation losses and the gap between them (validation
+  minus training at the last validation step).
 """
 
 import array
@@ -42,6 +45,10 @@ RISE_SIGMAS = 3.0
 #: Changes smaller than this fraction of the loss level count as none at all
 #: (guards noise-free logs, whose standard errors are zero).
 REL_TOL = 1e-3
+#: "Converged" needs the slope's ~95% interval (``SLOPE_SIGMAS`` standard errors) to
+#: allow no change across the window larger than this fraction of the loss level;
+#: a wider interval leaves the trend "undetermined".
+CONVERGED_TOL = 1e-2
 #: Underfitting: the training loss is still within this fraction of the way from
 #: the baseline down to zero loss.
 UNDERFIT_FRAC = 0.10
@@ -403,23 +410,32 @@ def _fit_line(x, y):
 
 
 def _trend(x, y, window):
-    """Trend of the last ``window`` points: a dict with the verdict and its numbers."""
+    """Trend of the last ``window`` points: a dict with the verdict and its numbers.
+
+    ``limit`` is the largest change of the loss across the window that a slope within
+    ``SLOPE_SIGMAS`` standard errors of the fit allows, ``(|b| + 2 se) * span``;
+    ``level`` the window's mean loss.
+    """
     k = min(window, len(x))
     xs, ys = x[-k:], y[-k:]
     slope, se, _ = _fit_line(xs, ys)
     span = float(xs[-1] - xs[0])
     change = slope * span  # fitted change of the loss across the window
-    floor = REL_TOL * max(abs(float(ys.mean())), 1e-12)
+    level = max(abs(float(ys.mean())), 1e-12)
+    limit = (abs(slope) + SLOPE_SIGMAS * se) * span
     if k < 3:
         verdict = "undetermined"
-    elif slope < -SLOPE_SIGMAS * se and -change > floor:
+    elif slope < -SLOPE_SIGMAS * se and -change > REL_TOL * level:
         verdict = "still improving"
-    elif slope > SLOPE_SIGMAS * se and change > floor:
+    elif slope > SLOPE_SIGMAS * se and change > REL_TOL * level:
         verdict = "rising"
-    else:
+    elif limit <= CONVERGED_TOL * level:
         verdict = "converged"
+    else:
+        verdict = "undetermined"
     return {"verdict": verdict, "points": k, "start": float(xs[0]), "end": float(xs[-1]),
-            "slope": 1000.0 * slope, "se": 1000.0 * se, "change": change}
+            "slope": 1000.0 * slope, "se": 1000.0 * se, "change": change,
+            "limit": limit if k >= 3 else math.nan, "level": float(ys.mean())}
 
 
 def _noise(y):
@@ -455,13 +471,17 @@ def _overfitting(log):
     half = max(1, n // 20)
     smooth, counts = _smooth(vy, half)
     i = int(np.argmin(smooth))
+    j = int(np.argmin(vy))
     sigma = _noise(vy)
     out = {"min_step": float(vx[i]), "min_loss": float(smooth[i]), "noise": sigma,
-           "rise": 0.0, "sigmas": 0.0, "significant": False, "train_change": None}
+           "raw_min_step": float(vx[j]), "raw_min_loss": float(vy[j]), "smoothing": 2 * half + 1,
+           "rise": 0.0, "sigmas": 0.0, "significant": False, "train_change": None,
+           "rise_points": 0, "rise_start": None}
     after = n - 1 - i
     if after == 0:
         return out
     m = min(2 * half + 1, after)
+    out.update(rise_points=m, rise_start=float(vx[-m]))
     rise = float(vy[-m:].mean() - smooth[i])
     se = sigma * math.sqrt(1.0 / m + 1.0 / counts[i])
     sigmas = rise / se if se > 0 else (math.inf if rise > 0 else 0.0)
@@ -488,16 +508,44 @@ def _step(x):
     return int(x) if float(x).is_integer() else float(x)
 
 
+def _gap_how(a, b, step):
+    """How the training loss at validation ``step`` was read from training steps ``a``, ``b``
+    around it (None when logged at ``step`` itself)."""
+    if a == b == step:
+        return None
+    if a == b:
+        return f"training taken from step {a:,}, the nearest logged"
+    return f"training interpolated between its logged steps {a:,} and {b:,}"
+
+
+def _last_points(m, start, end):
+    """What a mean over the last ``m`` validation points (steps ``start``-``end``) is."""
+    if m == 1:
+        return f"the last validation point (step {_step(end):,})"
+    return f"the mean of the last {m} validation points (steps {_step(start):,}-{_step(end):,})"
+
+
 @dataclasses.dataclass
 class CurveReport:
     """What a training log's loss curves show.
 
     Slopes are in loss units per 1000 steps; ``*_se`` their standard errors.
-    ``trend`` is ``"still improving"`` (slope below ``-2 se``), ``"converged"``
-    (slope within ``2 se`` of zero: a plateau), ``"rising"`` (above ``+2 se``)
-    or ``"undetermined"`` (fewer than 3 points). ``overfitting`` and
-    ``underfitting`` are None when they cannot be judged (too few validation
-    points; no baseline).
+    ``trend`` is ``"still improving"`` (slope below ``-2 se``), ``"rising"`` (above
+    ``+2 se``), ``"converged"`` (neither, and ``train_change_limit``, the largest
+    change across the window that a slope within ``2 se`` allows, is at most
+    ``converged_tolerance`` (1%) of the loss) or ``"undetermined"`` (neither, with a
+    wider interval; or fewer than 3 points). ``overfitting`` and ``underfitting`` are
+    None when they cannot be judged (too few validation points; no baseline).
+
+    ``generalization_gap`` is the validation loss minus the training loss at the same
+    step, ``gap_step`` (the last validation step); ``gap_train_loss`` is the training
+    loss there, interpolated linearly between the logged training steps
+    ``gap_train_steps`` around it when ``gap_train_interpolated`` (the nearest logged
+    value beyond the training steps). ``val_min_loss`` / ``val_min_step`` are the minimum of
+    the smoothed validation curve (a centred moving average of ``val_smoothing``
+    points), ``val_min_raw_loss`` / ``val_min_raw_step`` the minimum of the logged
+    values; ``val_rise`` is the mean of the last ``val_rise_points`` validation points
+    (from step ``val_rise_start_step``) minus the smoothed minimum.
     """
 
     source: str
@@ -525,6 +573,17 @@ class CurveReport:
     underfitting: bool | None = None
     baselines: dict = dataclasses.field(default_factory=dict)
     findings: list = dataclasses.field(default_factory=list)
+    train_change_limit: float | None = None
+    converged_tolerance: float = CONVERGED_TOL
+    gap_step: float | None = None
+    gap_train_loss: float | None = None
+    gap_train_interpolated: bool | None = None
+    gap_train_steps: list | None = None
+    val_min_raw_step: float | None = None
+    val_min_raw_loss: float | None = None
+    val_smoothing: int | None = None
+    val_rise_points: int | None = None
+    val_rise_start_step: float | None = None
 
     def to_dict(self):
         """A JSON-ready dict whose keys are the field names (non-finite floats become None)."""
@@ -537,24 +596,39 @@ class CurveReport:
 
         lines = [f"fastloss curves: {self.source}: {self.points} training points (steps "
                  f"{self.first_step:,}-{self.last_step:,}), {self.val_points} validation points"]
-        rows = [("final train loss", num(self.final_train_loss))]
+        rows = [("final train loss", f"{num(self.final_train_loss)} (step {self.last_step:,})")]
         if self.final_val_loss is not None:
-            rows.append(("final val loss", num(self.final_val_loss)))
-            rows.append(("val - train gap", num(self.generalization_gap, "{:+.4f}")))
+            rows.append(("final val loss", f"{num(self.final_val_loss)} (step {self.gap_step:,})"))
+            how = _gap_how(*self.gap_train_steps, self.gap_step) or "both logged there"
+            rows.append(("val - train gap", f"{num(self.generalization_gap, '{:+.4f}')}: validation "
+                                            f"minus training loss ({num(self.gap_train_loss)}) at "
+                                            f"step {self.gap_step:,}, {how}"))
+        limit = ""
+        if self.train_change_limit is not None:
+            limit = (f"; ±{SLOPE_SIGMAS:g} se allow a change of up to "
+                     f"{self.train_change_limit:.3g} across them")
         rows.append(("train trend", f"{self.trend}: slope {self.train_slope:+.4g} ± "
                                     f"{num(self.train_slope_se, '{:.2g}')} per 1000 steps "
                                     f"(last {self.window} points, steps {self.window_start_step:,}-"
-                                    f"{self.window_end_step:,})"))
+                                    f"{self.window_end_step:,}{limit})"))
         if self.val_trend is not None:
             rows.append(("val trend", f"{self.val_trend}: slope {self.val_slope:+.4g} ± "
                                       f"{num(self.val_slope_se, '{:.2g}')} per 1000 steps"))
         if self.val_min_step is not None:
-            since = ("the last point" if self.val_rise == 0.0
-                     else f"risen {self.val_rise:+.4f} since")
-            rows.append(("val minimum", f"{self.val_min_loss:.4f} at step {self.val_min_step:,} "
-                                        f"(smoothed; {since}), noise {self.val_noise:.2g}"))
+            rows.append(("val minimum", f"{self.val_min_raw_loss:.4f} at step "
+                                        f"{self.val_min_raw_step:,} (logged value); smoothed "
+                                        f"(moving average of {self.val_smoothing} points) "
+                                        f"{self.val_min_loss:.4f} at step {self.val_min_step:,}"))
+            if self.val_rise_points:
+                last = _last_points(self.val_rise_points, self.val_rise_start_step, self.gap_step)
+                rows.append(("val rise", f"{self.val_rise:+.4f}: {last} minus the smoothed "
+                                         f"minimum; noise {self.val_noise:.2g}"))
+            else:
+                rows.append(("val rise", f"none: the smoothed minimum is at the last point; "
+                                         f"noise {self.val_noise:.2g}"))
         for name, value in self.baselines.items():
-            rows.append((name, f"{value:.4f}"))
+            key, paren, note = name.partition(" (")  # "unigram baseline (counts from ...)"
+            rows.append((key, f"{value:.4f}" + (f" ({note}" if paren else "")))
         width = max(len(k) for k, _ in rows)
         lines += [f"  {k:<{width}}  {v}" for k, v in rows]
         lines += [f"  - {f}" for f in self.findings]
@@ -573,7 +647,7 @@ def diagnose(log_or_path, *, window=None, baseline=None, vocab=None, baseline_na
         themselves (see :func:`as_log`).
     window : int, optional
         Training points at the end of the run whose trend decides "still
-        improving" versus "converged"; default the last 20% of the points, at
+        improving", "converged" or "undetermined"; default the last 20% of the points, at
         least 5 (all of them in a shorter log). At least 3.
     baseline : float, optional
         A reference loss to compare against, e.g. the unigram entropy of the data.
@@ -600,11 +674,15 @@ def diagnose(log_or_path, *, window=None, baseline=None, vocab=None, baseline_na
     error ``se = sqrt(sum r_i^2 / (n - 2) / S)``, ``r`` the residuals. The run is
     still improving when ``b < -2 se`` and the fitted fall across the window
     exceeds 0.1% of the loss (a floor for noise-free logs); rising when
-    ``b > +2 se`` likewise; otherwise converged (a plateau). Noise that is
-    correlated from step to step (smoothed logs) makes ``se`` an underestimate.
+    ``b > +2 se`` likewise. Otherwise it is converged when every slope within
+    ``2 se`` of ``b`` changes the loss across the window (``span``, its first to
+    last step) by at most 1% of the window's mean loss ``L``:
+    ``(|b| + 2 se) span <= 0.01 L``; else undetermined (the data cannot tell a
+    plateau from a slow fall). Noise that is correlated from step to step
+    (smoothed logs) makes ``se`` an underestimate.
 
     *Overfitting*: the validation curve is smoothed with a centred moving average
-    (half-width ``max(1, n_val // 20)``); at its minimum the smoothed value is
+    (half-width ``h = max(1, n_val // 20)``); at its minimum the smoothed value is
     compared with the mean of the last ``2 h + 1`` points; the rise is significant beyond
     ``3 sigma sqrt(1/m + 1/c)`` (``m``, ``c`` the points in the two means).
     The validation noise ``sigma`` is ``1.4826 MAD(d2) / sqrt 6`` over the second
@@ -655,11 +733,22 @@ def diagnose(log_or_path, *, window=None, baseline=None, vocab=None, baseline_na
     elif tr["verdict"] == "rising":
         findings.append(f"Rising: the training loss grows by {by} over {span} (divergence, or "
                         f"a learning rate too high?).")
-    elif tr["verdict"] == "converged":
-        findings.append(f"Converged: the training-loss slope {pm} over {span} is within "
-                        f"{SLOPE_SIGMAS:g} standard errors of zero (a plateau).")
-    else:
+    elif tr["points"] < 3:
         findings.append("Too few points to tell whether the training loss still falls.")
+    else:
+        limit = (f"{tr['limit']:.3g} ({tr['limit'] / max(abs(tr['level']), 1e-12):.2%} of the "
+                 f"loss)")
+        if tr["verdict"] == "converged":
+            findings.append(f"Converged: the training-loss slope {pm} over {span} allows, within "
+                            f"{SLOPE_SIGMAS:g} standard errors, a change of at most {limit} "
+                            f"across those steps: within the {CONVERGED_TOL:.0%} tolerance "
+                            f"(a plateau).")
+        else:
+            findings.append(f"Undetermined: the training-loss slope {pm} over {span} is not "
+                            f"clearly falling, but within {SLOPE_SIGMAS:g} standard errors it "
+                            f"allows a change of up to {limit} across those steps, more than "
+                            f"the {CONVERGED_TOL:.0%} tolerance for 'converged'; more points "
+                            f"(a longer --window) or less noise would tell.")
 
     rep = dict(source=log.source, points=n, val_points=len(log.val_steps),
                first_step=_step(log.steps[0]), last_step=_step(log.steps[-1]),
@@ -667,12 +756,22 @@ def diagnose(log_or_path, *, window=None, baseline=None, vocab=None, baseline_na
                generalization_gap=None, window=tr["points"],
                window_start_step=_step(tr["start"]), window_end_step=_step(tr["end"]),
                trend=tr["verdict"], train_slope=tr["slope"], train_slope_se=tr["se"],
+               train_change_limit=None if math.isnan(tr["limit"]) else tr["limit"],
                baselines=baselines, findings=findings)
 
     if len(log.val_steps):
         final_val = float(log.val_loss[-1])
-        gap = final_val - float(np.interp(log.val_steps[-1], log.steps, log.train_loss))
-        rep.update(final_val_loss=final_val, generalization_gap=gap)
+        gap_step = float(log.val_steps[-1])
+        train_there = float(np.interp(gap_step, log.steps, log.train_loss))
+        gap = final_val - train_there
+        k = int(np.searchsorted(log.steps, gap_step))  # log.steps[k - 1] < gap_step <= log.steps[k]
+        if k < len(log.steps) and log.steps[k] == gap_step:
+            around = (gap_step, gap_step)
+        else:
+            around = (log.steps[max(k - 1, 0)], log.steps[min(k, len(log.steps) - 1)])
+        rep.update(final_val_loss=final_val, generalization_gap=gap, gap_step=_step(gap_step),
+                   gap_train_loss=train_there, gap_train_interpolated=around[0] != around[1],
+                   gap_train_steps=[_step(around[0]), _step(around[1])])
         if len(log.val_steps) >= 3:
             vt = _trend(log.val_steps, log.val_loss, max(5, math.ceil(0.2 * len(log.val_steps))))
             rep.update(val_trend=vt["verdict"], val_slope=vt["slope"], val_slope_se=vt["se"])
@@ -682,54 +781,65 @@ def diagnose(log_or_path, *, window=None, baseline=None, vocab=None, baseline_na
                             f"need at least {MIN_VAL_POINTS}.")
         else:
             rep.update(val_min_step=_step(of["min_step"]), val_min_loss=of["min_loss"],
-                       val_rise=of["rise"], val_noise=of["noise"])
-            where = f"its minimum {of['min_loss']:.4f} at step {_step(of['min_step']):,}"
+                       val_rise=of["rise"], val_noise=of["noise"],
+                       val_min_raw_step=_step(of["raw_min_step"]), val_min_raw_loss=of["raw_min_loss"],
+                       val_smoothing=of["smoothing"], val_rise_points=of["rise_points"],
+                       val_rise_start_step=_step(of["rise_start"]))
+            where = (f"the smoothed validation minimum {of['min_loss']:.4f} at step "
+                     f"{_step(of['min_step']):,}")
+            how = (f"moving average of {of['smoothing']} points; lowest logged value "
+                   f"{of['raw_min_loss']:.4f} at step {_step(of['raw_min_step']):,}")
+            last = (_last_points(of["rise_points"], of["rise_start"], gap_step)
+                    if of["rise_points"] else None)
             if of["significant"] and of["train_change"] < 0:
                 rep["overfitting"] = True
-                findings.append(f"Overfitting: the validation loss has risen by {of['rise']:.4f} "
-                                f"since {where} ({of['sigmas']:.1f} standard errors of its noise "
-                                f"{of['noise']:.2g}) while the training loss fell by "
+                findings.append(f"Overfitting: {last} is {of['rise']:.4f} above {where} ({how}), "
+                                f"{of['sigmas']:.1f} standard errors of its noise "
+                                f"{of['noise']:.2g}, while the training loss fell by "
                                 f"{-of['train_change']:.4f}; the checkpoint near step "
                                 f"{_step(of['min_step']):,} should generalise best.")
             elif of["significant"]:
                 rep["overfitting"] = False
-                findings.append(f"The validation loss has risen by {of['rise']:.4f} since {where} "
-                                f"({of['sigmas']:.1f} standard errors), but the training loss did "
+                findings.append(f"Instability: {last} is {of['rise']:.4f} above {where} ({how}), "
+                                f"{of['sigmas']:.1f} standard errors, but the training loss did "
                                 f"not fall over those steps either: instability rather than "
                                 f"overfitting.")
             else:
                 rep["overfitting"] = False
                 if of["rise"] > 0:
-                    findings.append(f"No overfitting: the validation loss is {of['rise']:.4f} "
-                                    f"above {where}, within its noise ({of['sigmas']:.1f} "
-                                    f"standard errors).")
+                    findings.append(f"No overfitting: {last} is {of['rise']:.4f} above {where} "
+                                    f"({how}), within its noise ({of['sigmas']:.1f} standard "
+                                    f"errors).")
                 else:
-                    findings.append(f"No overfitting: the validation loss is at {where}.")
+                    findings.append(f"No overfitting: the validation loss is at {where} ({how}).")
+        how = _gap_how(*rep["gap_train_steps"], rep["gap_step"])
+        at = (f"the training loss {train_there:.4f} at step {_step(gap_step):,}"
+              + (f" ({how})" if how else ""))
         if gap > 0:
-            findings.append(f"Final validation loss {final_val:.4f} is {gap:.4f} above the "
-                            f"training loss at that step.")
+            findings.append(f"Final validation loss {final_val:.4f} is {gap:.4f} above {at}.")
         else:
-            findings.append(f"Final validation loss {final_val:.4f} is {-gap:.4f} below the "
-                            f"training loss at that step (regularisation such as dropout, or "
-                            f"an easier validation set?).")
+            findings.append(f"Final validation loss {final_val:.4f} is {-gap:.4f} below {at} "
+                            f"(regularisation such as dropout, or an easier validation set?).")
 
     if baselines:
         level = float(log.train_loss[-tr["points"]:].mean())
+        mean_of = (f"mean of the last {tr['points']} points, steps {_step(tr['start']):,}-"
+                   f"{_step(tr['end']):,}")
         under = []
         for name, b in baselines.items():
             closed = (b - level) / b
             if level >= b:
                 under.append(True)
-                findings.append(f"Underfitting: the training loss ({level:.4f}, mean of the last "
-                                f"{tr['points']} points) is not below the {name} {b:.4f}.")
+                findings.append(f"Underfitting: the training loss ({level:.4f}, {mean_of}) is "
+                                f"not below the {name} {b:.4f}.")
             elif closed < UNDERFIT_FRAC:
                 under.append(True)
-                findings.append(f"Underfitting: the training loss ({level:.4f}, mean of the last "
-                                f"{tr['points']} points) is still near the {name} {b:.4f}: it "
+                findings.append(f"Underfitting: the training loss ({level:.4f}, {mean_of}) is "
+                                f"still near the {name} {b:.4f}: it "
                                 f"has covered only {closed:.1%} of the way to zero loss.")
             else:
                 under.append(False)
-                findings.append(f"The training loss ({level:.4f}) is {b - level:.4f} below the "
-                                f"{name} {b:.4f}.")
+                findings.append(f"The training loss ({level:.4f}, {mean_of}) is {b - level:.4f} "
+                                f"below the {name} {b:.4f}.")
         rep["underfitting"] = any(under)
     return CurveReport(**rep)

@@ -80,7 +80,7 @@ def plot_curves(log, path, *, vocab=None, baseline=None, baseline_name="baseline
         ax.axhline(baseline, color="tab:red", ls=":", lw=1, label=f"{baseline_name} = {baseline:.3f}")
     if report is not None and report.overfitting:
         ax.axvline(report.val_min_step, color="tab:green", ls="-.", lw=1,
-                   label=f"validation minimum (step {report.val_min_step:,})")
+                   label=f"smoothed validation minimum (step {report.val_min_step:,})")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats)")
     ax.set_title(f"Loss curves: {os.path.basename(log.source)}")
@@ -97,7 +97,8 @@ def plot_report(report_dict, path):
     ----------
     report_dict : dict
         ``EvalReport.to_dict()``: uses ``loss_histogram`` (``edges``, ``counts``),
-        ``mean_loss``, ``uniform_baseline`` and ``unigram_baseline``, and, when
+        ``mean_loss``, ``uniform_baseline``, ``unigram_baseline`` (named by
+        ``unigram_source``) and ``loss_max``, and, when
         present and not None, ``per_position_loss`` (mean loss at each position of
         the sequence; None entries are positions without counted tokens).
     path : str or os.PathLike
@@ -130,14 +131,18 @@ def plot_report(report_dict, path):
     fig, axes = plt.subplots(1, ncols, figsize=(6.5 * ncols, 4.2), squeeze=False)
     ax = axes[0, 0]
     ax.stairs(counts, edges, fill=True, alpha=0.6, label="tokens")
+    unigram = f"unigram baseline ({report_dict.get('unigram_source') or 'evaluated tokens'})"
     for key, style, name in (("mean_loss", "-", "mean loss"),
-                             ("unigram_baseline", ":", "unigram baseline"),
+                             ("unigram_baseline", ":", unigram),
                              ("uniform_baseline", "--", "uniform baseline ln V")):
         v = report_dict.get(key)
         if v is not None and math.isfinite(v):
             ax.axvline(v, ls=style, lw=1.2, color="k" if key == "mean_loss" else "grey",
                        label=f"{name} = {v:.3f}")
-    ax.set_xlabel("per-token loss (nats); the last bin also holds larger losses")
+    loss_max = report_dict.get("loss_max")
+    overflow = loss_max is not None and math.isfinite(loss_max) and loss_max > edges[-1]
+    ax.set_xlabel("per-token loss (nats)" + (f"; the last bin holds every loss ≥ {edges[-2]:.2f} "
+                                              f"(max {loss_max:.2f})" if overflow else ""))
     ax.set_ylabel("tokens")
     ax.set_title("Loss histogram")
     ax.legend(fontsize=8)
