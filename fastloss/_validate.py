@@ -9,18 +9,51 @@ uint16; ``fastloss.cpu._math.load``/``store`` convert them in registers.
 
 import math
 import numbers
+import sys
 import threading
 from contextlib import contextmanager
 
-import ml_dtypes
-import numba
 import numpy as np
 
 from . import codes, config
 
-BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
-FLOAT_DTYPES = (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32), np.dtype(np.float64))
+NUMPY_FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 REDUCTIONS = ("mean", "sum", "none")
+_BF16 = None
+
+
+def bfloat16():
+    """``np.dtype(ml_dtypes.bfloat16)`` (imports ml_dtypes: about 0.5 s, so
+    ``import fastloss`` does not; the attributes ``BFLOAT16`` and
+    ``FLOAT_DTYPES`` of this module call it on first access)."""
+    global _BF16
+    if _BF16 is None:
+        import ml_dtypes
+        _BF16 = np.dtype(ml_dtypes.bfloat16)
+    return _BF16
+
+
+def loaded_bfloat16():
+    """The bfloat16 dtype if ml_dtypes is loaded, else None: an array (or dtype)
+    of bfloat16 cannot exist before ml_dtypes is imported, so dtype checks ask
+    this instead of importing it."""
+    if _BF16 is None and "ml_dtypes" in sys.modules:
+        return bfloat16()
+    return _BF16
+
+
+def is_bfloat16(dtype):
+    """Whether ``dtype`` is ml_dtypes' bfloat16 (without importing ml_dtypes)."""
+    bf16 = loaded_bfloat16()
+    return bf16 is not None and dtype == bf16
+
+
+def __getattr__(name):
+    if name == "BFLOAT16":
+        return bfloat16()
+    if name == "FLOAT_DTYPES":
+        return (NUMPY_FLOAT_DTYPES[0], bfloat16()) + NUMPY_FLOAT_DTYPES[1:]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _dtype_names():
@@ -46,7 +79,7 @@ def native_array(a, name):
 
 def check_float_dtype(dtype, name):
     """TypeError unless ``dtype`` is one of the supported float dtypes."""
-    if dtype not in FLOAT_DTYPES:
+    if dtype not in NUMPY_FLOAT_DTYPES and not is_bfloat16(dtype):
         raise TypeError(f"{name}: expected dtype {_dtype_names()}, found {dtype}")
 
 
@@ -67,7 +100,7 @@ def kernel_view(arr):
     arr = np.ascontiguousarray(arr)
     if arr.dtype == np.float16:
         return arr.view(np.int16)
-    if arr.dtype == BFLOAT16:
+    if is_bfloat16(arr.dtype):
         return arr.view(np.uint16)
     return arr
 
@@ -139,7 +172,7 @@ def check_ignore_index(ignore_index):
 
 def is_real_dtype(dtype):
     """Whether ``dtype`` holds real numbers (integers, floats, bfloat16)."""
-    return dtype == BFLOAT16 or getattr(dtype, "kind", "?") in "iuf"
+    return getattr(dtype, "kind", "?") in "iuf" or is_bfloat16(dtype)
 
 
 def check_logits_meta(shape, dtype, name="logits"):
@@ -375,13 +408,31 @@ def out_array(out, shape, dtype, name="out"):
     return out
 
 
+def threads():
+    """Threads the next kernel launched from this Python thread may use
+    (numba's ``get_num_threads``)."""
+    import numba  # loaded by then: the kernels import it
+    return numba.get_num_threads()
+
+
 def num_tasks(rows, elements):
     """How many parallel tasks to split ``rows`` rows of ``elements`` elements into."""
     by_size = max(1, elements // config.MIN_ELEMENTS_PER_TASK)
-    return max(1, min(numba.get_num_threads(), rows, by_size))
+    return max(1, min(threads(), rows, by_size))
 
 
 _LAUNCH_LOCK = threading.Lock()
+_LAYER_SAFE = None  # whether numba's threading layer runs concurrent launches (known after the first)
+
+
+def _layer_safe(numba):
+    global _LAYER_SAFE
+    if _LAYER_SAFE is None:
+        try:
+            _LAYER_SAFE = numba.threading_layer() in ("omp", "tbb")
+        except ValueError:  # no parallel region has run yet in this process
+            return False
+    return _LAYER_SAFE
 
 
 @contextmanager
@@ -397,10 +448,9 @@ def kernel_launch(tasks=None):
     Launches are serialised only where numba's threading layer is not
     thread-safe (``workqueue``); OpenMP and TBB layers run concurrent calls as is.
     """
-    try:
-        safe = numba.threading_layer() in ("omp", "tbb")
-    except ValueError:  # no parallel region has run yet in this process
-        safe = False
+    import numba
+
+    safe = _layer_safe(numba)
     threads = numba.get_num_threads()
     narrow = tasks is not None and 1 <= tasks < threads
     if narrow:

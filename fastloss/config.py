@@ -13,6 +13,12 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 #: (rows * classes), so tiny batches do not pay thread start-up per row.
 MIN_ELEMENTS_PER_TASK = 1 << 16
 
+#: Cross-entropy calls on at most this many logits run serially in one kernel
+#: call (``fastloss.cpu.cross_entropy.ce_serial``: targets checked and the
+#: reduction done in the kernel, no parallel launch). Set from the measured
+#: crossover against the parallel path (docs/performance.md, "Small calls").
+SERIAL_MAX_ELEMENTS = 1 << 17
+
 #: Cap on the number of blocks of the CUDA row and element kernels; None: about
 #: one full wave of resident blocks (SMs x 2048 / threads per block; 3 blocks
 #: in the simulator). Tests lower it so the grid-stride loops run several rounds.

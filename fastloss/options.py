@@ -58,6 +58,26 @@ class CrossEntropyOptions(NamedTuple):
         scale, cap = check_transform(softcap, logit_scale)
         return cls(reduction, V.check_ignore_index(ignore_index), eps, zl, cap, scale, norm)
 
+    @classmethod
+    def cached(cls, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
+               normalizer):
+        """:meth:`check` of positional options, remembered for plain Python values
+        (int, float, str, None): the per-call cost of a training loop's
+        repeated options is one dict lookup. The key holds each value's type,
+        so ``True`` never meets the entry of ``1`` nor ``-100.0`` that of ``-100``."""
+        key = (ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, normalizer,
+               type(ignore_index), type(reduction), type(label_smoothing), type(z_loss),
+               type(softcap), type(logit_scale), type(normalizer))
+        try:
+            return _CE_CACHE[key]
+        except (KeyError, TypeError):  # TypeError: an unhashable value (checked below)
+            pass
+        opts = cls.check(ignore_index=ignore_index, reduction=reduction,
+                         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                         logit_scale=logit_scale, normalizer=normalizer)
+        _remember(_CE_CACHE, key, opts)
+        return opts
+
     @property
     def mode(self):
         """The transform mode (``codes.PLAIN``, ``SCALED`` or ``SOFTCAP``)."""
@@ -121,6 +141,19 @@ class MSEOptions(NamedTuple):
     @property
     def reduction_code(self):
         return codes.REDUCTION_CODES[self.reduction]
+
+
+_CE_CACHE = {}
+_PLAIN = frozenset((int, float, str, type(None)))
+
+
+def _remember(cache, key, opts, size=256):
+    """Keep ``opts`` under ``key`` when every value in it is a plain Python value
+    (the key's first half; the second half holds their types)."""
+    if all(t in _PLAIN for t in key[len(key) // 2:]):
+        if len(cache) >= size:
+            cache.clear()
+        cache[key] = opts
 
 
 def check_transform(softcap, logit_scale):

@@ -389,7 +389,13 @@ def test_noncontiguous(rng, dtype, tol, reduction):
         c_loss, c_grad = both(np.ascontiguousarray(logits), np.ascontiguousarray(targets),
                               reduction=reduction, label_smoothing=0.05)
         np.testing.assert_allclose(to_float64(loss), to_float64(c_loss), rtol=1e-6, err_msg=name)
-        np.testing.assert_allclose(to_float64(grad), to_float64(c_grad), rtol=1e-6, atol=1e-30, err_msg=name)
+        # Small contiguous inputs take the serial kernel, the others the parallel
+        # one: the same row arithmetic, but vectorised sums may add in another
+        # order (alignment), and label smoothing's a e_j - c w_j cancels to
+        # tiny elements, so the absolute tolerance follows the gradient's scale.
+        g64 = to_float64(c_grad)
+        scale = float(np.nanmax(np.abs(g64))) if g64.size else 0.0
+        np.testing.assert_allclose(to_float64(grad), g64, rtol=1e-6, atol=1e-6 * scale + 1e-30, err_msg=name)
         assert np.array_equal(to_float64(logits), to_float64(lcopy), equal_nan=True), name
         assert np.array_equal(targets, tcopy), name
 

@@ -108,7 +108,7 @@ def n_row_blocks(nclass):
     return (nclass + ROW_BLOCK - 1) // ROW_BLOCK
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, _nrt=False)
 def _row_transform(xr, zr, tr, mode, scale, cap):
     """zr[j] = transform(x[j]); under softcap tr[j] = tanh(scale x_j / cap). Returns max_j z_j."""
     n = xr.shape[0]
@@ -126,7 +126,7 @@ def _row_transform(xr, zr, tr, mode, scale, cap):
     return row_max(zr)
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, _nrt=False)
 def _row_exp_sum(zr, m):
     """sum_j exp(z_j - m), reading z in the row's storage type."""
     s = m - m  # a zero of the accumulation type
@@ -135,7 +135,7 @@ def _row_exp_sum(zr, m):
     return s
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, _nrt=False)
 def _row_exp_store(zr, er, m):
     """er[j] = exp(z_j - m) (er may alias zr); returns their sum."""
     s = m - m
@@ -146,7 +146,7 @@ def _row_exp_store(zr, er, m):
     return s
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, _nrt=False)
 def _next_row(x, i, hi):
     """(row to prefetch, whether to): row i + 1 of the task's rows [.., hi) for
     logits of at most ``PREFETCH_MAX_ITEMSIZE`` bytes, else none."""
@@ -154,14 +154,14 @@ def _next_row(x, i, hi):
     return (x[i + 1] if ahead else x[i]), ahead
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, _nrt=False)
 def _prefetch_block(row, lo, hi):
     """Prefetch row[lo:hi], every ``PREFETCH_STEP`` elements."""
     for j in range(lo, hi, PREFETCH_STEP):
         prefetch(row, j)
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, _nrt=False)
 def _row_exp_lazy(zr, er, m, keep_exp):
     """sum_j exp(min(z_j - m, 88)) (stored in er with keep_exp): the exps of a
     block against a reference ``m`` that may be below the block's max. The
@@ -182,7 +182,7 @@ def _row_exp_lazy(zr, er, m, keep_exp):
     return s
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, _nrt=False)
 def _row_smooth_sum(zr, w, has_w, zero):
     """sum_j w_j z_j (sum_j z_j without weights), for label smoothing."""
     acc = zero
@@ -195,7 +195,7 @@ def _row_smooth_sum(zr, w, has_w, zero):
     return acc
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, _nrt=False)
 def _block_update(src, er, m, s, mb, keep_exp, zero):
     """Fold one block (max ``mb``) into the running (m, s): rescale s when the max
     grows, then add the block's exponentials (stored in ``er`` with
@@ -213,7 +213,7 @@ def _block_update(src, er, m, s, mb, keep_exp, zero):
     return m, s
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, _nrt=False)
 def _block_update_lazy(src, er, m, s, keep_exp, zero):
     """``_block_update`` without the block's own max pass, for raw logits.
 
@@ -232,7 +232,7 @@ def _block_update_lazy(src, er, m, s, keep_exp, zero):
     return _block_update(src, er, m, s, row_max(src), keep_exp, zero)
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, _nrt=False)
 def _z_scalar(v, mode, scale, cap):
     """The logit transform of one value (as ``_row_transform``)."""
     if mode == PLAIN:
@@ -242,7 +242,7 @@ def _z_scalar(v, mode, scale, cap):
     return v if v == -np.inf else cap * tanh(scale / cap * v)
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, _nrt=False)
 def _row_stats(xr, t, w, tf, k, zr, tr, er, keep_exp, shifts, nxt, ahead):
     """Softmax statistics of one row in ONE sweep over memory: (m, s, z_t, smooth_sum).
 
@@ -289,13 +289,13 @@ def _row_stats(xr, t, w, tf, k, zr, tr, er, keep_exp, shifts, nxt, ahead):
     return (zero if m == -np.inf else m), s, zt, smooth
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, _nrt=False)
 def _row_lse(shift, s):
     """lse = shift + log(s), formed in float64 (``shift`` may sit ~21 below the max)."""
     return np.float64(shift) + math.log(np.float64(s))
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, _nrt=False)
 def _row_loss(shift, s, zt, smooth, wt, wsum, eps, nclass):
     """(ce_i, lse_i) from the row statistics; the smoothing term only when eps > 0
     (so a -inf logit does not turn 0 * inf into NaN)."""
@@ -312,7 +312,7 @@ def task_rows(ntask, n, task):
     return task * n // ntask, (task + 1) * n // ntask
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, _nrt=False)
 def _row_grad(er, tr, w, has_w, mode, scale, a, c, orow):
     """orow[j] = (a e_j - c w_j) dz_j/dx_j."""
     n = er.shape[0]
@@ -335,6 +335,17 @@ def _row_grad(er, tr, w, has_w, mode, scale, a, c, orow):
                 store(orow, j, a * er[j] - c)
 
 
+@njit(fastmath=_FM, _nrt=False)
+def _forward_row(x, i, hi, t, w, tf, k, zr, tr):
+    """(ce_i, lse_i) of counted row ``i`` (target ``t``) of a task whose rows end
+    at ``hi``: the statistics, then the loss (weighted, smoothed, without z-loss)."""
+    nxt, ahead = _next_row(x, i, hi)
+    shift, s, zt, smooth = _row_stats(x[i], t, w, tf, k, zr, tr, zr, False, zr[:0], nxt, ahead)
+    scale = tf[1]
+    wt = w[t] if k.has_w else scale - scale + 1
+    return _row_loss(shift, s, zt, smooth, wt, k.wsum, k.eps, x.shape[1])
+
+
 @njit(parallel=True, cache=True, fastmath=_FM)
 def ce_forward(x, tgt, w, tf, k, scratch, loss, lse):
     """Per-row cross-entropy ``loss[i]`` (weighted, smoothed, without z-loss) and
@@ -344,10 +355,9 @@ def ce_forward(x, tgt, w, tf, k, scratch, loss, lse):
     ``CEScratch`` whose ``z``/``t`` rows are (ntask, V) or (ntask, 0) when the
     mode does not need them.
     """
-    n, nclass = x.shape
+    n = x.shape[0]
     zbuf, tbuf = scratch.z, scratch.t
     ntask = zbuf.shape[0]
-    scale = tf.scale
     for task in prange(ntask):
         lo, hi = task_rows(ntask, n, task)
         zr = zbuf[task]
@@ -358,12 +368,7 @@ def ce_forward(x, tgt, w, tf, k, scratch, loss, lse):
                 loss[i] = 0
                 lse[i] = 0
                 continue
-            nxt, ahead = _next_row(x, i, hi)
-            shift, s, zt, smooth = _row_stats(x[i], t, w, tf, k, zr, tr, zr, False, zr[:0], nxt, ahead)
-            wt = w[t] if k.has_w else scale - scale + 1
-            ce, l = _row_loss(shift, s, zt, smooth, wt, k.wsum, k.eps, nclass)
-            loss[i] = ce
-            lse[i] = l
+            loss[i], lse[i] = _forward_row(x, i, hi, t, w, tf, k, zr, tr)
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -386,6 +391,69 @@ def lse_forward(x, tf, scratch, lse):
             lse[i] = as_acc(_row_lse(shift, s), s)
 
 
+# The per-row scalars of the gradient are compiled without fast-math flags:
+# under ``reassoc``/``arcp`` LLVM may order them differently in each kernel that
+# inlines them (serial or parallel), and a row's gradient would then depend on
+# the path by an ulp. Exact IEEE order keeps every path bit-identical.
+@njit(error_model="numpy")
+def _grad_coefficients(g, gzi, wt, wsum, eps, zl, l, s, nclass):
+    """(A, C) of the row's gradient (module docstring), in the accumulation type."""
+    a = (g * ((1 - eps) * wt + eps * wsum / nclass) + gzi * 2 * zl * l) / s
+    return as_acc(a, s), as_acc(g * eps / nclass, s)
+
+
+@njit(error_model="numpy")
+def _target_grad(a, pt, c, wj, g, eps, wt, d):
+    """The gradient at the target: the common term and -g (1 - eps) w_t, rounded once."""
+    return (a * pt - c * wj - g * (1 - eps) * wt) * d
+
+
+@njit(fastmath=_FM, _nrt=False)
+def _fused_row(x, i, hi, t, w, tf, k, g, gzi, orow, er, tr, shifts):
+    """Loss and gradient of row ``i`` of a task whose rows end at ``hi``:
+    returns (ce_i, lse_i) and writes ``orow`` (which may be ``x[i]``: the row is
+    fully read first). ``t < 0``: an ignored row (zero gradient, zero loss);
+    ``g``/``gzi``: the row's upstream coefficients (see :func:`ce_fused`)."""
+    nclass = x.shape[1]
+    mode, scale, cap = tf
+    has_w, wsum, eps, zl = k
+    one = scale - scale + 1
+    if t < 0:
+        for j in range(nclass):
+            store(orow, j, one - one)
+        return one - one, one - one
+    shift, s, zt, smooth = _row_stats(x[i], t, w, tf, k, er, tr, er, True, shifts, x[i], False)
+    wt = w[t] if has_w else one
+    ce, l = _row_loss(shift, s, zt, smooth, wt, wsum, eps, nclass)
+    if g == 0 and (gzi == 0 or zl == 0):
+        # Nothing flows back to this row (a mean over nothing, e.g. all class
+        # weights 0, or a zero upstream gradient): zeros, even where a NaN in
+        # the row would make the formula's 0 * NaN a NaN.
+        for j in range(nclass):
+            store(orow, j, one - one)
+        return ce, l
+    a, c = _grad_coefficients(g, gzi, wt, wsum, eps, zl, l, s, nclass)
+    nxt, ahead = _next_row(x, i, hi)
+    for b in range(shifts.shape[0]):
+        # Block b's exps are relative to shifts[b]; exp(-inf - shift) = 0
+        # for blocks that were all -inf when they were seen.
+        blo = b * ROW_BLOCK
+        bhi = min(nclass, blo + ROW_BLOCK)
+        if ahead:
+            # Fetch the next row's block while this one is computed from
+            # cache, so memory stays busy between the rows' read sweeps.
+            _prefetch_block(nxt, blo, bhi)
+        ab = a * exp(shifts[b] - shift)
+        _row_grad(er[blo:bhi], tr[blo:bhi] if mode == SOFTCAP else tr,
+                  w[blo:bhi] if has_w else w, has_w, mode, scale, ab, c, orow[blo:bhi])
+    # The target's extra -gce (1 - eps) w_t term, rounded once with the rest.
+    d = scale * (one - tr[t] * tr[t]) if mode == SOFTCAP else scale
+    wj = w[t] if has_w else one
+    pt = er[t] * exp(shifts[t // ROW_BLOCK] - shift)
+    store(orow, t, _target_grad(a, pt, c, wj, g, eps, wt, d))
+    return ce, l
+
+
 @njit(parallel=True, cache=True, fastmath=_FM)
 def ce_fused(x, tgt, w, tf, k, gce, gz, out, scratch, loss, lse):
     """Forward and backward in one sweep per row: ``loss``/``lse`` as in
@@ -397,56 +465,114 @@ def ce_fused(x, tgt, w, tf, k, gce, gz, out, scratch, loss, lse):
     n_row_blocks(V)): the running max each block's stored exponentials are
     relative to.
     """
-    n, nclass = x.shape
+    n = x.shape[0]
     zbuf, tbuf, sbuf = scratch
-    mode, scale, cap = tf
-    has_w, wsum, eps, zl = k
     ntask = zbuf.shape[0]
-    one = scale - scale + 1
     for task in prange(ntask):
         lo, hi = task_rows(ntask, n, task)
         er = zbuf[task]
         tr = tbuf[task]
         shifts = sbuf[task]
         for i in range(lo, hi):
-            t = tgt[i]
-            orow = out[i]
-            if t < 0:
-                loss[i] = 0
-                lse[i] = 0
-                for j in range(nclass):
-                    store(orow, j, one - one)
-                continue
-            shift, s, zt, smooth = _row_stats(x[i], t, w, tf, k, er, tr, er, True, shifts, x[i], False)
-            wt = w[t] if has_w else one
-            ce, l = _row_loss(shift, s, zt, smooth, wt, wsum, eps, nclass)
-            loss[i] = ce
-            lse[i] = l
-            g = gce[i]
-            if g == 0 and (gz[i] == 0 or zl == 0):
-                # Nothing flows back to this row (a mean over nothing, e.g. all class
-                # weights 0, or a zero upstream gradient): zeros, even where a NaN in
-                # the row would make the formula's 0 * NaN a NaN.
-                for j in range(nclass):
-                    store(orow, j, one - one)
-                continue
-            a = as_acc((g * ((1 - eps) * wt + eps * wsum / nclass) + gz[i] * 2 * zl * l) / s, one)
-            c = as_acc(g * eps / nclass, one)
-            nxt, ahead = _next_row(x, i, hi)
-            for b in range(shifts.shape[0]):
-                # Block b's exps are relative to shifts[b]; exp(-inf - shift) = 0
-                # for blocks that were all -inf when they were seen.
-                blo = b * ROW_BLOCK
-                bhi = min(nclass, blo + ROW_BLOCK)
-                if ahead:
-                    # Fetch the next row's block while this one is computed from
-                    # cache, so memory stays busy between the rows' read sweeps.
-                    _prefetch_block(nxt, blo, bhi)
-                ab = a * exp(shifts[b] - shift)
-                _row_grad(er[blo:bhi], tr[blo:bhi] if mode == SOFTCAP else tr,
-                          w[blo:bhi] if has_w else w, has_w, mode, scale, ab, c, orow[blo:bhi])
-            # The target's extra -gce (1 - eps) w_t term, rounded once with the rest.
-            d = scale * (one - tr[t] * tr[t]) if mode == SOFTCAP else scale
-            wj = w[t] if has_w else one
-            pt = er[t] * exp(shifts[t // ROW_BLOCK] - shift)
-            store(orow, t, (a * pt - c * wj - g * (1 - eps) * wt) * d)
+            loss[i], lse[i] = _fused_row(x, i, hi, tgt[i], w, tf, k, gce[i], gz[i], out[i], er, tr, shifts)
+
+
+@njit
+def _ratio(num, den):
+    """num / den, 0 for den == 0, correctly rounded (compiled without the
+    kernels' ``arcp``, which would multiply by a rounded reciprocal and differ
+    from the host's division by an ulp)."""
+    return num / den if den != 0 else 0.0
+
+
+@njit
+def _with_zloss(ce, zl, l):
+    """ce + zl * l * l rounded as numpy rounds it on arrays (no FMA contraction:
+    this function is compiled without fast-math flags)."""
+    return ce + zl * l * l
+
+
+@njit(cache=True, fastmath=_FM)
+def ce_serial(x, tgt, ignore_index, w, has_w, wsum, mode, scale, cap, eps, zl,
+              norm, gmode, go, gvec, out, loss):
+    """The whole cross-entropy call on the calling thread, for small inputs
+    (``fastloss.config.SERIAL_MAX_ELEMENTS``), where the host-side preparation
+    and a parallel launch would cost more than the arithmetic.
+
+    Checks the targets (raw, any int dtype; ``ignore_index`` as given), then
+    runs each row through the same row functions as :func:`ce_forward` /
+    :func:`ce_fused`. Scalars ``wsum``, ``scale``, ``cap``, ``eps``, ``zl`` are
+    in the accumulation type. ``gmode``: 0 forward only (``out`` unused), 1 one
+    upstream gradient ``go`` (already for "sum"/"none"; for "mean" divided
+    here by the denominators, ``norm`` > 0 replacing them), 2 per-row ``gvec``
+    (float64, reduction "none"), 3 as 1 but for "mean". ``loss`` is (n,) for
+    "none" (ce + zl lse**2 per row, 0 where ignored) or (0,).
+
+    Returns ``(nbad, first_bad, ce_sum, zz_sum, count, target_wsum)``: on bad
+    targets (``nbad > 0``) nothing else is computed; otherwise the float64
+    sums of the rows' ce and lse**2, the number of counted rows and the sum of
+    their class weights (their number without weights).
+    """
+    n, nclass = x.shape
+    one = scale - scale + 1
+    nbad = 0
+    first = -1
+    count = 0
+    twsum = 0.0
+    for i in range(n):
+        t = tgt[i]
+        if t == ignore_index:
+            continue
+        if t < 0 or t >= nclass:
+            if nbad == 0:
+                first = i
+            nbad += 1
+        else:
+            count += 1
+            if has_w:
+                twsum += np.float64(w[t])
+    if nbad > 0:
+        return nbad, first, 0.0, 0.0, count, twsum
+    if not has_w:
+        twsum = np.float64(count)
+    g_ce = go
+    g_z = go
+    if gmode == 3:
+        d_ce = norm if norm > 0 else twsum
+        d_z = norm if norm > 0 else np.float64(count)
+        g_ce = _ratio(go, d_ce)
+        g_z = _ratio(go, d_z)
+    g_row = as_acc(g_ce, one)
+    gz_row = as_acc(g_z, one)
+    k = CEConstants(has_w, wsum, eps, zl)
+    tf = (mode, scale, cap)
+    fused = gmode != 0
+    er = np.empty(nclass if fused or mode != PLAIN else 0, dtype=loss.dtype)
+    tr = np.empty(nclass if mode == SOFTCAP else 0, dtype=loss.dtype)
+    shifts = np.empty((nclass + ROW_BLOCK - 1) // ROW_BLOCK if fused else 0, dtype=loss.dtype)
+    per_row = loss.shape[0] > 0
+    ce_sum = 0.0
+    zz_sum = 0.0
+    for i in range(n):
+        t = tgt[i]
+        counted = t != ignore_index
+        if fused:
+            g = g_row
+            gzi = gz_row
+            if gmode == 2:
+                g = as_acc(gvec[i], one)
+                gzi = g
+            if not counted:
+                g = one - one
+                gzi = one - one
+            ce, l = _fused_row(x, i, n, t if counted else -1, w, tf, k, g, gzi, out[i], er, tr, shifts)
+        elif counted:
+            ce, l = _forward_row(x, i, n, t, w, tf, k, er, tr)
+        else:
+            ce = one - one
+            l = one - one
+        ce_sum += np.float64(ce)
+        zz_sum += np.float64(l) * np.float64(l)
+        if per_row:
+            loss[i] = _with_zloss(ce, zl, l) if zl > 0 else ce
+    return nbad, first, ce_sum, zz_sum, count, twsum

@@ -9,6 +9,7 @@ weight, options)`` with the options already validated by ``fastloss.ops``
 import numpy as np
 
 from .. import _validate as V
+from .. import config
 from ..codes import PLAIN, SOFTCAP
 from ..options import safe_div
 from . import cross_entropy as K
@@ -104,6 +105,9 @@ class CrossEntropyPlan:
 
 def cross_entropy(logits, targets, weight, opts):
     """``fastloss.cross_entropy`` on host arrays."""
+    small = _serial_inputs(logits, targets, opts)
+    if small is not None:
+        return _serial(small, logits, targets, weight, opts, 0, 0.0, _NO_ROWS, small[0])
     plan = CrossEntropyPlan(logits, targets, weight, opts)
     n = plan.tgt.size
     loss = np.empty(n, plan.acc)
@@ -120,6 +124,13 @@ def cross_entropy(logits, targets, weight, opts):
 def cross_entropy_with_grad(logits, targets, weight, opts, grad_output, out, inplace):
     """``fastloss.cross_entropy_with_grad`` on host arrays: ``(loss, grad)``.
     ``inplace`` was checked by the caller (a bool, not combined with ``out``)."""
+    small = _serial_inputs(logits, targets, opts)
+    if small is not None:
+        grad, _ = _grad_buffer(logits, logits, out, inplace)  # C-contiguous, logits' dtype
+        gmode, go, gvec = _serial_grad_output(grad_output, opts, logits.shape[:-1])
+        loss = _serial(small, logits, targets, weight, opts, gmode, go, gvec,
+                       _KERNEL_VIEW[grad.dtype](grad).reshape(small[0].shape))
+        return loss, grad
     plan = CrossEntropyPlan(logits, targets, weight, opts)
     x = plan.logits
     n = plan.tgt.size
@@ -183,3 +194,124 @@ def logsumexp(logits, opts):
         with V.kernel_launch(ntask):
             K.lse_forward(xk, tf, scratch, lse)
     return lse.reshape(x.shape[:-1])
+
+
+# The serial path (``K.ce_serial``): small inputs of the common kinds in one
+# kernel call on the calling thread; everything else takes the plans above.
+
+#: How the kernels see each logits dtype (half precision as integer views).
+_KERNEL_VIEW = {
+    np.dtype(np.float32): lambda a: a,
+    np.dtype(np.float64): lambda a: a,
+    np.dtype(np.float16): lambda a: a.view(np.int16),
+}
+_SERIAL_TARGETS = frozenset((np.dtype(np.int64), np.dtype(np.int32)))
+_NO_ROWS = np.empty(0, np.float64)
+_INT64 = (-(1 << 63), 1 << 63)
+#: Kernel scalars per (options, accumulation dtype): (mode, scale, cap, eps, zl, norm).
+_SCALARS = {}
+
+
+def _kernel_views():
+    """``_KERNEL_VIEW`` with bfloat16 added once ml_dtypes is loaded (a bfloat16
+    array cannot exist before)."""
+    bf16 = V.loaded_bfloat16()
+    if bf16 is not None and bf16 not in _KERNEL_VIEW:
+        _KERNEL_VIEW[bf16] = lambda a: a.view(np.uint16)
+    return _KERNEL_VIEW
+
+
+def _serial_inputs(logits, targets, opts):
+    """``(x, tgt, acc)`` for the serial kernel when this call can take it: plain
+    C-contiguous writable logits of a supported float dtype, at most
+    ``config.SERIAL_MAX_ELEMENTS`` of them, integer targets of the right shape
+    (int64/int32 as they are, others converted); else None. Only cheap
+    metadata is read for the common case. The choice never depends on the
+    thread count, so one call gives the same bits on any number of threads."""
+    if type(logits) is not np.ndarray or type(targets) is not np.ndarray:
+        return None
+    view = _KERNEL_VIEW.get(logits.dtype) or _kernel_views().get(logits.dtype)
+    if (view is None or not logits.flags.c_contiguous or not logits.flags.writeable
+            or logits.ndim == 0 or logits.size > config.SERIAL_MAX_ELEMENTS
+            or targets.shape != logits.shape[:-1]):
+        return None
+    nclass = logits.shape[-1]
+    if nclass == 0 or not _INT64[0] <= opts.ignore_index < _INT64[1]:
+        return None
+    if targets.dtype not in _SERIAL_TARGETS or not targets.flags.c_contiguous:
+        # Other integer targets as int64 (a copy of at most a few thousand values);
+        # uint64 only when no value wraps.
+        kind = targets.dtype.kind
+        if kind not in "iu" or (targets.dtype == np.uint64 and targets.size
+                                and targets.max() >= np.uint64(1 << 63)):
+            return None
+        targets = targets.astype(np.int64)
+    x = view(logits)
+    if logits.ndim != 2:
+        x = x.reshape(-1, nclass)
+        targets = targets.reshape(-1)
+    return x, targets, V.acc_dtype(logits.dtype)
+
+
+def _kernel_scalars(opts, acc):
+    key = (opts, acc)
+    got = _SCALARS.get(key)
+    if got is None:
+        tf = opts.transform(acc)
+        a = acc.type
+        got = (tf.mode, tf.scale, tf.cap, a(opts.label_smoothing), a(opts.z_loss),
+               0.0 if opts.normalizer is None else opts.normalizer)
+        if len(_SCALARS) > 256:
+            _SCALARS.clear()
+        _SCALARS[key] = got
+    return got
+
+
+def _serial_grad_output(grad_output, opts, rows_shape):
+    """(gmode, go, gvec) of ``K.ce_serial`` for the upstream gradient."""
+    reduction = opts.reduction
+    if reduction == "none":
+        g = V.rows_grad_output(grad_output, rows_shape, "targets.shape")
+        if type(g) is float:
+            return 1, g, _NO_ROWS
+        return 2, 0.0, g.reshape(-1)
+    go = V.scalar_grad_output(grad_output, reduction)
+    return (3 if reduction == "mean" else 1), go, _NO_ROWS
+
+
+def _serial(small, logits, targets, weight, opts, gmode, go, gvec, out):
+    """Run ``K.ce_serial`` and reduce; raises the plans' errors for bad targets."""
+    x, tgt, acc = small
+    nclass = x.shape[1]
+    mode, scale, cap, eps, zl, norm = _kernel_scalars(opts, acc)
+    w = V.class_weight(weight, nclass, acc)
+    if w is None:
+        w, has_w, wsum = _empty(acc), False, acc.type(nclass)
+    else:
+        has_w, wsum = True, acc.type(w.sum(dtype=np.float64))
+    none = opts.reduction == "none"
+    loss = np.empty(x.shape[0], acc) if none else _empty(acc)
+    nbad, first, ce, zz, count, twsum = K.ce_serial(
+        x, tgt, opts.ignore_index, w, has_w, wsum, mode, scale, cap, eps, zl,
+        norm, gmode, go, gvec, out, loss)
+    if nbad:
+        raise V.bad_targets_error(nbad, nclass, opts.ignore_index, targets.shape, first,
+                                  targets.reshape(-1)[first])
+    if none:
+        return loss.reshape(logits.shape[:-1])
+    zl = opts.z_loss
+    if opts.reduction == "sum":
+        return ce + (zl * zz if zl > 0 else 0.0)
+    d_ce, d_z = opts.denominators(count, twsum)
+    return safe_div(ce, d_ce) + (safe_div(zl * zz, d_z) if zl > 0 else 0.0)
+
+
+_EMPTY = {}
+
+
+def _empty(acc):
+    """A shared (0,) array of dtype ``acc`` (never written)."""
+    e = _EMPTY.get(acc)
+    if e is None:
+        e = _EMPTY[acc] = np.empty(0, acc)
+    return e

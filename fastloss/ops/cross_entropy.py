@@ -6,8 +6,9 @@ Each function validates its options once (``fastloss.options``) and hands
 ``fastloss.cuda.cross_entropy_host`` (imported on first use).
 """
 
+import numpy as np
+
 from .. import _validate as V
-from ..cpu import cross_entropy_host as _cpu
 from ..cuda import is_device_array
 from ..options import CrossEntropyOptions, LogsumexpOptions
 from ..results import CrossEntropyResult
@@ -79,9 +80,8 @@ def cross_entropy(logits, targets, *, weight=None, ignore_index=-100, reduction=
     >>> fastloss.cross_entropy(logits, np.array([-100, -100]))
     0.0
     """
-    opts = CrossEntropyOptions.check(
-        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-        z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, normalizer=normalizer)
+    opts = CrossEntropyOptions.cached(ignore_index, reduction, label_smoothing, z_loss, softcap,
+                                      logit_scale, normalizer)
     return _backend(logits).cross_entropy(logits, targets, weight, opts)
 
 
@@ -146,9 +146,8 @@ def cross_entropy_with_grad(logits, targets, *, weight=None, ignore_index=-100,
     >>> bool(np.allclose(grad.sum(axis=1), 0.0, atol=1e-6))  # softmax - onehot rows sum to 0
     True
     """
-    opts = CrossEntropyOptions.check(
-        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-        z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, normalizer=normalizer)
+    opts = CrossEntropyOptions.cached(ignore_index, reduction, label_smoothing, z_loss, softcap,
+                                      logit_scale, normalizer)
     inplace = V.check_inplace_out(inplace, out)
     loss, grad = _backend(logits).cross_entropy_with_grad(logits, targets, weight, opts,
                                                           grad_output, out, inplace)
@@ -189,8 +188,10 @@ def logsumexp(logits, *, softcap=None, logit_scale=1.0):
 
 
 def _backend(x):
-    """The host module of the backend that runs ``x``: CPU, or CUDA for GPU arrays."""
-    if is_device_array(x):
+    """The host module of the backend that runs ``x``: CPU, or CUDA for GPU
+    arrays (each imported on first use: numba is not loaded by ``import fastloss``)."""
+    if type(x) is not np.ndarray and is_device_array(x):
         from ..cuda import cross_entropy_host
         return cross_entropy_host
-    return _cpu
+    from ..cpu import cross_entropy_host
+    return cross_entropy_host
