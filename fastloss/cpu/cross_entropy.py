@@ -103,12 +103,22 @@ PREFETCH_STEP = 16
 LAZY_SUM_LIMIT = float(2**30)
 
 
+def _in_serial(expr, caller, callee):
+    """numba's inlining decision for the row functions: inline them (at the
+    numba IR level) into ``ce_serial`` only. There a short row's cost was
+    mostly the calls, each passing several arrays as exploded structs (256 x 8
+    forward: 17.6 -> 6.9 us; ce_serial is compiled without NRT, so the inlined
+    slices take no reference counts). The parallel kernels keep the calls:
+    inlined there, they compiled 2-3x slower."""
+    return caller.func_id.func_qualname == "ce_serial"  # caller: the caller's FunctionIR
+
+
 def n_row_blocks(nclass):
     """Blocks per row: the length of each task's ``shifts`` scratch row."""
     return (nclass + ROW_BLOCK - 1) // ROW_BLOCK
 
 
-@njit(fastmath=_FM, _nrt=False)
+@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
 def _row_transform(xr, zr, tr, mode, scale, cap):
     """zr[j] = transform(x[j]); under softcap tr[j] = tanh(scale x_j / cap). Returns max_j z_j."""
     n = xr.shape[0]
@@ -126,7 +136,7 @@ def _row_transform(xr, zr, tr, mode, scale, cap):
     return row_max(zr)
 
 
-@njit(fastmath=_FM, _nrt=False)
+@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
 def _row_exp_sum(zr, m):
     """sum_j exp(z_j - m), reading z in the row's storage type."""
     s = m - m  # a zero of the accumulation type
@@ -135,7 +145,7 @@ def _row_exp_sum(zr, m):
     return s
 
 
-@njit(fastmath=_FM, _nrt=False)
+@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
 def _row_exp_store(zr, er, m):
     """er[j] = exp(z_j - m) (er may alias zr); returns their sum."""
     s = m - m
@@ -146,7 +156,7 @@ def _row_exp_store(zr, er, m):
     return s
 
 
-@njit(fastmath=_FM, _nrt=False)
+@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
 def _next_row(x, i, hi):
     """(row to prefetch, whether to): row i + 1 of the task's rows [.., hi) for
     logits of at most ``PREFETCH_MAX_ITEMSIZE`` bytes, else none."""
@@ -154,14 +164,14 @@ def _next_row(x, i, hi):
     return (x[i + 1] if ahead else x[i]), ahead
 
 
-@njit(fastmath=_FM, _nrt=False)
+@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
 def _prefetch_block(row, lo, hi):
     """Prefetch row[lo:hi], every ``PREFETCH_STEP`` elements."""
     for j in range(lo, hi, PREFETCH_STEP):
         prefetch(row, j)
 
 
-@njit(fastmath=_FM, _nrt=False)
+@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
 def _row_exp_lazy(zr, er, m, keep_exp):
     """sum_j exp(min(z_j - m, 88)) (stored in er with keep_exp): the exps of a
     block against a reference ``m`` that may be below the block's max. The
@@ -182,7 +192,7 @@ def _row_exp_lazy(zr, er, m, keep_exp):
     return s
 
 
-@njit(fastmath=_FM, _nrt=False)
+@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
 def _row_smooth_sum(zr, w, has_w, zero):
     """sum_j w_j z_j (sum_j z_j without weights), for label smoothing."""
     acc = zero
@@ -195,7 +205,7 @@ def _row_smooth_sum(zr, w, has_w, zero):
     return acc
 
 
-@njit(fastmath=_FM, _nrt=False)
+@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
 def _block_update(src, er, m, s, mb, keep_exp, zero):
     """Fold one block (max ``mb``) into the running (m, s): rescale s when the max
     grows, then add the block's exponentials (stored in ``er`` with
@@ -213,7 +223,7 @@ def _block_update(src, er, m, s, mb, keep_exp, zero):
     return m, s
 
 
-@njit(fastmath=_FM, _nrt=False)
+@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
 def _block_update_lazy(src, er, m, s, keep_exp, zero):
     """``_block_update`` without the block's own max pass, for raw logits.
 
@@ -232,7 +242,7 @@ def _block_update_lazy(src, er, m, s, keep_exp, zero):
     return _block_update(src, er, m, s, row_max(src), keep_exp, zero)
 
 
-@njit(fastmath=_FM, _nrt=False)
+@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
 def _z_scalar(v, mode, scale, cap):
     """The logit transform of one value (as ``_row_transform``)."""
     if mode == PLAIN:
@@ -242,7 +252,7 @@ def _z_scalar(v, mode, scale, cap):
     return v if v == -np.inf else cap * tanh(scale / cap * v)
 
 
-@njit(fastmath=_FM, _nrt=False)
+@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
 def _row_stats(xr, t, w, tf, k, zr, tr, er, keep_exp, shifts, nxt, ahead):
     """Softmax statistics of one row in ONE sweep over memory: (m, s, z_t, smooth_sum).
 
@@ -267,6 +277,17 @@ def _row_stats(xr, t, w, tf, k, zr, tr, er, keep_exp, shifts, nxt, ahead):
     m = as_acc(-np.inf, scale)
     s = zero
     zt = _z_scalar(load(xr[t]), mode, scale, cap)
+    if mode == PLAIN and n <= ROW_BLOCK:
+        # One block of raw logits (the loop below, unrolled for short rows,
+        # whose cost is mostly per row): the same operations in the same order.
+        if ahead:
+            _prefetch_block(nxt, 0, n)
+        if eps > zero:
+            smooth = _row_smooth_sum(xr, w, has_w, zero)
+        m, s = _block_update(xr, er, m, s, row_max(xr), keep_exp, zero)
+        if keep_exp:
+            shifts[0] = m
+        return (zero if m == -np.inf else m), s, zt, smooth
     for b in range((n + ROW_BLOCK - 1) // ROW_BLOCK):
         lo = b * ROW_BLOCK
         hi = min(n, lo + ROW_BLOCK)
@@ -289,13 +310,13 @@ def _row_stats(xr, t, w, tf, k, zr, tr, er, keep_exp, shifts, nxt, ahead):
     return (zero if m == -np.inf else m), s, zt, smooth
 
 
-@njit(fastmath=_FM, _nrt=False)
+@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
 def _row_lse(shift, s):
     """lse = shift + log(s), formed in float64 (``shift`` may sit ~21 below the max)."""
     return np.float64(shift) + math.log(np.float64(s))
 
 
-@njit(fastmath=_FM, _nrt=False)
+@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
 def _row_loss(shift, s, zt, smooth, wt, wsum, eps, nclass):
     """(ce_i, lse_i) from the row statistics; the smoothing term only when eps > 0
     (so a -inf logit does not turn 0 * inf into NaN)."""
@@ -312,7 +333,7 @@ def task_rows(ntask, n, task):
     return task * n // ntask, (task + 1) * n // ntask
 
 
-@njit(fastmath=_FM, _nrt=False)
+@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
 def _row_grad(er, tr, w, has_w, mode, scale, a, c, orow):
     """orow[j] = (a e_j - c w_j) dz_j/dx_j."""
     n = er.shape[0]
@@ -335,7 +356,7 @@ def _row_grad(er, tr, w, has_w, mode, scale, a, c, orow):
                 store(orow, j, a * er[j] - c)
 
 
-@njit(fastmath=_FM, _nrt=False)
+@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
 def _forward_row(x, i, hi, t, w, tf, k, zr, tr):
     """(ce_i, lse_i) of counted row ``i`` (target ``t``) of a task whose rows end
     at ``hi``: the statistics, then the loss (weighted, smoothed, without z-loss)."""
@@ -408,7 +429,7 @@ def _target_grad(a, pt, c, wj, g, eps, wt, d):
     return (a * pt - c * wj - g * (1 - eps) * wt) * d
 
 
-@njit(fastmath=_FM, _nrt=False)
+@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
 def _fused_row(x, i, hi, t, w, tf, k, g, gzi, orow, er, tr, shifts):
     """Loss and gradient of row ``i`` of a task whose rows end at ``hi``:
     returns (ce_i, lse_i) and writes ``orow`` (which may be ``x[i]``: the row is
@@ -492,16 +513,20 @@ def _with_zloss(ce, zl, l):
     return ce + zl * l * l
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=True, fastmath=_FM, _nrt=False)
 def ce_serial(x, tgt, ignore_index, w, has_w, wsum, mode, scale, cap, eps, zl,
-              norm, gmode, go, gvec, out, loss):
+              norm, gmode, go, gvec, out, loss, er, tr, shifts):
     """The whole cross-entropy call on the calling thread, for small inputs
     (``fastloss.config.SERIAL_MAX_ELEMENTS``), where the host-side preparation
     and a parallel launch would cost more than the arithmetic.
 
-    Checks the targets (raw, any int dtype; ``ignore_index`` as given), then
+    Checks the targets (int64 or int32; ``ignore_index`` as given), then
     runs each row through the same row functions as :func:`ce_forward` /
-    :func:`ce_fused`. Scalars ``wsum``, ``scale``, ``cap``, ``eps``, ``zl`` are
+    :func:`ce_fused`, inlined (``_in_serial``; the results agree with the
+    parallel kernels up to the order of vectorised sums). Compiled without
+    NRT (nothing is allocated here): the caller passes the scratch ``er``
+    (V, or 0 for a plain forward), ``tr`` (V under softcap, else 0) and
+    ``shifts`` (``n_row_blocks(V)`` when fused, else 0). Scalars ``wsum``, ``scale``, ``cap``, ``eps``, ``zl`` are
     in the accumulation type. ``gmode``: 0 forward only (``out`` unused), 1 one
     upstream gradient ``go`` (already for "sum"/"none"; for "mean" divided
     here by the denominators, ``norm`` > 0 replacing them), 2 per-row ``gvec``
@@ -547,9 +572,6 @@ def ce_serial(x, tgt, ignore_index, w, has_w, wsum, mode, scale, cap, eps, zl,
     k = CEConstants(has_w, wsum, eps, zl)
     tf = (mode, scale, cap)
     fused = gmode != 0
-    er = np.empty(nclass if fused or mode != PLAIN else 0, dtype=loss.dtype)
-    tr = np.empty(nclass if mode == SOFTCAP else 0, dtype=loss.dtype)
-    shifts = np.empty((nclass + ROW_BLOCK - 1) // ROW_BLOCK if fused else 0, dtype=loss.dtype)
     per_row = loss.shape[0] > 0
     ce_sum = 0.0
     zz_sum = 0.0

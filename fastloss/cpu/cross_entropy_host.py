@@ -291,9 +291,13 @@ def _serial(small, logits, targets, weight, opts, gmode, go, gvec, out):
         has_w, wsum = True, acc.type(w.sum(dtype=np.float64))
     none = opts.reduction == "none"
     loss = np.empty(x.shape[0], acc) if none else _empty(acc)
+    fused = gmode != 0
+    er = np.empty(nclass if fused or mode != PLAIN else 0, acc)
+    tr = np.empty(nclass if mode == SOFTCAP else 0, acc) if mode == SOFTCAP else _empty(acc)
+    shifts = np.empty(K.n_row_blocks(nclass), acc) if fused else _empty(acc)
     nbad, first, ce, zz, count, twsum = K.ce_serial(
         x, tgt, opts.ignore_index, w, has_w, wsum, mode, scale, cap, eps, zl,
-        norm, gmode, go, gvec, out, loss)
+        norm, gmode, go, gvec, out, loss, er, tr, shifts)
     if nbad:
         raise V.bad_targets_error(nbad, nclass, opts.ignore_index, targets.shape, first,
                                   targets.reshape(-1)[first])
