@@ -19,6 +19,10 @@ MIN_ELEMENTS_PER_TASK = 1 << 16
 #: crossover against the parallel path (docs/performance.md, "Small calls").
 SERIAL_MAX_ELEMENTS = 1 << 17
 
+#: The same for MSE (``fastloss.cpu.mse.mse_serial``): memory-bound, so the
+#: second thread pays off later than for cross-entropy's exps.
+MSE_SERIAL_MAX_ELEMENTS = 1 << 17
+
 #: Cap on the number of blocks of the CUDA row and element kernels; None: about
 #: one full wave of resident blocks (SMs x 2048 / threads per block; 3 blocks
 #: in the simulator). Tests lower it so the grid-stride loops run several rounds.

@@ -36,7 +36,7 @@ class WeightLayout(NamedTuple):
 SEGMENT = 8192
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, _nrt=False)
 def _segment(p, t, w, wmode, inner, lo, hi, scale, grad, loss):
     """Sum over k in [lo, hi) of w_k (p_k - t_k)^2 (float64), where [lo, hi) lies
     within one row of ``inner`` elements. Writes grad_k = scale w_k 2 (p_k - t_k)
@@ -130,3 +130,20 @@ def mse_kernel(p, t, wl, scale, grad, loss, partial):
             acc += _segment(p, t, w, wmode, inner, k, end, scale, grad, loss)
             k = end
         partial[task] = acc
+
+
+@njit(cache=True, fastmath=_FM, _nrt=False)
+def mse_serial(p, t, wmode, w, inner, scale, grad, loss):
+    """:func:`mse_kernel` as one task on the calling thread, for small inputs
+    (``fastloss.config.MSE_SERIAL_MAX_ELEMENTS``); the weight layout comes as
+    its three fields. Returns the float64 sum of w_k (p_k - t_k)^2."""
+    n = p.shape[0]
+    acc = 0.0
+    k = 0
+    while k < n:
+        end = min(n, k + SEGMENT)
+        if wmode == W_INNER or wmode == W_OUTER:
+            end = min(end, (k // inner + 1) * inner)
+        acc += _segment(p, t, w, wmode, inner, k, end, scale, grad, loss)
+        k = end
+    return acc

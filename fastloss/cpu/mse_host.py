@@ -9,7 +9,9 @@ options)`` with the options already validated by ``fastloss.ops`` (a
 import numpy as np
 
 from .. import _validate as V
+from .. import codes, config
 from ..options import safe_div
+from . import cross_entropy_host as _ce
 from . import mse as K
 
 
@@ -57,6 +59,15 @@ class MSEPlan:
 
 def mse(pred, target, weight, opts):
     """``fastloss.mse`` on host arrays."""
+    small = _serial_inputs(pred, target)
+    if small is not None:
+        p, t, acc = small
+        none = opts.reduction == "none"
+        loss = np.empty(p.size, acc) if none else _ce._empty(acc)
+        total, wsum = _serial(small, pred.shape, weight, 1.0, _ce._empty(acc), loss)
+        if none:
+            return loss.reshape(pred.shape)
+        return total if opts.reduction == "sum" else safe_div(total, wsum)
     plan = MSEPlan(pred, target, weight, opts)
     loss = np.empty(plan.size if plan.reduction == "none" else 0, plan.acc)
     total = plan.run(1.0, np.empty(0, plan.acc), loss)
@@ -65,6 +76,20 @@ def mse(pred, target, weight, opts):
 
 def mse_with_grad(pred, target, weight, opts, grad_output, out):
     """``fastloss.mse_with_grad`` on host arrays: ``(loss, grad)``."""
+    small = _serial_inputs(pred, target)
+    if small is not None and opts.reduction != "none":
+        p, t, acc = small
+        grad = _serial_grad_buffer(pred, target, out)
+        go = V.scalar_grad_output(grad_output, opts.reduction)
+        if opts.reduction == "sum":
+            total, _ = _serial(small, pred.shape, weight, go, _ce._KERNEL_VIEW[grad.dtype](grad).reshape(-1),
+                               _ce._empty(acc))
+            return total, grad
+        # The mean's scale needs the weight sum first (cheap: known without the data).
+        wl = _weight(weight, pred.shape, p.size, acc)
+        total = _run_serial(p, t, wl, safe_div(go, wl[3]), _ce._KERNEL_VIEW[grad.dtype](grad).reshape(-1),
+                            _ce._empty(acc), acc)
+        return safe_div(total, wl[3]), grad
     plan = MSEPlan(pred, target, weight, opts)
     shape, dtype = plan.pred.shape, plan.pred.dtype
     if out is None:
@@ -90,3 +115,53 @@ def mse_with_grad(pred, target, weight, opts, grad_output, out):
     scale = safe_div(go, plan.wsum) if plan.reduction == "mean" else go
     total = plan.run(scale, V.kernel_view(grad).reshape(-1), np.empty(0, plan.acc))
     return plan.result(total, None), grad
+
+
+# The serial path (``K.mse_serial``) for small inputs of the common kinds.
+
+def _serial_inputs(pred, target):
+    """``(p, t, acc)`` (flat kernel views) for the serial kernel, or None: plain
+    C-contiguous writable numpy arrays of one shape and supported float dtypes,
+    at most ``config.MSE_SERIAL_MAX_ELEMENTS`` elements."""
+    if type(pred) is not np.ndarray or type(target) is not np.ndarray:
+        return None
+    views = _ce._KERNEL_VIEW
+    pv = views.get(pred.dtype) or _ce._kernel_views().get(pred.dtype)
+    tv = views.get(target.dtype) or _ce._kernel_views().get(target.dtype)
+    if (pv is None or tv is None or pred.shape != target.shape
+            or pred.size > config.MSE_SERIAL_MAX_ELEMENTS
+            or not (pred.flags.c_contiguous and target.flags.c_contiguous
+                    and pred.flags.writeable and target.flags.writeable)):
+        return None
+    acc = V.acc_dtype(pred.dtype) if pred.dtype == target.dtype else \
+        V.acc_dtype(np.result_type(V.acc_dtype(pred.dtype), V.acc_dtype(target.dtype)))
+    return pv(pred).reshape(-1), tv(target).reshape(-1), acc
+
+
+def _weight(weight, shape, size, acc):
+    """``V.weight_layout`` (wmode, w, inner, wsum), without numpy work when there is no weight."""
+    if weight is None:
+        return codes.W_NONE, _ce._empty(acc), 1, float(size)
+    return V.weight_layout(weight, shape, acc)
+
+
+def _run_serial(p, t, wl, scale, grad, loss, acc):
+    wmode, w, inner, _ = wl
+    return K.mse_serial(p, t, wmode, w, inner, acc.type(scale), grad, loss)
+
+
+def _serial(small, shape, weight, scale, grad, loss):
+    """Run the serial kernel: (sum of w d^2, weight sum)."""
+    p, t, acc = small
+    wl = _weight(weight, shape, p.size, acc)
+    return _run_serial(p, t, wl, scale, grad, loss, acc), wl[3]
+
+
+def _serial_grad_buffer(pred, target, out):
+    """The gradient buffer of a serial call: a new array, or ``out`` checked."""
+    if out is None:
+        return np.empty(pred.shape, pred.dtype)
+    V.out_array(out, pred.shape, pred.dtype)
+    if np.may_share_memory(out, target) or (np.may_share_memory(out, pred) and out is not pred):
+        raise V.overlap_error("mse")
+    return out

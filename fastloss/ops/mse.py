@@ -5,7 +5,8 @@ Each function validates its options once (``fastloss.options``) and hands
 or ``fastloss.cuda.mse_host`` for GPU arrays (imported on first use).
 """
 
-from ..cpu import mse_host as _cpu
+import numpy as np
+
 from ..cuda import is_device_array
 from ..options import MSEOptions
 from ..results import MSEResult
@@ -100,7 +101,8 @@ def mse_with_grad(pred, target, *, reduction="mean", weight=None, grad_output=No
 
 def _backend(x):
     """The host module of the backend that runs ``x``: CPU, or CUDA for GPU arrays."""
-    if is_device_array(x):
+    if type(x) is not np.ndarray and is_device_array(x):
         from ..cuda import mse_host
         return mse_host
-    return _cpu
+    from ..cpu import mse_host
+    return mse_host
