@@ -27,15 +27,8 @@ import numpy as np
 
 from .. import _validate as V
 from .. import config
-from ..cpu import cross_entropy as K
-from ..cpu.cross_entropy_host import CrossEntropyPlan
 from ..cuda import is_device_array
 from ..options import CrossEntropyOptions
-
-try:  # GEMM with beta=1 accumulates grad_weight without a (V, D) temporary
-    from scipy.linalg import blas as _blas
-except ImportError:  # pragma: no cover - scipy is optional
-    _blas = None
 
 __all__ = ["LinearCrossEntropyResult", "linear_cross_entropy", "linear_cross_entropy_with_grad"]
 
@@ -82,6 +75,7 @@ class _LinearPlan:
         # The cross-entropy plan sees (N, V) logits of the accumulation dtype: a
         # zero-stride stand-in, so nothing of that size is allocated.
         fake = np.broadcast_to(np.zeros((), self.acc), h.shape[:-1] + (nclass,))
+        from ..cpu.cross_entropy_host import CrossEntropyPlan
         self.ce = CrossEntropyPlan(fake, t, weight, opts)
         if bias is not None:
             b = V.float_array(bias, "bias")
@@ -143,6 +137,7 @@ class _Products:
     """
 
     def __init__(self, acc, nclass, dim):
+        _blas = _scipy_blas()
         # numpy's matmul for D = 0: scipy's f2py gemm refuses empty operands
         self.gemm = None if _blas is None or dim == 0 else (_blas.dgemm if acc == np.float64 else _blas.sgemm)
         block_bytes = int(config.LINEAR_CE_GRAD_WEIGHT_BLOCK_BYTES)
@@ -180,6 +175,22 @@ class _Products:
             t = self.tmp[: v1 - v0]
             np.matmul(g[:, v0:v1].T, hc, out=t)
             gw[v0:v1] += t
+
+
+def _scipy_blas():
+    """``scipy.linalg.blas`` (GEMM with beta=1 accumulates grad_weight without a
+    (V, D) temporary), imported on first use; None without scipy."""
+    try:
+        from scipy.linalg import blas
+    except ImportError:  # pragma: no cover - scipy is optional
+        return None
+    return blas
+
+
+def _kernels():
+    """``fastloss.cpu.cross_entropy`` (numba), imported on first use."""
+    from ..cpu import cross_entropy
+    return cross_entropy
 
 
 def _chunk_rows(chunk_size, count, nclass, itemsize):
@@ -220,7 +231,7 @@ def _sub(idx, a):
 
 def _tasks(scratch, nt):
     """The scratch rows of the first ``nt`` tasks (a chunk of fewer rows than tasks)."""
-    return K.CEScratch(scratch.z[:nt], scratch.t[:nt], scratch.shifts[:nt])
+    return _kernels().CEScratch(scratch.z[:nt], scratch.t[:nt], scratch.shifts[:nt])
 
 
 def linear_cross_entropy(hidden, lm_head, /, targets, *, bias=None, weight=None,
@@ -283,10 +294,12 @@ def linear_cross_entropy(hidden, lm_head, /, targets, *, bias=None, weight=None,
     >>> bool(abs(a - b) < 1e-5)
     True
     """
-    opts = CrossEntropyOptions.check(
-        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-        z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, normalizer=normalizer)
+    opts = CrossEntropyOptions.cached(ignore_index, reduction, label_smoothing, z_loss, softcap,
+                                      logit_scale, normalizer)
+    if chunk_size is None and _small(hidden, lm_head, targets, bias):
+        return _small_call(hidden, lm_head, targets, bias, weight, opts, False, None)
     plan = _LinearPlan(hidden, lm_head, targets, bias, chunk_size, weight, opts)
+    K = _kernels()
     ce = plan.ce
     n = ce.tgt.size
     loss = np.zeros(n, plan.acc)
@@ -365,10 +378,12 @@ def linear_cross_entropy_with_grad(hidden, lm_head, /, targets, *, bias=None, we
     >>> r.grad_bias.shape
     (7,)
     """
-    opts = CrossEntropyOptions.check(
-        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-        z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, normalizer=normalizer)
+    opts = CrossEntropyOptions.cached(ignore_index, reduction, label_smoothing, z_loss, softcap,
+                                      logit_scale, normalizer)
+    if chunk_size is None and _small(hidden, lm_head, targets, bias):
+        return _small_call(hidden, lm_head, targets, bias, weight, opts, True, grad_output)
     plan = _LinearPlan(hidden, lm_head, targets, bias, chunk_size, weight, opts)
+    K = _kernels()
     ce = plan.ce
     acc = plan.acc
     n = ce.tgt.size
@@ -412,3 +427,84 @@ def linear_cross_entropy_with_grad(hidden, lm_head, /, targets, *, bias=None, we
     grad_weight = gw if wdt == acc else gw.astype(wdt)
     grad_bias = None if gb is None else gb.astype(plan.bias.dtype)
     return LinearCrossEntropyResult(ce.reduce(loss, lse), grad_hidden, grad_weight, grad_bias)
+
+
+# Small calls: all logits at once (at most ``config.SERIAL_MAX_ELEMENTS``), one
+# numpy product, the serial cross-entropy kernel, two more products; no plan,
+# no chunks, no thread launch. The same arithmetic as the chunked sweep (the
+# products in the accumulation dtype, ignored tokens never multiplied).
+
+def _small(hidden, lm_head, targets, bias):
+    """Whether a call can take the small path: plain numpy arrays of one supported
+    float dtype with fitting shapes, integer targets, at most
+    ``config.SERIAL_MAX_ELEMENTS`` logits that also fit the chunk budget
+    ``config.LINEAR_CE_LOGITS_BUDGET_BYTES``. Anything else (and every error) goes
+    through ``_LinearPlan``, which words the messages."""
+    if not (type(hidden) is np.ndarray and type(lm_head) is np.ndarray and type(targets) is np.ndarray
+            and (bias is None or type(bias) is np.ndarray)):
+        return False
+    if (hidden.ndim == 0 or lm_head.ndim != 2 or hidden.dtype != lm_head.dtype
+            or lm_head.shape[1] != hidden.shape[-1] or lm_head.shape[1] == 0 or lm_head.shape[0] == 0
+            or targets.dtype.kind not in "iu" or targets.shape != hidden.shape[:-1]):
+        return False
+    if hidden.dtype not in V.NUMPY_FLOAT_DTYPES and not V.is_bfloat16(hidden.dtype):
+        return False
+    if bias is not None and (bias.shape != (lm_head.shape[0],) or (
+            bias.dtype not in V.NUMPY_FLOAT_DTYPES and not V.is_bfloat16(bias.dtype))):
+        return False
+    nlogits = targets.size * lm_head.shape[0]
+    return (nlogits <= config.SERIAL_MAX_ELEMENTS
+            and nlogits * V.acc_dtype(hidden.dtype).itemsize <= config.LINEAR_CE_LOGITS_BUDGET_BYTES)
+
+
+def _small_call(hidden, lm_head, targets, bias, weight, opts, with_grad, grad_output):
+    """The whole call on the small path (``_small`` was checked)."""
+    from ..cpu import cross_entropy_host as H
+
+    acc = V.acc_dtype(hidden.dtype)
+    nclass, dim = lm_head.shape
+    h2 = hidden.reshape(-1, dim)
+    t = targets.reshape(-1)
+    n = t.size
+    ignored = t == opts.ignore_index
+    rows = np.flatnonzero(~ignored) if ignored.any() else None
+    hc = h2 if rows is None else h2[rows]
+    hc = np.ascontiguousarray(hc, dtype=acc)
+    head = np.ascontiguousarray(lm_head, dtype=acc)
+    x = hc @ head.T
+    if bias is not None:
+        x += bias.astype(acc)
+    none = opts.reduction == "none"
+    go = grad_output
+    if rows is None:  # the caller's shapes, so messages about grad_output name them
+        xc, tc = x.reshape(targets.shape + (nclass,)), targets
+    else:
+        xc, tc = x, t[rows]
+        if with_grad and none and grad_output is not None:
+            g = V.rows_grad_output(grad_output, targets.shape, "targets.shape")
+            go = g if type(g) is float else g.reshape(-1)[rows]
+    try:
+        if with_grad:
+            loss, grad = H.cross_entropy_with_grad(xc, tc, weight, opts, go, None, True)
+            grad = grad.reshape(-1, nclass)
+        else:
+            loss = H.cross_entropy(xc, tc, weight, opts)
+    except ValueError:
+        # Positions in a message must be those of the caller's targets.
+        V.targets_for_kernel(targets, hidden.shape[:-1] + (nclass,), opts.ignore_index)
+        raise
+    if none and rows is not None:
+        full = np.zeros(n, loss.dtype)
+        full[rows] = loss
+        loss = full.reshape(targets.shape)
+    if not with_grad:
+        return loss
+    gh = grad @ head
+    if rows is not None:
+        full = np.zeros((n, dim), acc)
+        full[rows] = gh
+        gh = full
+    grad_hidden = gh.reshape(hidden.shape).astype(hidden.dtype, copy=False)
+    grad_weight = (grad.T @ hc).astype(lm_head.dtype, copy=False)
+    grad_bias = None if bias is None else grad.sum(axis=0, dtype=np.float64).astype(bias.dtype)
+    return LinearCrossEntropyResult(loss, grad_hidden, grad_weight, grad_bias)
