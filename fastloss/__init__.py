@@ -25,11 +25,35 @@ through the CPU kernels; ``fastloss.cli`` is the ``fastloss`` command.
 from ._threads import get_num_threads, max_threads, set_num_threads
 from ._version import __version__
 from .cuda import cuda_available
-from .evaluation import EvalReport, Layout, evaluate
 from .ops.cross_entropy import cross_entropy, cross_entropy_with_grad, logsumexp
 from .ops.linear_cross_entropy import LinearCrossEntropyResult, linear_cross_entropy, linear_cross_entropy_with_grad
 from .ops.mse import mse, mse_with_grad
 from .results import CrossEntropyResult, MSEResult
+
+# ``import fastloss`` loads numpy and these small modules only (about 0.1 s);
+# numba, the kernels, ml_dtypes, scipy and tqdm load on first use, and the
+# evaluation layer on first access to one of its names (PEP 562).
+_LAZY = {"evaluate": "evaluation", "EvalReport": "evaluation", "Layout": "evaluation"}
+
+
+_SUBPACKAGES = ("evaluation", "bench", "cli", "cpu", "demo", "options", "config")
+
+
+def __getattr__(name):
+    import importlib
+
+    if name in _SUBPACKAGES:  # ``fastloss.evaluation.x`` without importing it first
+        return importlib.import_module(f".{name}", __name__)
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fastloss' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "__version__",

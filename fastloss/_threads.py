@@ -1,6 +1,5 @@
-"""Thread count of the CPU kernels (numba's thread pool)."""
-
-import numba
+"""Thread count of the CPU kernels (numba's thread pool; numba is imported on
+first use, not by ``import fastloss``)."""
 
 
 def set_num_threads(n):
@@ -29,6 +28,8 @@ def set_num_threads(n):
     1
     >>> fastloss.set_num_threads(fastloss.max_threads())
     """
+    import numba
+
     limit = numba.config.NUMBA_NUM_THREADS
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limit:
         raise ValueError(f"n: expected an integer in [1, {limit}] (NUMBA_NUM_THREADS), found {n!r}")
@@ -37,9 +38,13 @@ def set_num_threads(n):
 
 def get_num_threads():
     """Threads the next kernel launched from this Python thread will use."""
+    import numba
+
     return numba.get_num_threads()
 
 
 def max_threads():
     """Size of the thread pool (``NUMBA_NUM_THREADS``)."""
+    import numba
+
     return numba.config.NUMBA_NUM_THREADS
