@@ -52,9 +52,11 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from .. import config
+from .. import _compile, config
 from ..codes import PLAIN, SCALED, SOFTCAP
 from ._math import as_acc, exp, load, prefetch, row_max, store, tanh
+
+_compile.install()  # the one-line notice before a cold compile
 
 _FM = config.FASTMATH
 
@@ -105,12 +107,15 @@ LAZY_SUM_LIMIT = float(2**30)
 
 def _in_serial(expr, caller, callee):
     """numba's inlining decision for the row functions: inline them (at the
-    numba IR level) into ``ce_serial`` only. There a short row's cost was
+    numba IR level) into the serial kernels only. There a short row's cost was
     mostly the calls, each passing several arrays as exploded structs (256 x 8
-    forward: 17.6 -> 6.9 us; ce_serial is compiled without NRT, so the inlined
+    forward: 17.6 -> 6.9 us; they are compiled without NRT, so the inlined
     slices take no reference counts). The parallel kernels keep the calls:
     inlined there, they compiled 2-3x slower."""
-    return caller.func_id.func_qualname == "ce_serial"  # caller: the caller's FunctionIR
+    return caller.func_id.func_qualname in _SERIAL_KERNELS  # caller: the caller's FunctionIR
+
+
+_SERIAL_KERNELS = ("ce_serial_forward", "ce_serial_fused")
 
 
 def n_row_blocks(nclass):
@@ -513,38 +518,17 @@ def _with_zloss(ce, zl, l):
     return ce + zl * l * l
 
 
-@njit(cache=True, fastmath=_FM, _nrt=False)
-def ce_serial(x, tgt, ignore_index, w, has_w, wsum, mode, scale, cap, eps, zl,
-              norm, gmode, go, gvec, out, loss, er, tr, shifts):
-    """The whole cross-entropy call on the calling thread, for small inputs
-    (``fastloss.config.SERIAL_MAX_ELEMENTS``), where the host-side preparation
-    and a parallel launch would cost more than the arithmetic.
-
-    Checks the targets (int64 or int32; ``ignore_index`` as given), then
-    runs each row through the same row functions as :func:`ce_forward` /
-    :func:`ce_fused`, inlined (``_in_serial``; the results agree with the
-    parallel kernels up to the order of vectorised sums). Compiled without
-    NRT (nothing is allocated here): the caller passes the scratch ``er``
-    (V, or 0 for a plain forward), ``tr`` (V under softcap, else 0) and
-    ``shifts`` (``n_row_blocks(V)`` when fused, else 0). Scalars ``wsum``, ``scale``, ``cap``, ``eps``, ``zl`` are
-    in the accumulation type. ``gmode``: 0 forward only (``out`` unused), 1 one
-    upstream gradient ``go`` (already for "sum"/"none"; for "mean" divided
-    here by the denominators, ``norm`` > 0 replacing them), 2 per-row ``gvec``
-    (float64, reduction "none"), 3 as 1 but for "mean". ``loss`` is (n,) for
-    "none" (ce + zl lse**2 per row, 0 where ignored) or (0,).
-
-    Returns ``(nbad, first_bad, ce_sum, zz_sum, count, target_wsum)``: on bad
-    targets (``nbad > 0``) nothing else is computed; otherwise the float64
-    sums of the rows' ce and lse**2, the number of counted rows and the sum of
-    their class weights (their number without weights).
-    """
-    n, nclass = x.shape
-    one = scale - scale + 1
+@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
+def _serial_targets(tgt, ignore_index, w, has_w, nclass):
+    """The serial kernels' target pass: ``(nbad, first_bad, count, target_wsum)``
+    (targets outside [0, V) that are not ``ignore_index``, the first one's
+    index, the counted rows and their class weights' float64 sum, or their
+    number without weights)."""
     nbad = 0
     first = -1
     count = 0
     twsum = 0.0
-    for i in range(n):
+    for i in range(tgt.shape[0]):
         t = tgt[i]
         if t == ignore_index:
             continue
@@ -556,45 +540,95 @@ def ce_serial(x, tgt, ignore_index, w, has_w, wsum, mode, scale, cap, eps, zl,
             count += 1
             if has_w:
                 twsum += np.float64(w[t])
-    if nbad > 0:
-        return nbad, first, 0.0, 0.0, count, twsum
     if not has_w:
         twsum = np.float64(count)
-    g_ce = go
-    g_z = go
-    if gmode == 3:
-        d_ce = norm if norm > 0 else twsum
-        d_z = norm if norm > 0 else np.float64(count)
-        g_ce = _ratio(go, d_ce)
-        g_z = _ratio(go, d_z)
-    g_row = as_acc(g_ce, one)
-    gz_row = as_acc(g_z, one)
+    return nbad, first, count, twsum
+
+
+@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
+def _serial_row_out(loss, i, ce, zl, l):
+    """Row i's entry of a per-row loss (reduction "none"): ce + zl lse**2."""
+    if loss.shape[0] > 0:
+        loss[i] = _with_zloss(ce, zl, l) if zl > 0 else ce
+
+
+# The serial kernels run a whole small call (``fastloss.config.SERIAL_MAX_ELEMENTS``
+# logits) on the calling thread, where the host-side preparation and a parallel
+# launch would cost more than the arithmetic. They check the targets (int64 or
+# int32; ``ignore_index`` as given), then run each row through the same row
+# functions as ``ce_forward`` / ``ce_fused``, inlined (``_in_serial``; results
+# agree with the parallel kernels up to the order of vectorised sums). They are
+# compiled without NRT (nothing is allocated here): the caller passes the
+# scratch ``er`` (V, or 0 for a plain forward), ``tr`` (V under softcap, else 0)
+# and ``shifts`` (``n_row_blocks(V)``). Scalars ``wsum``, ``scale``, ``cap``,
+# ``eps``, ``zl`` are in the accumulation type; ``loss`` is (n,) for reduction
+# "none" (ce + zl lse**2 per row, 0 where ignored), else (0,). Forward and
+# fused are two kernels so that a call compiles only the one it needs.
+#
+# Both return ``(nbad, first_bad, ce_sum, zz_sum, count, target_wsum)``: on bad
+# targets (``nbad > 0``) nothing else is computed; otherwise the float64 sums of
+# the rows' ce and lse**2 and the target pass's count and weight sum.
+
+@njit(cache=True, fastmath=_FM, _nrt=False)
+def ce_serial_forward(x, tgt, ignore_index, w, has_w, wsum, mode, scale, cap, eps, zl, loss, er, tr):
+    """The forward serial kernel (see above)."""
+    n, nclass = x.shape
+    nbad, first, count, twsum = _serial_targets(tgt, ignore_index, w, has_w, nclass)
+    if nbad > 0:
+        return nbad, first, 0.0, 0.0, count, twsum
     k = CEConstants(has_w, wsum, eps, zl)
     tf = (mode, scale, cap)
-    fused = gmode != 0
-    per_row = loss.shape[0] > 0
+    zero = scale - scale
     ce_sum = 0.0
     zz_sum = 0.0
     for i in range(n):
         t = tgt[i]
-        counted = t != ignore_index
-        if fused:
-            g = g_row
-            gzi = gz_row
-            if gmode == 2:
-                g = as_acc(gvec[i], one)
-                gzi = g
-            if not counted:
-                g = one - one
-                gzi = one - one
-            ce, l = _fused_row(x, i, n, t if counted else -1, w, tf, k, g, gzi, out[i], er, tr, shifts)
-        elif counted:
+        ce = zero
+        l = zero
+        if t != ignore_index:
             ce, l = _forward_row(x, i, n, t, w, tf, k, er, tr)
-        else:
-            ce = one - one
-            l = one - one
         ce_sum += np.float64(ce)
         zz_sum += np.float64(l) * np.float64(l)
-        if per_row:
-            loss[i] = _with_zloss(ce, zl, l) if zl > 0 else ce
+        _serial_row_out(loss, i, ce, zl, l)
+    return nbad, first, ce_sum, zz_sum, count, twsum
+
+
+@njit(cache=True, fastmath=_FM, _nrt=False)
+def ce_serial_fused(x, tgt, ignore_index, w, has_w, wsum, mode, scale, cap, eps, zl,
+                    norm, gmode, go, gvec, out, loss, er, tr, shifts):
+    """The fused serial kernel (see above): also writes the gradient into ``out``.
+    ``gmode``: 1 one upstream gradient ``go`` ("sum", or "none" with a
+    scalar), 2 per-row ``gvec`` (float64, "none"), 3 "mean": ``go`` divided
+    here by the denominators (``norm`` > 0 replaces both)."""
+    n, nclass = x.shape
+    nbad, first, count, twsum = _serial_targets(tgt, ignore_index, w, has_w, nclass)
+    if nbad > 0:
+        return nbad, first, 0.0, 0.0, count, twsum
+    one = scale - scale + 1
+    g_ce = go
+    g_z = go
+    if gmode == 3:
+        g_ce = _ratio(go, norm if norm > 0 else twsum)
+        g_z = _ratio(go, norm if norm > 0 else np.float64(count))
+    g_row = as_acc(g_ce, one)
+    gz_row = as_acc(g_z, one)
+    k = CEConstants(has_w, wsum, eps, zl)
+    tf = (mode, scale, cap)
+    ce_sum = 0.0
+    zz_sum = 0.0
+    for i in range(n):
+        t = tgt[i]
+        g = g_row
+        gzi = gz_row
+        if gmode == 2:
+            g = as_acc(gvec[i], one)
+            gzi = g
+        if t == ignore_index:
+            t = -1
+            g = one - one
+            gzi = one - one
+        ce, l = _fused_row(x, i, n, t, w, tf, k, g, gzi, out[i], er, tr, shifts)
+        ce_sum += np.float64(ce)
+        zz_sum += np.float64(l) * np.float64(l)
+        _serial_row_out(loss, i, ce, zl, l)
     return nbad, first, ce_sum, zz_sum, count, twsum

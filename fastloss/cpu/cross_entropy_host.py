@@ -196,7 +196,7 @@ def logsumexp(logits, opts):
     return lse.reshape(x.shape[:-1])
 
 
-# The serial path (``K.ce_serial``): small inputs of the common kinds in one
+# The serial path (``K.ce_serial_forward`` / ``K.ce_serial_fused``): small inputs of the common kinds in one
 # kernel call on the calling thread; everything else takes the plans above.
 
 #: How the kernels see each logits dtype (half precision as integer views).
@@ -268,7 +268,7 @@ def _kernel_scalars(opts, acc):
 
 
 def _serial_grad_output(grad_output, opts, rows_shape):
-    """(gmode, go, gvec) of ``K.ce_serial`` for the upstream gradient."""
+    """(gmode, go, gvec) of ``K.ce_serial_fused`` for the upstream gradient."""
     reduction = opts.reduction
     if reduction == "none":
         g = V.rows_grad_output(grad_output, rows_shape, "targets.shape")
@@ -280,7 +280,8 @@ def _serial_grad_output(grad_output, opts, rows_shape):
 
 
 def _serial(small, logits, targets, weight, opts, gmode, go, gvec, out):
-    """Run ``K.ce_serial`` and reduce; raises the plans' errors for bad targets."""
+    """Run a serial kernel (forward for ``gmode`` 0, else fused into ``out``) and
+    reduce; raises the plans' errors for bad targets."""
     x, tgt, acc = small
     nclass = x.shape[1]
     mode, scale, cap, eps, zl, norm = _kernel_scalars(opts, acc)
@@ -292,12 +293,16 @@ def _serial(small, logits, targets, weight, opts, gmode, go, gvec, out):
     none = opts.reduction == "none"
     loss = np.empty(x.shape[0], acc) if none else _empty(acc)
     fused = gmode != 0
-    er = np.empty(nclass if fused or mode != PLAIN else 0, acc)
-    tr = np.empty(nclass if mode == SOFTCAP else 0, acc) if mode == SOFTCAP else _empty(acc)
+    er = np.empty(nclass, acc) if fused or mode != PLAIN else _empty(acc)
+    tr = np.empty(nclass, acc) if mode == SOFTCAP else _empty(acc)
     shifts = np.empty(K.n_row_blocks(nclass), acc) if fused else _empty(acc)
-    nbad, first, ce, zz, count, twsum = K.ce_serial(
-        x, tgt, opts.ignore_index, w, has_w, wsum, mode, scale, cap, eps, zl,
-        norm, gmode, go, gvec, out, loss, er, tr, shifts)
+    if fused:
+        nbad, first, ce, zz, count, twsum = K.ce_serial_fused(
+            x, tgt, opts.ignore_index, w, has_w, wsum, mode, scale, cap, eps, zl,
+            norm, gmode, go, gvec, out, loss, er, tr, shifts)
+    else:
+        nbad, first, ce, zz, count, twsum = K.ce_serial_forward(
+            x, tgt, opts.ignore_index, w, has_w, wsum, mode, scale, cap, eps, zl, loss, er, tr)
     if nbad:
         raise V.bad_targets_error(nbad, nclass, opts.ignore_index, targets.shape, first,
                                   targets.reshape(-1)[first])

@@ -17,9 +17,11 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from .. import config
+from .. import _compile, config
 from ..codes import W_INNER, W_NONE, W_OUTER
 from ._math import as_acc, load, store
+
+_compile.install()  # the one-line notice before a cold compile
 
 _FM = config.FASTMATH
 
