@@ -205,6 +205,7 @@ _KERNEL_VIEW = {
     np.dtype(np.float64): lambda a: a,
     np.dtype(np.float16): lambda a: a.view(np.int16),
 }
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 _SERIAL_TARGETS = frozenset((np.dtype(np.int64), np.dtype(np.int32)))
 _NO_ROWS = np.empty(0, np.float64)
 _INT64 = (-(1 << 63), 1 << 63)
@@ -250,7 +251,7 @@ def _serial_inputs(logits, targets, opts):
     if logits.ndim != 2:
         x = x.reshape(-1, nclass)
         targets = targets.reshape(-1)
-    return x, targets, V.acc_dtype(logits.dtype)
+    return x, targets, _F64 if logits.dtype == _F64 else _F32
 
 
 def _kernel_scalars(opts, acc):
