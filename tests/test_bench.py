@@ -4,6 +4,7 @@ Tiny shapes, 1-2 repeats and a small bandwidth array keep these fast. Nothing
 here asserts on time: only on what is computed, reported and saved.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -17,16 +18,20 @@ import pytest
 from reference import ce_reference, mse_reference, to_float64
 
 from fastloss.bench import cases as C
+from fastloss.bench import machine as M
 from fastloss.bench import runner as R
+from fastloss.bench import runs as S
 from fastloss.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH_README = os.path.join(ROOT, "benchmarks", "README.md")
 
 MACHINE_KEYS = ("cpu_model", "cores", "numba_threads", "python", "numpy", "numba", "torch",
-                "fastloss", "date")
+                "fastloss")
 CALIBRATION_KEYS = ("copy_gbps", "read_gbps", "exp_gps", "copy_gbps_best", "read_gbps_best",
-                    "exp_gps_best", "bytes", "threads")
+                    "exp_gps_best", "exp_source", "exp_fastloss_gps", "exp_fastloss_gps_best",
+                    "exp_numpy_gps", "exp_numpy_gps_best", "bytes", "threads")
+CONDITION_KEYS = ("date", "load_start", "load_end", "load1", "own", "own_share")
 
 
 @pytest.fixture
@@ -64,6 +69,14 @@ def test_cli_bench_json(bench_env, capsys):
     assert set(R.RESULT_KEYS) <= set(result)
     assert result["schema"] == R.SCHEMA
     assert set(MACHINE_KEYS) <= set(result["machine"])
+    assert "date" not in result["machine"]  # what changes between runs is kept apart
+    assert result["conditions"]["date"].startswith("20")
+    for when in ("load_start", "load_end"):
+        assert {"load1", "own", "own_share"} <= set(result["conditions"][when])
+    assert isinstance(result["warnings"], list)
+    assert result["calibration"]["exp_source"] in ("fastloss exp_f32", "numpy np.exp")
+    assert result["calibration"]["exp_gps"] == max(result["calibration"]["exp_fastloss_gps"],
+                                                   result["calibration"]["exp_numpy_gps"])
     threads = min(R.DEFAULT_THREADS, numba.config.NUMBA_NUM_THREADS)
     assert result["machine"]["numba_threads"] == threads
     assert result["settings"]["threads"] == threads
@@ -96,7 +109,7 @@ def test_cli_bench_json(bench_env, capsys):
 
 def test_json_keys_documented():
     text = open(BENCH_README).read()
-    for key in R.RESULT_KEYS + R.ROW_KEYS + MACHINE_KEYS + CALIBRATION_KEYS:
+    for key in R.RESULT_KEYS + R.ROW_KEYS + MACHINE_KEYS + CALIBRATION_KEYS + CONDITION_KEYS:
         assert f"`{key}`" in text, f"benchmarks/README.md does not document {key!r}"
 
 
@@ -135,6 +148,12 @@ def test_cli_bench_linear_ce(bench_env, capsys):
     (["--op", "lce", "--shape", "4", "5"], "--op lce takes 3 numbers (N D V)"),
     (["--shape", "4", "5", "6"], "--op ce takes 2 numbers (N V)"),
     (["--op", "lce", "--mode", "forward"], "fwd+bwd only"),
+    (["--small", "--shape", "4", "5"], "--shape: --small runs its own set"),
+    (["--small", "--op", "mse"], "--op: --small runs its own set"),
+    (["--save", "a/b"], "--save takes a name (give the folder with --dir)"),
+    (["--save", "x", "--no-save"], "--save and --no-save"),
+    (["--list", "--compare"], "--list and --compare: give one of them"),
+    (["--compare", "only-one"], "--compare: give two runs or more"),
 ])
 def test_cli_bench_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -316,3 +335,244 @@ def test_torch_compile_failure_skips(monkeypatch):
     case = C.Case("ce", (4, 50), "float32", "forward")
     with pytest.raises(C.Unavailable, match="torch.compile failed: RuntimeError: no C"):
         C.build(case, C.make_inputs(case), "torch-compile")
+
+
+# --- runs that compare: machine_info, noise warnings, speedup, saved runs -----
+
+def _load_conftest():
+    path = os.path.join(ROOT, "benchmarks", "conftest.py")
+    spec = importlib.util.spec_from_file_location("fastloss_bench_conftest", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _generated_machine_info():
+    """What pytest-benchmark generates before the hooks, clock included."""
+    plugin = pytest.importorskip("pytest_benchmark.plugin")
+    return plugin.pytest_benchmark_generate_machine_info()
+
+
+def test_benchmark_machine_info_is_stable(monkeypatch):
+    """Two runs on one machine give pytest-benchmark equal machine_info, so
+    --benchmark-compare does not warn: no date, no ceilings, no current clock,
+    and the threads the suite sets rather than those in force."""
+    conftest = _load_conftest()
+    first = _generated_machine_info()
+    conftest.pytest_benchmark_update_machine_info(None, first)
+    saved = json.loads(json.dumps(first))  # as pytest-benchmark saves and reloads it
+    # A second run: a session that has measured its ceilings, other threads in
+    # force, another clock reading.
+    monkeypatch.setitem(conftest._STATE, "calibration", {"copy_gbps": 1.0})
+    monkeypatch.setitem(conftest._STATE, "conditions", M.run_conditions())
+    numba_threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        second = _generated_machine_info()
+        if isinstance(second.get("cpu"), dict):
+            second["cpu"]["hz_actual"] = [123, 0]
+            second["cpu"]["hz_actual_friendly"] = "0.0001 GHz"
+        conftest.pytest_benchmark_update_machine_info(None, second)
+    finally:
+        numba.set_num_threads(numba_threads)
+    assert json.loads(json.dumps(second)) == saved
+    info = saved["fastloss"]["machine"]
+    assert "date" not in info and "calibration" not in saved["fastloss"]
+    assert set(MACHINE_KEYS) <= set(info)
+    assert info["numba_threads"] == min(R.DEFAULT_THREADS, numba.config.NUMBA_NUM_THREADS)
+    assert M.machine_info_for_json(2) == M.machine_info_for_json(2)
+
+
+_CAL = {"copy_gbps": 40.0, "read_gbps": 45.0, "exp_gps": 20.0, "copy_gbps_best": 41.0,
+        "read_gbps_best": 46.0, "exp_gps_best": 21.0}
+
+
+def _load(load1, own_share):
+    return {"load1": load1, "own": own_share, "own_share": own_share, "mark": [0.0, 0.0]}
+
+
+@pytest.mark.parametrize("cores, threads, start, end, busy", [
+    (2, 2, _load(0.2, 0.0), _load(2.3, 2.0), False),   # only this run's own load
+    (2, 2, _load(1.2, 0.0), _load(2.1, 2.0), True),    # someone else on a core at the start
+    (2, 2, _load(0.1, 0.0), _load(3.0, 1.2), True),    # ... at the end
+    (8, 2, _load(5.9, 0.0), _load(7.5, 2.0), False),   # 6 cores free: 5.9 is fine
+    (8, 2, _load(6.6, 0.0), _load(6.0, 1.0), True),
+    (2, 2, _load(None, 0.0), _load(None, 0.0), False),  # no load average here
+])
+def test_noise_warning_busy(cores, threads, start, end, busy):
+    conditions = {"date": "d", "load_start": start, "load_end": end}
+    warnings = M.noise_warnings(_CAL, conditions, cores, threads)
+    assert bool(warnings) == busy, warnings
+    assert all(w.startswith("busy machine") for w in warnings)
+
+
+@pytest.mark.parametrize("change, want", [
+    ({}, None),
+    ({"read_gbps": 30.0, "read_gbps_best": 30.5}, "inconsistent ceilings: read bandwidth 30.0 GB/s below copy"),
+    ({"copy_gbps_best": 44.5}, "noisy ceilings: copy bandwidth fastest repeat 44.5 vs median 40"),
+    ({"exp_gps_best": 22.5}, "noisy ceilings: exp rate fastest repeat 22.5 vs median 20 (+12% > 10%)"),
+])
+def test_noise_warning_ceilings(change, want):
+    quiet = {"load_start": _load(0.0, 0.0), "load_end": _load(2.0, 2.0)}
+    warnings = M.noise_warnings(dict(_CAL, **change), quiet, 2, 2)
+    if want is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and want in warnings[0], warnings
+
+
+def test_load_sample_counts_own_share():
+    s = M.load_sample()
+    assert s["own"] >= 0 and 0 <= s["own_share"] <= s["own"] + 1e-9
+    later = M.load_sample(since=s["mark"])
+    assert later["own_share"] <= later["own"] + 1e-9
+    assert M.other_load({"load1": 1.5, "own_share": 0.5}) == 1.0
+    assert M.other_load({"load1": 0.2, "own_share": 0.5}) == 0.0
+    assert M.other_load({"load1": None}) is None
+
+
+def _fake_result(medians, date, cpu="cpu", warnings=()):
+    """A saved-run-shaped result with the given (case, provider) -> median ms."""
+    cal = dict(_CAL, exp_source="fastloss exp_f32")
+    rows = []
+    for (case, provider), ms in medians.items():
+        c = C.Case("ce", (64, 1000), "float32", case)
+        rows.append(R.fill_row(R.new_row(c, provider), c, [ms / 1e3], cal))
+    R.add_ratios(rows)
+    machine = {"cpu_model": cpu, "cores": 2, "numba_threads": 2, "torch_threads": 2,
+               "fastloss": "x", "python": "3", "numpy": "2", "numba": "0", "torch": "2"}
+    return {"schema": R.SCHEMA, "machine": machine, "conditions": {"date": date},
+            "calibration": cal, "settings": {}, "warnings": list(warnings), "results": rows}
+
+
+def test_speedup_vs_torch_column():
+    r = _fake_result({("forward", "fastloss"): 2.0, ("forward", "torch"): 10.0,
+                      ("forward", "numpy"): 20.0}, "2026-01-01")
+    by = {row["provider"]: row for row in r["results"]}
+    assert by["fastloss"]["speedup_vs_torch"] == pytest.approx(5.0)
+    assert by["torch"]["speedup_vs_torch"] == pytest.approx(1.0)
+    assert by["numpy"]["speedup_vs_torch"] == pytest.approx(0.5)
+    text = R.format_table(r)
+    assert re.search(r"^provider .* vs torch$", text, re.M)
+    assert re.search(r"^fastloss .* 5\.00x$", text, re.M)
+    assert "exp 20.00 G/s (fastloss exp_f32)" in text
+    no_torch = _fake_result({("forward", "fastloss"): 2.0}, "2026-01-01")
+    assert no_torch["results"][0]["speedup_vs_torch"] is None
+    assert re.search(r"^fastloss .* -$", R.format_table(no_torch), re.M)
+
+
+def test_warnings_printed_in_table():
+    r = _fake_result({("forward", "fastloss"): 2.0}, "2026-01-01", warnings=["busy machine: x"])
+    assert "WARNING: busy machine: x" in R.format_table(r)
+
+
+def test_cli_help_has_the_legend(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    out = capsys.readouterr().out
+    for column in ("median ms", "% bw", "floor ms", "% floor", "x fastest", "x peer", "vs torch"):
+        assert column in out
+    assert "fastloss exp_f32" in out and "np.exp" in out
+    assert "--compare" in out and "--list" in out and "benchmarks/README.md" not in out
+
+
+def test_cli_list_and_compare(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    a = _fake_result({("forward", "fastloss"): 2.0, ("forward", "torch"): 10.0,
+                      ("fwd+bwd", "fastloss-out"): 4.0}, "2026-01-01T00:00:00+00:00")
+    b = _fake_result({("forward", "fastloss"): 1.0, ("forward", "torch"): 12.0},
+                     "2026-01-02T00:00:00+00:00", cpu="other cpu", warnings=["busy machine: y"])
+    R.save(a, str(runs), "before")
+    R.save(b, str(runs), "after")
+    with pytest.raises(FileExistsError, match="a run named 'after' already exists"):
+        R.save(b, str(runs), "after")
+    (runs / "unrelated.json").write_text("{}")  # not a run: not listed
+
+    assert main(["bench", "--list", "--dir", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert out.index("before") < out.index("after")  # oldest first
+    assert "unrelated" not in out and "ce-forward-64x1000-float32" in out
+    assert "[1 warning(s)]" in out
+
+    assert main(["bench", "--compare", "bef", "after", "--dir", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^  A  before .*\n  B  after ", out, re.M)
+    assert "warning: busy machine: y" in out
+    assert "B differs from A in cpu_model" in out
+    block = out[out.index("ce-forward-64x1000-float32"):]
+    assert re.search(r"^provider\s+A ms\s+B ms\s+B/A$", block, re.M)
+    assert re.search(r"^fastloss\s+2\.000\s+1\.000\s+0\.50$", block, re.M)
+    assert re.search(r"^torch\s+10\.000\s+12\.000\s+1\.20$", block, re.M)
+    assert "only in A: ce-fwd+bwd-64x1000-float32" in out
+
+    assert main(["bench", "--compare", "--dir", str(runs)]) == 0  # the two most recent
+    assert "A  before" in capsys.readouterr().out
+    assert main(["bench", "--compare", "before", str(runs / "after.json"), "--dir", str(runs)]) == 0
+    capsys.readouterr()
+    assert main(["bench", "--compare", "before", "nope", "--dir", str(runs)]) == 2
+    assert "no saved run named 'nope'" in capsys.readouterr().err
+    assert main(["bench", "--compare", "--dir", str(tmp_path / "empty")]) == 2
+    assert "2 saved runs needed, found 0" in capsys.readouterr().err
+    assert main(["bench", "--list", "--dir", str(tmp_path / "empty")]) == 0
+    assert "no saved runs" in capsys.readouterr().out
+    assert S.find("before", str(runs))["name"] == "before"
+
+
+def test_small_cases():
+    small = C.small_cases()
+    names = [c.name for c in small]
+    for shape in ("8x100", "64x1000", "256x4096"):
+        for mode in C.MODES:
+            assert f"ce-{mode}-{shape}-float32" in names
+    for n in (800, 64000, 256 * 4096):
+        for mode in C.MODES:
+            assert C.Case("mse", (n,), "float32", mode) in small
+    assert "lce-forward-64x32x500-float32" in names and "lce-fwd+bwd-64x32x500-float32" in names
+    for case in small:
+        provs = C.providers_for(case, C.SMALL_PROVIDERS)
+        assert "torch" in provs and provs[0].startswith("fastloss")
+
+
+def test_linear_ce_forward_providers_agree():
+    torch = pytest.importorskip("torch")
+    case = C.Case("lce", (16, 8, 50), "float32", "forward")
+    assert case.bytes_written == 0 and case.flops == 2 * 16 * 8 * 50
+    inputs = C.make_inputs(case, seed=1)
+    logits = inputs["hidden"].astype(np.float64) @ inputs["weight"].astype(np.float64).T
+    want, _ = ce_reference(logits, inputs["targets"])
+    for provider in ("fastloss", "torch"):
+        loss = C.loss_value(_run(C.build(case, inputs, provider)), case.mode)
+        assert loss == pytest.approx(want, rel=1e-5), provider
+    assert torch.is_grad_enabled()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_cli_small_saves_a_named_run(bench_env, capsys):
+    pytest.importorskip("torch")
+    rc = main(["bench", "--small", "--repeat", "1", "--warmup", "0", "--quiet", "--save", "mine"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    for name in ("ce-fwd+bwd-256x4096-float32", "mse-forward-800-float32",
+                 "lce-forward-64x32x500-float32"):
+        assert name in out
+    saved = json.loads((bench_env / "saved" / "mine.json").read_text())
+    assert {r["provider"] for r in saved["results"]} == {
+        "fastloss", "fastloss-out", "fastloss-inplace", "fastloss-alloc", "torch"}
+    assert all(r["status"] == "ok" for r in saved["results"])
+    assert all(r["speedup_vs_torch"] > 0 for r in saved["results"])
+    with pytest.raises(SystemExit):
+        main(["bench", "--small", "--save", "mine"])  # taken: refused before running
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_machine_info_threading_layer_before_any_parallel_loop():
+    """pytest-benchmark asks for machine_info before the first benchmark and
+    when it saves: the threading layer must read the same both times."""
+    code = ("from fastloss.bench import machine as M; a = M.machine_info(2); "
+            "b = M.machine_info(2); print(a['numba_threading_layer'], a == b)")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    layer, same = proc.stdout.split()
+    assert layer != "None" and same == "True"

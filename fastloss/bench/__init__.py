@@ -6,10 +6,13 @@ runner shared by ``benchmarks/`` (pytest-benchmark) and ``fastloss bench``.
   cost, and one callable per provider (fastloss variants, torch eager,
   ``torch.compile``, plain numpy, JAX/optax when installed).
 * :mod:`fastloss.bench.machine`: thread setup, measured copy and read
-  bandwidth, the measured rate of the library's own vectorised exp, and
-  machine/version information.
+  bandwidth, the measured rates of the library's own vectorised exp and of
+  numpy's ``np.exp``, machine/version information (only what stays the same
+  between runs), the date and load of a run, and its noise warnings.
 * :mod:`fastloss.bench.runner`: timing with warm-up and medians, the derived
-  columns (GB/s, fraction of bandwidth, floor, ratios), the table and JSON.
+  columns (GB/s, fraction of bandwidth, floor, ratios, speedup vs torch), the
+  table and JSON; :mod:`fastloss.bench.legend`: what the columns mean.
+* :mod:`fastloss.bench.runs`: saved runs, listed and compared side by side.
 
 Nothing here imports torch or JAX at import time; providers import them when
 they are built, and are reported as skipped where they are not installed.

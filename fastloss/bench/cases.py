@@ -27,20 +27,25 @@ jax                ``optax.softmax_cross_entropy_with_integer_labels`` under
                    ``jax.jit`` (``jax.value_and_grad``), when JAX is installed
 =================  ==========================================================
 
-Linear cross-entropy (``"lce"``, shape ``(N, D, V)``, fwd+bwd only: the loss of
-``hidden @ W.T`` and its gradients for hidden and W) has its own providers:
+Linear cross-entropy (``"lce"``, shape ``(N, D, V)``: the loss of
+``hidden @ W.T``; fwd+bwd adds its gradients for hidden and W) has its own
+providers:
 
 =================  ==========================================================
-fastloss           ``linear_cross_entropy_with_grad`` (chunked, default chunk)
+fastloss           ``linear_cross_entropy_with_grad`` (chunked, default
+                   chunk); forward: ``linear_cross_entropy``
 torch              eager ``F.linear`` + ``F.cross_entropy`` + ``backward``
                    (materialises the (N, V) logits)
 torch-lce          ``F.linear_cross_entropy`` + ``backward``
 blas-floor         the three matrix products alone (logits, grad_hidden,
-                   grad_W) with numpy, ``out=`` into preallocated buffers
+                   grad_W) with numpy, ``out=`` into preallocated buffers;
+                   forward: the logits product alone
 =================  ==========================================================
 
 Those cases are not in the cross-entropy/MSE sweeps: see
 :func:`linear_ce_cases` and :func:`linear_ce_quick_cases`.
+:func:`small_cases` is a set of small shapes of every op, where per-call
+overheads dominate, run against torch eager (:data:`SMALL_PROVIDERS`).
 
 torch, JAX and optax are imported only when a provider is built.
 """
@@ -52,13 +57,14 @@ import numpy as np
 
 from .. import _validate as V
 from ..ops.cross_entropy import cross_entropy, cross_entropy_with_grad
-from ..ops.linear_cross_entropy import linear_cross_entropy_with_grad
+from ..ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_with_grad
 from ..ops.mse import mse, mse_with_grad
 
 __all__ = [
     "CE_SHAPES", "MSE_SIZES", "DTYPES", "MODES", "PROVIDERS",
     "Case", "Bench", "Unavailable",
     "LCE_SHAPES", "LCE_PROVIDERS", "linear_ce_cases", "linear_ce_quick_cases",
+    "SMALL_CE_SHAPES", "SMALL_LCE_SHAPES", "SMALL_PROVIDERS", "small_cases",
     "suite_cases", "core_cases", "quick_cases", "make_inputs", "providers_for", "build",
     "family", "loss_value", "grad_array",
 ]
@@ -76,6 +82,13 @@ PROVIDERS = ("fastloss", "fastloss-out", "fastloss-inplace", "fastloss-alloc",
 
 #: Linear cross-entropy shapes (N tokens, D hidden, V vocabulary).
 LCE_SHAPES = ((4096, 1024, 128256),)
+#: The small set (:func:`small_cases`): cross-entropy shapes (N, V); MSE runs
+#: at the same element counts; linear cross-entropy (N, D, V).
+SMALL_CE_SHAPES = ((8, 100), (64, 1000), (256, 4096))
+SMALL_LCE_SHAPES = ((64, 32, 500),)
+#: Providers (families) of the small set: fastloss against torch eager.
+SMALL_PROVIDERS = ("fastloss", "torch")
+
 #: Providers of the linear cross-entropy cases, in table order.
 LCE_PROVIDERS = ("fastloss", "torch", "torch-lce", "blas-floor")
 
@@ -114,8 +127,6 @@ class Case:
             raise ValueError(f"op: expected 'ce', 'mse' or 'lce', found {self.op!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, found {self.mode!r}")
-        if self.op == "lce" and self.mode != "fwd+bwd":
-            raise ValueError(f"mode: op 'lce' is measured as 'fwd+bwd' only, found {self.mode!r}")
         _dtype(self.dtype)
         want = {"ce": 2, "mse": 1, "lce": 3}[self.op]
         shape = tuple(int(s) for s in self.shape)
@@ -145,11 +156,12 @@ class Case:
 
     @property
     def flops(self):
-        """lce: the three (N, D) x (D, V) matrix products, 6 N D V; else 0."""
+        """lce: the (N, D) x (D, V) matrix products, 2 N D V each: one forward,
+        three for fwd+bwd; else 0."""
         if self.op != "lce":
             return 0
         n, d, v = self.shape
-        return 6 * n * d * v
+        return (6 if self.mode == "fwd+bwd" else 2) * n * d * v
 
     @property
     def bytes_read(self):
@@ -164,7 +176,7 @@ class Case:
     def bytes_written(self):
         """The gradient, written once (fwd+bwd only); lce: grad_hidden and grad_W."""
         if self.op == "lce":
-            return self.bytes_read
+            return self.bytes_read if self.mode == "fwd+bwd" else 0
         return self.elements * self.itemsize if self.mode == "fwd+bwd" else 0
 
     @property
@@ -183,7 +195,7 @@ class Case:
 def _sweep(op, sizes, dtypes, modes):
     out = []
     for size in sizes:
-        shape = size if op == "ce" else (size,)
+        shape = (size,) if op == "mse" else size
         for dtype in dtypes:
             for mode in modes:
                 out.append(Case(op, shape, dtype, mode))
@@ -208,6 +220,16 @@ def quick_cases():
     """Small cases of the same kinds, for smoke-testing the suite in seconds."""
     return _sweep("ce", ((256, 32000), (16, 262144)), DTYPES, MODES) + \
         _sweep("mse", (1 << 20,), DTYPES, MODES)
+
+
+def small_cases():
+    """Small shapes where call overheads dominate: cross-entropy at
+    :data:`SMALL_CE_SHAPES`, MSE at the same element counts (8 x 100 -> 800),
+    linear cross-entropy at :data:`SMALL_LCE_SHAPES`; float32, forward and
+    fwd+bwd."""
+    return (_sweep("ce", SMALL_CE_SHAPES, ("float32",), MODES)
+            + _sweep("mse", [n * v for n, v in SMALL_CE_SHAPES], ("float32",), MODES)
+            + _sweep("lce", SMALL_LCE_SHAPES, ("float32",), MODES))
 
 
 def linear_ce_cases():
@@ -394,15 +416,25 @@ def _torch(case, inputs, compiled):
 # --- linear cross-entropy --------------------------------------------------
 
 def _linear_ce(case, inputs, provider):
-    """``fn()`` returns ``(loss, grad_hidden, grad_W)`` in the provider's types."""
+    """``fn()`` returns the loss (forward) or ``(loss, grad_hidden, grad_W)``
+    (fwd+bwd) in the provider's types."""
     h, w, t = inputs["hidden"], inputs["weight"], inputs["targets"]
+    forward = case.mode == "forward"
     if provider == "fastloss":
+        if forward:
+            return Bench(lambda: linear_cross_entropy(h, w, t))
         return Bench(lambda: linear_cross_entropy_with_grad(h, w, t)[:3])
     if provider == "blas-floor":
         if case.dtype != "float32":
             raise Unavailable("float32 only")
         n, d, v = case.shape
         logits = np.empty((n, v), np.float32)
+        if forward:
+            def product():
+                np.matmul(h, w.T, out=logits)
+                return float("nan")
+
+            return Bench(product, note="the logits product only (loss not computed)")
         gh = np.empty_like(h)
         gw = np.empty_like(w)
 
@@ -420,13 +452,23 @@ def _linear_ce(case, inputs, provider):
     if fused and not hasattr(F, "linear_cross_entropy"):
         raise Unavailable("torch has no F.linear_cross_entropy")
 
+    def loss_of(x, W):
+        if fused:
+            return F.linear_cross_entropy(x, W, tt)
+        return F.cross_entropy(F.linear(x, W), tt)
+
+    if forward:
+        def run_forward():
+            with torch.no_grad():
+                return loss_of(th, tw)
+
+        return Bench(run_forward)
+
     def run():
+        # detach() of a from_numpy tensor shares the numpy memory: no copy.
         x = th.detach().requires_grad_()
         W = tw.detach().requires_grad_()
-        if fused:
-            loss = F.linear_cross_entropy(x, W, tt)
-        else:
-            loss = F.cross_entropy(F.linear(x, W), tt)
+        loss = loss_of(x, W)
         loss.backward()
         return loss.detach(), x.grad, W.grad
 

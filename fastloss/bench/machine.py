@@ -9,14 +9,27 @@ comparable (see PERF.md):
 * read bandwidth: a parallel (numba ``prange``) sum of the same array;
 * exp rate: evaluations per second of ``fastloss.cpu._math.exp_f32``, the
   library's own vectorised exp, in a parallel numba loop over a large array
-  whose blocks are reused from L1, so memory traffic does not bound it.
+  whose blocks are reused from L1, so memory traffic does not bound it; and,
+  as an independent reference, of numpy's float32 ``np.exp`` (its SIMD
+  implementation) on the same number of threads, over blocks reused from L2.
+  The floors use the faster of the two (``exp_source`` names it), so a floor
+  never charges the exps more than the best implementation at hand needs.
+
+:func:`machine_info` holds only what stays the same between runs on one
+machine (CPU, cores, threads, versions): pytest-benchmark compares it between
+saved runs. What changes from run to run (the date, the load average, the
+measured ceilings) is kept apart: :func:`run_conditions`, :func:`calibrate`.
+:func:`noise_warnings` turns those into the warnings a run prints.
 """
 
 import datetime
+import json
+import math
 import os
 import platform
 import statistics
 import sys
+import threading
 import time
 
 import numba
@@ -44,7 +57,7 @@ def set_threads(threads):
     numba is capped at ``numba.config.NUMBA_NUM_THREADS`` (the pool size fixed
     at start-up). Returns the numba thread count in force.
     """
-    n = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
+    n = _capped(threads)
     numba.set_num_threads(n)
     try:
         import torch
@@ -153,6 +166,43 @@ def measure_exp_rate(elements=EXP_ELEMENTS, passes=EXP_PASSES, repeat=5):
     return a.size * passes / statistics.median(t) / 1e9, a.size * passes / min(t) / 1e9
 
 
+#: np.exp block: 32768 float32 in and out (256 KiB) stay in L2 between passes.
+_NUMPY_EXP_BLOCK = 32768
+
+
+def _numpy_exp_pass(a, out, passes, block):
+    for b0 in range(0, a.shape[0], block):
+        src, dst = a[b0:b0 + block], out[b0:b0 + block]
+        for _ in range(passes):
+            np.exp(src, out=dst)
+
+
+def measure_numpy_exp_rate(elements=EXP_ELEMENTS, passes=EXP_PASSES, repeat=5):
+    """Measured evaluations per second of numpy's float32 ``np.exp``, one
+    Python thread per numba thread set (ufuncs release the GIL), each on its
+    own slice, in G evaluations/s: ``(median, best)``."""
+    a = np.random.default_rng(0).uniform(-20.0, 0.0, int(elements)).astype(np.float32)
+    out = np.empty_like(a)
+    ntask = _ntask()
+    parts = [(a[a.size * k // ntask:a.size * (k + 1) // ntask],
+              out[a.size * k // ntask:a.size * (k + 1) // ntask]) for k in range(ntask)]
+
+    def once():
+        workers = [threading.Thread(target=_numpy_exp_pass, args=(x, y, passes, _NUMPY_EXP_BLOCK))
+                   for x, y in parts]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+
+    once()  # warm
+    t = _times(once, repeat)
+    return a.size * passes / statistics.median(t) / 1e9, a.size * passes / min(t) / 1e9
+
+
+#: How the table names each exp-rate source.
+EXP_SOURCES = {"fastloss": "fastloss exp_f32", "numpy": "numpy np.exp"}
+
 _CACHE = {}
 
 
@@ -162,7 +212,9 @@ def calibrate(nbytes=CALIBRATION_BYTES, repeat=5, *, cached=True):
     Returns ``{"copy_gbps", "read_gbps", "exp_gps", "bytes", "threads"}`` (medians,
     used for the floors) plus ``copy_gbps_best``, ``read_gbps_best`` and
     ``exp_gps_best`` (fastest call; a large gap to the median means the machine
-    was busy while it was measured).
+    was busy while it was measured). ``exp_gps`` is the faster of
+    ``exp_fastloss_gps`` (``exp_f32``) and ``exp_numpy_gps`` (``np.exp``);
+    ``exp_source`` names it.
     Results are kept per (threads, nbytes) for the life of the process unless
     ``cached=False``.
     """
@@ -170,7 +222,11 @@ def calibrate(nbytes=CALIBRATION_BYTES, repeat=5, *, cached=True):
     if cached and key in _CACHE:
         return dict(_CACHE[key])
     out = measure_bandwidth(nbytes, repeat)
-    out["exp_gps"], out["exp_gps_best"] = measure_exp_rate(repeat=repeat)
+    out["exp_fastloss_gps"], out["exp_fastloss_gps_best"] = measure_exp_rate(repeat=repeat)
+    out["exp_numpy_gps"], out["exp_numpy_gps_best"] = measure_numpy_exp_rate(repeat=repeat)
+    src = "fastloss" if out["exp_fastloss_gps"] >= out["exp_numpy_gps"] else "numpy"
+    out["exp_gps"], out["exp_gps_best"] = out[f"exp_{src}_gps"], out[f"exp_{src}_gps_best"]
+    out["exp_source"] = EXP_SOURCES[src]
     out["threads"] = key[0]
     _CACHE[key] = out
     return dict(out)
@@ -196,20 +252,20 @@ def _version(module):
     return getattr(mod, "__version__", "unknown")
 
 
-def machine_info():
+def machine_info(threads=None):
     """CPU, cores, threads and library versions (None for what is not installed).
 
+    Nothing in it changes between two runs on one machine with the same
+    installation (no date, no measured figure): see :func:`run_conditions`.
+    ``threads``: report the threads a run will set (as :func:`set_threads`
+    caps them) instead of those in force now.
     Importing torch here is deliberate (it is only called by benchmark runs).
     """
-    try:
-        layer = numba.threading_layer()
-    except ValueError:
-        layer = None
     info = {
         "cpu_model": cpu_model(),
         "cores": os.cpu_count(),
-        "numba_threads": numba.get_num_threads(),
-        "numba_threading_layer": layer,
+        "numba_threads": numba.get_num_threads() if threads is None else _capped(threads),
+        "numba_threading_layer": threading_layer(),
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "numpy": np.__version__,
@@ -220,11 +276,150 @@ def machine_info():
         info[name] = _version(name)
     try:
         import torch
-        info["torch_threads"] = torch.get_num_threads()
+        info["torch_threads"] = torch.get_num_threads() if threads is None else _capped(threads)
     except ImportError:
         info["torch_threads"] = None
-    info["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return info
+
+
+def threading_layer():
+    """numba's threading layer, started if no parallel loop has run yet (it is
+    chosen at the first one), so that every call reports the same."""
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        pass
+    _parallel_sum(np.zeros(64, np.float32), 1)
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        return None
+
+
+def _capped(threads):
+    return max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
+
+
+#: Keys of py-cpuinfo's record that change from run to run (the current clock).
+_VOLATILE_CPU_KEYS = ("hz_actual", "hz_actual_friendly")
+
+
+def benchmark_machine_info(machine_info, threads):
+    """Make pytest-benchmark's ``machine_info`` stable between runs, in place.
+
+    Drops the current clock from py-cpuinfo's ``cpu`` record and adds
+    ``machine_info["fastloss"]`` = :func:`machine_info` for ``threads``, so that
+    ``--benchmark-compare`` sees the same dict for two runs on one machine.
+    The run's date, load and ceilings go to each benchmark's ``extra_info``.
+    """
+    cpu = machine_info.get("cpu")
+    if isinstance(cpu, dict):
+        for key in _VOLATILE_CPU_KEYS:
+            cpu.pop(key, None)
+    machine_info["fastloss"] = {"machine": machine_info_for_json(threads)}
+    return machine_info
+
+
+def machine_info_for_json(threads=None):
+    """:func:`machine_info` as JSON would give it back (tuples as lists)."""
+    return json.loads(json.dumps(machine_info(threads)))
+
+
+# --- what changes between runs: date, load, noise ----------------------------
+
+def _process_age():
+    """Seconds since this process started (Linux), else None."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def load_sample(since=None):
+    """The 1-minute load average and this process's own share of it.
+
+    ``since``: ``(wall, cpu)`` from an earlier sample (its ``"mark"``); by
+    default the start of the process. Returns ``{"load1", "own", "own_share",
+    "mark"}``: ``own`` is this process's CPU seconds per wall second since
+    then (all its threads); ``own_share`` what that adds to the load average,
+    which is an exponential average over 60 s: ``own * (1 - exp(-t / 60))``
+    after ``t`` seconds. ``load1`` is None where ``os.getloadavg`` is not
+    available.
+    """
+    wall, cpu = time.time(), time.process_time()
+    if since is None:
+        window = _process_age() or 0.0
+        own = cpu / window if window else 0.0
+    else:
+        window = max(wall - since[0], 1e-3)
+        own = (cpu - since[1]) / window
+    try:
+        load1 = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        load1 = None
+    share = own * (1.0 - math.exp(-window / 60.0))
+    return {"load1": load1, "own": round(own, 3), "own_share": round(share, 3), "mark": [wall, cpu]}
+
+
+def run_conditions():
+    """The date (UTC, ISO 8601) and a :func:`load_sample` at the start of a run."""
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "load_start": load_sample(), "load_end": None}
+
+
+#: A ceiling whose fastest repeat beats its median by more than this is noisy.
+SPREAD_LIMIT = 0.10
+#: Tolerance on the load of other processes before the machine counts as busy
+#: (the 1-minute load average is a decayed average, not an exact count).
+LOAD_MARGIN = 0.5
+
+
+def other_load(sample):
+    """Load of other processes: ``load1 - own_share`` (0 at least); None if unknown."""
+    if not sample or sample.get("load1") is None:
+        return None
+    return max(0.0, sample["load1"] - sample.get("own_share", 0.0))
+
+
+def noise_warnings(calibration, conditions, cores, threads):
+    """Warning lines (possibly none) saying why this run's figures may be noisy.
+
+    * busy: the load of other processes (1-minute load average minus this
+      process's share of it, :func:`load_sample`, at the start or at the end
+      of the run) is above
+      the cores the benchmark leaves free, ``cores - threads``, by more than
+      :data:`LOAD_MARGIN`;
+    * inconsistent ceilings: read bandwidth below copy bandwidth (a copy
+      reads and writes the same bytes, so reading alone cannot be slower
+      unless something else ran), or a ceiling whose fastest repeat is more
+      than :data:`SPREAD_LIMIT` above its median.
+    """
+    out = []
+    free = max(0, (cores or 1) - threads)
+    for when in ("start", "end"):
+        sample = (conditions or {}).get(f"load_{when}")
+        others = other_load(sample)
+        if others is not None and others > free + LOAD_MARGIN:
+            out.append(f"busy machine: load average {sample['load1']:.2f} at the {when} of the run, "
+                       f"{others:.2f} of it from other processes, above the {free} core(s) "
+                       f"this run leaves free (+{LOAD_MARGIN}); timings are noisy, rerun")
+    if not calibration:
+        return out
+    if calibration.get("read_gbps") and calibration.get("copy_gbps") \
+            and calibration["read_gbps"] < calibration["copy_gbps"]:
+        out.append(f"inconsistent ceilings: read bandwidth {calibration['read_gbps']:.1f} GB/s "
+                   f"below copy bandwidth {calibration['copy_gbps']:.1f} GB/s; rerun")
+    for key, label in (("copy_gbps", "copy bandwidth"), ("read_gbps", "read bandwidth"),
+                       ("exp_gps", "exp rate")):
+        med, best = calibration.get(key), calibration.get(key + "_best")
+        if med and best and best > med * (1 + SPREAD_LIMIT):
+            out.append(f"noisy ceilings: {label} fastest repeat {best:.3g} vs median {med:.3g} "
+                       f"(+{best / med - 1:.0%} > {SPREAD_LIMIT:.0%}); the floors are uncertain")
+    return out
 
 
 def numba_threads():

@@ -3,7 +3,9 @@
 :func:`run` times every (case, provider) pair with warm-up and medians and
 returns a result dict (its keys are listed in :data:`RESULT_KEYS` and
 :data:`ROW_KEYS` and explained in ``benchmarks/README.md``);
-:func:`format_table` prints it, :func:`write_json` / :func:`save` store it.
+:func:`format_table` prints it (:data:`LEGEND` explains its columns),
+:func:`write_json` / :func:`save` store it, and :mod:`fastloss.bench.runs`
+lists and compares saved results.
 The derived columns, per row, with the ceilings measured in the same run
 (:func:`fastloss.bench.machine.calibrate`):
 
@@ -15,7 +17,9 @@ The derived columns, per row, with the ceilings measured in the same run
   the least time the case can take here; ``floor_fraction`` = floor / median;
 * ``ratio_to_fastest``: median / the fastest median of the case;
 * ``ratio_to_fastest_peer``: median / the fastest median among the other
-  providers' families (``fastloss-out`` is not a peer of ``fastloss-inplace``).
+  providers' families (``fastloss-out`` is not a peer of ``fastloss-inplace``);
+* ``speedup_vs_torch``: torch eager's median of the case / median (higher is
+  better; 1.00 on the torch row).
 """
 
 import datetime
@@ -28,16 +32,18 @@ import traceback
 
 from . import cases as C
 from . import machine as M
+from .legend import LEGEND  # noqa: F401 - re-exported: the table's legend
 
-SCHEMA = "fastloss-bench/1"
+SCHEMA = "fastloss-bench/2"
 #: Top-level keys of a result.
-RESULT_KEYS = ("schema", "machine", "calibration", "settings", "results")
+RESULT_KEYS = ("schema", "machine", "conditions", "calibration", "settings", "warnings", "results")
 #: Keys of every row of ``results``.
 ROW_KEYS = (
     "case", "op", "shape", "dtype", "mode", "provider", "family", "status", "note",
     "rounds", "times_ms", "warmup_ms", "median_ms", "min_ms", "loss",
     "bytes_moved", "exp_evals", "gbps", "bandwidth_gbps", "bw_fraction",
     "floor_ms", "floor_bound", "floor_fraction", "ratio_to_fastest", "ratio_to_fastest_peer",
+    "speedup_vs_torch",
 )
 DEFAULT_THREADS = int(os.environ.get("FASTLOSS_BENCH_THREADS", "2"))
 DEFAULT_REPEAT = 5
@@ -103,7 +109,8 @@ def fill_row(row, case, times_s, calibration):
 
 
 def add_ratios(rows):
-    """Fill ``ratio_to_fastest`` and ``ratio_to_fastest_peer`` within each case."""
+    """Fill ``ratio_to_fastest``, ``ratio_to_fastest_peer`` and
+    ``speedup_vs_torch`` within each case."""
     by_case = {}
     for r in rows:
         if r["status"] == "ok":
@@ -114,6 +121,9 @@ def add_ratios(rows):
             r["ratio_to_fastest"] = r["median_ms"] / best
             peers = [p["median_ms"] for p in group if p["family"] != r["family"]]
             r["ratio_to_fastest_peer"] = r["median_ms"] / min(peers) if peers else None
+        torch = [p["median_ms"] for p in group if p["provider"] == "torch"]
+        for r in group:
+            r["speedup_vs_torch"] = torch[0] / r["median_ms"] if torch else None
     return rows
 
 
@@ -132,7 +142,8 @@ def run(cases, providers=None, *, threads=None, repeat=DEFAULT_REPEAT, warmup=DE
     if threads is not None:
         threads = M.set_threads(threads)
     say = progress or (lambda text, end="\n": None)
-    info = M.machine_info()  # at the start: its date is when the run began
+    info = M.machine_info()
+    conditions = M.run_conditions()  # the date and load when the run began
     plan = [(case, p) for case in cases for p in C.providers_for(case, providers)]
     if calibration is None:
         say(f"measuring bandwidth ({calibration_bytes / 2**20:.0f} MiB) and exp rate ...", "")
@@ -167,11 +178,17 @@ def run(cases, providers=None, *, threads=None, repeat=DEFAULT_REPEAT, warmup=DE
             say(f" error: {type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}")
         gc.collect()
     del inputs
+    # This process's CPU use over the whole run is its share of the load now.
+    conditions["load_end"] = M.load_sample(since=conditions["load_start"]["mark"])
     add_ratios(rows)
     settings = {"threads": M.numba_threads(), "repeat": repeat, "warmup": warmup,
                 "max_time_s": max_time, "seed": seed, "command": None}
-    return {"schema": SCHEMA, "machine": info, "calibration": calibration,
-            "settings": settings, "results": rows}
+    warnings = M.noise_warnings(calibration, conditions, info["cores"], settings["threads"])
+    for w in warnings:
+        say(f"warning: {w}")
+    return {"schema": SCHEMA, "machine": info, "conditions": conditions,
+            "calibration": calibration, "settings": settings, "warnings": warnings,
+            "results": rows}
 
 
 # --- output -----------------------------------------------------------------
@@ -186,28 +203,53 @@ def _mb(b):
 
 _COLUMNS = (("provider", 17, "<"), ("median ms", 10, ">"), ("min ms", 9, ">"),
             ("rounds", 6, ">"), ("GB/s", 7, ">"), ("% bw", 6, ">"), ("floor ms", 9, ">"),
-            ("% floor", 8, ">"), ("x fastest", 9, ">"), ("x peer", 7, ">"))
-
+            ("% floor", 8, ">"), ("x fastest", 9, ">"), ("x peer", 7, ">"), ("vs torch", 8, ">"))
 
 def _line(cells):
     return "  ".join(f"{c:{a}{w}}" for c, (_, w, a) in zip(cells, _COLUMNS)).rstrip()
 
 
+def run_date(result):
+    """When ``result`` began (``conditions.date``; ``machine.date`` in schema 1)."""
+    return (result.get("conditions") or {}).get("date") or result["machine"].get("date") or "?"
+
+
+def _exp_line(cal):
+    line = f"exp {cal['exp_gps']:.2f} G/s ({cal.get('exp_source', M.EXP_SOURCES['fastloss'])}"
+    if cal.get("exp_numpy_gps") and cal.get("exp_fastloss_gps"):
+        other = "numpy" if cal.get("exp_source") == M.EXP_SOURCES["fastloss"] else "fastloss"
+        line += f"; {M.EXP_SOURCES[other]} {cal[f'exp_{other}_gps']:.2f} G/s"
+    return line + ")"
+
+
+def _load_line(conditions):
+    parts = []
+    for when in ("start", "end"):
+        sample = conditions.get(f"load_{when}")
+        if sample and sample.get("load1") is not None:
+            parts.append(f"{when} {sample['load1']:.2f} (this process ~{sample.get('own_share', 0):.2f})")
+    return "load average: " + ", ".join(parts) if parts else None
+
+
 def format_table(result):
-    """The result as text: a header with the machine and its ceilings, then one
-    block per case (columns explained in ``benchmarks/README.md``)."""
+    """The result as text: a header with the machine, its ceilings and any
+    noise warnings, then one block per case (columns: :data:`LEGEND`)."""
     m, cal = result["machine"], result["calibration"]
+    conditions = result.get("conditions") or {}
     out = [
-        f"fastloss bench  {m['date']}",
+        f"fastloss bench  {run_date(result)}",
         f"machine: {m['cpu_model']}, {m['cores']} cores; threads: numba {m['numba_threads']}"
         + (f", torch {m['torch_threads']}" if m.get("torch_threads") is not None else ""),
         "versions: " + ", ".join(f"{k} {m[k]}" for k in
                                  ("fastloss", "python", "numpy", "numba", "torch", "jax")
                                  if m.get(k)),
         f"measured: copy {cal['copy_gbps']:.1f} GB/s (np.copyto, read+write), "
-        f"read {cal['read_gbps']:.1f} GB/s (parallel sum), "
-        f"exp_f32 {cal['exp_gps']:.2f} G/s",
+        f"read {cal['read_gbps']:.1f} GB/s (parallel sum), " + _exp_line(cal),
     ]
+    load = _load_line(conditions)
+    if load:
+        out.append(load)
+    out += [f"WARNING: {w}" for w in result.get("warnings") or ()]
     blocks = {}
     for r in result["results"]:
         blocks.setdefault(r["case"], []).append(r)
@@ -229,7 +271,8 @@ def format_table(result):
                 r["provider"], f"{r['median_ms']:.2f}", f"{r['min_ms']:.2f}", str(r["rounds"]),
                 f"{r['gbps']:.1f}", f"{r['bw_fraction']:.0%}", f"{r['floor_ms']:.2f}",
                 f"{r['floor_fraction']:.0%}", _fmt(r["ratio_to_fastest"], ".2f"),
-                _fmt(r["ratio_to_fastest_peer"], ".2f")]))
+                _fmt(r["ratio_to_fastest_peer"], ".2f"),
+                _fmt(r.get("speedup_vs_torch"), ".2f") + ("x" if r.get("speedup_vs_torch") else "")]))
             if r["note"]:
                 notes.append(f"{r['provider']}: {r['note']}")
         if any(r["status"] == "ok" and r["floor_fraction"] > 1.05 for r in rows):
@@ -260,9 +303,16 @@ def default_save_dir():
     return os.path.join(cache, "fastloss", "bench")
 
 
-def save(result, directory=None):
-    """Save ``result`` as ``<directory>/<UTC time>-<first case>.json``; returns the path."""
+def save(result, directory=None, name=None):
+    """Save ``result`` as ``<directory>/<name>.json``, by default
+    ``<directory>/<UTC time>-<first case>.json``; returns the path.
+    A name that is taken raises FileExistsError."""
     directory = directory or default_save_dir()
+    if name is not None:
+        path = os.path.join(directory, f"{name}.json")
+        if os.path.exists(path):
+            raise FileExistsError(f"--save: a run named {name!r} already exists ({path})")
+        return write_json(result, path)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     first = result["results"][0] if result["results"] else None
     tag = f"-{first['op']}-{'x'.join(map(str, first['shape']))}" if first else ""

@@ -22,14 +22,38 @@ def _size(text):
             f"expected a number such as 67108864 or 2^26, found {text!r}") from None
 
 
+_EPILOG_RUNS = """\
+saved runs:
+  Every run is saved as JSON in the runs folder: $FASTLOSS_BENCH_DIR, else
+  $XDG_CACHE_HOME/fastloss/bench, else ~/.cache/fastloss/bench (--dir to
+  choose), named after its start time and first case, or NAME with --save NAME.
+  --list prints the saved runs (name, date, machine, cases, warnings);
+  --compare A B [...] prints the cases common to the runs side by side, each
+  provider's median per run and its ratio to the first run (below 1: faster);
+  --compare alone compares the two most recent runs. A run is named by its
+  name, a unique prefix of it, or a path to its JSON file.
+
+examples:
+  fastloss bench --small                       small shapes of every op vs torch eager
+  fastloss bench --shape 4096 32000 --save before
+  fastloss bench --shape 4096 32000 --save after
+  fastloss bench --compare before after
+"""
+
+
 def add_parser(sub):
+    from ..bench.legend import LEGEND
     bench = sub.add_parser(
         "bench", help="time fastloss against torch (eager and torch.compile), numpy and JAX "
-                      "on one case, print the table and save the results",
-        description="Time one loss case for every provider with the same threads, and print "
-                    "median times, GB/s, the fraction of the measured bandwidth, the floor "
-                    "and the ratios to the fastest (peer). Columns: benchmarks/README.md.")
-    bench.add_argument("--op", choices=("ce", "mse", "lce"), default="ce",
+                      "on one case, print the table and save the results; list and compare "
+                      "saved runs",
+        description="Time one loss case (or the --small set) for every provider with the same "
+                    "threads, and print median times, GB/s, the fraction of the measured "
+                    "bandwidth, the floor, the ratios to the fastest (peer) and the speedup "
+                    "against torch eager.",
+        epilog=LEGEND + "\n\n" + _EPILOG_RUNS,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_argument("--op", choices=("ce", "mse", "lce"), default=None,
                        help="ce: softmax cross-entropy (default); mse: mean squared error; "
                             "lce: fused linear cross-entropy (fwd+bwd only)")
     bench.add_argument("--shape", nargs="+", type=int, metavar="N",
@@ -37,10 +61,15 @@ def add_parser(sub):
                             "(default 4096 1024 128256)")
     bench.add_argument("--size", type=_size, metavar="SIZE",
                        help="MSE elements, e.g. 2^26 (default) or 268435456")
-    bench.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16"), default=["float32"],
+    bench.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16"), default=None,
                        help="one or both dtypes (default float32)")
-    bench.add_argument("--mode", choices=("forward", "fwd+bwd", "both"), default="both",
+    bench.add_argument("--mode", choices=("forward", "fwd+bwd", "both"), default=None,
                        help="forward, forward+backward, or both (default)")
+    bench.add_argument("--small", action="store_true",
+                       help="instead of one case, the small set: cross-entropy forward and "
+                            "fwd+bwd at 8x100, 64x1000, 256x4096; MSE at the same element "
+                            "counts; linear cross-entropy 64x32x500 (N x D x V); float32; "
+                            "fastloss against torch eager unless --providers says otherwise")
     bench.add_argument("--providers", nargs="+", metavar="NAME",
                        help="providers or families, space- or comma-separated (default all): "
                             "fastloss, fastloss-out, fastloss-inplace, fastloss-alloc, torch, "
@@ -53,51 +82,112 @@ def add_parser(sub):
                        help="threads for every provider (default 2, or $FASTLOSS_BENCH_THREADS)")
     bench.add_argument("--calibration-mib", type=int, metavar="MIB",
                        help="size of the bandwidth-measurement array (default 1024 MiB, or "
-                            "$FASTLOSS_BENCH_CALIBRATION_MIB)")
+                            "$FASTLOSS_BENCH_CALIBRATION_MIB; 256 with --small)")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
-    bench.add_argument("--save", metavar="DIR",
-                       help="save the results (JSON) in DIR (default ~/.cache/fastloss/bench, "
-                            "or $FASTLOSS_BENCH_DIR)")
+    bench.add_argument("--save", metavar="NAME",
+                       help="save the run as NAME in the runs folder (default: named after "
+                            "its start time and first case)")
+    bench.add_argument("--dir", metavar="DIR",
+                       help="the runs folder, for saving, --list and --compare (default "
+                            "$FASTLOSS_BENCH_DIR or ~/.cache/fastloss/bench)")
     bench.add_argument("--no-save", action="store_true", help="do not save the results")
+    bench.add_argument("--list", action="store_true",
+                       help="list the saved runs (no benchmark is run)")
+    bench.add_argument("--compare", nargs="*", metavar="RUN",
+                       help="compare saved runs side by side (no benchmark is run); no RUN: "
+                            "the two most recent")
     bench.add_argument("--quiet", action="store_true", help="no progress on stderr")
     bench.set_defaults(bench_parser=bench, run=run)
 
 
-def run(args, argv):
-    """``fastloss bench``: run, print the table, write/save the JSON; returns the exit status."""
-    parser = args.bench_parser
-    from ..bench import cases as C
-    from ..bench import runner as R
+#: With --small the bandwidth array is smaller: the cases are far smaller than
+#: any cache-defeating size matters for, and the run should take seconds.
+_SMALL_CALIBRATION_MIB = 256
 
-    if args.op in ("ce", "lce"):
+
+def _saved_runs(args):
+    """``--list`` / ``--compare``: print and return the exit status."""
+    from ..bench import runs as S
+    parser = args.bench_parser
+    if args.list and args.compare is not None:
+        parser.error("--list and --compare: give one of them")
+    if args.list:
+        sys.stdout.write(S.format_list(S.saved(args.dir), args.dir))
+        return 0
+    try:
+        if not args.compare:
+            chosen = S.latest(2, args.dir)
+        elif len(args.compare) == 1:
+            parser.error("--compare: give two runs or more (or none, for the two most recent)")
+        else:
+            chosen = [S.find(ref, args.dir) for ref in args.compare]
+    except S.RunError as e:
+        sys.stderr.write(f"fastloss bench: {e}\n")
+        return 2
+    sys.stdout.write(S.format_compare(chosen))
+    return 0
+
+
+def _cases(args, parser):
+    """The cases the arguments ask for."""
+    from ..bench import cases as C
+    if args.small:
+        for name in ("op", "shape", "size", "dtype", "mode"):
+            if getattr(args, name) is not None:
+                parser.error(f"--{name}: --small runs its own set of cases")
+        return C.small_cases()
+    op = args.op or "ce"
+    if op in ("ce", "lce"):
         if args.size is not None:
             parser.error("--size is for --op mse; give --shape for cross-entropy")
-        default = (4096, 32000) if args.op == "ce" else C.LCE_SHAPES[0]
+        default = (4096, 32000) if op == "ce" else C.LCE_SHAPES[0]
         shape = tuple(args.shape or default)
         if len(shape) != len(default):
-            parser.error(f"--shape: --op {args.op} takes {len(default)} numbers "
-                         f"({'N V' if args.op == 'ce' else 'N D V'}), found {len(shape)}")
+            parser.error(f"--shape: --op {op} takes {len(default)} numbers "
+                         f"({'N V' if op == 'ce' else 'N D V'}), found {len(shape)}")
     else:
         if args.shape is not None:
             parser.error("--shape is for --op ce; give --size for mse")
         shape = (args.size if args.size is not None else 1 << 26,)
     if min(shape) < 1:
         parser.error(f"sizes must be positive, found {shape}")
+    mode = args.mode or "both"
+    modes = C.MODES if mode == "both" else (mode,)
+    if op == "lce":
+        if mode == "forward":
+            parser.error("--mode: --op lce is measured as fwd+bwd only (forward: --small)")
+        modes = ("fwd+bwd",)
+    return [C.Case(op, shape, d, m) for d in dict.fromkeys(args.dtype or ["float32"]) for m in modes]
+
+
+def run(args, argv):
+    """``fastloss bench``: run, print the table, write/save the JSON (or list /
+    compare saved runs); returns the exit status."""
+    parser = args.bench_parser
+    if args.list or args.compare is not None:
+        return _saved_runs(args)
+    from ..bench import cases as C
+    from ..bench import runner as R
+
+    cases = _cases(args, parser)
     if args.repeat < 1 or args.warmup < 0:
         parser.error("--repeat must be >= 1 and --warmup >= 0")
     threads = args.threads if args.threads is not None else R.DEFAULT_THREADS
     calibration_mib = args.calibration_mib
     if calibration_mib is None:
-        calibration_mib = int(os.environ.get("FASTLOSS_BENCH_CALIBRATION_MIB", "1024"))
+        default = _SMALL_CALIBRATION_MIB if args.small else 1024
+        calibration_mib = int(os.environ.get("FASTLOSS_BENCH_CALIBRATION_MIB", default))
     if threads < 1 or calibration_mib < 1:
         parser.error("--threads and --calibration-mib must be >= 1")
-    modes = C.MODES if args.mode == "both" else (args.mode,)
-    if args.op == "lce":
-        if args.mode == "forward":
-            parser.error("--mode: --op lce is measured as fwd+bwd only")
-        modes = ("fwd+bwd",)
-    cases = [C.Case(args.op, shape, d, m) for d in dict.fromkeys(args.dtype) for m in modes]
-    providers = None
+    if args.save is not None:
+        if not args.save or os.sep in args.save or args.save in (".", ".."):
+            parser.error(f"--save takes a name (give the folder with --dir), found {args.save!r}")
+        if args.no_save:
+            parser.error("--save and --no-save: give one of them")
+        target = os.path.join(args.dir or R.default_save_dir(), args.save + ".json")
+        if os.path.exists(target):
+            parser.error(f"--save: a run named {args.save!r} already exists ({target})")
+    providers = list(C.SMALL_PROVIDERS) if args.small else None
     if args.providers:
         providers = [p for item in args.providers for p in item.split(",") if p]
         try:
@@ -120,5 +210,5 @@ def run(args, argv):
         R.write_json(result, args.json)
         progress(f"wrote {args.json}")
     if not args.no_save:
-        progress(f"saved {R.save(result, args.save)}")
+        progress(f"saved {R.save(result, args.dir, args.save)}")
     return 1 if any(r["status"] == "error" for r in result["results"]) else 0

@@ -1,0 +1,35 @@
+"""The legend of the ``fastloss bench`` table, as plain text.
+
+Its own module so that ``fastloss bench --help`` shows it without importing
+the kernels. The thresholds it quotes are those of
+:func:`fastloss.bench.machine.noise_warnings`.
+"""
+
+#: What the columns of :func:`fastloss.bench.runner.format_table` mean
+#: (``fastloss bench --help`` shows it).
+LEGEND = """\
+columns (one block per case; every provider timed in the same run, same threads):
+  median ms, min ms  median and minimum of the timed calls (after the warm-up)
+  rounds      number of timed calls
+  GB/s        bytes moved / median: the inputs read once, plus the gradient
+              written once for fwd+bwd (1 GB = 1e9 bytes)
+  % bw        GB/s / the bandwidth measured at the start of the run: the read
+              bandwidth (parallel sum) for a forward pass, the copy bandwidth
+              (np.copyto, read + write) for fwd+bwd
+  floor ms    the least time the case can take here: max(bytes moved / that
+              bandwidth, exp evaluations / exp rate); cross-entropy needs one exp
+              per logit, MSE none. The exp rate is the faster of two measured
+              in the run, fastloss's own exp_f32 in a numba loop and numpy's
+              float32 np.exp on as many threads; the header line names the one
+              used (on the project's machine: fastloss exp_f32, ~3x numpy's)
+  % floor     floor / median: 100% means the case ran at the machine's limit
+  x fastest   median / the fastest median of the case (1.00 = fastest)
+  x peer      median / the fastest median among the other implementations (all
+              fastloss-* rows are one); below 1 = faster than every peer
+  vs torch    speedup vs torch eager: torch's median / median (higher is
+              better; 1.00x on the torch row, - without a torch row)
+warnings (printed above the table): the machine was busy (1-minute load average
+  minus this process's estimated share of it, at the start or end of the run,
+  above the cores the run leaves free, cores - threads, by more than 0.5), or the ceilings
+  are inconsistent (read bandwidth below copy bandwidth, or a ceiling's fastest
+  repeat more than 10% above its median)."""
