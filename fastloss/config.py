@@ -14,13 +14,17 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 MIN_ELEMENTS_PER_TASK = 1 << 16
 
 #: Cross-entropy calls on at most this many logits run serially in one kernel
-#: call (``fastloss.cpu.cross_entropy.ce_serial``: targets checked and the
-#: reduction done in the kernel, no parallel launch). Set from the measured
-#: crossover against the parallel path (docs/performance.md, "Small calls").
-SERIAL_MAX_ELEMENTS = 1 << 17
+#: call (``fastloss.cpu.cross_entropy.ce_serial_forward`` / ``ce_serial_fused``:
+#: targets checked and the reduction done in the kernel, no plan, no parallel
+#: launch). Measured crossover against the 2-thread parallel path (2-core AMD
+#: EPYC, 2026-12-03; docs/performance.md, "Small calls"): the serial path is
+#: 2-5x faster up to 2**17 logits, 1.0-1.5x at 2**18, and the parallel one
+#: 1.0-1.2x faster from 2**19 (forward 1.0-1.3x slower still, fused 0.8-0.9x).
+SERIAL_MAX_ELEMENTS = 1 << 18
 
-#: The same for MSE (``fastloss.cpu.mse.mse_serial``): memory-bound, so the
-#: second thread pays off later than for cross-entropy's exps.
+#: The same for MSE (``fastloss.cpu.mse.mse_serial``): memory-bound, and each
+#: element is cheap, so the second thread pays off sooner (serial 1.1-1.7x
+#: faster up to 2**17 elements, 0.55x at 2**18).
 MSE_SERIAL_MAX_ELEMENTS = 1 << 17
 
 #: Cap on the number of blocks of the CUDA row and element kernels; None: about
