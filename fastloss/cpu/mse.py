@@ -39,29 +39,29 @@ SEGMENT = 8192
 
 
 @njit(fastmath=_FM, _nrt=False)
-def _segment(p, t, w, wmode, inner, lo, hi, scale, grad, loss):
-    """Sum over k in [lo, hi) of w_k (p_k - t_k)^2 (float64), where [lo, hi) lies
-    within one row of ``inner`` elements. Writes grad_k = scale w_k 2 (p_k - t_k)
-    if ``grad`` is non-empty and loss_k = w_k (p_k - t_k)^2 if ``loss`` is.
+def _segment(ps, ts, w, wmode, inner, base, scale, gr, ls):
+    """Sum over the segment of w_k (p_k - t_k)^2 (float64): ``ps``, ``ts`` and,
+    when non-empty, ``gr`` and ``ls`` are the segment's slices, starting at
+    element ``base`` of the whole array (which places the weights) and lying
+    within one row of ``inner`` elements. Writes gr_k = scale w_k 2 (p_k - t_k)
+    if ``gr`` is non-empty and ls_k = w_k (p_k - t_k)^2 if ``ls`` is.
 
-    Works on slices indexed from 0: loops over ``range(lo, hi)`` on the whole
-    arrays do not vectorise (measured 4x slower: numba's negative-index
-    handling), loops over ``range(len(slice))`` do.
+    The caller slices, so every loop here runs over ``range(len(slice))``
+    from 0: loops over ``range(lo, hi)`` on whole arrays did not vectorise
+    (4x slower: numba's negative-index handling), and slicing here at a
+    runtime offset kept the gradient loop scalar (a 65536-element fwd+bwd:
+    60 us against 5.9 us with the slices made by the caller).
     """
     two = as_acc(2.0, scale)  # typed from the scale, never from the data (NaN/inf safe)
     gs = scale * two
-    ps = p[lo:hi]
-    ts = t[lo:hi]
-    n = hi - lo
+    n = ps.shape[0]
     if wmode == W_NONE or wmode == W_OUTER:
-        wc = w[lo // inner] if wmode == W_OUTER else as_acc(1.0, scale)
+        wc = w[base // inner] if wmode == W_OUTER else as_acc(1.0, scale)
         ws = w[:0]
     else:
         wc = as_acc(1.0, scale)
-        off = lo % inner if wmode == W_INNER else lo
+        off = base % inner if wmode == W_INNER else base
         ws = w[off:off + n]
-    gr = grad[lo:hi] if grad.shape[0] > 0 else grad
-    ls = loss[lo:hi] if loss.shape[0] > 0 else loss
     acc = 0.0
     # Nothing flows back (a mean over a zero weight sum, or a zero upstream
     # gradient): the gradient is zeros, written last (after every read of pred,
@@ -129,7 +129,7 @@ def mse_kernel(p, t, wl, scale, grad, loss, partial):
             end = min(hi, k + SEGMENT)
             if wmode == W_INNER or wmode == W_OUTER:
                 end = min(end, (k // inner + 1) * inner)
-            acc += _segment(p, t, w, wmode, inner, k, end, scale, grad, loss)
+            acc += _segment(p[k:end], t[k:end], w, wmode, inner, k, scale, grad[k:end], loss[k:end])
             k = end
         partial[task] = acc
 
@@ -146,6 +146,6 @@ def mse_serial(p, t, wmode, w, inner, scale, grad, loss):
         end = min(n, k + SEGMENT)
         if wmode == W_INNER or wmode == W_OUTER:
             end = min(end, (k // inner + 1) * inner)
-        acc += _segment(p, t, w, wmode, inner, k, end, scale, grad, loss)
+        acc += _segment(p[k:end], t[k:end], w, wmode, inner, k, scale, grad[k:end], loss[k:end])
         k = end
     return acc
