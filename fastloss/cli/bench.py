@@ -74,7 +74,9 @@ def add_parser(sub):
                        help="providers or families, space- or comma-separated (default all): "
                             "fastloss, fastloss-out, fastloss-inplace, fastloss-alloc, torch, "
                             "torch-compile, numpy, jax")
-    bench.add_argument("--repeat", type=int, default=5, help="timed calls per provider (default 5)")
+    bench.add_argument("--repeat", type=int, default=None,
+                       help="timed calls per provider (default 5; 201 with --small, whose calls "
+                            "take microseconds and whose medians need more of them)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
     bench.add_argument("--max-time", type=float, metavar="SECONDS",
                        help="stop a provider's timed calls after this long (at least 3 are made)")
@@ -170,6 +172,8 @@ def run(args, argv):
     from ..bench import runner as R
 
     cases = _cases(args, parser)
+    if args.repeat is None:
+        args.repeat = 201 if args.small else 5
     if args.repeat < 1 or args.warmup < 0:
         parser.error("--repeat must be >= 1 and --warmup >= 0")
     threads = args.threads if args.threads is not None else R.DEFAULT_THREADS
