@@ -54,6 +54,7 @@ from numba import njit, prange
 
 from .. import _compile, config
 from ..codes import PLAIN, SCALED, SOFTCAP
+from ..options import Transform
 from ._math import as_acc, exp, load, prefetch, row_max, store, tanh
 
 _compile.install()  # the one-line notice before a cold compile
@@ -105,17 +106,19 @@ PREFETCH_STEP = 16
 LAZY_SUM_LIMIT = float(2**30)
 
 
-def _in_serial(expr, caller, callee):
+def _in_rows(expr, caller, callee):
     """numba's inlining decision for the row functions: inline them (at the
-    numba IR level) into the serial kernels only. There a short row's cost was
-    mostly the calls, each passing several arrays as exploded structs (256 x 8
-    forward: 17.6 -> 6.9 us; they are compiled without NRT, so the inlined
-    slices take no reference counts). The parallel kernels keep the calls:
-    inlined there, they compiled 2-3x slower."""
-    return caller.func_id.func_qualname in _SERIAL_KERNELS  # caller: the caller's FunctionIR
+    numba IR level) into the row-range functions ``_forward_rows`` and
+    ``_fused_rows`` only, which every kernel calls once per task. A short
+    row's cost was mostly the calls, each passing several arrays as exploded
+    structs (256 x 8 forward: 17.6 -> 6.9 us); the range functions are
+    compiled without NRT, so the inlined slices take no reference counts.
+    The kernels call the range functions instead of inlining them: inlined
+    into the parallel kernels they compiled 2-3x slower."""
+    return caller.func_id.func_qualname in _ROW_RANGES  # caller: the caller's FunctionIR
 
 
-_SERIAL_KERNELS = ("ce_serial_forward", "ce_serial_fused")
+_ROW_RANGES = ("_forward_rows", "_fused_rows")
 
 
 def n_row_blocks(nclass):
@@ -123,7 +126,7 @@ def n_row_blocks(nclass):
     return (nclass + ROW_BLOCK - 1) // ROW_BLOCK
 
 
-@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
+@njit(fastmath=_FM, _nrt=False, inline=_in_rows)
 def _row_transform(xr, zr, tr, mode, scale, cap):
     """zr[j] = transform(x[j]); under softcap tr[j] = tanh(scale x_j / cap). Returns max_j z_j."""
     n = xr.shape[0]
@@ -141,7 +144,7 @@ def _row_transform(xr, zr, tr, mode, scale, cap):
     return row_max(zr)
 
 
-@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
+@njit(fastmath=_FM, _nrt=False, inline=_in_rows)
 def _row_exp_sum(zr, m):
     """sum_j exp(z_j - m), reading z in the row's storage type."""
     s = m - m  # a zero of the accumulation type
@@ -150,7 +153,7 @@ def _row_exp_sum(zr, m):
     return s
 
 
-@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
+@njit(fastmath=_FM, _nrt=False, inline=_in_rows)
 def _row_exp_store(zr, er, m):
     """er[j] = exp(z_j - m) (er may alias zr); returns their sum."""
     s = m - m
@@ -161,7 +164,7 @@ def _row_exp_store(zr, er, m):
     return s
 
 
-@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
+@njit(fastmath=_FM, _nrt=False, inline=_in_rows)
 def _next_row(x, i, hi):
     """(row to prefetch, whether to): row i + 1 of the task's rows [.., hi) for
     logits of at most ``PREFETCH_MAX_ITEMSIZE`` bytes, else none."""
@@ -169,14 +172,14 @@ def _next_row(x, i, hi):
     return (x[i + 1] if ahead else x[i]), ahead
 
 
-@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
+@njit(fastmath=_FM, _nrt=False, inline=_in_rows)
 def _prefetch_block(row, lo, hi):
     """Prefetch row[lo:hi], every ``PREFETCH_STEP`` elements."""
     for j in range(lo, hi, PREFETCH_STEP):
         prefetch(row, j)
 
 
-@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
+@njit(fastmath=_FM, _nrt=False, inline=_in_rows)
 def _row_exp_lazy(zr, er, m, keep_exp):
     """sum_j exp(min(z_j - m, 88)) (stored in er with keep_exp): the exps of a
     block against a reference ``m`` that may be below the block's max. The
@@ -197,7 +200,7 @@ def _row_exp_lazy(zr, er, m, keep_exp):
     return s
 
 
-@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
+@njit(fastmath=_FM, _nrt=False, inline=_in_rows)
 def _row_smooth_sum(zr, w, has_w, zero):
     """sum_j w_j z_j (sum_j z_j without weights), for label smoothing."""
     acc = zero
@@ -210,7 +213,7 @@ def _row_smooth_sum(zr, w, has_w, zero):
     return acc
 
 
-@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
+@njit(fastmath=_FM, _nrt=False, inline=_in_rows)
 def _block_update(src, er, m, s, mb, keep_exp, zero):
     """Fold one block (max ``mb``) into the running (m, s): rescale s when the max
     grows, then add the block's exponentials (stored in ``er`` with
@@ -228,7 +231,7 @@ def _block_update(src, er, m, s, mb, keep_exp, zero):
     return m, s
 
 
-@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
+@njit(fastmath=_FM, _nrt=False, inline=_in_rows)
 def _block_update_lazy(src, er, m, s, keep_exp, zero):
     """``_block_update`` without the block's own max pass, for raw logits.
 
@@ -247,7 +250,7 @@ def _block_update_lazy(src, er, m, s, keep_exp, zero):
     return _block_update(src, er, m, s, row_max(src), keep_exp, zero)
 
 
-@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
+@njit(fastmath=_FM, _nrt=False, inline=_in_rows)
 def _z_scalar(v, mode, scale, cap):
     """The logit transform of one value (as ``_row_transform``)."""
     if mode == PLAIN:
@@ -257,7 +260,7 @@ def _z_scalar(v, mode, scale, cap):
     return v if v == -np.inf else cap * tanh(scale / cap * v)
 
 
-@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
+@njit(fastmath=_FM, _nrt=False, inline=_in_rows)
 def _row_stats(xr, t, w, tf, k, zr, tr, er, keep_exp, shifts, nxt, ahead):
     """Softmax statistics of one row in ONE sweep over memory: (m, s, z_t, smooth_sum).
 
@@ -315,13 +318,13 @@ def _row_stats(xr, t, w, tf, k, zr, tr, er, keep_exp, shifts, nxt, ahead):
     return (zero if m == -np.inf else m), s, zt, smooth
 
 
-@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
+@njit(fastmath=_FM, _nrt=False, inline=_in_rows)
 def _row_lse(shift, s):
     """lse = shift + log(s), formed in float64 (``shift`` may sit ~21 below the max)."""
     return np.float64(shift) + math.log(np.float64(s))
 
 
-@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
+@njit(fastmath=_FM, _nrt=False, inline=_in_rows)
 def _row_loss(shift, s, zt, smooth, wt, wsum, eps, nclass):
     """(ce_i, lse_i) from the row statistics; the smoothing term only when eps > 0
     (so a -inf logit does not turn 0 * inf into NaN)."""
@@ -338,7 +341,7 @@ def task_rows(ntask, n, task):
     return task * n // ntask, (task + 1) * n // ntask
 
 
-@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
+@njit(fastmath=_FM, _nrt=False, inline=_in_rows)
 def _row_grad(er, tr, w, has_w, mode, scale, a, c, orow):
     """orow[j] = (a e_j - c w_j) dz_j/dx_j."""
     n = er.shape[0]
@@ -361,7 +364,7 @@ def _row_grad(er, tr, w, has_w, mode, scale, a, c, orow):
                 store(orow, j, a * er[j] - c)
 
 
-@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
+@njit(fastmath=_FM, _nrt=False, inline=_in_rows)
 def _forward_row(x, i, hi, t, w, tf, k, zr, tr):
     """(ce_i, lse_i) of counted row ``i`` (target ``t``) of a task whose rows end
     at ``hi``: the statistics, then the loss (weighted, smoothed, without z-loss)."""
@@ -370,6 +373,21 @@ def _forward_row(x, i, hi, t, w, tf, k, zr, tr):
     scale = tf[1]
     wt = w[t] if k.has_w else scale - scale + 1
     return _row_loss(shift, s, zt, smooth, wt, k.wsum, k.eps, x.shape[1])
+
+
+@njit(fastmath=_FM, _nrt=False)
+def _forward_rows(x, tgt, ignore_index, w, tf, k, zr, tr, lo, hi, loss, lse):
+    """Rows [lo, hi) of the forward pass: ``loss[i]`` (weighted, smoothed,
+    without z-loss) and ``lse[i]``, both 0 for ignored rows (``tgt[i]`` equal
+    to ``ignore_index`` or negative). ``zr``/``tr``: the task's scratch rows."""
+    zero = tf.scale - tf.scale
+    for i in range(lo, hi):
+        t = tgt[i]
+        if t == ignore_index or t < 0:
+            loss[i] = zero
+            lse[i] = zero
+        else:
+            loss[i], lse[i] = _forward_row(x, i, hi, t, w, tf, k, zr, tr)
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -386,15 +404,7 @@ def ce_forward(x, tgt, w, tf, k, scratch, loss, lse):
     ntask = zbuf.shape[0]
     for task in prange(ntask):
         lo, hi = task_rows(ntask, n, task)
-        zr = zbuf[task]
-        tr = tbuf[task]
-        for i in range(lo, hi):
-            t = tgt[i]
-            if t < 0:
-                loss[i] = 0
-                lse[i] = 0
-                continue
-            loss[i], lse[i] = _forward_row(x, i, hi, t, w, tf, k, zr, tr)
+        _forward_rows(x, tgt, -1, w, tf, k, zbuf[task], tbuf[task], lo, hi, loss, lse)
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -434,7 +444,7 @@ def _target_grad(a, pt, c, wj, g, eps, wt, d):
     return (a * pt - c * wj - g * (1 - eps) * wt) * d
 
 
-@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
+@njit(fastmath=_FM, _nrt=False, inline=_in_rows)
 def _fused_row(x, i, hi, t, w, tf, k, g, gzi, orow, er, tr, shifts):
     """Loss and gradient of row ``i`` of a task whose rows end at ``hi``:
     returns (ce_i, lse_i) and writes ``orow`` (which may be ``x[i]``: the row is
@@ -480,6 +490,17 @@ def _fused_row(x, i, hi, t, w, tf, k, g, gzi, orow, er, tr, shifts):
     return ce, l
 
 
+@njit(fastmath=_FM, _nrt=False)
+def _fused_rows(x, tgt, ignore_index, w, tf, k, gce, gz, out, er, tr, shifts, lo, hi, loss, lse):
+    """Rows [lo, hi) of the fused pass (see :func:`ce_fused`); rows whose
+    target equals ``ignore_index`` or is negative are ignored."""
+    for i in range(lo, hi):
+        t = tgt[i]
+        if t == ignore_index:
+            t = -1
+        loss[i], lse[i] = _fused_row(x, i, hi, t, w, tf, k, gce[i], gz[i], out[i], er, tr, shifts)
+
+
 @njit(parallel=True, cache=True, fastmath=_FM)
 def ce_fused(x, tgt, w, tf, k, gce, gz, out, scratch, loss, lse):
     """Forward and backward in one sweep per row: ``loss``/``lse`` as in
@@ -496,11 +517,7 @@ def ce_fused(x, tgt, w, tf, k, gce, gz, out, scratch, loss, lse):
     ntask = zbuf.shape[0]
     for task in prange(ntask):
         lo, hi = task_rows(ntask, n, task)
-        er = zbuf[task]
-        tr = tbuf[task]
-        shifts = sbuf[task]
-        for i in range(lo, hi):
-            loss[i], lse[i] = _fused_row(x, i, hi, tgt[i], w, tf, k, gce[i], gz[i], out[i], er, tr, shifts)
+        _fused_rows(x, tgt, -1, w, tf, k, gce, gz, out, zbuf[task], tbuf[task], sbuf[task], lo, hi, loss, lse)
 
 
 @njit
@@ -518,7 +535,7 @@ def _with_zloss(ce, zl, l):
     return ce + zl * l * l
 
 
-@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
+@njit(fastmath=_FM, _nrt=False)
 def _serial_targets(tgt, ignore_index, w, has_w, nclass):
     """The serial kernels' target pass: ``(nbad, first_bad, count, target_wsum)``
     (targets outside [0, V) that are not ``ignore_index``, the first one's
@@ -545,90 +562,76 @@ def _serial_targets(tgt, ignore_index, w, has_w, nclass):
     return nbad, first, count, twsum
 
 
-@njit(fastmath=_FM, _nrt=False, inline=_in_serial)
-def _serial_row_out(loss, i, ce, zl, l):
-    """Row i's entry of a per-row loss (reduction "none"): ce + zl lse**2."""
-    if loss.shape[0] > 0:
-        loss[i] = _with_zloss(ce, zl, l) if zl > 0 else ce
+@njit(fastmath=_FM, _nrt=False)
+def _serial_sums(loss, lse, zl, per_row):
+    """(sum ce, sum lse**2) in float64 over the rows; with ``per_row`` (reduction
+    "none") each ``loss[i]`` becomes ce + zl lse**2."""
+    ce_sum = 0.0
+    zz_sum = 0.0
+    for i in range(loss.shape[0]):
+        ce = loss[i]
+        l = lse[i]
+        ce_sum += np.float64(ce)
+        zz_sum += np.float64(l) * np.float64(l)
+        if per_row and zl > 0:
+            loss[i] = _with_zloss(ce, zl, l)
+    return ce_sum, zz_sum
 
 
 # The serial kernels run a whole small call (``fastloss.config.SERIAL_MAX_ELEMENTS``
 # logits) on the calling thread, where the host-side preparation and a parallel
-# launch would cost more than the arithmetic. They check the targets (int64 or
-# int32; ``ignore_index`` as given), then run each row through the same row
-# functions as ``ce_forward`` / ``ce_fused``, inlined (``_in_serial``; results
-# agree with the parallel kernels up to the order of vectorised sums). They are
-# compiled without NRT (nothing is allocated here): the caller passes the
-# scratch ``er`` (V, or 0 for a plain forward), ``tr`` (V under softcap, else 0)
-# and ``shifts`` (``n_row_blocks(V)``). Scalars ``wsum``, ``scale``, ``cap``,
-# ``eps``, ``zl`` are in the accumulation type; ``loss`` is (n,) for reduction
-# "none" (ce + zl lse**2 per row, 0 where ignored), else (0,). Forward and
-# fused are two kernels so that a call compiles only the one it needs.
+# launch would cost more than the arithmetic: they check the (int64) targets
+# against [0, V) and ``ignore_index`` as given, then run the same row-range
+# functions as the parallel kernels over all rows, and sum. Compiled without
+# NRT (nothing is allocated here): the caller passes the scratch ``er`` (V, or 0
+# for a plain forward), ``tr`` (V under softcap, else 0), ``shifts``
+# (``n_row_blocks(V)``) and the (n,) ``loss``/``lse`` rows. Scalars ``wsum``,
+# ``scale``, ``cap``, ``eps``, ``zl`` are in the accumulation type; with
+# ``per_row`` (reduction "none") ``loss`` ends as ce + zl lse**2 per row.
 #
 # Both return ``(nbad, first_bad, ce_sum, zz_sum, count, target_wsum)``: on bad
 # targets (``nbad > 0``) nothing else is computed; otherwise the float64 sums of
 # the rows' ce and lse**2 and the target pass's count and weight sum.
 
 @njit(cache=True, fastmath=_FM, _nrt=False)
-def ce_serial_forward(x, tgt, ignore_index, w, has_w, wsum, mode, scale, cap, eps, zl, loss, er, tr):
+def ce_serial_forward(x, tgt, ignore_index, w, has_w, wsum, mode, scale, cap, eps, zl, per_row,
+                      er, tr, loss, lse):
     """The forward serial kernel (see above)."""
     n, nclass = x.shape
     nbad, first, count, twsum = _serial_targets(tgt, ignore_index, w, has_w, nclass)
     if nbad > 0:
         return nbad, first, 0.0, 0.0, count, twsum
-    k = CEConstants(has_w, wsum, eps, zl)
-    tf = (mode, scale, cap)
-    zero = scale - scale
-    ce_sum = 0.0
-    zz_sum = 0.0
-    for i in range(n):
-        t = tgt[i]
-        ce = zero
-        l = zero
-        if t != ignore_index:
-            ce, l = _forward_row(x, i, n, t, w, tf, k, er, tr)
-        ce_sum += np.float64(ce)
-        zz_sum += np.float64(l) * np.float64(l)
-        _serial_row_out(loss, i, ce, zl, l)
+    _forward_rows(x, tgt, ignore_index, w, Transform(mode, scale, cap), CEConstants(has_w, wsum, eps, zl),
+                  er, tr, 0, n, loss, lse)
+    ce_sum, zz_sum = _serial_sums(loss, lse, zl, per_row)
     return nbad, first, ce_sum, zz_sum, count, twsum
 
 
 @njit(cache=True, fastmath=_FM, _nrt=False)
-def ce_serial_fused(x, tgt, ignore_index, w, has_w, wsum, mode, scale, cap, eps, zl,
-                    norm, gmode, go, gvec, out, loss, er, tr, shifts):
+def ce_serial_fused(x, tgt, ignore_index, w, has_w, wsum, mode, scale, cap, eps, zl, per_row,
+                    norm, gmode, go, gvec, gce, gz, out, er, tr, shifts, loss, lse):
     """The fused serial kernel (see above): also writes the gradient into ``out``.
     ``gmode``: 1 one upstream gradient ``go`` ("sum", or "none" with a
     scalar), 2 per-row ``gvec`` (float64, "none"), 3 "mean": ``go`` divided
-    here by the denominators (``norm`` > 0 replaces both)."""
+    here by the denominators (``norm`` > 0 replaces both). ``gce``/``gz``:
+    (n,) scratch for the per-row coefficients."""
     n, nclass = x.shape
     nbad, first, count, twsum = _serial_targets(tgt, ignore_index, w, has_w, nclass)
     if nbad > 0:
         return nbad, first, 0.0, 0.0, count, twsum
-    one = scale - scale + 1
     g_ce = go
     g_z = go
     if gmode == 3:
         g_ce = _ratio(go, norm if norm > 0 else twsum)
         g_z = _ratio(go, norm if norm > 0 else np.float64(count))
-    g_row = as_acc(g_ce, one)
-    gz_row = as_acc(g_z, one)
-    k = CEConstants(has_w, wsum, eps, zl)
-    tf = (mode, scale, cap)
-    ce_sum = 0.0
-    zz_sum = 0.0
     for i in range(n):
-        t = tgt[i]
-        g = g_row
-        gzi = gz_row
         if gmode == 2:
-            g = as_acc(gvec[i], one)
-            gzi = g
-        if t == ignore_index:
-            t = -1
-            g = one - one
-            gzi = one - one
-        ce, l = _fused_row(x, i, n, t, w, tf, k, g, gzi, out[i], er, tr, shifts)
-        ce_sum += np.float64(ce)
-        zz_sum += np.float64(l) * np.float64(l)
-        _serial_row_out(loss, i, ce, zl, l)
+            gce[i] = gvec[i]
+            gz[i] = gvec[i]
+        else:
+            gce[i] = g_ce
+            gz[i] = g_z
+    _fused_rows(x, tgt, ignore_index, w, Transform(mode, scale, cap), CEConstants(has_w, wsum, eps, zl),
+                gce, gz, out, er, tr, shifts, 0, n, loss, lse)
+    ce_sum, zz_sum = _serial_sums(loss, lse, zl, per_row)
     return nbad, first, ce_sum, zz_sum, count, twsum

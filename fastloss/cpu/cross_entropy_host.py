@@ -206,7 +206,7 @@ _KERNEL_VIEW = {
     np.dtype(np.float16): lambda a: a.view(np.int16),
 }
 _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
-_SERIAL_TARGETS = frozenset((np.dtype(np.int64), np.dtype(np.int32)))
+_INT64_DTYPE = np.dtype(np.int64)
 _NO_ROWS = np.empty(0, np.float64)
 _INT64 = (-(1 << 63), 1 << 63)
 #: Kernel scalars per (options, accumulation dtype): (mode, scale, cap, eps, zl, norm).
@@ -226,7 +226,7 @@ def _serial_inputs(logits, targets, opts):
     """``(x, tgt, acc)`` for the serial kernel when this call can take it: plain
     C-contiguous writable logits of a supported float dtype, at most
     ``config.SERIAL_MAX_ELEMENTS`` of them, integer targets of the right shape
-    (int64/int32 as they are, others converted); else None. Only cheap
+    (int64 as they are, others converted); else None. Only cheap
     metadata is read for the common case. The choice never depends on the
     thread count, so one call gives the same bits on any number of threads."""
     if type(logits) is not np.ndarray or type(targets) is not np.ndarray:
@@ -239,9 +239,9 @@ def _serial_inputs(logits, targets, opts):
     nclass = logits.shape[-1]
     if nclass == 0 or not _INT64[0] <= opts.ignore_index < _INT64[1]:
         return None
-    if targets.dtype not in _SERIAL_TARGETS or not targets.flags.c_contiguous:
-        # Other integer targets as int64 (a copy of at most a few thousand values);
-        # uint64 only when no value wraps.
+    if targets.dtype != _INT64_DTYPE or not targets.flags.c_contiguous:
+        # Other integer targets as int64 (a copy of at most a few thousand values,
+        # and one kernel specialisation for all); uint64 only when no value wraps.
         kind = targets.dtype.kind
         if kind not in "iu" or (targets.dtype == np.uint64 and targets.size
                                 and targets.max() >= np.uint64(1 << 63)):
@@ -292,18 +292,19 @@ def _serial(small, logits, targets, weight, opts, gmode, go, gvec, out):
     else:
         has_w, wsum = True, acc.type(w.sum(dtype=np.float64))
     none = opts.reduction == "none"
-    loss = np.empty(x.shape[0], acc) if none else _empty(acc)
-    fused = gmode != 0
-    er = np.empty(nclass, acc) if fused or mode != PLAIN else _empty(acc)
+    n = x.shape[0]
+    loss = np.empty(n, acc)
+    lse = np.empty(n, acc)
     tr = np.empty(nclass, acc) if mode == SOFTCAP else _empty(acc)
-    shifts = np.empty(K.n_row_blocks(nclass), acc) if fused else _empty(acc)
-    if fused:
+    if gmode:
         nbad, first, ce, zz, count, twsum = K.ce_serial_fused(
-            x, tgt, opts.ignore_index, w, has_w, wsum, mode, scale, cap, eps, zl,
-            norm, gmode, go, gvec, out, loss, er, tr, shifts)
+            x, tgt, opts.ignore_index, w, has_w, wsum, mode, scale, cap, eps, zl, none,
+            norm, gmode, go, gvec, np.empty(n, acc), np.empty(n, acc), out,
+            np.empty(nclass, acc), tr, np.empty(K.n_row_blocks(nclass), acc), loss, lse)
     else:
+        er = np.empty(nclass, acc) if mode != PLAIN else _empty(acc)
         nbad, first, ce, zz, count, twsum = K.ce_serial_forward(
-            x, tgt, opts.ignore_index, w, has_w, wsum, mode, scale, cap, eps, zl, loss, er, tr)
+            x, tgt, opts.ignore_index, w, has_w, wsum, mode, scale, cap, eps, zl, none, er, tr, loss, lse)
     if nbad:
         raise V.bad_targets_error(nbad, nclass, opts.ignore_index, targets.shape, first,
                                   targets.reshape(-1)[first])
