@@ -77,8 +77,9 @@ class CEConstants(NamedTuple):
 class CEScratch(NamedTuple):
     """Per-task scratch rows of the kernels: ``z`` (transformed logits, or the
     fused kernel's exps), ``t`` (tanh values under softcap) and ``shifts``
-    (the fused kernel's per-block running max); each (ntask, V), (ntask,
-    n_row_blocks(V)) or (ntask, 0) where the kernel does not need it. The
+    (the fused kernel's per-block running max); each (ntask, >= V), (ntask,
+    >= n_row_blocks(V)) or (ntask, 0) where the kernel does not need it (rows
+    padded by :func:`task_scratch`; kernels use their first V elements). The
     number of tasks is ``z.shape[0]``."""
 
     z: np.ndarray
@@ -119,6 +120,19 @@ def _in_rows(expr, caller, callee):
 
 
 _ROW_RANGES = ("_forward_rows", "_fused_rows")
+
+
+def task_scratch(ntask, n, dtype):
+    """An (ntask, >= n) scratch array of ``dtype``: one row per parallel task,
+    each padded to whole 128-byte blocks plus a 128-byte gap, so no two tasks
+    ever write the same cache line (or adjacent-line pair). Kernels use the
+    first ``n`` elements of a row. Unpadded, short rows (V = 50: 200 bytes,
+    and one ``shifts`` value per task) put both tasks' writes on shared lines
+    at every row: 8192 x 50 fused took 533 us on 2 threads against 482 on 1."""
+    if n == 0:
+        return np.empty((ntask, 0), dtype)
+    per_line = 128 // np.dtype(dtype).itemsize
+    return np.empty((ntask, -(-n // per_line) * per_line + per_line), dtype)
 
 
 def n_row_blocks(nclass):
@@ -470,7 +484,7 @@ def _fused_row(x, i, hi, t, w, tf, k, g, gzi, orow, er, tr, shifts):
         return ce, l
     a, c = _grad_coefficients(g, gzi, wt, wsum, eps, zl, l, s, nclass)
     nxt, ahead = _next_row(x, i, hi)
-    for b in range(shifts.shape[0]):
+    for b in range((nclass + ROW_BLOCK - 1) // ROW_BLOCK):
         # Block b's exps are relative to shifts[b]; exp(-inf - shift) = 0
         # for blocks that were all -inf when they were seen.
         blo = b * ROW_BLOCK

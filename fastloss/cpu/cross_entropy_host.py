@@ -62,9 +62,9 @@ class CrossEntropyPlan:
         ntask = V.num_tasks(rows, rows * self.nclass)
         need_z = fused or self.mode != PLAIN
         need_t = self.mode == SOFTCAP
-        return K.CEScratch(np.empty((ntask, self.nclass if need_z else 0), self.acc),
-                           np.empty((ntask, self.nclass if need_t else 0), self.acc),
-                           np.empty((ntask, K.n_row_blocks(self.nclass) if fused else 0), self.acc))
+        return K.CEScratch(K.task_scratch(ntask, self.nclass if need_z else 0, self.acc),
+                           K.task_scratch(ntask, self.nclass if need_t else 0, self.acc),
+                           K.task_scratch(ntask, K.n_row_blocks(self.nclass) if fused else 0, self.acc))
 
     def reduce(self, loss_rows, lse_rows):
         """Combine per-row cross-entropy and logsumexp into the requested reduction."""
@@ -188,8 +188,8 @@ def logsumexp(logits, opts):
         xk = V.kernel_view(x).reshape(n, nclass)
         ntask = V.num_tasks(n, x.size)
         mode = opts.mode
-        scratch = K.CEScratch(np.empty((ntask, nclass if mode != PLAIN else 0), acc),
-                              np.empty((ntask, nclass if mode == SOFTCAP else 0), acc),
+        scratch = K.CEScratch(K.task_scratch(ntask, nclass if mode != PLAIN else 0, acc),
+                              K.task_scratch(ntask, nclass if mode == SOFTCAP else 0, acc),
                               np.empty((ntask, 0), acc))
         with V.kernel_launch(ntask):
             K.lse_forward(xk, tf, scratch, lse)
