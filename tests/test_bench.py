@@ -576,3 +576,30 @@ def test_machine_info_threading_layer_before_any_parallel_loop():
     assert proc.returncode == 0, proc.stderr
     layer, same = proc.stdout.split()
     assert layer != "None" and same == "True"
+
+
+def test_kernel_target_reads_the_vector_width_numba_emits():
+    """The bench header says what vector code the kernels run: on this host, and
+    for AVX2 code forced by NUMBA_CPU_NAME + NUMBA_CPU_FEATURES (NUMBA_CPU_NAME
+    alone keeps the host's features, so it is not enough)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from fastloss.bench import machine as M
+    from fastloss.bench import runner as R
+
+    here = M.kernel_target()
+    assert here["isa"] in ("AVX-512", "AVX2", "SSE") and here["vector_bits"] in (512, 256, 128, None)
+    line = R._target_line({"kernel_target": here})
+    assert line.startswith(f"kernels: numba target {here['cpu']} ({here['isa']};")
+    assert R._target_line({}) == "kernels: target not recorded"
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell",
+               NUMBA_CPU_FEATURES="+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+popcnt,+sse4.2,+lzcnt,+movbe,"
+                                  "-avx512f,-avx512bw,-avx512vl,-avx512dq",
+               NUMBA_DISABLE_CACHE="1")
+    code = "import json; from fastloss.bench import machine as M; print(json.dumps(M.kernel_target()))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    forced = json.loads(out.stdout.strip().splitlines()[-1])
+    assert forced == {"cpu": "haswell", "isa": "AVX2", "vector_bits": 256}

@@ -266,6 +266,7 @@ def machine_info(threads=None):
         "cores": os.cpu_count(),
         "numba_threads": numba.get_num_threads() if threads is None else _capped(threads),
         "numba_threading_layer": threading_layer(),
+        "kernel_target": kernel_target(),
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "numpy": np.__version__,
@@ -280,6 +281,49 @@ def machine_info(threads=None):
     except ImportError:
         info["torch_threads"] = None
     return info
+
+
+def kernel_target():
+    """What the CPU kernels are compiled for: numba's target CPU (``NUMBA_CPU_NAME``,
+    else the host's), the vector instruction sets it enables, and the widest
+    vector register a vectorisable float32 loop actually compiles to here
+    (read from the assembly of a small probe with the kernels' fast-math
+    flags: LLVM may keep 256-bit vectors on an AVX-512 CPU).
+
+    Returns a dict: ``cpu``, ``isa`` (e.g. "AVX-512", "AVX2", "SSE"),
+    ``vector_bits`` (512, 256, 128 or None when it could not be read)."""
+    import llvmlite.binding as llb
+    from numba import njit
+
+    from .. import config
+
+    name = numba.config.CPU_NAME or llb.get_host_cpu_name()
+    if numba.config.CPU_NAME:  # features follow the named CPU, not the host
+        features = str(numba.config.CPU_FEATURES or "")
+        has = {f: f"+{f}" in features for f in ("avx512f", "avx2")}
+        if not features:  # numba derives them from the name: read them from the probe below
+            has = None
+    else:
+        host = llb.get_host_cpu_features()
+        has = {f: bool(host.get(f)) for f in ("avx512f", "avx2")}
+
+    @njit(fastmath=config.FASTMATH)
+    def _probe(a, b):
+        for i in range(a.shape[0]):
+            b[i] = a[i] * np.float32(1.5) + b[i]
+
+    a = np.ones(64, np.float32)
+    _probe(a, a.copy())
+    bits = None
+    try:
+        asm = "".join(_probe.inspect_asm().values())
+        bits = 512 if "%zmm" in asm else 256 if "%ymm" in asm else 128 if "%xmm" in asm else None
+    except Exception:  # inspection unavailable (e.g. another numba version): unknown
+        pass
+    if has is None:
+        has = {"avx512f": bits == 512, "avx2": bits in (256, 512)}
+    isa = "AVX-512" if has["avx512f"] else "AVX2" if has["avx2"] else "SSE"
+    return {"cpu": name, "isa": isa, "vector_bits": bits}
 
 
 def threading_layer():

@@ -242,6 +242,16 @@ def _load_line(conditions):
     return "load average: " + ", ".join(parts) if parts else None
 
 
+def _target_line(m):
+    """Which vector code the kernels run (``machine.kernel_target``)."""
+    t = m.get("kernel_target") or {}
+    if not t:
+        return "kernels: target not recorded"
+    bits = t.get("vector_bits")
+    width = f"{bits}-bit vectors" if bits else "vector width unknown"
+    return f"kernels: numba target {t.get('cpu')} ({t.get('isa')}; float32 loops compile to {width})"
+
+
 def format_table(result):
     """The result as text: a header with the machine, its ceilings and any
     noise warnings, then one block per case (columns: :data:`LEGEND`)."""
@@ -251,6 +261,7 @@ def format_table(result):
         f"fastloss bench  {run_date(result)}",
         f"machine: {m['cpu_model']}, {m['cores']} cores; threads: numba {m['numba_threads']}"
         + (f", torch {m['torch_threads']}" if m.get("torch_threads") is not None else ""),
+        _target_line(m),
         "versions: " + ", ".join(f"{k} {m[k]}" for k in
                                  ("fastloss", "python", "numpy", "numba", "torch", "jax")
                                  if m.get(k)),
