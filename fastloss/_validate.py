@@ -77,9 +77,14 @@ def native_array(a, name):
     return arr
 
 
+def is_float_dtype(dtype):
+    """Whether ``dtype`` is one of the supported float dtypes."""
+    return dtype in NUMPY_FLOAT_DTYPES or is_bfloat16(dtype)
+
+
 def check_float_dtype(dtype, name):
     """TypeError unless ``dtype`` is one of the supported float dtypes."""
-    if dtype not in NUMPY_FLOAT_DTYPES and not is_bfloat16(dtype):
+    if not is_float_dtype(dtype):
         raise TypeError(f"{name}: expected dtype {_dtype_names()}, found {dtype}")
 
 
@@ -95,14 +100,42 @@ def acc_dtype(dtype):
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
 
+#: How the kernels see each float dtype (half precision as integer views);
+#: bfloat16 is added by :func:`kernel_view_fn` once ml_dtypes is loaded.
+_KERNEL_VIEWS = {
+    np.dtype(np.float32): lambda a: a,
+    np.dtype(np.float64): lambda a: a,
+    np.dtype(np.float16): lambda a: a.view(np.int16),
+}
+
+
+def kernel_view_fn(dtype):
+    """The function turning an array of ``dtype`` into the kernels' view of it
+    (the same memory), or None for an unsupported dtype. A dict lookup: the
+    small-call paths use it on every call."""
+    view = _KERNEL_VIEWS.get(dtype)
+    if view is None and is_bfloat16(dtype):
+        view = _KERNEL_VIEWS[dtype] = lambda a: a.view(np.uint16)
+    return view
+
+
 def kernel_view(arr):
     """A C-contiguous view (copy only if needed) in the dtype the kernels take."""
     arr = np.ascontiguousarray(arr)
-    if arr.dtype == np.float16:
-        return arr.view(np.int16)
-    if is_bfloat16(arr.dtype):
-        return arr.view(np.uint16)
-    return arr
+    view = kernel_view_fn(arr.dtype)
+    return arr if view is None else view(arr)
+
+
+_EMPTY = {}
+
+
+def empty(dtype):
+    """A shared (0,) array of ``dtype``: the kernels' "no array here" argument
+    (never written, so one per dtype serves every call)."""
+    e = _EMPTY.get(dtype)
+    if e is None:
+        e = _EMPTY[dtype] = np.empty(0, dtype)
+    return e
 
 
 def check_reduction(reduction):

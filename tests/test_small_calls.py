@@ -17,7 +17,7 @@ import textwrap
 import ml_dtypes
 import numpy as np
 import pytest
-from cases import DTYPES, assert_grad, assert_loss, make_logits, make_targets
+from cases import DTYPES, assert_grad, assert_loss, make_logits, make_targets, resolve
 from reference import ce_reference, mse_reference, to_float64
 
 import fastloss
@@ -127,15 +127,6 @@ def assert_same_grad(a, b, tol):
     np.testing.assert_allclose(a64, b64, rtol=0, atol=tol * scale + 1e-30)
 
 
-def resolve_ce(rng, shape, kwargs):
-    kw = dict(kwargs)
-    if kw.get("weight") == "w":
-        kw["weight"] = rng.uniform(0.2, 2.0, shape[-1])
-    if kw.get("grad_output") == "rows":
-        kw["grad_output"] = rng.uniform(-1.0, 2.0, shape[:-1])
-    return kw
-
-
 def ce_inputs(rng, shape, dtype, kw, n_ignored=2):
     logits = make_logits(rng, shape, dtype)
     ignore = kw.get("ignore_index", -100)
@@ -166,7 +157,7 @@ CE_CASES = [
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 @pytest.mark.parametrize("shape,kwargs", CE_CASES)
 def test_ce_serial_matches_parallel_and_reference(monkeypatch, calls, rng, dtype, shape, kwargs):
-    kw = resolve_ce(rng, shape, kwargs)
+    kw = resolve(rng, shape, kwargs)
     logits, targets = ce_inputs(rng, shape, dtype, kw)
     rtol, gtol = PATH_TOL[dtype]
     ref_rtol, ref_gtol = REF_TOL[dtype]

@@ -107,7 +107,7 @@ def cross_entropy(logits, targets, weight, opts):
     """``fastloss.cross_entropy`` on host arrays."""
     small = _serial_inputs(logits, targets, opts)
     if small is not None:
-        return _serial(small, logits, targets, weight, opts, 0, 0.0, _NO_ROWS, small[0])
+        return _serial(small, logits, targets, weight, opts, 0, 0.0, _NO_ROWS, None)
     plan = CrossEntropyPlan(logits, targets, weight, opts)
     n = plan.tgt.size
     loss = np.empty(n, plan.acc)
@@ -129,7 +129,7 @@ def cross_entropy_with_grad(logits, targets, weight, opts, grad_output, out, inp
         grad, _ = _grad_buffer(logits, logits, out, inplace)  # C-contiguous, logits' dtype
         gmode, go, gvec = _serial_grad_output(grad_output, opts, logits.shape[:-1])
         loss = _serial(small, logits, targets, weight, opts, gmode, go, gvec,
-                       _KERNEL_VIEW[grad.dtype](grad).reshape(small[0].shape))
+                       V.kernel_view_fn(grad.dtype)(grad).reshape(small[0].shape))
         return loss, grad
     plan = CrossEntropyPlan(logits, targets, weight, opts)
     x = plan.logits
@@ -199,27 +199,12 @@ def logsumexp(logits, opts):
 # The serial path (``K.ce_serial_forward`` / ``K.ce_serial_fused``): small inputs of the common kinds in one
 # kernel call on the calling thread; everything else takes the plans above.
 
-#: How the kernels see each logits dtype (half precision as integer views).
-_KERNEL_VIEW = {
-    np.dtype(np.float32): lambda a: a,
-    np.dtype(np.float64): lambda a: a,
-    np.dtype(np.float16): lambda a: a.view(np.int16),
-}
 _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 _INT64_DTYPE = np.dtype(np.int64)
 _NO_ROWS = np.empty(0, np.float64)
 _INT64 = (-(1 << 63), 1 << 63)
 #: Kernel scalars per (options, accumulation dtype): (mode, scale, cap, eps, zl, norm).
 _SCALARS = {}
-
-
-def _kernel_views():
-    """``_KERNEL_VIEW`` with bfloat16 added once ml_dtypes is loaded (a bfloat16
-    array cannot exist before)."""
-    bf16 = V.loaded_bfloat16()
-    if bf16 is not None and bf16 not in _KERNEL_VIEW:
-        _KERNEL_VIEW[bf16] = lambda a: a.view(np.uint16)
-    return _KERNEL_VIEW
 
 
 def _serial_inputs(logits, targets, opts):
@@ -231,7 +216,7 @@ def _serial_inputs(logits, targets, opts):
     thread count, so one call gives the same bits on any number of threads."""
     if type(logits) is not np.ndarray or type(targets) is not np.ndarray:
         return None
-    view = _KERNEL_VIEW.get(logits.dtype) or _kernel_views().get(logits.dtype)
+    view = V.kernel_view_fn(logits.dtype)
     if (view is None or not logits.flags.c_contiguous or not logits.flags.writeable
             or logits.ndim == 0 or logits.size > config.SERIAL_MAX_ELEMENTS
             or targets.shape != logits.shape[:-1]):
@@ -288,21 +273,21 @@ def _serial(small, logits, targets, weight, opts, gmode, go, gvec, out):
     mode, scale, cap, eps, zl, norm = _kernel_scalars(opts, acc)
     w = V.class_weight(weight, nclass, acc)
     if w is None:
-        w, has_w, wsum = _empty(acc), False, acc.type(nclass)
+        w, has_w, wsum = V.empty(acc), False, acc.type(nclass)
     else:
         has_w, wsum = True, acc.type(w.sum(dtype=np.float64))
     none = opts.reduction == "none"
     n = x.shape[0]
     loss = np.empty(n, acc)
     lse = np.empty(n, acc)
-    tr = np.empty(nclass, acc) if mode == SOFTCAP else _empty(acc)
+    tr = np.empty(nclass, acc) if mode == SOFTCAP else V.empty(acc)
     if gmode:
         nbad, first, ce, zz, count, twsum = K.ce_serial_fused(
             x, tgt, opts.ignore_index, w, has_w, wsum, mode, scale, cap, eps, zl, none,
             norm, gmode, go, gvec, np.empty(n, acc), np.empty(n, acc), out,
             np.empty(nclass, acc), tr, np.empty(K.n_row_blocks(nclass), acc), loss, lse)
     else:
-        er = np.empty(nclass, acc) if mode != PLAIN else _empty(acc)
+        er = np.empty(nclass, acc) if mode != PLAIN else V.empty(acc)
         nbad, first, ce, zz, count, twsum = K.ce_serial_forward(
             x, tgt, opts.ignore_index, w, has_w, wsum, mode, scale, cap, eps, zl, none, er, tr, loss, lse)
     if nbad:
@@ -316,13 +301,3 @@ def _serial(small, logits, targets, weight, opts, gmode, go, gvec, out):
     d_ce, d_z = opts.denominators(count, twsum)
     return safe_div(ce, d_ce) + (safe_div(zl * zz, d_z) if zl > 0 else 0.0)
 
-
-_EMPTY = {}
-
-
-def _empty(acc):
-    """A shared (0,) array of dtype ``acc`` (never written)."""
-    e = _EMPTY.get(acc)
-    if e is None:
-        e = _EMPTY[acc] = np.empty(0, acc)
-    return e

@@ -109,6 +109,24 @@ def _segment(ps, ts, w, wmode, inner, base, scale, gr, ls):
     return acc
 
 
+@njit(fastmath=_FM, _nrt=False)
+def _range_sum(p, t, w, wmode, inner, lo, hi, scale, grad, loss):
+    """Sum over elements [lo, hi) of w_k (p_k - t_k)^2 (float64), walked in
+    segments (:func:`_segment`, sliced here) of at most ``SEGMENT`` elements,
+    which keep the extra pass for the per-element loss (reduction "none") in
+    L1/L2, and never crossing a row of ``inner`` elements. ``grad``/``loss``
+    of length 0 are skipped (their slices stay empty)."""
+    acc = 0.0
+    k = lo
+    while k < hi:
+        end = min(hi, k + SEGMENT)
+        if wmode == W_INNER or wmode == W_OUTER:
+            end = min(end, (k // inner + 1) * inner)
+        acc += _segment(p[k:end], t[k:end], w, wmode, inner, k, scale, grad[k:end], loss[k:end])
+        k = end
+    return acc
+
+
 @njit(parallel=True, cache=True, fastmath=_FM)
 def mse_kernel(p, t, wl, scale, grad, loss, partial):
     """partial[task] = sum over the task's elements of w_k (p_k - t_k)^2; optionally
@@ -121,17 +139,7 @@ def mse_kernel(p, t, wl, scale, grad, loss, partial):
     for task in prange(ntask):
         lo = task * n // ntask
         hi = (task + 1) * n // ntask
-        acc = 0.0
-        k = lo
-        while k < hi:
-            # Segments of at most SEGMENT elements keep the extra pass for the
-            # per-element loss (reduction="none") in L1/L2.
-            end = min(hi, k + SEGMENT)
-            if wmode == W_INNER or wmode == W_OUTER:
-                end = min(end, (k // inner + 1) * inner)
-            acc += _segment(p[k:end], t[k:end], w, wmode, inner, k, scale, grad[k:end], loss[k:end])
-            k = end
-        partial[task] = acc
+        partial[task] = _range_sum(p, t, w, wmode, inner, lo, hi, scale, grad, loss)
 
 
 @njit(cache=True, fastmath=_FM, _nrt=False)
@@ -139,13 +147,4 @@ def mse_serial(p, t, wmode, w, inner, scale, grad, loss):
     """:func:`mse_kernel` as one task on the calling thread, for small inputs
     (``fastloss.config.MSE_SERIAL_MAX_ELEMENTS``); the weight layout comes as
     its three fields. Returns the float64 sum of w_k (p_k - t_k)^2."""
-    n = p.shape[0]
-    acc = 0.0
-    k = 0
-    while k < n:
-        end = min(n, k + SEGMENT)
-        if wmode == W_INNER or wmode == W_OUTER:
-            end = min(end, (k // inner + 1) * inner)
-        acc += _segment(p[k:end], t[k:end], w, wmode, inner, k, scale, grad[k:end], loss[k:end])
-        k = end
-    return acc
+    return _range_sum(p, t, w, wmode, inner, 0, p.shape[0], scale, grad, loss)

@@ -11,7 +11,6 @@ import numpy as np
 from .. import _validate as V
 from .. import codes, config
 from ..options import safe_div
-from . import cross_entropy_host as _ce
 from . import mse as K
 
 
@@ -62,12 +61,13 @@ def mse(pred, target, weight, opts):
     small = _serial_inputs(pred, target)
     if small is not None:
         p, t, acc = small
-        none = opts.reduction == "none"
-        loss = np.empty(p.size, acc) if none else _ce._empty(acc)
-        total, wsum = _serial(small, pred.shape, weight, 1.0, _ce._empty(acc), loss)
-        if none:
+        wl = _serial_weight(weight, pred.shape, p.size, acc)
+        if opts.reduction == "none":
+            loss = np.empty(p.size, acc)
+            _run_serial(small, wl, 1.0, V.empty(acc), loss)
             return loss.reshape(pred.shape)
-        return total if opts.reduction == "sum" else safe_div(total, wsum)
+        total = _run_serial(small, wl, 1.0, V.empty(acc), V.empty(acc))
+        return total if opts.reduction == "sum" else safe_div(total, wl[3])
     plan = MSEPlan(pred, target, weight, opts)
     loss = np.empty(plan.size if plan.reduction == "none" else 0, plan.acc)
     total = plan.run(1.0, np.empty(0, plan.acc), loss)
@@ -79,26 +79,17 @@ def mse_with_grad(pred, target, weight, opts, grad_output, out):
     small = _serial_inputs(pred, target)
     if small is not None and opts.reduction != "none":
         p, t, acc = small
-        grad = _serial_grad_buffer(pred, target, out)
+        grad = _grad_buffer(pred, target, out)
         go = V.scalar_grad_output(grad_output, opts.reduction)
-        if opts.reduction == "sum":
-            total, _ = _serial(small, pred.shape, weight, go, _ce._KERNEL_VIEW[grad.dtype](grad).reshape(-1),
-                               _ce._empty(acc))
-            return total, grad
-        # The mean's scale needs the weight sum first (cheap: known without the data).
-        wl = _weight(weight, pred.shape, p.size, acc)
-        total = _run_serial(p, t, wl, safe_div(go, wl[3]), _ce._KERNEL_VIEW[grad.dtype](grad).reshape(-1),
-                            _ce._empty(acc), acc)
-        return safe_div(total, wl[3]), grad
+        # The mean's scale needs the weight sum first (known without the data).
+        wl = _serial_weight(weight, pred.shape, p.size, acc)
+        mean = opts.reduction == "mean"
+        total = _run_serial(small, wl, safe_div(go, wl[3]) if mean else go,
+                            V.kernel_view_fn(grad.dtype)(grad).reshape(-1), V.empty(acc))
+        return (safe_div(total, wl[3]) if mean else total), grad
     plan = MSEPlan(pred, target, weight, opts)
     shape, dtype = plan.pred.shape, plan.pred.dtype
-    if out is None:
-        grad = np.empty(shape, dtype)
-    else:
-        grad = V.out_array(out, shape, dtype)
-        if np.may_share_memory(out, plan.target) or (
-                np.may_share_memory(out, plan.pred) and out is not plan.pred):
-            raise V.overlap_error("mse")
+    grad = _grad_buffer(plan.pred, plan.target, out)
     if plan.reduction == "none":
         loss = np.empty(plan.size, plan.acc)
         go = V.rows_grad_output(grad_output, shape, "pred.shape")
@@ -125,9 +116,8 @@ def _serial_inputs(pred, target):
     at most ``config.MSE_SERIAL_MAX_ELEMENTS`` elements."""
     if type(pred) is not np.ndarray or type(target) is not np.ndarray:
         return None
-    views = _ce._KERNEL_VIEW
-    pv = views.get(pred.dtype) or _ce._kernel_views().get(pred.dtype)
-    tv = views.get(target.dtype) or _ce._kernel_views().get(target.dtype)
+    pv = V.kernel_view_fn(pred.dtype)
+    tv = V.kernel_view_fn(target.dtype)
     if (pv is None or tv is None or pred.shape != target.shape
             or pred.size > config.MSE_SERIAL_MAX_ELEMENTS
             or not (pred.flags.c_contiguous and target.flags.c_contiguous
@@ -138,27 +128,24 @@ def _serial_inputs(pred, target):
     return pv(pred).reshape(-1), tv(target).reshape(-1), acc
 
 
-def _weight(weight, shape, size, acc):
+def _serial_weight(weight, shape, size, acc):
     """``V.weight_layout`` (wmode, w, inner, wsum), without numpy work when there is no weight."""
     if weight is None:
-        return codes.W_NONE, _ce._empty(acc), 1, float(size)
+        return codes.W_NONE, V.empty(acc), 1, float(size)
     return V.weight_layout(weight, shape, acc)
 
 
-def _run_serial(p, t, wl, scale, grad, loss, acc):
+def _run_serial(small, wl, scale, grad, loss):
+    """``K.mse_serial`` on ``(p, t, acc)`` with weight layout ``wl``: sum of w d^2."""
+    p, t, acc = small
     wmode, w, inner, _ = wl
     return K.mse_serial(p, t, wmode, w, inner, acc.type(scale), grad, loss)
 
 
-def _serial(small, shape, weight, scale, grad, loss):
-    """Run the serial kernel: (sum of w d^2, weight sum)."""
-    p, t, acc = small
-    wl = _weight(weight, shape, p.size, acc)
-    return _run_serial(p, t, wl, scale, grad, loss, acc), wl[3]
-
-
-def _serial_grad_buffer(pred, target, out):
-    """The gradient buffer of a serial call: a new array, or ``out`` checked."""
+def _grad_buffer(pred, target, out):
+    """Where the gradient goes (both paths): a new array, or ``out`` checked
+    (shape, dtype, writable, C-contiguous, not overlapping the inputs unless
+    it is ``pred`` itself)."""
     if out is None:
         return np.empty(pred.shape, pred.dtype)
     V.out_array(out, pred.shape, pred.dtype)

@@ -447,10 +447,9 @@ def _small(hidden, lm_head, targets, bias):
             or lm_head.shape[1] != hidden.shape[-1] or lm_head.shape[1] == 0 or lm_head.shape[0] == 0
             or targets.dtype.kind not in "iu" or targets.shape != hidden.shape[:-1]):
         return False
-    if hidden.dtype not in V.NUMPY_FLOAT_DTYPES and not V.is_bfloat16(hidden.dtype):
+    if not V.is_float_dtype(hidden.dtype):
         return False
-    if bias is not None and (bias.shape != (lm_head.shape[0],) or (
-            bias.dtype not in V.NUMPY_FLOAT_DTYPES and not V.is_bfloat16(bias.dtype))):
+    if bias is not None and (bias.shape != (lm_head.shape[0],) or not V.is_float_dtype(bias.dtype)):
         return False
     nlogits = targets.size * lm_head.shape[0]
     return (nlogits <= config.SERIAL_MAX_ELEMENTS
