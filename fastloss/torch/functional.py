@@ -1,0 +1,341 @@
+"""The public functions of ``fastloss.torch``: PyTorch's loss signatures on
+fastloss's fused kernels.
+
+Each function checks its tensors with PyTorch's argument names, brings them
+to the canonical layout the kernels take (logits ``(N, V)``, targets
+``(N,)``), then runs the op: through an eager ``autograd.Function``
+(``fastloss.torch.autograd``), or, while ``torch.compile`` traces, through the
+registered custom op (``fastloss.torch.library``), so a compiled model keeps
+the op in one graph.
+
+Shapes follow ``torch.nn.functional``: ``cross_entropy`` takes ``(C,)``,
+``(N, C)`` or ``(N, C, d1, ...)`` input (class dimension 1; the last form
+costs one copy to put the classes last); ``linear_cross_entropy`` takes
+``(D,)``, ``(N, D)`` and, beyond PyTorch, ``(..., D)`` input with targets of
+``input.shape[:-1]``.
+"""
+
+import torch
+
+from . import autograd as A
+from . import library as L
+from .backend import FLOAT_DTYPES, CESpec
+
+__all__ = ["cross_entropy", "mse_loss", "linear_cross_entropy"]
+
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _tensor(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, found {type(t).__name__}")
+    return t
+
+
+def _float(name, t):
+    if _tensor(name, t).dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a float16, bfloat16, float32 or float64 tensor, found {t.dtype}")
+    return t
+
+
+def _classes(name, t):
+    if _tensor(name, t).dtype not in _INT_DTYPES:
+        if t.is_floating_point():
+            raise TypeError(f"{name}: expected integer class indices, found {t.dtype} (probability targets "
+                            "are not supported by fastloss.torch yet)")
+        raise TypeError(f"{name}: expected integer class indices, found {t.dtype}")
+    return t
+
+
+def _same_device(name, t, like):
+    if t is not None and t.device != like.device:
+        raise ValueError(f"{name}: expected a tensor on {like.device} (like input), found one on {t.device}")
+
+
+def _optional_float(name, t):
+    if t is None:
+        return None
+    _float(name, t)
+    return t
+
+
+def _number(name, value, allow_none=False):
+    """A Python float from a number (or a 0-d tensor), as the custom ops take it."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, found {type(value).__name__}")
+    return float(value)
+
+
+def _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, normalizer):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, found {type(ignore_index).__name__}")
+    if not isinstance(reduction, str):
+        raise TypeError(f"reduction: expected 'mean', 'sum' or 'none', found {type(reduction).__name__}")
+    return CESpec(ignore_index, reduction, _number("label_smoothing", label_smoothing),
+                  _number("z_loss", z_loss), _number("softcap", softcap, True),
+                  _number("logit_scale", logit_scale), _number("normalizer", normalizer, True))
+
+
+def _compiling():
+    return torch.compiler.is_compiling()
+
+
+def _wants_grad(*tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
+                  z_loss=0.0, softcap=None, logit_scale=1.0, normalizer=None, inplace_backward=False):
+    """Softmax cross-entropy with class-index targets, as ``torch.nn.functional.cross_entropy``,
+    on fastloss's fused kernel.
+
+    Forward computes the loss and its gradient in one pass over the logits
+    and keeps the gradient; backward reads no logits.
+
+    Parameters
+    ----------
+    input : Tensor, shape (C,), (N, C) or (N, C, d1, ...)
+        Logits (class dimension 1, as in PyTorch); float16, bfloat16, float32
+        or float64, on the CPU or a CUDA device. For LM logits ``(B, T, V)``
+        pass ``input.view(-1, V)`` and ``target.view(-1)``, as with PyTorch.
+    target : Tensor of int
+        Class indices, shape ``()``, ``(N,)`` or ``(N, d1, ...)``, in
+        ``[0, C)`` or ``ignore_index``; any integer dtype.
+    weight : Tensor, shape (C,), optional
+        Class weights (no gradient).
+    ignore_index : int, default -100
+    reduction : {"mean", "sum", "none"}, default "mean"
+    label_smoothing : float in [0, 1], default 0.0
+        As in PyTorch.
+    z_loss : float, default 0.0
+        Adds ``z_loss * logsumexp(x)**2`` per counted token.
+    softcap : float > 0, optional
+        Logits become ``softcap * tanh(x / softcap)`` first (after ``logit_scale``).
+    logit_scale : float, default 1.0
+        Logits are multiplied by this first.
+    normalizer : float > 0, optional
+        For "mean": divide the summed loss by this instead of the count (or
+        class-weight sum) of counted tokens, so that micro-batches of one
+        accumulated batch share one denominator.
+    inplace_backward : bool, default False
+        Write the gradient into ``input``'s memory instead of a new tensor
+        (saves one logits-sized buffer). The logits are then gone: their
+        tensor holds the gradient. Anything else that saved them for its own
+        backward makes backward raise (their version counter is bumped).
+        Refused for a leaf tensor that requires grad. No effect without a
+        gradient to compute or under ``torch.compile`` (the compiler owns the
+        buffers there).
+
+    Returns
+    -------
+    Tensor
+        In ``input``'s dtype: 0-d for "mean"/"sum", ``target``'s shape for
+        "none" (0 at ignored positions).
+
+    Raises
+    ------
+    TypeError
+        A non-tensor, a non-float ``input``, non-integer ``target``.
+    ValueError
+        Shapes or devices that do not match, a target outside ``[0, C)``, a bad option.
+
+    Notes
+    -----
+    Semantics are ``fastloss.cross_entropy``'s (``docs/semantics.md``), which
+    equal PyTorch's except that a mean over no counted token is 0 with a zero
+    gradient (PyTorch: NaN). Non-contiguous input costs one copy. Gradients
+    flow to ``input`` only.
+
+    Examples
+    --------
+    >>> import torch, fastloss.torch as flt
+    >>> x = torch.randn(4, 10, requires_grad=True)
+    >>> t = torch.tensor([1, 0, 9, -100])
+    >>> loss = flt.cross_entropy(x, t)
+    >>> loss.backward()
+    >>> ref = torch.nn.functional.cross_entropy(x, t)
+    >>> bool(torch.allclose(loss, ref)), x.grad.shape
+    (True, torch.Size([4, 10]))
+    """
+    _float("input", input)
+    _classes("target", target)
+    _same_device("target", target, input)
+    weight = _optional_float("weight", weight)
+    _same_device("weight", weight, input)
+    spec = _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, normalizer)
+    x, t, restore = _canonical_ce(input, target)
+    if _compiling():
+        loss, _ = L.cross_entropy(x, t, weight, *spec, _wants_grad(x))
+        return restore(loss)
+    if inplace_backward and _wants_grad(x):
+        _check_inplace(x)
+        if not x.is_contiguous():
+            x = x.contiguous()
+    return restore(A.CrossEntropy.apply(x, t, weight, spec, bool(inplace_backward)))
+
+
+def _canonical_ce(input, target):
+    """(x (N, C), t (N,), restore): restore maps a "none" loss of shape (N,)
+    back to ``target``'s shape."""
+    if input.dim() == 0:
+        raise ValueError("input: expected at least one dimension (the classes), found a 0-d tensor")
+    if input.dim() == 1:
+        if target.dim() != 0:
+            raise ValueError(f"target: expected a 0-d tensor for 1-D input (unbatched), found shape "
+                             f"{tuple(target.shape)}")
+        return input.unsqueeze(0), target.reshape(1), _reshape_to(())
+    want = (input.shape[0], *input.shape[2:])
+    if tuple(target.shape) != want:
+        raise ValueError(f"target: expected shape {want} for input of shape {tuple(input.shape)} (classes in "
+                         f"dimension 1, as in PyTorch), found {tuple(target.shape)}")
+    if input.dim() == 2:
+        return input, target, _same
+    c = input.shape[1]
+    x = input.movedim(1, -1).reshape(-1, c)
+    return x, target.reshape(-1), _reshape_to(tuple(target.shape))
+
+
+def _same(loss):
+    return loss
+
+
+def _reshape_to(shape):
+    def restore(loss):
+        return loss.reshape(shape) if loss.dim() else loss
+    return restore
+
+
+def _check_inplace(input):
+    base = input
+    while base._base is not None:
+        base = base._base
+    if base.is_leaf and base.requires_grad:
+        raise ValueError("inplace_backward: input is (a view of) a leaf tensor that requires grad; overwriting "
+                         "it with the gradient would destroy it (pass inplace_backward=False)")
+
+
+def mse_loss(input, target, reduction="mean", *, weight=None):
+    """Mean squared error, as ``torch.nn.functional.mse_loss``, on fastloss's fused kernel.
+
+    Parameters
+    ----------
+    input, target : Tensor
+        Same shape (no broadcasting: a shape mismatch raises ``ValueError``,
+        where PyTorch warns and broadcasts); float dtypes, one device.
+    reduction : {"mean", "sum", "none"}, default "mean"
+    weight : Tensor, optional
+        Broadcastable to ``input.shape``; "mean" is ``sum(w * d**2) / sum(w)``.
+        No gradient.
+
+    Returns
+    -------
+    Tensor
+        In ``input``'s dtype: 0-d for "mean"/"sum", ``input``'s shape for "none".
+
+    Notes
+    -----
+    Gradients flow to ``input`` and ``target`` (``d/dtarget = -d/dinput``).
+
+    Examples
+    --------
+    >>> import torch, fastloss.torch as flt
+    >>> p, q = torch.randn(3, 5, requires_grad=True), torch.randn(3, 5)
+    >>> flt.mse_loss(p, q).backward()
+    >>> bool(torch.allclose(p.grad, 2 * (p - q).detach() / 15))
+    True
+    """
+    _float("input", input)
+    _float("target", target)
+    _same_device("target", target, input)
+    weight = _optional_float("weight", weight)
+    _same_device("weight", weight, input)
+    if tuple(target.shape) != tuple(input.shape):
+        raise ValueError(f"target: expected input's shape {tuple(input.shape)}, found {tuple(target.shape)}")
+    if not isinstance(reduction, str):
+        raise TypeError(f"reduction: expected 'mean', 'sum' or 'none', found {type(reduction).__name__}")
+    if _compiling():
+        loss, _ = L.mse(input, target, weight, reduction, _wants_grad(input, target))
+        return loss
+    return A.MSE.apply(input, target, weight, reduction)
+
+
+def linear_cross_entropy(input, linear_weight, target, bias=None, *, linear_bias=None, weight=None,
+                         ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None,
+                         logit_scale=1.0, normalizer=None, chunk_size=None):
+    """Cross-entropy of the logits ``input @ linear_weight.T + bias``, never holding them,
+    as ``torch.nn.functional.linear_cross_entropy``.
+
+    Parameters
+    ----------
+    input : Tensor, shape (D,), (N, D) or (..., D)
+        Hidden states; float dtypes.
+    linear_weight : Tensor, shape (V, D)
+        The LM head (``nn.Linear`` layout), same dtype as ``input``.
+    target : Tensor of int, shape ``input.shape[:-1]``
+    bias : Tensor, shape (V,), optional
+        Output bias (also accepted as ``linear_bias=``, PyTorch's name).
+    weight : Tensor, shape (V,), optional
+        Class weights (a keyword, as in PyTorch).
+    ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, normalizer
+        As in :func:`cross_entropy`.
+    chunk_size : int, optional
+        Tokens per chunk of logits (default: a chunk of logits of at most
+        90 MiB on the CPU, 64 MiB on a GPU).
+
+    Returns
+    -------
+    Tensor
+        In ``input``'s dtype: 0-d for "mean"/"sum", ``target``'s shape for "none".
+
+    Notes
+    -----
+    Gradients flow to ``input``, ``linear_weight`` and ``bias``. For "mean"
+    and "sum" the forward computes them in the same sweep over the
+    vocabulary; for "none" backward sweeps again with the per-token upstream
+    gradient. On the CPU this is ``fastloss.linear_cross_entropy_with_grad``;
+    on a GPU, chunked PyTorch matrix products around the fused CUDA kernel.
+
+    Examples
+    --------
+    >>> import torch, fastloss.torch as flt
+    >>> h = torch.randn(6, 8, requires_grad=True)
+    >>> head = torch.nn.Linear(8, 50)
+    >>> t = torch.randint(0, 50, (6,))
+    >>> loss = flt.linear_cross_entropy(h, head.weight, t, head.bias)
+    >>> loss.backward()
+    >>> ref = torch.nn.functional.cross_entropy(head(h), t)
+    >>> bool(torch.allclose(loss, ref, atol=1e-6)), head.weight.grad.shape
+    (True, torch.Size([50, 8]))
+    """
+    if linear_bias is not None:
+        if bias is not None:
+            raise ValueError("bias: given twice (as bias and as linear_bias)")
+        bias = linear_bias
+    _float("input", input)
+    _float("linear_weight", linear_weight)
+    _classes("target", target)
+    bias = _optional_float("bias", bias)
+    weight = _optional_float("weight", weight)
+    for name, t in (("linear_weight", linear_weight), ("target", target), ("bias", bias), ("weight", weight)):
+        _same_device(name, t, input)
+    if input.dim() == 0:
+        raise ValueError("input: expected at least one dimension (the features), found a 0-d tensor")
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(f"target: expected shape {tuple(input.shape[:-1])} (input's without its last "
+                         f"dimension), found {tuple(target.shape)}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
+        raise TypeError(f"chunk_size: expected an int, found {type(chunk_size).__name__}")
+    spec = _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, normalizer)
+    shape = tuple(target.shape)
+    h = input.reshape(-1, input.shape[-1])
+    t = target.reshape(-1)
+    if _compiling():
+        with_grad = _wants_grad(h, linear_weight, bias) and spec.reduction != "none"
+        loss = L.linear_cross_entropy(h, linear_weight, t, bias, weight, *spec, chunk_size, with_grad)[0]
+    else:
+        loss = A.LinearCrossEntropy.apply(h, linear_weight, t, bias, weight, spec, chunk_size)
+    return loss.reshape(shape) if spec.reduction == "none" else loss

@@ -1,0 +1,181 @@
+"""The ops as ``torch.library`` custom ops, for ``torch.compile`` and export.
+
+Registered under the ``fastloss`` namespace on first import of
+``fastloss.torch``:
+
+* ``fastloss::cross_entropy(input, target, weight?, ignore_index, reduction,
+  label_smoothing, z_loss, softcap?, logit_scale, normalizer?, with_grad)
+  -> (loss, grad)``
+* ``fastloss::mse(input, target, weight?, reduction, with_grad) -> (loss, grad)``
+* ``fastloss::linear_cross_entropy(input, linear_weight, target, bias?, weight?,
+  ignore_index, reduction, label_smoothing, z_loss, softcap?, logit_scale,
+  normalizer?, chunk_size?, with_grad) -> (loss, grad_input, grad_weight, grad_bias)``
+* ``fastloss::linear_cross_entropy_backward(...)``: the gradients of
+  reduction "none" for a per-token upstream gradient.
+
+Each is functional (no input is mutated; ``inplace_backward`` has no custom
+op: under ``torch.compile`` the compiler owns the buffers). A ``with_grad``
+op returns the gradient its forward computed; ``register_autograd`` scales it
+by the upstream gradient in backward (one multiply the compiler fuses).
+Without ``with_grad`` the gradient outputs are empty tensors. Fake
+implementations give the output shapes and dtypes, so the ops trace with
+``fullgraph=True``; ``torch.library.opcheck`` passes on all of them.
+"""
+
+import torch
+from torch import Tensor
+
+from . import backend
+from .backend import CESpec
+
+_EMPTY = (0,)
+
+
+def _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, normalizer):
+    return CESpec(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, normalizer)
+
+
+def _or_empty(t, like):
+    return like.new_empty(_EMPTY) if t is None else t
+
+
+# --- cross-entropy ---------------------------------------------------------------------------
+
+@torch.library.custom_op("fastloss::cross_entropy", mutates_args=())
+def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str,
+                  label_smoothing: float, z_loss: float, softcap: float | None, logit_scale: float,
+                  normalizer: float | None, with_grad: bool) -> tuple[Tensor, Tensor]:
+    """Cross-entropy of (N, V) logits; the gradient (upstream 1) with ``with_grad``."""
+    spec = _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, normalizer)
+    loss, grad = backend.cross_entropy(input, target, weight, spec, with_grad)
+    return loss, _or_empty(grad, input)
+
+
+@cross_entropy.register_fake
+def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
+      normalizer, with_grad):
+    shape = target.shape if reduction == "none" else ()
+    grad = torch.empty_like(input, memory_format=torch.contiguous_format) if with_grad \
+        else input.new_empty(_EMPTY)
+    return input.new_empty(shape), grad
+
+
+def _ce_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.per_row = inputs[4] == "none"
+
+
+def _ce_backward(ctx, grad_loss, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    up = grad_loss.unsqueeze(-1) if ctx.per_row else grad_loss
+    return grad * up.to(grad.dtype), None, None, None, None, None, None, None, None, None, None
+
+
+cross_entropy.register_autograd(_ce_backward, setup_context=_ce_setup)
+
+
+# --- mean squared error --------------------------------------------------------------------------
+
+@torch.library.custom_op("fastloss::mse", mutates_args=())
+def mse(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str,
+        with_grad: bool) -> tuple[Tensor, Tensor]:
+    """Mean squared error; the gradient for ``input`` (upstream 1) with ``with_grad``."""
+    loss, grad = backend.mse(input, target, weight, reduction, with_grad)
+    return loss, _or_empty(grad, input)
+
+
+@mse.register_fake
+def _(input, target, weight, reduction, with_grad):
+    shape = input.shape if reduction == "none" else ()
+    grad = torch.empty_like(input, memory_format=torch.contiguous_format) if with_grad \
+        else input.new_empty(_EMPTY)
+    return input.new_empty(shape), grad
+
+
+def _mse_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _mse_backward(ctx, grad_loss, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    g = grad * grad_loss.to(grad.dtype)
+    return g, -g, None, None, None
+
+
+mse.register_autograd(_mse_backward, setup_context=_mse_setup)
+
+
+# --- linear cross-entropy ------------------------------------------------------------------------
+
+@torch.library.custom_op("fastloss::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, bias: Tensor | None,
+                         weight: Tensor | None, ignore_index: int, reduction: str, label_smoothing: float,
+                         z_loss: float, softcap: float | None, logit_scale: float, normalizer: float | None,
+                         chunk_size: int | None, with_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Cross-entropy of ``input @ linear_weight.T + bias``; the gradients for
+    input, linear weight and bias (upstream 1) with ``with_grad``."""
+    spec = _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, normalizer)
+    loss, gh, gw, gb = backend.linear_cross_entropy(input, linear_weight, target, bias, weight, spec,
+                                                    chunk_size, with_grad)
+    return loss, _or_empty(gh, input), _or_empty(gw, input), _or_empty(gb, input)
+
+
+@linear_cross_entropy.register_fake
+def _(input, linear_weight, target, bias, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+      logit_scale, normalizer, chunk_size, with_grad):
+    shape = target.shape if reduction == "none" else ()
+    grads = _fake_linear_grads(input, linear_weight, bias, with_grad)
+    return (input.new_empty(shape), *grads)
+
+
+def _fake_linear_grads(input, linear_weight, bias, with_grad):
+    if not with_grad:
+        return input.new_empty(_EMPTY), input.new_empty(_EMPTY), input.new_empty(_EMPTY)
+    gb = input.new_empty(_EMPTY) if bias is None else torch.empty_like(bias, memory_format=torch.contiguous_format)
+    return (torch.empty_like(input, memory_format=torch.contiguous_format),
+            torch.empty_like(linear_weight, memory_format=torch.contiguous_format), gb)
+
+
+@torch.library.custom_op("fastloss::linear_cross_entropy_backward", mutates_args=())
+def linear_cross_entropy_backward(grad_output: Tensor, input: Tensor, linear_weight: Tensor, target: Tensor,
+                                  bias: Tensor | None, weight: Tensor | None, ignore_index: int, reduction: str,
+                                  label_smoothing: float, z_loss: float, softcap: float | None,
+                                  logit_scale: float, normalizer: float | None,
+                                  chunk_size: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of :func:`linear_cross_entropy` for upstream ``grad_output``
+    (a second sweep: used for reduction "none", whose per-token upstream
+    gradient weights every product)."""
+    spec = _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, normalizer)
+    _, gh, gw, gb = backend.linear_cross_entropy(input, linear_weight, target, bias, weight, spec, chunk_size,
+                                                 True, grad_output=grad_output)
+    return gh, gw, _or_empty(gb, input)
+
+
+@linear_cross_entropy_backward.register_fake
+def _(grad_output, input, linear_weight, target, bias, weight, ignore_index, reduction, label_smoothing, z_loss,
+      softcap, logit_scale, normalizer, chunk_size):
+    return _fake_linear_grads(input, linear_weight, bias, True)
+
+
+def _lce_setup(ctx, inputs, output):
+    ctx.per_token = inputs[6] == "none"
+    ctx.has_bias = inputs[3] is not None
+    if ctx.per_token:
+        ctx.args = inputs[5:13]
+        ctx.save_for_backward(inputs[0], inputs[1], inputs[2], inputs[3], inputs[4])
+    else:
+        ctx.save_for_backward(output[1], output[2], output[3])
+
+
+def _lce_backward(ctx, grad_loss, _gh, _gw, _gb):
+    if ctx.per_token:
+        h, w, target, bias, weight = ctx.saved_tensors
+        gh, gw, gb = linear_cross_entropy_backward(grad_loss, h, w, target, bias, weight, *ctx.args)
+    else:
+        gh, gw, gb = ctx.saved_tensors
+        up = grad_loss.to(gh.dtype)
+        gh, gw, gb = gh * up, gw * up, gb * up.to(gb.dtype)
+    return (gh, gw, None, gb if ctx.has_bias else None) + (None,) * 10
+
+
+linear_cross_entropy.register_autograd(_lce_backward, setup_context=_lce_setup)
