@@ -19,7 +19,8 @@ Exports (reference: ``docs/api.md``):
 Layers, top-down: ``fastloss.ops`` (the public functions) → ``fastloss.options``
 and ``fastloss._validate`` (checks, once) → ``fastloss.cpu`` / ``fastloss.cuda``
 (each op's host module and kernels); ``fastloss.evaluation`` streams dumps
-through the CPU kernels; ``fastloss.cli`` is the ``fastloss`` command.
+through the CPU kernels; ``fastloss.torch`` is the PyTorch adapter (imports
+PyTorch; ``docs/torch.md``); ``fastloss.cli`` is the ``fastloss`` command.
 """
 
 from ._threads import get_num_threads, max_threads, set_num_threads
@@ -36,7 +37,7 @@ from .results import CrossEntropyResult, MSEResult
 _LAZY = {"evaluate": "evaluation", "EvalReport": "evaluation", "Layout": "evaluation"}
 
 
-_SUBPACKAGES = ("evaluation", "bench", "cli", "cpu", "demo", "options", "config")
+_SUBPACKAGES = ("evaluation", "bench", "cli", "cpu", "demo", "options", "config", "torch")
 
 
 def __getattr__(name):

@@ -529,3 +529,138 @@ def test_gpu_mse_vs_torch(tdtype, tol):
         loss, grad = api.mse_with_grad(p, q, reduction=red)
         torch.testing.assert_close(loss.float().reshape(ref.shape), ref.detach(), rtol=tol, atol=tol)
         torch.testing.assert_close(grad.float(), pr.grad.to(dtype).float(), rtol=tol, atol=tol * 1e-3)
+
+
+# --- fastloss.torch: the adapter's GPU branch under the simulator ---------------------------
+# PyTorch has no CUDA tensors here, so these route CPU tensors through the
+# adapter's GPU branch (``fastloss.torch.backend``: ``on_gpu`` says yes,
+# ``to_device`` makes a simulator array of the tensor's data, ``from_device``
+# copies a result back) and compare with the adapter's CPU branch and torch.
+
+@pytest.fixture
+def torch_sim(monkeypatch):
+    torch = pytest.importorskip("torch")
+    import fastloss.torch as flt
+    from fastloss.torch import backend
+
+    def to_device(t):
+        return None if t is None else dev(backend.as_numpy(t.detach().contiguous()))
+
+    def from_device(a, like):
+        return backend.from_numpy(np.ascontiguousarray(host(a)))
+
+    def patch():
+        monkeypatch.setattr(fastloss.config, "CUDA_THREADS_PER_BLOCK", 8)
+        monkeypatch.setattr(fastloss.config, "CUDA_GRID_LIMIT", 2)
+        monkeypatch.setattr(backend, "on_gpu", lambda t: True)
+        monkeypatch.setattr(backend, "to_device", to_device)
+        monkeypatch.setattr(backend, "from_device", from_device)
+
+    return torch, flt, patch, monkeypatch.undo
+
+
+def _run_torch(torch, fn, args, grad_output=None):
+    """(loss, grads of the float args that require grad) of fn(*args)."""
+    args = [a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+            for a in args]
+    loss = fn(*args)
+    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
+    return loss.detach(), [a.grad for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+
+
+TORCH_SIM_CE = [dict(), dict(reduction="sum"), dict(reduction="none"), dict(label_smoothing=0.1, weight=True),
+                dict(z_loss=1e-3, softcap=4.0, logit_scale=0.7), dict(normalizer=50.0),
+                dict(inplace_backward=True)]
+
+
+@sim
+@pytest.mark.parametrize("opts", TORCH_SIM_CE, ids=lambda o: ",".join(o) or "plain")
+@pytest.mark.parametrize("dtype,tol", [("float32", 2e-6), ("float64", 1e-12), ("float16", 2e-3)])
+def test_torch_adapter_cross_entropy_gpu_branch(torch_sim, opts, dtype, tol):
+    torch, flt, patch, undo = torch_sim
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(5)
+    tdtype = getattr(torch, dtype)
+    opts = dict(opts)
+    x0 = (torch.randn(23, 37, generator=g, dtype=torch.float64) * 2).to(tdtype)
+    t = torch.randint(0, 37, (23,), generator=g)
+    t[4] = -100
+    if opts.pop("weight", False):
+        opts["weight"] = (torch.rand(37, generator=g, dtype=torch.float64) + 0.5).to(tdtype)
+    up = torch.rand(23, generator=g, dtype=torch.float64).to(tdtype) if opts.get("reduction") == "none" \
+        else torch.tensor(0.75, dtype=tdtype)
+
+    def fl(x):  # a non-leaf, so that inplace_backward may overwrite it
+        return flt.cross_entropy(x * 1, t, **opts)
+
+    x = x0.clone().requires_grad_()
+    cpu_loss, (cpu_grad,) = _run_torch(torch, fl, [x], up)
+    patch()
+    sim_loss, (sim_grad,) = _run_torch(torch, fl, [x], up)
+    undo()
+    assert sim_loss.dtype == tdtype and sim_loss.shape == cpu_loss.shape
+    torch.testing.assert_close(sim_loss.double(), cpu_loss.double(), rtol=tol, atol=tol)
+    torch.testing.assert_close(sim_grad.double(), cpu_grad.double(), rtol=tol, atol=tol)
+    if not {"z_loss", "normalizer", "inplace_backward"} & set(opts) and dtype != "float16":
+        ref_loss, (ref_grad,) = _run_torch(torch, lambda x: F.cross_entropy(x * 1, t, **opts), [x], up)
+        torch.testing.assert_close(sim_loss.double(), ref_loss.double(), rtol=10 * tol, atol=10 * tol)
+        torch.testing.assert_close(sim_grad.double(), ref_grad.double(), rtol=10 * tol, atol=10 * tol)
+
+
+@sim
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_torch_adapter_mse_gpu_branch(torch_sim, reduction):
+    torch, flt, patch, undo = torch_sim
+    g = torch.Generator().manual_seed(6)
+    p = torch.randn(9, 13, generator=g, requires_grad=True)
+    q = torch.randn(9, 13, generator=g, requires_grad=True)
+    w = torch.rand(9, 13, generator=g) + 0.5  # numba arrays do not broadcast (PyTorch CUDA tensors do)
+
+    def fn(p, q):
+        return flt.mse_loss(p, q, reduction, weight=w)
+
+    cpu = _run_torch(torch, fn, [p, q])
+    patch()
+    got = _run_torch(torch, fn, [p, q])
+    undo()
+    ref = _run_torch(torch, lambda p, q: torch.nn.functional.mse_loss(p, q, reduction=reduction, weight=w), [p, q])
+    for a, b, c in zip([got[0], *got[1]], [cpu[0], *cpu[1]], [ref[0], *ref[1]]):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
+        torch.testing.assert_close(a, c, rtol=2e-5, atol=2e-5)
+
+
+@sim
+@pytest.mark.parametrize("opts", [dict(), dict(reduction="sum", chunk_size=4), dict(reduction="none", chunk_size=5),
+                                  dict(weight=True, label_smoothing=0.05, chunk_size=3),
+                                  dict(z_loss=1e-3, softcap=5.0, chunk_size=7)],
+                         ids=lambda o: ",".join(o) or "plain")
+def test_torch_adapter_linear_cross_entropy_gpu_branch(torch_sim, opts):
+    """GPU tensors take the chunked path (PyTorch products around the fused CUDA
+    kernel); under the simulator it equals the CPU path and torch."""
+    torch, flt, patch, undo = torch_sim
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(7)
+    opts = dict(opts)
+    h = torch.randn(17, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(29, 8, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+    b = torch.randn(29, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 29, (17,), generator=g)
+    t[2] = -100
+    if opts.pop("weight", False):
+        opts["weight"] = torch.rand(29, generator=g, dtype=torch.float64) + 0.5
+    up = torch.rand(17, generator=g, dtype=torch.float64) if opts.get("reduction") == "none" else None
+
+    def fn(h, w, b):
+        return flt.linear_cross_entropy(h, w, t, b, **opts)
+
+    cpu = _run_torch(torch, fn, [h, w, b], up)
+    patch()
+    got = _run_torch(torch, fn, [h, w, b], up)
+    undo()
+    for a, c in zip([got[0], *got[1]], [cpu[0], *cpu[1]]):
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10)
+    if "z_loss" not in opts:
+        ce = {k: v for k, v in opts.items() if k != "chunk_size"}
+        ref = _run_torch(torch, lambda h, w, b: F.cross_entropy(F.linear(h, w, b), t, **ce), [h, w, b], up)
+        for a, c in zip([got[0], *got[1]], [ref[0], *ref[1]]):
+            torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10)

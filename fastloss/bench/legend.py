@@ -33,3 +33,25 @@ warnings (printed above the table): the machine was busy (1-minute load average
   above the cores the run leaves free, cores - threads, by more than 0.5), or the ceilings
   are inconsistent (read bandwidth below copy bandwidth, or a ceiling's fastest
   repeat more than 10% above its median)."""
+
+#: What the columns of ``fastloss bench --op torch-step``
+#: (:func:`fastloss.bench.torch_step.format_table`) mean.
+TORCH_STEP_LEGEND = """\
+--op torch-step columns (one block per case; providers timed interleaved, one call of each
+per round, same threads; a step is logits = hidden @ W.T, the loss, backward to hidden and W):
+  median ms, min ms  median and minimum of the timed steps (after the warm-up)
+  vs torch    torch eager's median / median (higher is better; 1.00x on the torch row)
+  loss ms     median - the head-only median: the time the loss adds to the products
+  loss share  loss ms / median: the loss's share of the step (for the fused *-lce rows,
+              the time beyond the unfused products)
+  share x     torch eager's loss share / this row's: how many times smaller the loss's
+              share of the step is than with F.cross_entropy
+  peak MB     resident memory one step added at its peak (1 MB = 1e6 bytes), the
+              gradients of hidden and W included, measured in a child process per
+              provider (VmHWM after resetting it through /proc/self/clear_refs)
+  loss        the loss the provider computed (every provider: the same loss)
+  head-only   the baseline: F.linear(hidden, W).backward(G) with a fixed upstream
+              gradient G, the products without a loss
+then: the adapter's overhead, fastloss.torch.cross_entropy against the numpy call
+  fastloss.cross_entropy(_with_grad) at 64x1000 float32 (forward, and fwd+bwd with
+  backward()), medians of interleaved calls; target: under 50 us added per call."""

@@ -38,11 +38,13 @@ examples:
   fastloss bench --shape 4096 32000 --save before
   fastloss bench --shape 4096 32000 --save after
   fastloss bench --compare before after
+  fastloss bench --op torch-step --dtype float32 bfloat16   training step, D=256
+  fastloss bench --op torch-step --shape 2048 128256 --hidden 256 --no-memory
 """
 
 
 def add_parser(sub):
-    from ..bench.legend import LEGEND
+    from ..bench.legend import LEGEND, TORCH_STEP_LEGEND
     bench = sub.add_parser(
         "bench", help="time fastloss against torch (eager and torch.compile), numpy and JAX "
                       "on one case, print the table and save the results; list and compare "
@@ -51,14 +53,23 @@ def add_parser(sub):
                     "threads, and print median times, GB/s, the fraction of the measured "
                     "bandwidth, the floor, the ratios to the fastest (peer) and the speedup "
                     "against torch eager.",
-        epilog=LEGEND + "\n\n" + _EPILOG_RUNS,
+        epilog=LEGEND + "\n\n" + TORCH_STEP_LEGEND + "\n\n" + _EPILOG_RUNS,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench.add_argument("--op", choices=("ce", "mse", "lce"), default=None,
+    bench.add_argument("--op", choices=("ce", "mse", "lce", "torch-step"), default=None,
                        help="ce: softmax cross-entropy (default); mse: mean squared error; "
-                            "lce: fused linear cross-entropy (fwd+bwd only)")
+                            "lce: fused linear cross-entropy (fwd+bwd only); torch-step: a PyTorch "
+                            "training step of an LM head and its loss (forward + backward), fastloss.torch "
+                            "against torch, with each provider's loss share, peak memory and the "
+                            "adapter's per-call overhead at 64x1000")
     bench.add_argument("--shape", nargs="+", type=int, metavar="N",
                        help="ce: logits shape N V (default 4096 32000); lce: N D V "
-                            "(default 4096 1024 128256)")
+                            "(default 4096 1024 128256); torch-step: N V, or several pairs "
+                            "N V N V ... (default 4096 32000; D is --hidden)")
+    bench.add_argument("--hidden", type=int, metavar="D",
+                       help="torch-step: hidden size D of the LM head (default 256)")
+    bench.add_argument("--no-memory", action="store_true",
+                       help="torch-step: skip the peak-memory measurement (one child process "
+                            "per provider and case)")
     bench.add_argument("--size", type=_size, metavar="SIZE",
                        help="MSE elements, e.g. 2^26 (default) or 268435456")
     bench.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16"), default=None,
@@ -168,6 +179,10 @@ def run(args, argv):
     parser = args.bench_parser
     if args.list or args.compare is not None:
         return _saved_runs(args)
+    if args.op == "torch-step":
+        return _torch_step(args, argv)
+    if args.hidden is not None or args.no_memory:
+        parser.error("--hidden and --no-memory are for --op torch-step")
     from ..bench import cases as C
     from ..bench import runner as R
 
@@ -183,14 +198,7 @@ def run(args, argv):
         calibration_mib = int(os.environ.get("FASTLOSS_BENCH_CALIBRATION_MIB", default))
     if threads < 1 or calibration_mib < 1:
         parser.error("--threads and --calibration-mib must be >= 1")
-    if args.save is not None:
-        if not args.save or os.sep in args.save or args.save in (".", ".."):
-            parser.error(f"--save takes a name (give the folder with --dir), found {args.save!r}")
-        if args.no_save:
-            parser.error("--save and --no-save: give one of them")
-        target = os.path.join(args.dir or R.default_save_dir(), args.save + ".json")
-        if os.path.exists(target):
-            parser.error(f"--save: a run named {args.save!r} already exists ({target})")
+    _save_checks(args, parser, R.default_save_dir())
     providers = list(C.SMALL_PROVIDERS) if args.small else None
     if args.providers:
         providers = [p for item in args.providers for p in item.split(",") if p]
@@ -209,6 +217,80 @@ def run(args, argv):
                    progress=progress)
     result["settings"]["command"] = ["fastloss"] + argv
     sys.stdout.write(R.format_table(result))
+    sys.stdout.flush()
+    if args.json:
+        R.write_json(result, args.json)
+        progress(f"wrote {args.json}")
+    if not args.no_save:
+        progress(f"saved {R.save(result, args.dir, args.save)}")
+    return 1 if any(r["status"] == "error" for r in result["results"]) else 0
+
+
+def _save_checks(args, parser, default_dir):
+    if args.save is not None:
+        if not args.save or os.sep in args.save or args.save in (".", ".."):
+            parser.error(f"--save takes a name (give the folder with --dir), found {args.save!r}")
+        if args.no_save:
+            parser.error("--save and --no-save: give one of them")
+        target = os.path.join(args.dir or default_dir, args.save + ".json")
+        if os.path.exists(target):
+            parser.error(f"--save: a run named {args.save!r} already exists ({target})")
+
+
+def torch_step_cases(args, parser):
+    """The :class:`~fastloss.bench.torch_step.StepCase` list of ``--op torch-step``."""
+    from ..bench import torch_step as T
+    for name in ("size", "mode", "calibration_mib"):
+        if getattr(args, name) is not None:
+            parser.error(f"--{name.replace('_', '-')} does not apply to --op torch-step")
+    if args.small:
+        parser.error("--small does not apply to --op torch-step (its output always ends with the "
+                     "adapter-overhead section at 64x1000; give a small --shape for a quick run)")
+    shape = list(args.shape or T.DEFAULT_SHAPE)
+    if len(shape) % 2:
+        parser.error(f"--shape: --op torch-step takes N V (or pairs N V N V ...), found {len(shape)} numbers")
+    d = T.DEFAULT_HIDDEN if args.hidden is None else args.hidden
+    if min(shape) < 1 or d < 1:
+        parser.error(f"sizes must be positive, found --shape {' '.join(map(str, shape))} --hidden {d}")
+    pairs = list(dict.fromkeys(zip(shape[0::2], shape[1::2])))
+    return [T.StepCase(n, v, d, dt) for n, v in pairs for dt in dict.fromkeys(args.dtype or ["float32"])]
+
+
+def _torch_step(args, argv):
+    """``fastloss bench --op torch-step``: the training-step benchmark."""
+    from ..bench import runner as R
+    from ..bench import torch_step as T
+    parser = args.bench_parser
+    cases = torch_step_cases(args, parser)
+    repeat = T.DEFAULT_REPEAT if args.repeat is None else args.repeat
+    if repeat < 1 or args.warmup < 0:
+        parser.error("--repeat must be >= 1 and --warmup >= 0")
+    threads = args.threads if args.threads is not None else R.DEFAULT_THREADS
+    if threads < 1:
+        parser.error("--threads must be >= 1")
+    _save_checks(args, parser, R.default_save_dir())
+    providers = None
+    if args.providers:
+        providers = [p for item in args.providers for p in item.split(",") if p]
+        try:
+            T.providers_for(providers)
+        except ValueError as e:
+            parser.error(str(e))
+    try:
+        import torch  # noqa: F401
+    except ImportError as e:
+        sys.stderr.write(f"fastloss bench: --op torch-step needs PyTorch ({e})\n")
+        return 2
+
+    def progress(text, end="\n"):
+        if not args.quiet:
+            sys.stderr.write(text + end)
+            sys.stderr.flush()
+
+    result = T.run(cases, providers, threads=threads, repeat=repeat, warmup=args.warmup,
+                   max_time=args.max_time, memory=not args.no_memory, progress=progress)
+    result["settings"]["command"] = ["fastloss"] + argv
+    sys.stdout.write(T.format_table(result))
     sys.stdout.flush()
     if args.json:
         R.write_json(result, args.json)

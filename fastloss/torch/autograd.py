@@ -8,11 +8,13 @@ Both call the same ``fastloss.torch.backend`` functions.
 
 Forward runs the fused kernel once and keeps the gradient on ``ctx``;
 backward reads no logits. It returns the kept gradient itself when the
-upstream gradient is a CPU scalar equal to 1 (no pass over it), else the
-product with the upstream gradient as a new tensor, so that a graph kept
-with ``retain_graph=True`` (or ``gradcheck``) can run backward again. With
-``inplace_backward`` the product is taken in place (no second logits-sized
-buffer) and backward can run once.
+upstream gradient is a CPU scalar equal to 1 (no pass over it), else its
+product with the upstream gradient. When autograd will free the graph after
+this backward (no ``retain_graph=True``), ``ctx`` drops its reference
+first: the product is taken in place (no second gradient-sized buffer) and
+autograd can hand the tensor on, or make it a leaf's ``.grad``, without a
+copy. A kept graph gets a new tensor, so backward can run again (and
+``gradcheck`` passes).
 """
 
 import torch
@@ -40,6 +42,23 @@ def scale(grad, grad_output, per_row, inplace=False):
     return grad.mul_(up) if inplace else grad * up
 
 
+def _keep_graph():
+    """Whether the running backward keeps the graph (``retain_graph=True``);
+    True when PyTorch cannot tell us (then nothing is modified in place)."""
+    fn = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if fn is None else fn()
+
+
+def take(ctx, name):
+    """``ctx.<name>``, and whether it may be modified in place (then ``ctx``
+    lets go of it: the graph is freed after this backward)."""
+    value = getattr(ctx, name)
+    if _keep_graph():
+        return value, False
+    setattr(ctx, name, None)
+    return value, True
+
+
 class CrossEntropy(torch.autograd.Function):
     """Cross-entropy of (N, V) logits against (N,) class indices."""
 
@@ -53,19 +72,13 @@ class CrossEntropy(torch.autograd.Function):
             torch.autograd.graph.increment_version(x)
         ctx.grad = grad
         ctx.per_row = spec.reduction == "none"
-        ctx.inplace = inplace
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        grad = ctx.grad
-        if ctx.inplace:
-            if grad is None:
-                raise RuntimeError("fastloss.torch.cross_entropy(inplace_backward=True): backward can run once "
-                                   "(the logits' memory held the only copy of the gradient)")
-            ctx.grad = None
-        return scale(grad, grad_output, ctx.per_row, ctx.inplace), None, None, None, None
+        grad, mine = take(ctx, "grad")
+        return scale(grad, grad_output, ctx.per_row, mine), None, None, None, None
 
 
 class MSE(torch.autograd.Function):
@@ -82,7 +95,8 @@ class MSE(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        grad = scale(ctx.grad, grad_output, False)
+        grad, mine = take(ctx, "grad")
+        grad = scale(grad, grad_output, False, mine)
         need_x, need_t = ctx.need
         # d/dtarget = -d/dinput (the weight, if any, is in both)
         gt = -grad if need_t else None
@@ -118,9 +132,9 @@ class LinearCrossEntropy(torch.autograd.Function):
             _, gh, gw, gb = backend.linear_cross_entropy(h, w, target, bias, weight, spec, chunk_size, True,
                                                          grad_output=grad_output)
         else:
-            gh, gw, gb = ctx.grads
-            gh, gw = scale(gh, grad_output, False), scale(gw, grad_output, False)
-            gb = None if gb is None else scale(gb, grad_output, False)
+            (gh, gw, gb), mine = take(ctx, "grads")
+            gh, gw = scale(gh, grad_output, False, mine), scale(gw, grad_output, False, mine)
+            gb = None if gb is None else scale(gb, grad_output, False, mine)
         need = ctx.needs_input_grad
         return (gh if need[0] else None, gw if need[1] else None, None, gb if need[3] else None,
                 None, None, None)

@@ -53,12 +53,19 @@ class CESpec(NamedTuple):
 def as_numpy(t):
     """A numpy view of CPU tensor ``t``'s memory (no copy); bfloat16 as
     ``ml_dtypes.bfloat16``. Strided tensors give strided views."""
-    t = t.detach()
-    if t.is_neg():
-        t = t.resolve_neg()
+    if t.requires_grad:
+        t = t.detach()
     if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(V.bfloat16())
-    return t.numpy()
+        t = t.view(torch.int16)
+        return _numpy(t).view(V.bfloat16())
+    return _numpy(t)
+
+
+def _numpy(t):
+    try:
+        return t.numpy()
+    except RuntimeError:  # a lazily negated view (neg bit): materialise it
+        return t.resolve_neg().numpy()
 
 
 def as_numpy_or_none(t):
@@ -94,7 +101,7 @@ def loss_tensor(loss, like, shape, dtype=None):
     ``shape`` for "none"."""
     dtype = like.dtype if dtype is None else dtype
     if isinstance(loss, float):
-        return torch.tensor(loss, dtype=dtype)
+        return torch.scalar_tensor(loss, dtype=dtype)
     if isinstance(loss, np.ndarray):
         return from_numpy(loss).reshape(shape).to(dtype)
     return from_device(loss, like).reshape(shape).to(dtype)
@@ -123,7 +130,7 @@ def cross_entropy(x, target, weight, spec, with_grad, inplace=False, loss_dtype=
     if inplace:
         loss, _ = _ce.cross_entropy_with_grad(xn, tn, weight=wn, inplace=True, **kw)
         return loss_tensor(loss, x, shape, loss_dtype), x.detach()
-    grad = torch.empty(x.shape, dtype=x.dtype)
+    grad = torch.empty_like(x, memory_format=torch.contiguous_format)
     loss, _ = _ce.cross_entropy_with_grad(xn, tn, weight=wn, out=as_numpy(grad), **kw)
     return loss_tensor(loss, x, shape, loss_dtype), grad
 
@@ -142,7 +149,7 @@ def mse(x, target, weight, reduction, with_grad):
     xn, tn, wn = as_numpy(x), as_numpy(target), as_numpy_or_none(weight)
     if not with_grad:
         return loss_tensor(_mse.mse(xn, tn, reduction=reduction, weight=wn), x, shape), None
-    grad = torch.empty(x.shape, dtype=x.dtype)
+    grad = torch.empty_like(x, memory_format=torch.contiguous_format)
     loss, _ = _mse.mse_with_grad(xn, tn, reduction=reduction, weight=wn, out=as_numpy(grad))
     return loss_tensor(loss, x, shape), grad
 
