@@ -50,13 +50,19 @@ def _keep_graph():
 
 
 def take(ctx, name):
-    """``ctx.<name>``, and whether it may be modified in place (then ``ctx``
-    lets go of it: the graph is freed after this backward)."""
+    """``ctx.<name>``, and whether it may be modified in place: only in the
+    backward after which autograd frees the graph (``ctx`` then lets go of
+    it), and only if no earlier backward of a kept graph handed it out."""
     value = getattr(ctx, name)
+    if value is None:
+        raise RuntimeError("Trying to backward through the graph a second time: the fastloss gradient kept for "
+                           "backward was handed on by the first call. Specify retain_graph=True if you need to "
+                           "backward through the graph a second time.")
     if _keep_graph():
+        ctx.handed_out = True
         return value, False
     setattr(ctx, name, None)
-    return value, True
+    return value, not getattr(ctx, "handed_out", False)
 
 
 class CrossEntropy(torch.autograd.Function):

@@ -15,6 +15,8 @@ costs one copy to put the classes last); ``linear_cross_entropy`` takes
 ``input.shape[:-1]``.
 """
 
+import numbers
+
 import torch
 
 from . import autograd as A
@@ -60,19 +62,24 @@ def _optional_float(name, t):
 
 
 def _number(name, value, allow_none=False):
-    """A Python float from a number (or a 0-d tensor), as the custom ops take it."""
+    """A Python float from a number (Python, numpy, or a one-element tensor),
+    as the custom ops take it."""
     if value is None and allow_none:
         return None
+    if type(value) is float:
+        return value
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a number, found {type(value).__name__}")
     return float(value)
 
 
 def _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, normalizer):
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index: expected an int, found {type(ignore_index).__name__}")
+    if type(ignore_index) is not int:
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+            raise TypeError(f"ignore_index: expected an int, found {type(ignore_index).__name__}")
+        ignore_index = int(ignore_index)
     if not isinstance(reduction, str):
         raise TypeError(f"reduction: expected 'mean', 'sum' or 'none', found {type(reduction).__name__}")
     return CESpec(ignore_index, reduction, _number("label_smoothing", label_smoothing),
@@ -172,7 +179,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         loss, _ = L.cross_entropy(x, t, weight, *spec, _wants_grad(x))
         return restore(loss)
     if inplace_backward and _wants_grad(x):
-        _check_inplace(x)
+        _check_inplace(input)
         if not x.is_contiguous():
             x = x.contiguous()
     return restore(A.CrossEntropy.apply(x, t, weight, spec, bool(inplace_backward)))
@@ -197,6 +204,12 @@ def _canonical_ce(input, target):
     c = input.shape[1]
     x = input.movedim(1, -1).reshape(-1, c)
     return x, target.reshape(-1), _reshape_to(tuple(target.shape))
+
+
+def _broadcasts(shape, to):
+    if len(shape) > len(to):
+        return False
+    return all(a in (1, b) for a, b in zip(reversed(shape), reversed(to)))
 
 
 def _same(loss):
@@ -255,6 +268,9 @@ def mse_loss(input, target, reduction="mean", *, weight=None):
     _same_device("weight", weight, input)
     if tuple(target.shape) != tuple(input.shape):
         raise ValueError(f"target: expected input's shape {tuple(input.shape)}, found {tuple(target.shape)}")
+    if weight is not None and not _broadcasts(weight.shape, input.shape):
+        raise ValueError(f"weight: expected a shape that broadcasts to input's {tuple(input.shape)}, found "
+                         f"{tuple(weight.shape)}")
     if not isinstance(reduction, str):
         raise TypeError(f"reduction: expected 'mean', 'sum' or 'none', found {type(reduction).__name__}")
     if _compiling():
@@ -265,7 +281,7 @@ def mse_loss(input, target, reduction="mean", *, weight=None):
 
 def linear_cross_entropy(input, linear_weight, target, bias=None, *, linear_bias=None, weight=None,
                          ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None,
-                         logit_scale=1.0, normalizer=None, chunk_size=None):
+                         logit_scale=1.0, normalizer=None, chunk_size=None, options=None):
     """Cross-entropy of the logits ``input @ linear_weight.T + bias``, never holding them,
     as ``torch.nn.functional.linear_cross_entropy``.
 
@@ -282,9 +298,14 @@ def linear_cross_entropy(input, linear_weight, target, bias=None, *, linear_bias
         Class weights (a keyword, as in PyTorch).
     ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, normalizer
         As in :func:`cross_entropy`.
+    ignore_index : int or None, default -100
+        None means -100, as in PyTorch.
     chunk_size : int, optional
         Tokens per chunk of logits (default: a chunk of logits of at most
         90 MiB on the CPU, 64 MiB on a GPU).
+    options : optional
+        PyTorch's ``LinearCrossEntropyOptions`` (its chunking strategy):
+        accepted for compatibility and ignored; ``chunk_size`` sets the chunk.
 
     Returns
     -------
@@ -315,6 +336,8 @@ def linear_cross_entropy(input, linear_weight, target, bias=None, *, linear_bias
         if bias is not None:
             raise ValueError("bias: given twice (as bias and as linear_bias)")
         bias = linear_bias
+    if ignore_index is None:
+        ignore_index = -100
     _float("input", input)
     _float("linear_weight", linear_weight)
     _classes("target", target)
@@ -324,6 +347,14 @@ def linear_cross_entropy(input, linear_weight, target, bias=None, *, linear_bias
         _same_device(name, t, input)
     if input.dim() == 0:
         raise ValueError("input: expected at least one dimension (the features), found a 0-d tensor")
+    if linear_weight.dim() != 2 or linear_weight.shape[1] != input.shape[-1]:
+        raise ValueError(f"linear_weight: expected shape (V, {input.shape[-1]}) (input's last dimension), found "
+                         f"{tuple(linear_weight.shape)}")
+    if linear_weight.dtype != input.dtype:
+        raise TypeError(f"linear_weight: expected input's dtype {input.dtype}, found {linear_weight.dtype}")
+    if bias is not None and tuple(bias.shape) != (linear_weight.shape[0],):
+        raise ValueError(f"bias: expected shape ({linear_weight.shape[0]},) (linear_weight's rows), found "
+                         f"{tuple(bias.shape)}")
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise ValueError(f"target: expected shape {tuple(input.shape[:-1])} (input's without its last "
                          f"dimension), found {tuple(target.shape)}")
