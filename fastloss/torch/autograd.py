@@ -13,8 +13,9 @@ product with the upstream gradient. When autograd will free the graph after
 this backward (no ``retain_graph=True``), ``ctx`` drops its reference
 first: the product is taken in place (no second gradient-sized buffer) and
 autograd can hand the tensor on, or make it a leaf's ``.grad``, without a
-copy. A kept graph gets a new tensor, so backward can run again (and
-``gradcheck`` passes).
+copy. A kept graph gets a new tensor (a copy when the upstream gradient is
+1), so backward can run again (and ``gradcheck`` passes) and nothing handed
+out aliases what ``ctx`` keeps.
 """
 
 import torch
@@ -24,15 +25,16 @@ from . import backend
 
 
 def scale(grad, grad_output, per_row, inplace=False):
-    """``grad`` times the upstream gradient: ``grad`` itself when that is a CPU
-    scalar equal to 1, else a new tensor (``inplace``: ``grad``, multiplied in
-    place). ``per_row``: ``grad_output`` has one value per row of ``grad``
+    """``grad`` times the upstream gradient. ``inplace`` (the graph is freed
+    after this backward): ``grad`` itself, multiplied in place unless the
+    upstream gradient is a CPU scalar equal to 1; else a new tensor.
+    ``per_row``: ``grad_output`` has one value per row of ``grad``
     (reduction "none" of a cross-entropy)."""
     if grad_output.numel() == 1 and not per_row:
         if grad_output.device.type == "cpu":
             g = grad_output.item()
-            if g == 1.0:
-                return grad
+            if g == 1.0:  # a kept graph must not hand out the tensor it keeps
+                return grad if inplace else grad.clone()
             return grad.mul_(g) if inplace else grad * g
         up = grad_output.to(grad.dtype)
     else:
@@ -50,19 +52,18 @@ def _keep_graph():
 
 
 def take(ctx, name):
-    """``ctx.<name>``, and whether it may be modified in place: only in the
-    backward after which autograd frees the graph (``ctx`` then lets go of
-    it), and only if no earlier backward of a kept graph handed it out."""
+    """``ctx.<name>``, and whether it may be modified or handed out as it is:
+    only in the backward after which autograd frees the graph (``ctx`` then
+    lets go of it)."""
     value = getattr(ctx, name)
     if value is None:
         raise RuntimeError("Trying to backward through the graph a second time: the fastloss gradient kept for "
                            "backward was handed on by the first call. Specify retain_graph=True if you need to "
                            "backward through the graph a second time.")
     if _keep_graph():
-        ctx.handed_out = True
         return value, False
     setattr(ctx, name, None)
-    return value, not getattr(ctx, "handed_out", False)
+    return value, True
 
 
 class CrossEntropy(torch.autograd.Function):

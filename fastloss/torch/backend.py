@@ -169,6 +169,8 @@ def linear_cross_entropy(h, w, target, bias, weight, spec, chunk_size, with_grad
     kw = dict(bias=bn, weight=cwn, chunk_size=chunk_size, **spec.keywords())
     if not with_grad:
         return loss_tensor(_lce.linear_cross_entropy(hn, wn, tn, **kw), h, shape), None, None, None
+    if grad_output is not None and grad_output.dtype in (torch.float16, torch.bfloat16):
+        grad_output = grad_output.float()  # the numpy API takes 16-bit upstream scalars as float32
     go = None if grad_output is None else as_numpy(grad_output)
     r = _lce.linear_cross_entropy_with_grad(hn, wn, tn, grad_output=go, **kw)
     gb = None if r.grad_bias is None else from_numpy(r.grad_bias)

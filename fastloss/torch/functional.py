@@ -87,6 +87,24 @@ def _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale
                   _number("logit_scale", logit_scale), _number("normalizer", normalizer, True))
 
 
+def _normalizer_tensor(normalizer):
+    """The normalizer as the custom ops take it under ``torch.compile``: a 0-d
+    float64 tensor (a Python number would be a constant of the graph, and a
+    new value every step would recompile it)."""
+    if normalizer is None:
+        return None
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(f"normalizer: expected a number or a one-element tensor, found shape "
+                             f"{tuple(normalizer.shape)}")
+        return normalizer.reshape(()).to(torch.float64)
+    if isinstance(normalizer, bool) or not isinstance(normalizer, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"normalizer: expected a number, found {type(normalizer).__name__}")
+    # arithmetic with a tensor keeps a number that Dynamo made dynamic symbolic
+    # (float() or scalar_tensor() would specialise it: one recompile per value)
+    return torch.ones((), dtype=torch.float64) * normalizer
+
+
 def _compiling():
     return torch.compiler.is_compiling()
 
@@ -124,10 +142,12 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         Logits become ``softcap * tanh(x / softcap)`` first (after ``logit_scale``).
     logit_scale : float, default 1.0
         Logits are multiplied by this first.
-    normalizer : float > 0, optional
+    normalizer : float > 0 or one-element tensor, optional
         For "mean": divide the summed loss by this instead of the count (or
         class-weight sum) of counted tokens, so that micro-batches of one
-        accumulated batch share one denominator.
+        accumulated batch share one denominator. A tensor is read once on the
+        host (a GPU tensor waits for the GPU); under ``torch.compile`` a value
+        that changes every step does not recompile the graph.
     inplace_backward : bool, default False
         Write the gradient into ``input``'s memory instead of a new tensor
         (saves one logits-sized buffer). The logits are then gone: their
@@ -173,11 +193,12 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     _same_device("target", target, input)
     weight = _optional_float("weight", weight)
     _same_device("weight", weight, input)
-    spec = _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, normalizer)
     x, t, restore = _canonical_ce(input, target)
     if _compiling():
-        loss, _ = L.cross_entropy(x, t, weight, *spec, _wants_grad(x))
+        spec = _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, None)
+        loss, _ = L.cross_entropy(x, t, weight, *spec[:-1], _normalizer_tensor(normalizer), _wants_grad(x))
         return restore(loss)
+    spec = _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, normalizer)
     if inplace_backward and _wants_grad(x):
         _check_inplace(input)
         if not x.is_contiguous():
@@ -360,13 +381,15 @@ def linear_cross_entropy(input, linear_weight, target, bias=None, *, linear_bias
                          f"dimension), found {tuple(target.shape)}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
         raise TypeError(f"chunk_size: expected an int, found {type(chunk_size).__name__}")
-    spec = _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, normalizer)
     shape = tuple(target.shape)
     h = input.reshape(-1, input.shape[-1])
     t = target.reshape(-1)
     if _compiling():
+        spec = _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, None)
         with_grad = _wants_grad(h, linear_weight, bias) and spec.reduction != "none"
-        loss = L.linear_cross_entropy(h, linear_weight, t, bias, weight, *spec, chunk_size, with_grad)[0]
+        loss = L.linear_cross_entropy(h, linear_weight, t, bias, weight, *spec[:-1], _normalizer_tensor(normalizer),
+                                      chunk_size, with_grad)[0]
     else:
+        spec = _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, normalizer)
         loss = A.LinearCrossEntropy.apply(h, linear_weight, t, bias, weight, spec, chunk_size)
     return loss.reshape(shape) if spec.reduction == "none" else loss

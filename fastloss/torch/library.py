@@ -5,7 +5,9 @@ Registered under the ``fastloss`` namespace on first import of
 
 * ``fastloss::cross_entropy(input, target, weight?, ignore_index, reduction,
   label_smoothing, z_loss, softcap?, logit_scale, normalizer?, with_grad)
-  -> (loss, grad)``
+  -> (loss, grad)``; ``normalizer`` is a one-element tensor (so that a
+  value that changes every step, as in gradient accumulation, does not
+  recompile the graph), read once on the host by the op.
 * ``fastloss::mse(input, target, weight?, reduction, with_grad) -> (loss, grad)``
 * ``fastloss::linear_cross_entropy(input, linear_weight, target, bias?, weight?,
   ignore_index, reduction, label_smoothing, z_loss, softcap?, logit_scale,
@@ -17,7 +19,8 @@ Each is functional (no input is mutated; ``inplace_backward`` has no custom
 op: under ``torch.compile`` the compiler owns the buffers). A ``with_grad``
 op returns the gradient its forward computed; ``register_autograd`` scales it
 by the upstream gradient in backward (one multiply the compiler fuses).
-Without ``with_grad`` the gradient outputs are empty tensors. Fake
+Without ``with_grad`` the gradient outputs are empty tensors, and a backward
+through such a call computes the gradient again from the saved inputs. Fake
 implementations give the output shapes and dtypes, so the ops trace with
 ``fullgraph=True``; ``torch.library.opcheck`` passes on all of them.
 """
@@ -32,7 +35,8 @@ _EMPTY = (0,)
 
 
 def _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, normalizer):
-    return CESpec(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, normalizer)
+    norm = None if normalizer is None else float(normalizer.item())
+    return CESpec(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, norm)
 
 
 def _or_empty(t, like):
@@ -44,7 +48,7 @@ def _or_empty(t, like):
 @torch.library.custom_op("fastloss::cross_entropy", mutates_args=())
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str,
                   label_smoothing: float, z_loss: float, softcap: float | None, logit_scale: float,
-                  normalizer: float | None, with_grad: bool) -> tuple[Tensor, Tensor]:
+                  normalizer: Tensor | None, with_grad: bool) -> tuple[Tensor, Tensor]:
     """Cross-entropy of (N, V) logits; the gradient (upstream 1) with ``with_grad``."""
     spec = _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, normalizer)
     loss, grad = backend.cross_entropy(input, target, weight, spec, with_grad)
@@ -61,14 +65,23 @@ def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, s
 
 
 def _ce_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
     ctx.per_row = inputs[4] == "none"
+    ctx.kept = inputs[-1]
+    if ctx.kept:
+        ctx.save_for_backward(output[1])
+    else:  # no gradient was made: backward computes it again
+        ctx.args = inputs[3:10]
+        ctx.save_for_backward(inputs[0], inputs[1], inputs[2], inputs[9])
 
 
 def _ce_backward(ctx, grad_loss, _grad_grad):
-    (grad,) = ctx.saved_tensors
+    if ctx.kept:
+        (grad,) = ctx.saved_tensors
+    else:
+        x, target, weight, normalizer = ctx.saved_tensors
+        grad = cross_entropy(x, target, weight, *ctx.args[:6], normalizer, True)[1]
     up = grad_loss.unsqueeze(-1) if ctx.per_row else grad_loss
-    return grad * up.to(grad.dtype), None, None, None, None, None, None, None, None, None, None
+    return (grad * up.to(grad.dtype),) + (None,) * 10
 
 
 cross_entropy.register_autograd(_ce_backward, setup_context=_ce_setup)
@@ -93,11 +106,17 @@ def _(input, target, weight, reduction, with_grad):
 
 
 def _mse_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
+    ctx.kept = inputs[-1]
+    ctx.reduction = inputs[3]
+    ctx.save_for_backward(output[1]) if ctx.kept else ctx.save_for_backward(inputs[0], inputs[1], inputs[2])
 
 
 def _mse_backward(ctx, grad_loss, _grad_grad):
-    (grad,) = ctx.saved_tensors
+    if ctx.kept:
+        (grad,) = ctx.saved_tensors
+    else:
+        x, target, weight = ctx.saved_tensors
+        grad = mse(x, target, weight, ctx.reduction, True)[1]
     g = grad * grad_loss.to(grad.dtype)
     return g, -g, None, None, None
 
@@ -110,7 +129,7 @@ mse.register_autograd(_mse_backward, setup_context=_mse_setup)
 @torch.library.custom_op("fastloss::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, bias: Tensor | None,
                          weight: Tensor | None, ignore_index: int, reduction: str, label_smoothing: float,
-                         z_loss: float, softcap: float | None, logit_scale: float, normalizer: float | None,
+                         z_loss: float, softcap: float | None, logit_scale: float, normalizer: Tensor | None,
                          chunk_size: int | None, with_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Cross-entropy of ``input @ linear_weight.T + bias``; the gradients for
     input, linear weight and bias (upstream 1) with ``with_grad``."""
@@ -140,7 +159,7 @@ def _fake_linear_grads(input, linear_weight, bias, with_grad):
 def linear_cross_entropy_backward(grad_output: Tensor, input: Tensor, linear_weight: Tensor, target: Tensor,
                                   bias: Tensor | None, weight: Tensor | None, ignore_index: int, reduction: str,
                                   label_smoothing: float, z_loss: float, softcap: float | None,
-                                  logit_scale: float, normalizer: float | None,
+                                  logit_scale: float, normalizer: Tensor | None,
                                   chunk_size: int | None) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients of :func:`linear_cross_entropy` for upstream ``grad_output``
     (a second sweep: used for reduction "none", whose per-token upstream
@@ -158,19 +177,22 @@ def _(grad_output, input, linear_weight, target, bias, weight, ignore_index, red
 
 
 def _lce_setup(ctx, inputs, output):
-    ctx.per_token = inputs[6] == "none"
+    # without the forward's gradients (reduction "none", or with_grad False)
+    # backward runs the sweep again with the upstream gradient
+    ctx.recompute = not inputs[-1] or inputs[6] == "none"
     ctx.has_bias = inputs[3] is not None
-    if ctx.per_token:
-        ctx.args = inputs[5:13]
-        ctx.save_for_backward(inputs[0], inputs[1], inputs[2], inputs[3], inputs[4])
+    if ctx.recompute:
+        ctx.args = inputs[5:11] + inputs[12:13]
+        ctx.save_for_backward(*inputs[0:5], inputs[11])
     else:
         ctx.save_for_backward(output[1], output[2], output[3])
 
 
 def _lce_backward(ctx, grad_loss, _gh, _gw, _gb):
-    if ctx.per_token:
-        h, w, target, bias, weight = ctx.saved_tensors
-        gh, gw, gb = linear_cross_entropy_backward(grad_loss, h, w, target, bias, weight, *ctx.args)
+    if ctx.recompute:
+        h, w, target, bias, weight, normalizer = ctx.saved_tensors
+        a = ctx.args
+        gh, gw, gb = linear_cross_entropy_backward(grad_loss, h, w, target, bias, weight, *a[:6], normalizer, a[6])
     else:
         gh, gw, gb = ctx.saved_tensors
         up = grad_loss.to(gh.dtype)
