@@ -109,3 +109,16 @@ LINEAR_CE_GRAD_WEIGHT_BLOCK_BYTES = 8 * 2**20
 #: The mapped chunk is most of the evaluation's resident memory
 #: (benchmarks/NOTES.md). Read at call time; tests patch it.
 EVAL_CHUNK_BYTES = 64 * 2**20
+
+#: ``fastloss.torch`` on CPU tensors keeps the gradient buffers it allocates
+#: (logits-sized, for cross-entropy and MSE) and reuses one for the next call
+#: of the same shape and dtype once nothing else holds it, so a training
+#: loop's steps write their gradient into memory that is already resident
+#: instead of faulting in a fresh buffer every step (at 4096 x 32000 float32
+#: the fresh 524 MB cost 120-150 ms of page faults on the 2-core AMD EPYC,
+#: 2026-12-03: more than the fused kernel). At most this many bytes are kept,
+#: least recently used first out; 0 turns the reuse off. Only buffers of at
+#: least ``TORCH_GRAD_CACHE_MIN_BYTES`` are kept (small ones allocate fast).
+#: ``fastloss.torch.release_buffers()`` frees them.
+TORCH_GRAD_CACHE_BYTES = 4 * 2**30
+TORCH_GRAD_CACHE_MIN_BYTES = 16 * 2**20

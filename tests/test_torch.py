@@ -1432,3 +1432,56 @@ def test_import_fastloss_does_not_import_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "torch" in sys.modules and hasattr(fastloss, "cross_entropy")  # this process did import it
+
+
+# --- 14. gradient buffers kept for reuse (fastloss.config.TORCH_GRAD_CACHE_BYTES) ----------------
+
+def test_gradient_buffer_reused_only_when_free(monkeypatch):
+    """A training loop's next step writes into the last step's gradient buffer
+    once nothing holds it; never into one that a .grad, a view or a kept
+    result still holds."""
+    import fastloss.config
+    monkeypatch.setattr(fastloss.config, "TORCH_GRAD_CACHE_MIN_BYTES", 0)
+    B.release_buffers()
+    x, t, _ = ce_inputs((6, 13), torch.float32, {}, seed=77)
+
+    def step():
+        xr = x.clone().requires_grad_()
+        flt.cross_entropy(xr, t).backward()
+        return xr.grad
+
+    g1 = step()
+    g2 = step()  # g1 is held: a new buffer
+    assert g1.data_ptr() != g2.data_ptr()
+    want = g1.clone()
+    p1 = g1.data_ptr()
+    view = g1[2:]
+    del g1
+    g3 = step()  # g1's memory is held by a view
+    assert p1 not in (g3.data_ptr(), g2.data_ptr()) and torch.equal(view, want[2:])
+    del view, g2, g3
+    got = [step() for _ in range(3)]  # all held at once: three distinct buffers
+    assert len({g.data_ptr() for g in got}) == 3
+    for g in got:
+        torch.testing.assert_close(g, want)
+    B.release_buffers()
+
+
+def test_gradient_buffer_reuse_off_and_bfloat16(monkeypatch):
+    import fastloss.config
+    monkeypatch.setattr(fastloss.config, "TORCH_GRAD_CACHE_MIN_BYTES", 0)
+    B.release_buffers()
+    x, t, _ = ce_inputs((5, 9), torch.bfloat16, {}, seed=78)
+    xr = x.clone().requires_grad_()
+    flt.cross_entropy(xr, t).backward()
+    p = xr.grad.data_ptr()
+    del xr
+    xr = x.clone().requires_grad_()
+    flt.cross_entropy(xr, t).backward()
+    assert xr.grad.dtype == torch.bfloat16 and xr.grad.data_ptr() == p  # freed, so reused
+    monkeypatch.setattr(fastloss.config, "TORCH_GRAD_CACHE_BYTES", 0)
+    B.release_buffers()
+    del xr
+    xr = x.clone().requires_grad_()
+    flt.cross_entropy(xr, t).backward()
+    assert not B._KEPT

@@ -68,6 +68,13 @@ DTYPES = ("float32", "bfloat16")
 SCHEMA = "fastloss-bench/torch-step-1"
 DEFAULT_REPEAT = 5
 DEFAULT_WARMUP = 1
+#: Seconds of (untimed) sleep after every timed or warm-up call. The worker
+#: threads of a BLAS or OpenMP pool spin for a while after their last task
+#: (OpenBLAS: about 0.1 s): the call right after fastloss-lce (scipy's OpenBLAS)
+#: ran up to 2x slower on 2 cores (1024 x 8000 x 256 bfloat16 head-only: 17.7 ->
+#: 34.8 ms; 18.6 ms after 0.25 s of sleep), so without a pause the provider that
+#: follows another in a round pays for its pools.
+SETTLE_S = 0.25
 #: Timed calls per variant of the adapter-overhead section.
 OVERHEAD_REPEAT = 1001
 OVERHEAD_SHAPE = (64, 1000)
@@ -77,7 +84,7 @@ OVERHEAD_MAX_TIME = 10.0
 OVERHEAD_TARGET_US = 50.0
 
 ROW_KEYS = ("case", "op", "shape", "dtype", "mode", "provider", "family", "status", "note", "rounds",
-            "times_ms", "warmup_ms", "median_ms", "min_ms", "loss", "loss_ms", "loss_share",
+            "times_ms", "warmup_ms", "median_ms", "min_ms", "loss", "loss_ms", "loss_ms_paired", "loss_share",
             "share_vs_torch", "speedup_vs_torch", "peak_bytes", "memory_method", "memory_note")
 
 
@@ -230,17 +237,21 @@ def loss_value(ret):
 
 # --- timing -----------------------------------------------------------------
 
-def time_interleaved(benches, repeat=DEFAULT_REPEAT, warmup=DEFAULT_WARMUP, max_time=None, progress=None):
+def time_interleaved(benches, repeat=DEFAULT_REPEAT, warmup=DEFAULT_WARMUP, max_time=None, progress=None,
+                     settle=None):
     """Time ``benches`` (``{provider: Bench}``) round by round: ``warmup``
     untimed calls of each, then ``repeat`` rounds of one timed call each, in
     order; with ``max_time`` (seconds) the rounds stop once that much time has
-    passed and at least ``min(3, repeat)`` were made.
+    passed and at least ``min(3, repeat)`` were made. ``settle`` seconds of
+    sleep (untimed) follow every call, so that no call starts while the thread
+    pools of the previous provider still spin (default :data:`SETTLE_S`).
 
     Returns ``{provider: {"times", "warmup", "loss", "error"}}`` (seconds; the
     loss of the first call; ``error``: None, or the exception a call raised,
     after which the provider is left out of the later rounds).
     """
     say = progress or (lambda text, end="\n": None)
+    settle = SETTLE_S if settle is None else settle
     out = {p: {"times": [], "warmup": [], "loss": None, "error": None, "seen": False} for p in benches}
     active = list(benches)
 
@@ -261,6 +272,8 @@ def time_interleaved(benches, repeat=DEFAULT_REPEAT, warmup=DEFAULT_WARMUP, max_
             out[p]["loss"], out[p]["seen"] = loss_value(ret), True
         del ret
         out[p]["times" if timed else "warmup"].append(dt)
+        if settle:
+            time.sleep(settle)
 
     for i in range(max(0, warmup)):
         say(f"warm-up {i + 1}/{warmup} ...", "")
@@ -345,6 +358,9 @@ def _memory_child(spec):
     ret = bench.fn()
     del ret
     gc.collect()
+    # gradient buffers fastloss.torch keeps for the next step: resident before
+    # the measured step, so its growth misses them; they count as its memory
+    kept = sys.modules["fastloss.torch.backend"]._kept_bytes() if "fastloss.torch.backend" in sys.modules else 0
     if _reset_hwm():
         method = "VmHWM"
         base = _status("VmRSS")
@@ -357,7 +373,7 @@ def _memory_child(spec):
             ret = bench.fn()
         peak = s.peak - base
     del ret  # held until the peak was read: the gradients it holds count
-    print(json.dumps({"status": "ok", "peak_bytes": peak, "method": method}))
+    print(json.dumps({"status": "ok", "peak_bytes": peak + kept, "method": method}))
 
 
 def measure_memory(case, provider, threads=2, seed=0, timeout=900):
@@ -367,9 +383,11 @@ def measure_memory(case, provider, threads=2, seed=0, timeout=900):
     there), resets the kernel's resident high-water mark
     (``/proc/self/clear_refs``) and reads ``VmHWM - VmRSS`` around one more
     step: every byte the step made resident at its peak, the gradients it
-    returns included; torch's CPU allocations, which tracemalloc does not see,
-    are counted. Where the mark cannot be reset, a thread samples the RSS
-    every 0.5 ms instead (``method`` says which). Returns
+    returns included, plus the gradient buffers ``fastloss.torch`` kept from
+    the warm-up step for reuse (already resident, so not in the growth);
+    torch's CPU allocations, which tracemalloc does not see, are counted.
+    Where the mark cannot be reset, a thread samples the RSS every 0.5 ms
+    instead (``method`` says which). Returns
     ``{"status", "peak_bytes", "method", "note"}``.
     """
     spec = {"n": case.n, "v": case.v, "d": case.d, "dtype": case.dtype, "provider": provider,
@@ -480,8 +498,11 @@ def new_row(case, provider):
     return row
 
 
-def add_shares(rows):
-    """Fill ``loss_ms``, ``loss_share``, ``speedup_vs_torch`` and ``share_vs_torch`` per case."""
+def add_shares(rows, paired=True):
+    """Fill ``loss_ms``, ``loss_share``, ``speedup_vs_torch`` and ``share_vs_torch`` per case;
+    also ``loss_ms_paired``: the median over rounds of (this step - the head-only step of
+    the same round), which a load that drifts between rounds moves less (interleaved runs
+    only: ``paired=False`` for providers timed one after another)."""
     by_case = {}
     for r in rows:
         if r["status"] == "ok":
@@ -493,6 +514,9 @@ def add_shares(rows):
             if head is not None and p != "head-only":
                 r["loss_ms"] = r["median_ms"] - head["median_ms"]
                 r["loss_share"] = r["loss_ms"] / r["median_ms"]
+                if paired and r["times_ms"] and head["times_ms"] and len(r["times_ms"]) == len(head["times_ms"]):
+                    r["loss_ms_paired"] = statistics.median(
+                        [a - b for a, b in zip(r["times_ms"], head["times_ms"])])
             if torch_row is not None:
                 r["speedup_vs_torch"] = torch_row["median_ms"] / r["median_ms"]
         ref = torch_row["loss_share"] if torch_row is not None else None
@@ -503,11 +527,13 @@ def add_shares(rows):
 
 
 def run(cases, providers=None, *, threads=None, repeat=DEFAULT_REPEAT, warmup=DEFAULT_WARMUP,
-        max_time=None, memory=True, overhead=True, overhead_repeat=None, progress=None, seed=0):
+        max_time=None, memory=True, overhead=True, overhead_repeat=None, progress=None, seed=0,
+        settle=None):
     """Benchmark the training step for each :class:`StepCase` in ``cases``.
 
     ``providers``: names or families (default all; head-only is always run).
     ``threads``: set for numba and torch first (default: leave as is).
+    ``settle``: seconds of sleep after every call (default :data:`SETTLE_S`).
     ``memory``: measure each provider's peak memory in a child process
     (:func:`measure_memory`). ``overhead``: time the adapter at 64 x 1000
     (:func:`adapter_overhead`, ``overhead_repeat`` calls per variant, default
@@ -517,6 +543,7 @@ def run(cases, providers=None, *, threads=None, repeat=DEFAULT_REPEAT, warmup=DE
     ``overhead``).
     """
     names = providers_for(providers)
+    settle = SETTLE_S if settle is None else settle
     if threads is not None:
         threads = M.set_threads(threads)
     say = progress or (lambda text, end="\n": None)
@@ -545,7 +572,7 @@ def run(cases, providers=None, *, threads=None, repeat=DEFAULT_REPEAT, warmup=DE
             except Exception as e:  # noqa: BLE001 - one failing provider must not end the run
                 row.update(status="error", note=f"{type(e).__name__}: {e}")
                 say(f"{case.name} {p}: error: {row['note']}")
-        timed = time_interleaved(benches, repeat, warmup, max_time, progress=say)
+        timed = time_interleaved(benches, repeat, warmup, max_time, progress=say, settle=settle)
         for p, got in timed.items():
             if got["error"] is not None or not got["times"]:
                 case_rows[p].update(status="error", note=got["error"] or "no timed call")
@@ -576,7 +603,7 @@ def run(cases, providers=None, *, threads=None, repeat=DEFAULT_REPEAT, warmup=DE
         say(" done")
     conditions["load_end"] = M.load_sample(since=conditions["load_start"]["mark"])
     settings = {"threads": M.numba_threads(), "repeat": repeat, "warmup": warmup, "max_time_s": max_time,
-                "seed": seed, "memory": bool(memory), "interleaved": True, "command": None}
+                "seed": seed, "memory": bool(memory), "interleaved": True, "settle_s": settle, "command": None}
     warnings = M.noise_warnings(None, conditions, info["cores"], settings["threads"])
     for w in warnings:
         say(f"warning: {w}")
@@ -634,8 +661,9 @@ def format_table(result):
            + (f", torch {m['torch_threads']}" if m.get("torch_threads") is not None else ""),
            "versions: " + ", ".join(f"{k} {m[k]}" for k in ("fastloss", "python", "numpy", "numba", "torch")
                                     if m.get(k)),
-           "step: logits = hidden (N, D) @ W.T, mean cross-entropy, backward to hidden and W; "
-           "providers timed interleaved, round by round"]
+           "step: logits = hidden (N, D) @ W.T, mean cross-entropy, backward to hidden and W; providers timed "
+           + ("interleaved, round by round" if (result.get("settings") or {}).get("interleaved", True)
+              else "one after another")]
     load = _load_line(result.get("conditions") or {})
     if load:
         out.append(load)
@@ -670,13 +698,19 @@ def format_table(result):
             if share is not None and share <= 0:
                 notes.append(f"{r['provider']}: faster than the head-only baseline (its products run "
                              "differently), so its loss share is not positive")
+        paired = [f"{r['provider']} {_ms(r['loss_ms_paired'])}" for r in rows
+                  if r["status"] == "ok" and r.get("loss_ms_paired") is not None]
+        if paired:
+            notes.append("loss ms, paired by round (median of step - head-only of the same round): "
+                         + ", ".join(paired))
         losses = [r["loss"] for r in rows if r["status"] == "ok" and r["loss"] is not None]
         if len(losses) > 1:
             spread = (max(losses) - min(losses)) / max(abs(statistics.median(losses)), 1e-30)
             notes.append(f"losses agree within {spread:.1e} (relative)")
         methods = {r["memory_method"] for r in rows if r["memory_method"]}
         if methods:
-            notes.append("peak MB: resident memory the step added at its peak, gradients included, one step "
+            notes.append("peak MB: resident memory the step added at its peak, gradients (and the gradient buffer "
+                         "fastloss.torch keeps between steps) included, one step "
                          f"per child process ({', '.join(sorted(methods))})")
         out += [f"  note: {x}" for x in notes]
     out += _overhead_lines(result.get("overhead"))

@@ -10,7 +10,9 @@
   :class:`CrossEntropyLoss`, :class:`MSELoss`, :class:`LinearCrossEntropyLoss`
   (``fastloss.torch.modules``);
 * the custom ops ``torch.ops.fastloss.*`` that ``torch.compile`` traces
-  (``fastloss.torch.library``).
+  (``fastloss.torch.library``);
+* :func:`release_buffers`: frees the gradient buffers kept for reuse
+  (``fastloss.config.TORCH_GRAD_CACHE_BYTES``).
 
 Layers: ``functional`` (checks, canonical shapes) → ``autograd`` (eager) or
 ``library`` (custom ops, under ``torch.compile``) → ``backend`` (tensors to
@@ -24,10 +26,11 @@ except ImportError as e:  # pragma: no cover - the tests run with torch
     raise ImportError("fastloss.torch needs PyTorch: pip install 'fastloss[torch]'") from e
 
 from . import library  # noqa: F401  (registers torch.ops.fastloss.*)
+from .backend import release_buffers
 from .functional import cross_entropy, linear_cross_entropy, mse_loss
 from .modules import CrossEntropyLoss, LinearCrossEntropyLoss, MSELoss
 
 __all__ = ["cross_entropy", "mse_loss", "linear_cross_entropy", "CrossEntropyLoss", "MSELoss",
-           "LinearCrossEntropyLoss"]
+           "LinearCrossEntropyLoss", "release_buffers"]
 
 del _torch

@@ -19,12 +19,17 @@ and the registered custom ops (``fastloss.torch.library``) call these, so the
 two paths compute the same bits.
 """
 
+import collections
+import math
+import sys
+import threading
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from .. import _validate as V
+from .. import config
 from ..ops import cross_entropy as _ce
 from ..ops import linear_cross_entropy as _lce
 from ..ops import mse as _mse
@@ -79,6 +84,69 @@ def from_numpy(a):
     return torch.from_numpy(a)
 
 
+def empty_like(x):
+    """A new C-contiguous CPU tensor of ``x``'s shape and dtype for a
+    gradient: a kept buffer that nothing else holds any more, when there is
+    one (see ``fastloss.config.TORCH_GRAD_CACHE_BYTES``), else a new one."""
+    shape = tuple(x.shape)
+    nbytes = math.prod(shape) * x.element_size()
+    if config.TORCH_GRAD_CACHE_MIN_BYTES <= nbytes <= config.TORCH_GRAD_CACHE_BYTES:
+        t = torch.from_numpy(_kept_buffer(shape, x.dtype))
+        return t.view(torch.bfloat16) if x.dtype == torch.bfloat16 else t
+    return torch.empty(shape, dtype=x.dtype)
+
+
+#: (shape, dtype) -> kept arrays (numpy views of tensors PyTorch allocated;
+#: int16 for bfloat16), least recently used key first
+_KEPT = collections.OrderedDict()
+_KEPT_LOCK = threading.Lock()
+KEPT_PER_SHAPE = 2  # a training loop holds last step's gradient while it makes the next
+
+
+def _kept_buffer(shape, dtype):
+    """A kept array for (shape, dtype) that only the cache holds, else a new
+    one, kept in its turn. A tensor made from an array by
+    ``torch.from_numpy`` holds a reference to it until the tensor's storage
+    (views, a ``.grad``, a saved tensor included) is freed, so the array's
+    reference count says whether anything still uses it. The memory is
+    allocated by ``torch.empty`` (4 KiB pages: no wait for the kernel to
+    assemble huge pages, which here took up to 1.5 s for a first 524 MB
+    buffer); once it is resident, reusing it costs no page faults."""
+    key = (shape, dtype)
+    with _KEPT_LOCK:
+        kept = _KEPT.pop(key, [])
+        free = [i for i in range(len(kept)) if not _in_use(kept[i])]
+        if free:
+            a = kept.pop(free[0])
+        else:
+            a = torch.empty(shape, dtype=torch.int16 if dtype == torch.bfloat16 else dtype).numpy()
+        kept = [*kept, a][-KEPT_PER_SHAPE:]  # most recently handed out last
+        _KEPT[key] = kept
+        limit = config.TORCH_GRAD_CACHE_BYTES
+        while len(_KEPT) > 1 and _kept_bytes() > limit:
+            _KEPT.popitem(last=False)
+        if _kept_bytes() > limit:
+            del kept[:-1]
+        return a
+
+
+def _in_use(a):
+    """Whether anything but the cache's list holds array ``a`` (references:
+    the list, this argument, getrefcount's argument)."""
+    return sys.getrefcount(a) > 3
+
+
+def _kept_bytes():
+    return sum(a.nbytes for arrays in _KEPT.values() for a in arrays)
+
+
+def release_buffers():
+    """Free the gradient buffers ``fastloss.torch`` keeps for reuse (memory
+    still held by tensors in use is freed when they are)."""
+    with _KEPT_LOCK:
+        _KEPT.clear()
+
+
 def on_gpu(t):
     """Whether ``t`` runs on the CUDA layer (the simulator tests patch this)."""
     return t.device.type != "cpu"
@@ -130,7 +198,7 @@ def cross_entropy(x, target, weight, spec, with_grad, inplace=False, loss_dtype=
     if inplace:
         loss, _ = _ce.cross_entropy_with_grad(xn, tn, weight=wn, inplace=True, **kw)
         return loss_tensor(loss, x, shape, loss_dtype), x.detach()
-    grad = torch.empty_like(x, memory_format=torch.contiguous_format)
+    grad = empty_like(x)
     loss, _ = _ce.cross_entropy_with_grad(xn, tn, weight=wn, out=as_numpy(grad), **kw)
     return loss_tensor(loss, x, shape, loss_dtype), grad
 
@@ -149,7 +217,7 @@ def mse(x, target, weight, reduction, with_grad):
     xn, tn, wn = as_numpy(x), as_numpy(target), as_numpy_or_none(weight)
     if not with_grad:
         return loss_tensor(_mse.mse(xn, tn, reduction=reduction, weight=wn), x, shape), None
-    grad = torch.empty_like(x, memory_format=torch.contiguous_format)
+    grad = empty_like(x)
     loss, _ = _mse.mse_with_grad(xn, tn, reduction=reduction, weight=wn, out=as_numpy(grad))
     return loss_tensor(loss, x, shape), grad
 
