@@ -50,7 +50,17 @@ class CESpec(NamedTuple):
     normalizer: float | None = None
 
     def keywords(self):
-        return self._asdict()
+        """The numpy API's keywords (memoised per spec: a training loop passes
+        the same options every step)."""
+        kw = _KEYWORDS.get(self)
+        if kw is None:
+            kw = self._asdict()
+            if len(_KEYWORDS) < 256:
+                _KEYWORDS[self] = kw
+        return kw
+
+
+_KEYWORDS = {}
 
 
 # --- crossing between tensors and the numpy / CUDA APIs ------------------------------------
@@ -93,7 +103,7 @@ def empty_like(x):
     if config.TORCH_GRAD_CACHE_MIN_BYTES <= nbytes <= config.TORCH_GRAD_CACHE_BYTES:
         t = torch.from_numpy(_kept_buffer(shape, x.dtype))
         return t.view(torch.bfloat16) if x.dtype == torch.bfloat16 else t
-    return torch.empty(shape, dtype=x.dtype)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 #: (shape, dtype) -> kept arrays (numpy views of tensors PyTorch allocated;
