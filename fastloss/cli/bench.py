@@ -207,16 +207,29 @@ def run(args, argv):
         except ValueError as e:
             parser.error(str(e))
 
-    def progress(text, end="\n"):
-        if not args.quiet:
-            sys.stderr.write(text + end)
-            sys.stderr.flush()
+    progress = _progress(args)
 
     result = R.run(cases, providers, threads=threads, repeat=args.repeat, warmup=args.warmup,
                    max_time=args.max_time, calibration_bytes=calibration_mib << 20,
                    progress=progress)
+    return _report(result, R.format_table, args, argv, progress)
+
+
+def _progress(args):
+    """The run's progress printer: stderr, silent with ``--quiet``."""
+    def progress(text, end="\n"):
+        if not args.quiet:
+            sys.stderr.write(text + end)
+            sys.stderr.flush()
+    return progress
+
+
+def _report(result, format_table, args, argv, progress):
+    """Print a run's table, write its JSON (``--json``), save it (unless
+    ``--no-save``); the exit status: 1 if a provider failed, else 0."""
+    from ..bench import runner as R
     result["settings"]["command"] = ["fastloss"] + argv
-    sys.stdout.write(R.format_table(result))
+    sys.stdout.write(format_table(result))
     sys.stdout.flush()
     if args.json:
         R.write_json(result, args.json)
@@ -282,19 +295,8 @@ def _torch_step(args, argv):
         sys.stderr.write(f"fastloss bench: --op torch-step needs PyTorch ({e})\n")
         return 2
 
-    def progress(text, end="\n"):
-        if not args.quiet:
-            sys.stderr.write(text + end)
-            sys.stderr.flush()
+    progress = _progress(args)
 
     result = T.run(cases, providers, threads=threads, repeat=repeat, warmup=args.warmup,
                    max_time=args.max_time, memory=not args.no_memory, progress=progress)
-    result["settings"]["command"] = ["fastloss"] + argv
-    sys.stdout.write(T.format_table(result))
-    sys.stdout.flush()
-    if args.json:
-        R.write_json(result, args.json)
-        progress(f"wrote {args.json}")
-    if not args.no_save:
-        progress(f"saved {R.save(result, args.dir, args.save)}")
-    return 1 if any(r["status"] == "error" for r in result["results"]) else 0
+    return _report(result, T.format_table, args, argv, progress)
