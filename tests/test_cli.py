@@ -23,6 +23,23 @@ def test_version_and_help(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
     assert "demo" in out and "curves" in out and "usage: fastloss" in out
+    assert "compare" in out
+
+
+def test_eval_and_compare_share_the_stream_options(capsys):
+    """The shared options (cli.evaluate.add_stream_options) appear in both commands' help."""
+    helps = {}
+    for cmd in ("eval", "compare"):
+        with pytest.raises(SystemExit) as exc:
+            main([cmd, "--help"])
+        assert exc.value.code == 0
+        helps[cmd] = capsys.readouterr().out
+    for flag in ("--ignore-index", "--seq-len", "--shift", "--dtype", "--vocab", "--hidden-dim",
+                 "--targets-dtype", "--logits-key", "--lm-head-key", "--chunk-tokens",
+                 "--progress", "--no-progress", "--debug", "--json", "--plot"):
+        assert flag in helps["eval"] and flag in helps["compare"], flag
+    for flag in ("--base-hidden", "--model-lm-head", "--top", "--tmpdir"):
+        assert flag in helps["compare"], flag
 
 
 @pytest.fixture(scope="module")

@@ -563,3 +563,36 @@ def test_cli_shift_and_seq_len(rng, tmp_path, capsys):
     assert d["per_position_loss"][-1] is None
     assert d["per_position_loss"][:-1] == pytest.approx(ref.per_position_loss[:-1], rel=1e-12)
     assert d["tokens"] == 45 and d["ignored"] == 5
+
+
+# ---- fastloss.compare reads the same inputs -------------------------------------------
+
+def test_compare_reads_safetensors_raw_and_globs_like_evaluate(rng, tmp_path):
+    """compare's two sides go through the same readers: a bfloat16 .safetensors file with
+    a tensor chosen by key, raw float16 shards by a glob, targets by key; the figures
+    equal those of the same arrays in memory."""
+    base, t = _dump(rng, n=120, v=19)
+    model = (base + 0.3 * rng.standard_normal(base.shape)).astype(np.float16)
+    base = base.astype(BF16)
+    st = write_safetensors(tmp_path / "base.safetensors",
+                           {"other": base[:2], "logits": base, "labels": t.astype(np.int32)})
+    for k, (lo, hi) in enumerate([(0, 50), (50, 120)]):
+        model[lo:hi].tofile(tmp_path / f"model-{k}.raw")
+    lay = Layout(raw_dtype="float16", vocab=19, targets_key="labels")
+    got = fastloss.compare(st, str(tmp_path / "model-*.raw"), st, layout=lay, seq_len=40)
+    want = fastloss.compare(base, model, t, seq_len=40)
+    d_got, d_want = got.to_dict(), want.to_dict()
+    for files in ("base_files", "model_files", "targets_files"):
+        d_got.pop(files), d_want.pop(files)
+    assert d_got.keys() == d_want.keys()
+    for key, value in d_want.items():  # sums merged over other chunks: float64 rounding
+        if isinstance(value, float):
+            assert d_got[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
+        elif key != "per_position_kl":
+            assert d_got[key] == value, key  # per-token values: the same bits
+    assert got.model_files == [str(tmp_path / "model-0.raw"), str(tmp_path / "model-1.raw")]
+    with pytest.raises(EvalInputError, match=r"model-\*\.bin: no file matches this pattern"):
+        fastloss.compare(st, str(tmp_path / "model-*.bin"), layout=lay)
+    with pytest.raises(EvalInputError, match=r"model-0\.raw: not \.npy or \.safetensors, so read "
+                                             r"as raw logits values: pass raw_dtype= \(--dtype\)"):
+        fastloss.compare(st, str(tmp_path / "model-*.raw"))

@@ -47,6 +47,8 @@ def _reference(x, t, hist_edges):
     q = counts[counts > 0] / n
     unigram = float(-(q * np.log(q)).sum())
     mean_loss = loss.mean()
+    loss_se = loss.std(ddof=1) / math.sqrt(n)
+    acc = correct.mean()
     hist, _ = np.histogram(np.clip(loss, hist_edges[0], hist_edges[-1]), bins=hist_edges)
     return dict(tokens=n, ignored=int((~keep).sum()), mean_loss=mean_loss,
                 perplexity=math.exp(mean_loss), bits_per_token=mean_loss / math.log(2),
@@ -54,7 +56,9 @@ def _reference(x, t, hist_edges):
                 mean_entropy=ent.mean(), ece=_ece(conf, correct),
                 uniform_baseline=math.log(v), unigram_baseline=unigram,
                 gap_closed=(math.log(v) - mean_loss) / (math.log(v) - unigram),
-                hist=hist.tolist(), loss_max=loss.max())
+                hist=hist.tolist(), loss_max=loss.max(),
+                loss_stderr=loss_se, perplexity_stderr=math.exp(mean_loss) * loss_se,
+                accuracy_stderr=math.sqrt(acc * (1 - acc) / n))
 
 
 def _ece(conf, correct):
@@ -71,7 +75,7 @@ def _ece(conf, correct):
 def _check(report, ref, rtol):
     for key in ("mean_loss", "perplexity", "bits_per_token", "accuracy", "top5_accuracy",
                 "mean_entropy", "ece", "uniform_baseline", "unigram_baseline", "gap_closed",
-                "loss_max"):
+                "loss_max", "loss_stderr", "perplexity_stderr", "accuracy_stderr"):
         assert getattr(report, key) == pytest.approx(ref[key], rel=rtol, abs=rtol), key
     assert report.tokens == ref["tokens"] and report.ignored == ref["ignored"]
     assert report.loss_histogram["counts"] == ref["hist"]
@@ -457,6 +461,21 @@ def test_report_dict_keys_without_sequences(rng):
     assert d["seq_len"] is None and d["per_position_loss"] is None and d["per_position_count"] is None
     assert d["logits_files"] == ["<logits array>"] and d["hidden_files"] == [] and d["lm_head_file"] is None
     assert "loss by position" not in fastloss.evaluate(x, t).format()
+
+
+def test_standard_errors_in_report_dict_and_text(rng):
+    x, t = _dump(rng, n=500, v=11)
+    r = fastloss.evaluate(x, t, chunk_tokens=13)
+    ref = _reference(x, t, np.asarray(r.loss_histogram["edges"]))
+    d = r.to_dict()
+    for key in ("loss_stderr", "perplexity_stderr", "accuracy_stderr"):
+        assert d[key] == pytest.approx(ref[key], rel=1e-9), key
+    text = r.format()
+    assert f"{r.mean_loss:.4f} ± {r.loss_stderr:.4f} nats/token" in text
+    assert f"± {r.accuracy_stderr:.2%}" in text
+    one = fastloss.evaluate(x[:1], np.array([3]))
+    assert math.isnan(one.loss_stderr) and one.to_dict()["loss_stderr"] is None
+    assert "±" not in one.format().split("perplexity")[0]
 
 
 # ---- --plot -------------------------------------------------------------------------

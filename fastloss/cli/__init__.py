@@ -9,9 +9,9 @@ import os
 import sys
 
 from .._version import __version__
-from . import bench, curves, demo, evaluate
+from . import bench, compare, curves, demo, evaluate
 
-SUBCOMMANDS = (demo, bench, evaluate, curves)
+SUBCOMMANDS = (demo, bench, evaluate, compare, curves)
 
 
 def _build_parser():

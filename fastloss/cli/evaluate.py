@@ -5,6 +5,61 @@ import sys
 from .._io import check_output_path, write_json_atomic
 
 
+def add_stream_options(parser, what, chunk="64 MiB of logits"):
+    """The options ``fastloss eval`` and ``fastloss compare`` share: targets handling
+    (``--ignore-index``, ``--seq-len``, ``--shift``), how raw and safetensors files are
+    read (``--dtype``, ``--vocab``, ``--hidden-dim``, ``--targets-dtype``, ``--*-key``)
+    and ``--chunk-tokens``; ``what`` names the per-position figure ("logits" for the
+    loss, "mean KL"), ``chunk`` the default chunk size."""
+    per = "the loss" if what == "logits" else f"the {what}"
+    parser.add_argument("--ignore-index", type=int, default=-100,
+                        help="target value not counted (default -100)")
+    parser.add_argument("--seq-len", type=int, metavar="L",
+                        help=f"sequence length: report {per} per position i %% L")
+    parser.add_argument("--shift", action="store_true",
+                        help="TARGETS hold the token ids: the target of token i is token i+1 "
+                             "within each sequence of --seq-len tokens (the last position is "
+                             "ignored)")
+    raw = parser.add_argument_group("raw and safetensors files")
+    raw.add_argument("--dtype", metavar="DT",
+                     help="dtype of raw logits/hidden/LM-head files (float32, float16, bfloat16, "
+                          "float64)")
+    raw.add_argument("--vocab", type=int, metavar="V", help="vocabulary size of raw logits files")
+    raw.add_argument("--hidden-dim", type=int, metavar="D",
+                     help="hidden size of raw hidden and LM-head files")
+    raw.add_argument("--targets-dtype", metavar="DT",
+                     help="dtype of raw target files (default int64)")
+    for kind in ("logits", "targets", "hidden", "lm-head", "bias"):
+        raw.add_argument(f"--{kind}-key", metavar="NAME",
+                         help=f"tensor of .safetensors {kind} files (default: the only one, "
+                              f"else a conventional name)")
+    parser.add_argument("--chunk-tokens", type=int, metavar="N",
+                        help=f"tokens per chunk (default: {chunk})")
+
+
+def add_progress_options(parser):
+    """``--progress`` / ``--no-progress`` and ``--debug``."""
+    bar = parser.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
+                     help="show the progress bar on stderr even when it is not a terminal")
+    bar.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                     help="no progress bar (default: shown when stderr is a terminal)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+
+def check_stream_options(args):
+    """ValueError for bad values of the shared options (and of --json / --plot paths)."""
+    for flag, value in (("--chunk-tokens", args.chunk_tokens), ("--seq-len", args.seq_len),
+                        ("--vocab", args.vocab), ("--hidden-dim", args.hidden_dim)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag}: expected a positive integer, found {value}")
+    if args.shift and args.seq_len is None:
+        raise ValueError("--shift: needs --seq-len L, the length of each sequence")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None:
+            check_output_path(path, flag)
+
+
 def add_parser(sub):
     ev = sub.add_parser(
         "eval", help="evaluate a logits dump (.npy, .safetensors or raw files, streamed in "
@@ -26,28 +81,7 @@ def add_parser(sub):
                          "H @ LM_HEAD.T + BIAS, computed per chunk")
     ev.add_argument("--lm-head", metavar="FILE", help="LM head (V, D), with --hidden")
     ev.add_argument("--bias", metavar="FILE", help="LM-head bias (V,), with --hidden")
-    ev.add_argument("--ignore-index", type=int, default=-100,
-                    help="target value not counted (default -100)")
-    ev.add_argument("--seq-len", type=int, metavar="L",
-                    help="sequence length: report the loss per position i %% L")
-    ev.add_argument("--shift", action="store_true",
-                    help="TARGETS hold the token ids: the target of token i is token i+1 within "
-                         "each sequence of --seq-len tokens (the last position is ignored)")
-    raw = ev.add_argument_group("raw and safetensors files")
-    raw.add_argument("--dtype", metavar="DT",
-                     help="dtype of raw logits/hidden/LM-head files (float32, float16, bfloat16, "
-                          "float64)")
-    raw.add_argument("--vocab", type=int, metavar="V", help="vocabulary size of raw logits files")
-    raw.add_argument("--hidden-dim", type=int, metavar="D",
-                     help="hidden size of raw hidden and LM-head files")
-    raw.add_argument("--targets-dtype", metavar="DT",
-                     help="dtype of raw target files (default int64)")
-    for kind in ("logits", "targets", "hidden", "lm-head", "bias"):
-        raw.add_argument(f"--{kind}-key", metavar="NAME",
-                         help=f"tensor of .safetensors {kind} files (default: the only one, "
-                              f"else a conventional name)")
-    ev.add_argument("--chunk-tokens", type=int, metavar="N",
-                    help="tokens per chunk (default: 64 MiB of logits)")
+    add_stream_options(ev, "logits")
     ev.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
     ev.add_argument("--plot", metavar="PNG",
                     help="also draw the loss histogram (and, with --seq-len, the loss per "
@@ -63,12 +97,7 @@ def add_parser(sub):
                     help="training loss (nats) to report the validation - train gap")
     ev.add_argument("--skip-invalid", action="store_true",
                     help="leave tokens with a NaN loss out (with a warning) instead of failing")
-    bar = ev.add_mutually_exclusive_group()
-    bar.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
-                     help="show the progress bar on stderr even when it is not a terminal")
-    bar.add_argument("--no-progress", dest="progress", action="store_const", const=False,
-                     help="no progress bar (default: shown when stderr is a terminal)")
-    ev.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    add_progress_options(ev)
     ev.set_defaults(run=run)
 
 
@@ -84,18 +113,10 @@ def _check_args(args):
             raise ValueError("no LOGITS given (or --hidden with --lm-head)")
         if args.lm_head or args.bias:
             raise ValueError("--lm-head/--bias: only used with --hidden")
-    for flag, value in (("--chunk-tokens", args.chunk_tokens), ("--seq-len", args.seq_len),
-                        ("--vocab", args.vocab), ("--hidden-dim", args.hidden_dim)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag}: expected a positive integer, found {value}")
-    if args.shift and args.seq_len is None:
-        raise ValueError("--shift: needs --seq-len L, the length of each sequence")
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path is not None:
-            check_output_path(path, flag)
+    check_stream_options(args)
 
 
-def _layout(args):
+def layout(args):
     """The ``Layout`` of the raw-file and safetensors flags (``--dtype``, ``--vocab``, ...)."""
     from ..evaluation import Layout
 
@@ -105,12 +126,12 @@ def _layout(args):
                   lm_head_key=args.lm_head_key, bias_key=args.bias_key)
 
 
-def _fail(args, e):
-    """One ``fastloss eval: error:`` line on stderr (or the exception with --debug)."""
+def fail(args, e, command="eval"):
+    """One ``fastloss COMMAND: error:`` line on stderr (or the exception with --debug)."""
     if args.debug:
         raise e
     msg = " ".join(str(e).split()) or type(e).__name__
-    sys.stderr.write(f"fastloss eval: error: {msg}\n")
+    sys.stderr.write(f"fastloss {command}: error: {msg}\n")
 
 
 def _step_text(step):
@@ -140,7 +161,7 @@ def run(args, argv):
                           seq_len=args.seq_len, shift=args.shift,
                           chunk_tokens=args.chunk_tokens,
                           on_invalid="skip" if args.skip_invalid else "raise",
-                          train_loss=train_loss, layout=_layout(args),
+                          train_loss=train_loss, layout=layout(args),
                           progress=args.progress)
         report.train_loss_source = train_source
         if report.tokens == 0:
@@ -163,16 +184,16 @@ def run(args, argv):
             except OSError as e:
                 raise OSError(f"{args.json}: cannot write: {e.strerror or e}") from None
     except (ValueError, TypeError, OSError) as e:
-        _fail(args, e)
+        fail(args, e)
         return 2
     if args.plot:
         from ..evaluation.plot import plot_report
         try:
             plot_report(report.to_dict(), args.plot)
         except RuntimeError:  # matplotlib missing (plot.INSTALL_HINT)
-            _fail(args, RuntimeError("--plot needs matplotlib: pip install fastloss[plot]"))
+            fail(args, RuntimeError("--plot needs matplotlib: pip install fastloss[plot]"))
             return 1
         except OSError as e:
-            _fail(args, OSError(f"{args.plot}: cannot write: {e.strerror or e}"))
+            fail(args, OSError(f"{args.plot}: cannot write: {e.strerror or e}"))
             return 2
     return 0

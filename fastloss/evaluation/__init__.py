@@ -4,12 +4,15 @@ Layers: ``readers`` (arrays and ``.npy`` / ``.safetensors`` / raw shards, mapped
 chunk at a time; ``Layout``, how to read files that do not describe themselves),
 ``metrics`` (float64 totals of the per-token results of the CPU kernel
 ``fastloss.cpu.eval_metrics``), ``report`` (``EvalReport``) and ``stream``
-(``evaluate``, the chunk loop). ``curves`` and ``plot`` diagnose and draw training
+(``evaluate``, the chunk loop); ``comparison`` (``compare``, ``CompareReport``: the
+KL divergence and agreement of two models' dumps, with the kernel
+``fastloss.cpu.compare_metrics``). ``curves`` and ``plot`` diagnose and draw training
 logs and reports.
 """
 
+from .comparison import CompareReport, compare
 from .readers import EvalInputError, Layout
 from .report import EvalReport
 from .stream import evaluate
 
-__all__ = ["evaluate", "EvalReport", "EvalInputError", "Layout"]
+__all__ = ["evaluate", "EvalReport", "compare", "CompareReport", "EvalInputError", "Layout"]

@@ -1,14 +1,23 @@
-"""Float64 totals of the per-token evaluation metrics, merged chunk by chunk.
+"""Float64 totals of per-token evaluation metrics, merged chunk by chunk.
 
 The per-token loss, entropy, top-1 confidence and target rank come from the
 numba kernel ``fastloss.cpu.eval_metrics.eval_rows`` (its docstring gives the
 formulas); ``Totals`` adds each chunk's results serially in float64 / int64, so
 the sums are race-free and chunk-size independent up to float64 rounding.
+
+Shared with ``fastloss.compare``: ``Moments`` / ``CoMoments`` (means, standard
+errors and correlations without cancellation), ``SpillColumns`` (per-token values
+kept in memory, or past a budget in temporary files) and ``percentiles`` (numpy's
+percentiles of such a stream, exact, by a radix select in bounded memory).
 """
 
 import math
+import os
+import tempfile
 
 import numpy as np
+
+from .. import config
 
 #: Equal-width confidence bins of the expected calibration error.
 ECE_BINS = 15
@@ -32,6 +41,7 @@ class Totals:
         self.invalid = 0
         self.first_invalid = None
         self.loss_sum = 0.0
+        self.loss_moments = Moments()  # for the standard error of the mean loss
         self.ent_sum = 0.0
         self.top1 = 0
         self.top5 = 0
@@ -57,6 +67,7 @@ class Totals:
         c = conf[keep].astype(np.float64)
         self.tokens += int(loss.size)
         self.loss_sum += float(loss.sum(dtype=np.float64))
+        self.loss_moments.add(loss)
         self.ent_sum += float(ent[keep].sum(dtype=np.float64))
         self.top1 += int(np.count_nonzero(correct))
         self.top5 += int(np.count_nonzero(rank[keep] < 5))
@@ -84,3 +95,262 @@ class Totals:
         c = self.unigram[self.unigram > 0].astype(np.float64)
         p = c / c.sum()
         return float(-(p * np.log(p)).sum())
+
+
+def centered_sums(x):
+    """(count, mean, sum of squared deviations from the mean) of ``x`` in float64."""
+    x = np.asarray(x, np.float64)
+    if x.size == 0:
+        return 0, 0.0, 0.0
+    with np.errstate(invalid="ignore"):  # an infinite value: mean inf, squares NaN
+        mean = float(x.mean())
+        d = x - mean
+        return int(x.size), mean, float(np.dot(d, d))
+
+
+class Moments:
+    """Count, mean and sum of squared deviations of a stream of float64 values, merged
+    chunk by chunk (Chan et al.'s pairwise update: no cancellation of sum x^2 - n mean^2).
+    The mean is the float64 sum over the count (an infinite value makes it inf, and the
+    deviations NaN)."""
+
+    def __init__(self):
+        self.n = 0
+        self.sum = 0.0
+        self.m2 = 0.0
+
+    @property
+    def mean(self):
+        """The mean (0.0 before any value)."""
+        return self.sum / self.n if self.n else 0.0
+
+    def add(self, x):
+        """Add the values ``x``."""
+        n, mean, m2 = centered_sums(x)
+        if n == 0:
+            return
+        total = self.n + n
+        delta = mean - self.mean  # Python floats: inf - inf is NaN, without a warning
+        self.m2 += m2 + delta * delta * self.n * n / total
+        self.sum += mean * n
+        self.n = total
+
+    def std(self):
+        """Sample standard deviation (n - 1 in the denominator); NaN below 2 values."""
+        if self.n < 2:
+            return math.nan
+        return math.sqrt(max(self.m2, 0.0) / (self.n - 1))
+
+    def stderr(self):
+        """Standard error of the mean, ``std / sqrt(n)``."""
+        return self.std() / math.sqrt(self.n) if self.n >= 2 else math.nan
+
+
+class CoMoments:
+    """Means, sums of squared deviations and the co-moment of paired values (x, y),
+    merged chunk by chunk like :class:`Moments`; gives the Pearson correlation."""
+
+    def __init__(self):
+        self.n = 0
+        self.mx = self.my = 0.0
+        self.sxx = self.syy = self.sxy = 0.0
+
+    def add(self, x, y):
+        """Add the pairs (x[i], y[i])."""
+        x = np.asarray(x, np.float64)
+        y = np.asarray(y, np.float64)
+        n = int(x.size)
+        if n == 0:
+            return
+        with np.errstate(invalid="ignore"):  # infinite values: NaN moments
+            mx, my = float(x.mean()), float(y.mean())
+            dx, dy = x - mx, y - my
+            sxx, syy, sxy = float(np.dot(dx, dx)), float(np.dot(dy, dy)), float(np.dot(dx, dy))
+        total = self.n + n
+        ex, ey = mx - self.mx, my - self.my
+        f = self.n * n / total
+        self.sxx += sxx + ex * ex * f
+        self.syy += syy + ey * ey * f
+        self.sxy += sxy + ex * ey * f
+        self.mx += ex * n / total
+        self.my += ey * n / total
+        self.n = total
+
+    def correlation(self):
+        """Pearson's r; NaN when either variable is constant or there are < 2 pairs."""
+        den = math.sqrt(self.sxx * self.syy)
+        return self.sxy / den if self.n >= 2 and den > 0 else math.nan
+
+
+# Exact percentiles of a stream larger than memory -------------------------------------
+#
+# The values are float64. ``order_keys`` maps them to uint64 keys whose unsigned order
+# is their numeric order (-0 is made +0 first, so equal values get equal keys). The
+# order statistics a percentile needs are found by a radix select over the keys: each
+# pass over the values (bounded chunks) histograms the next 16 bits of the keys that
+# share the bits found so far; once a bucket holds at most ``config.COMPARE_SELECT_GATHER`` values,
+# the next pass gathers those and sorts them. At most 4 histogram passes for 64-bit keys,
+# usually 2-3 passes in all, each reading the values once.
+
+#: Bits of the key resolved per histogram pass (2**16 int64 counters per active bucket).
+SELECT_BITS = 16
+
+_SIGN = np.uint64(1 << 63)
+
+
+def order_keys(x):
+    """uint64 keys of float64 values whose unsigned order is the values' order (-0 as +0)."""
+    b = (np.asarray(x, np.float64) + 0.0).view(np.uint64)  # + 0.0 turns -0 into +0
+    neg = (b & _SIGN) != 0
+    return np.where(neg, ~b, b | _SIGN)
+
+
+def key_values(k):
+    """The float64 values of keys from :func:`order_keys`."""
+    k = np.asarray(k, np.uint64)
+    neg = (k & _SIGN) == 0
+    return np.where(neg, ~k, k & ~_SIGN).view(np.float64)
+
+
+def select_ranks(chunks, n, ranks):
+    """The values of 0-based ranks ``ranks`` (in ``[0, n)``) of the ``n`` values yielded
+    by ``chunks()`` (a callable returning a fresh iterator of float64 chunks each time
+    it is called), as a dict rank -> float; exact, with memory bounded by the chunk
+    size, ``config.COMPARE_SELECT_GATHER`` and one histogram per bucket in play."""
+    # state per rank: (bits known, key prefix, values with a smaller prefix)
+    state = {int(r): (0, 0, 0) for r in ranks}
+    counts = {(0, 0): n}
+    done = {}
+    while len(done) < len(state):
+        buckets = sorted({state[r][:2] for r in state if r not in done})
+        gather = {b: [] for b in buckets if counts[b] <= config.COMPARE_SELECT_GATHER or b[0] >= 64}
+        hist = {b: np.zeros(1 << SELECT_BITS, np.int64) for b in buckets if b not in gather}
+        for chunk in chunks():
+            keys = order_keys(chunk)
+            for bits, prefix in buckets:
+                sel = keys if bits == 0 else keys[(keys >> np.uint64(64 - bits)) == np.uint64(prefix)]
+                if (bits, prefix) in gather:
+                    gather[(bits, prefix)].append(sel)
+                else:
+                    digit = (sel >> np.uint64(64 - bits - SELECT_BITS)) & np.uint64((1 << SELECT_BITS) - 1)
+                    hist[(bits, prefix)] += np.bincount(digit.astype(np.int64),
+                                                        minlength=1 << SELECT_BITS)
+        for (bits, prefix), parts in gather.items():
+            keys = np.sort(np.concatenate(parts))
+            for r, (rb, rp, below) in state.items():
+                if r not in done and (rb, rp) == (bits, prefix):
+                    done[r] = float(key_values(keys[r - below]))
+        for (bits, prefix), h in hist.items():
+            cum = np.cumsum(h)
+            for r, (rb, rp, below) in list(state.items()):
+                if r in done or (rb, rp) != (bits, prefix):
+                    continue
+                d = int(np.searchsorted(cum, r - below, side="right"))
+                nb = (bits + SELECT_BITS, (prefix << SELECT_BITS) | d)
+                state[r] = (*nb, below + (int(cum[d - 1]) if d else 0))
+                counts[nb] = int(h[d])
+    return done
+
+
+def percentiles(chunks, n, qs):
+    """numpy's default ('linear') percentiles ``qs`` (0-100) of the ``n`` float64 values
+    of ``chunks`` (see :func:`select_ranks`), computed exactly: the same order
+    statistics and the same interpolation as ``np.percentile``, except where an
+    infinite order statistic would make numpy's result NaN (``inf - inf`` with a zero
+    weight, or between two equal infinities): that order statistic is returned.
+    NaN for n == 0."""
+    q = np.asarray(qs, np.float64) / 100
+    if n == 0:
+        return [math.nan] * len(q)
+    vi = (n - 1) * q
+    prev = np.floor(vi)
+    gamma = vi - prev
+    lo = np.clip(prev.astype(np.int64), 0, n - 1)
+    hi = np.clip(lo + 1, 0, n - 1)
+    top = vi >= n - 1
+    lo[top] = hi[top] = n - 1
+    vals = select_ranks(chunks, n, sorted(set(lo.tolist()) | set(hi.tolist())))
+    a = np.array([vals[int(i)] for i in lo])
+    b = np.array([vals[int(i)] for i in hi])
+    with np.errstate(invalid="ignore"):  # inf - inf: replaced below
+        diff = b - a
+        out = a + diff * gamma
+        late = gamma >= 0.5
+        out[late] = (b - diff * (1 - gamma))[late]
+    # numpy returns NaN where an infinite order statistic meets a zero weight or its
+    # equal (inf - inf); here the order statistic itself
+    exact = (gamma == 0) | (a == b)
+    out[exact] = a[exact]
+    return out.tolist()
+
+
+class SpillColumns:
+    """Named float64 columns of per-token values appended chunk by chunk: in memory up
+    to ``config.COMPARE_SPILL_MEMORY_BYTES``, then in one temporary file per column (in ``tmpdir``,
+    default the system's temporary folder), read back through short-lived memory maps.
+    A context manager: the files are deleted on exit, error or not."""
+
+    def __init__(self, names, tmpdir=None):
+        self.names = tuple(names)
+        self.tmpdir = tmpdir
+        self.parts = {k: [] for k in self.names}
+        self.files = {}
+        self.paths = {}
+        self.n = 0
+        self.spilled = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def append(self, **cols):
+        """Append one chunk of each column (equal lengths)."""
+        k = None
+        for name in self.names:
+            a = np.ascontiguousarray(cols[name], np.float64)
+            k = a.size
+            if self.spilled:
+                a.tofile(self.files[name])
+            else:
+                self.parts[name].append(a)
+        self.n += k
+        if not self.spilled and self.n * 8 * len(self.names) > config.COMPARE_SPILL_MEMORY_BYTES:
+            self._spill()
+
+    def _spill(self):
+        for name in self.names:
+            fd, path = tempfile.mkstemp(prefix=f"fastloss-{name}-", suffix=".f64", dir=self.tmpdir)
+            self.paths[name] = path
+            self.files[name] = os.fdopen(fd, "wb")
+            for a in self.parts[name]:
+                a.tofile(self.files[name])
+            self.parts[name] = []
+        self.spilled = True
+
+    def chunks(self, name):
+        """A callable returning a fresh iterator over the column's values in chunks."""
+        if not self.spilled:
+            return lambda: iter(self.parts[name])
+        self.files[name].flush()
+        path, n = self.paths[name], self.n
+
+        def read():
+            for lo in range(0, n, config.COMPARE_SPILL_READ_VALUES):
+                hi = min(n, lo + config.COMPARE_SPILL_READ_VALUES)
+                m = np.memmap(path, np.float64, "r", offset=lo * 8, shape=(hi - lo,))
+                yield np.array(m)  # a copy, so the mapping goes with ``m``
+                del m
+        return read
+
+    def close(self):
+        """Delete the temporary files (if any) and drop the values."""
+        for name, f in self.files.items():
+            f.close()
+            try:
+                os.unlink(self.paths[name])
+            except FileNotFoundError:
+                pass
+        self.files = {}
+        self.parts = {k: [] for k in self.names}

@@ -1,4 +1,4 @@
-"""PNG plots of loss curves and of an evaluation report (matplotlib, an optional extra).
+"""PNG plots of loss curves, of an evaluation report and of a model comparison (matplotlib, an optional extra).
 
 matplotlib is imported inside the functions, with the non-interactive "Agg"
 backend, so ``import fastloss`` never needs it; without it the functions raise a
@@ -153,6 +153,73 @@ def plot_report(report_dict, path):
         ax2.set_xlabel("position in sequence")
         ax2.set_ylabel("mean loss (nats)")
         ax2.set_title("Mean loss per position")
+        ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def plot_compare(report, path):
+    """Draw a comparison's KL histogram (and mean KL per position) to a PNG file.
+
+    Parameters
+    ----------
+    report : CompareReport or dict
+        ``fastloss.compare``'s report or its ``to_dict()``: uses ``kl_histogram``
+        (``edges``, ``counts``, ``below``), ``mean_kl``, ``kl_percentiles`` and, when
+        present and not None, ``per_position_kl``.
+    path : str or os.PathLike
+        The PNG file to write.
+
+    Returns
+    -------
+    str
+        ``path``.
+
+    Raises
+    ------
+    RuntimeError
+        matplotlib is not installed (``pip install fastloss[plot]``).
+    ValueError
+        ``report`` has no usable ``kl_histogram``.
+    """
+    d = report.to_dict() if hasattr(report, "to_dict") else report
+    hist = d.get("kl_histogram") if isinstance(d, dict) else None
+    if not isinstance(hist, dict) or "edges" not in hist or "counts" not in hist:
+        raise ValueError("report: expected a CompareReport (or its to_dict()) with a "
+                         "'kl_histogram' holding 'edges' and 'counts'")
+    edges = np.asarray(hist["edges"], dtype=np.float64)
+    counts = np.asarray(hist["counts"], dtype=np.float64)
+    if edges.ndim != 1 or counts.ndim != 1 or len(edges) != len(counts) + 1 or len(counts) == 0:
+        raise ValueError(f"report: kl_histogram needs len(edges) == len(counts) + 1 >= 2, "
+                         f"found {edges.size} edges and {counts.size} counts")
+    per_pos = d.get("per_position_kl")
+    plt = _pyplot()
+    ncols = 2 if per_pos else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(6.5 * ncols, 4.2), squeeze=False)
+    ax = axes[0, 0]
+    ax.stairs(counts, edges, fill=True, alpha=0.6, label="tokens")
+    ax.set_xscale("log")
+    mean = d.get("mean_kl")
+    if mean is not None and mean > 0:
+        ax.axvline(mean, color="k", lw=1.2, label=f"mean KL = {mean:.3g}")
+    pct = d.get("kl_percentiles") or {}
+    for key, style in (("50", ":"), ("99", "--")):
+        v = pct.get(key)
+        if v is not None and v > 0:
+            ax.axvline(v, color="grey", ls=style, lw=1, label=f"{key}th percentile = {v:.3g}")
+    below = int(hist.get("below") or 0)
+    ax.set_xlabel("per-token KL(base || model), nats"
+                  + (f"; {below:,} tokens below {edges[0]:g} not shown" if below else ""))
+    ax.set_ylabel("tokens")
+    ax.set_title("KL divergence histogram")
+    ax.legend(fontsize=8)
+    if per_pos:
+        y = np.array([np.nan if v is None else float(v) for v in per_pos])
+        ax2 = axes[0, 1]
+        ax2.plot(np.arange(len(y)), y, lw=1.2)
+        ax2.set_xlabel("position in sequence")
+        ax2.set_ylabel("mean KL (nats)")
+        ax2.set_title("Mean KL per position")
         ax2.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, plt, path)

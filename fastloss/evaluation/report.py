@@ -55,6 +55,11 @@ class EvalReport:
     guessing, 1 for one as good as the unigram baseline; above 1 (beyond the unigram
     baseline) and below 0 (worse than uniform) the text report states the distance
     in nats instead of a percentage (:func:`baseline_comparison`).
+    ``loss_stderr`` is the standard error of ``mean_loss`` (sample standard deviation
+    of the per-token losses over sqrt(tokens)), ``perplexity_stderr`` its delta-method
+    image ``perplexity * loss_stderr``, ``accuracy_stderr`` the binomial
+    ``sqrt(a (1 - a) / tokens)``: the sampling error of the figures as estimates over
+    the population the tokens were drawn from (NaN below 2 tokens for the loss).
     ``generalization_gap`` is ``mean_loss - train_loss``, the training loss taken at
     the evaluated checkpoint; ``train_loss_source`` says where it came from.
     """
@@ -90,6 +95,9 @@ class EvalReport:
     warnings: list = dataclasses.field(default_factory=list)
     unigram_source: str = EVALUATED_TOKENS
     train_loss_source: str | None = None
+    loss_stderr: float = math.nan
+    perplexity_stderr: float = math.nan
+    accuracy_stderr: float = math.nan
 
     def to_dict(self):
         """A JSON-ready dict whose keys are the field names (non-finite floats become None),
@@ -131,10 +139,10 @@ class EvalReport:
                  + (f", {self.skipped:,} skipped as invalid" if self.skipped else "")
                  + f"; vocabulary {self.vocab:,}"]
         rows = [
-            ("mean loss", f"{num(self.mean_loss)} nats/token"),
-            ("perplexity", num(self.perplexity, "{:.4g}")),
+            ("mean loss", f"{num(self.mean_loss)}{pm(self.loss_stderr, '{:.4f}')} nats/token"),
+            ("perplexity", num(self.perplexity, "{:.4g}") + pm(self.perplexity_stderr, "{:.2g}")),
             ("bits per token", num(self.bits_per_token)),
-            ("top-1 accuracy", num(self.accuracy, "{:.2%}")),
+            ("top-1 accuracy", num(self.accuracy, "{:.2%}") + pm(self.accuracy_stderr, "{:.2%}")),
             ("top-5 accuracy", num(self.top5_accuracy, "{:.2%}")),
             ("mean entropy", f"{num(self.mean_entropy)} nats (the model's own uncertainty)"),
             ("ECE (15 bins)", f"{num(self.ece)} (top-1 confidence vs accuracy; 0 = calibrated)"),
@@ -161,6 +169,13 @@ class EvalReport:
         return "\n".join(lines) + "\n"
 
     __str__ = format
+
+
+def pm(stderr, fmt):
+    """`` ± stderr`` for a finite standard error, else nothing."""
+    return f" ± {fmt.format(stderr)}" if stderr is not None and math.isfinite(stderr) else ""
+
+
 
 
 def _histogram_lines(h, loss_max, shown):

@@ -26,7 +26,7 @@ TARGET_CHECK_TOKENS = 1 << 20
 ON_INVALID = ("nan", "raise", "skip")
 
 
-def _check_targets(tsrc, nclass, ignore_index, seq_len, shift):
+def check_targets(tsrc, nclass, ignore_index, seq_len, shift):
     """Every target in [0, V) or ignore_index, checked per shard in bounded chunks
     before any logits are read; EvalInputError names the file, count and first bad token.
     With ``shift`` the source holds token ids, and the first token of each sequence
@@ -53,7 +53,7 @@ def _check_targets(tsrc, nclass, ignore_index, seq_len, shift):
                                                                first[1], noun=noun))
 
 
-class _LMHead:
+class LMHead:
     """Logits of hidden-state chunks, ``hidden @ W.T + b``, computed by one BLAS product
     into one reused ``(chunk, V)`` buffer of the accumulation dtype (float64 when the
     hidden states or the head are float64, else float32; half precision is upcast
@@ -97,17 +97,17 @@ class _LMHead:
         return x
 
 
-def _progress_bar(progress, total):
+def progress_bar(progress, total, desc="fastloss eval"):
     """A tqdm bar on stderr (True: always, None: when stderr is a terminal) or None."""
     if progress is False:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="tok", unit_scale=True, desc="fastloss eval", file=sys.stderr,
+    return tqdm(total=total, unit="tok", unit_scale=True, desc=desc, file=sys.stderr,
                 disable=None if progress is None else False, leave=False, dynamic_ncols=True)
 
 
-def _chunk_targets(tsrc, g, n, ntok, ignore_index, seq_len, shift):
+def chunk_targets(tsrc, g, n, ntok, ignore_index, seq_len, shift):
     """Targets and positions within the sequence (or None) of global rows [g, g + n)."""
     pos = None if seq_len is None else np.arange(g, g + n) % seq_len
     if not shift:
@@ -265,7 +265,7 @@ def evaluate(logits=None, targets=None, *, hidden=None, lm_head=None, bias=None,
         if lm_head is None:
             raise ValueError("lm_head: required with hidden")
         shards = open_source(hidden, "hidden", layout)
-        head = _LMHead(shards, lm_head, bias, layout)
+        head = LMHead(shards, lm_head, bias, layout)
         nclass, itemsize = head.nclass, head.acc.itemsize
     else:
         if logits is None:
@@ -291,7 +291,7 @@ def evaluate(logits=None, targets=None, *, hidden=None, lm_head=None, bias=None,
                              f"{ntok} tokens are not a whole number of sequences of "
                              f"seq_len={seq_len} (--seq-len)")
     ignore_index = V.check_ignore_index(ignore_index)
-    _check_targets(tsrc, nclass, ignore_index, seq_len, shift)
+    check_targets(tsrc, nclass, ignore_index, seq_len, shift)
     if chunk_tokens is None:
         chunk_tokens = max(1, config.EVAL_CHUNK_BYTES // (nclass * itemsize))
     top = max(2 * math.log(nclass), 1.0) if hist_max is None else \
@@ -300,13 +300,13 @@ def evaluate(logits=None, targets=None, *, hidden=None, lm_head=None, bias=None,
     if head is not None:
         head.allocate(max(1, min(chunk_tokens, max(s.rows for s in shards))))
 
-    bar = _progress_bar(progress, ntok)
+    bar = progress_bar(progress, ntok)
     try:
         start = 0
         for shard in shards:
             for lo in range(0, shard.rows, chunk_tokens):
                 hi = min(lo + chunk_tokens, shard.rows)
-                tgt, pos = _chunk_targets(tsrc, start + lo, hi - lo, ntok, ignore_index, seq_len, shift)
+                tgt, pos = chunk_targets(tsrc, start + lo, hi - lo, ntok, ignore_index, seq_len, shift)
                 x = shard.read(lo, hi)
                 if head is not None:
                     x = head.logits(x)
@@ -382,6 +382,9 @@ def _report(t, nclass, on_invalid, train_loss, shards, tsrc, head, shift):
     def mean(v):
         return nan if (n == 0 or propagate) else v / n
 
+    loss_se = nan if propagate else t.loss_moments.stderr()
+    acc = mean(t.top1)
+
     calibration = [{"lower": k / M.ECE_BINS, "upper": (k + 1) / M.ECE_BINS,
                     "count": int(t.bin_count[k]),
                     "confidence": float(t.bin_conf[k] / t.bin_count[k]) if t.bin_count[k] else None,
@@ -394,9 +397,11 @@ def _report(t, nclass, on_invalid, train_loss, shards, tsrc, head, shift):
     return EvalReport(
         tokens=n, ignored=t.ignored, skipped=t.skipped, vocab=nclass,
         mean_loss=mean_loss,
-        perplexity=math.exp(mean_loss) if mean_loss < 709 else (nan if math.isnan(mean_loss) else math.inf),
+        perplexity=_ppl(mean_loss),
         bits_per_token=mean_loss / LN2,
-        accuracy=mean(t.top1), top5_accuracy=mean(t.top5), mean_entropy=mean(t.ent_sum),
+        loss_stderr=loss_se, perplexity_stderr=_ppl(mean_loss) * loss_se,
+        accuracy_stderr=math.sqrt(acc * (1 - acc) / n) if n else nan,
+        accuracy=acc, top5_accuracy=mean(t.top5), mean_entropy=mean(t.ent_sum),
         ece=nan if propagate else t.ece(),
         uniform_baseline=uniform, unigram_baseline=unigram, gap_closed=gap,
         loss_max=t.loss_max if n else nan,
@@ -411,3 +416,8 @@ def _report(t, nclass, on_invalid, train_loss, shards, tsrc, head, shift):
         hidden_files=[s.name for s in shards] if head else [],
         lm_head_file=head.name if head else None, bias_file=head.bias_name if head else None,
         warnings=warnings)
+
+
+def _ppl(mean_loss):
+    """exp(mean loss): inf past float64's range, NaN for NaN."""
+    return math.exp(mean_loss) if mean_loss < 709 else (math.nan if math.isnan(mean_loss) else math.inf)
