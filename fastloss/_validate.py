@@ -497,3 +497,51 @@ def kernel_launch(tasks=None):
     finally:
         if narrow:
             numba.set_num_threads(threads)
+
+
+# --- probability ("soft") targets of cross-entropy ---------------------------------------
+
+def soft_target_tolerance():
+    """How far a row of probability targets may sum from 1 (absolute):
+    ``config.SOFT_TARGET_SUM_TOL``. Read at call time."""
+    return config.SOFT_TARGET_SUM_TOL
+
+
+def is_soft_targets(targets):
+    """Whether ``targets`` holds probabilities (a float dtype: numpy, ml_dtypes'
+    bfloat16, or a float torch tensor) rather than class indices. Reads only
+    the dtype; objects without one (lists) are not looked at."""
+    dtype = getattr(targets, "dtype", None)
+    if dtype is None:
+        return False
+    kind = getattr(dtype, "kind", None)
+    if kind is not None:
+        return kind == "f" or is_bfloat16(dtype)
+    return bool(getattr(dtype, "is_floating_point", False))  # a torch dtype
+
+
+def check_soft_targets_meta(shape, dtype, logits_shape):
+    """Probability targets: a supported float dtype and exactly the logits' shape."""
+    if not is_float_dtype(dtype):
+        raise TypeError(f"targets: probability targets need dtype {_dtype_names()}, found {dtype}")
+    if tuple(shape) != tuple(logits_shape):
+        raise ValueError(f"targets: float (probability) targets must have the logits' shape "
+                         f"{tuple(logits_shape)}, found {tuple(shape)} (class indices need an "
+                         f"integer dtype)")
+
+
+def bad_soft_targets_error(nbad, rows_shape, first, row, tol):
+    """The ValueError for ``nbad`` rows of probability targets that are not
+    distributions: the first is row ``first`` (flat index over
+    ``rows_shape`` = logits.shape[:-1]) holding ``row`` (any float array);
+    names its first negative or non-finite entry, else its sum."""
+    pos = tuple(int(p) for p in np.unravel_index(first, rows_shape)) if len(rows_shape) else ()
+    r = np.asarray(row, dtype=np.float64).reshape(-1)
+    badj = np.flatnonzero(~(np.isfinite(r) & (r >= 0)))
+    if badj.size:
+        what = f"entry {int(badj[0])} is {float(r[badj[0]])!r}"
+    else:
+        what = f"it sums to {float(r.sum())!r}"
+    return ValueError(f"targets: {nbad} row(s) of probability targets are not distributions "
+                      f"(entries finite and >= 0, summing to 1 within {tol}); first at row "
+                      f"{pos}: {what}")

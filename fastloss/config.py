@@ -110,6 +110,13 @@ LINEAR_CE_GRAD_WEIGHT_BLOCK_BYTES = 8 * 2**20
 #: (benchmarks/NOTES.md). Read at call time; tests patch it.
 EVAL_CHUNK_BYTES = 64 * 2**20
 
+#: Probability targets: each row of the targets must sum to 1 within this
+#: absolute tolerance (and hold finite, non-negative entries), else
+#: ``ValueError``. 1e-2 accepts rows stored in bfloat16/float16 and rows from a
+#: lossy softmax, and rejects logits, counts and scaled one-hot rows passed by
+#: mistake. Read at call time.
+SOFT_TARGET_SUM_TOL = 1e-2
+
 #: ``fastloss.compare``: each side's chunk is at most this many times
 #: ``EVAL_CHUNK_BYTES`` of logits (128 MiB by default). Fewer, larger kernel
 #: launches: on the shared 2-core AMD EPYC (load ~5, 2026-12-03) two cached

@@ -39,6 +39,7 @@ __all__ = [
     "lse_reference",
     "ce_reference",
     "mse_reference",
+    "soft_ce_reference",
 ]
 
 
@@ -230,3 +231,77 @@ def mse_reference(pred, target, *, reduction="mean", weight=None, grad_output=No
     if den == 0.0:
         return 0.0, np.zeros(x.shape)
     return float((w * d * d).sum() / den), 2.0 * w * d * g / den
+
+
+def soft_ce_reference(
+    logits,
+    targets,
+    *,
+    weight=None,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    logit_scale=1.0,
+    normalizer=None,
+    grad_output=None,
+):
+    """float64 cross-entropy with probability targets ``q`` (logits' shape) and
+    its analytic gradient.
+
+    Per row, with ``z = transform(x)``, ``lse = logsumexp(z)``, ``p = softmax(z)``,
+    ``u_j = w_j ((1 - eps) q_j + eps / V)`` and ``U = sum_j u_j``::
+
+        ce_i = sum_j u_j (lse - z_j)       (a term with u_j = 0 is 0, even at z_j = -inf)
+        zl_i = z_loss * lse**2
+        mean: (sum_i ce_i + sum_i zl_i) / N   (N rows; ``normalizer`` replaces N;
+                                               N = 0 gives 0.0)
+        d ce_i / d z_k = U p_k - u_k,   d zl_i / d z_k = 2 z_loss lse p_k
+
+    Returns ``(loss, grad)`` as :func:`ce_reference`. No check of ``q``.
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"bad reduction {reduction!r}")
+    z_all, dz_all = _transform_with_derivative(logits, softcap, logit_scale)
+    shape = z_all.shape
+    V = shape[-1]
+    q = to_float64(targets)
+    if q.shape != shape:
+        raise ValueError("targets shape does not match logits.shape")
+    z = z_all.reshape(-1, V)
+    dz = dz_all.reshape(-1, V)
+    q = q.reshape(-1, V)
+    N = z.shape[0]
+    w = np.ones(V) if weight is None else to_float64(weight).reshape(V)
+    eps = float(label_smoothing)
+    zl = float(z_loss)
+    u = w[None, :] * ((1.0 - eps) * q + eps / V)
+    U = u.sum(axis=-1)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        lse = scipy.special.logsumexp(z, axis=-1) if N else np.zeros(0)
+        d = lse[:, None] - z
+        terms = np.where(u == 0.0, 0.0, u * d)
+        ce = terms.sum(axis=-1)
+        p = np.exp(z - lse[:, None])
+        zterm = zl * lse * lse
+    if reduction == "none":
+        loss = (ce + (zterm if zl != 0.0 else 0.0)).reshape(shape[:-1])
+        g = np.ones(N) if grad_output is None else np.broadcast_to(
+            np.asarray(grad_output, dtype=np.float64), shape[:-1]).reshape(-1)
+        c_ce = c_z = g
+    else:
+        g = 1.0 if grad_output is None else float(np.asarray(grad_output, dtype=np.float64))
+        total = ce.sum() + (zterm.sum() if zl != 0.0 else 0.0)
+        if reduction == "sum":
+            loss = float(total)
+            c_ce = c_z = np.full(N, g)
+        else:
+            den = float(normalizer) if normalizer is not None else float(N)
+            loss = float(total / den) if den != 0 else 0.0
+            c_ce = c_z = np.full(N, g / den if den != 0 else 0.0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        gz = c_ce[:, None] * (U[:, None] * p - u)
+        if zl != 0.0:
+            gz = gz + (c_z * 2.0 * zl * lse)[:, None] * p
+        grad = gz * dz
+    return loss, grad.reshape(shape)

@@ -103,13 +103,21 @@ def test_logits_no_classes(fn, shape):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tdtype", [np.float32, np.float64, np.float16, np.complex64, np.bool_, object])
+@pytest.mark.parametrize("tdtype", [np.complex64, np.bool_, object])
 @pytest.mark.parametrize("fn", CE_FUNCS)
 def test_targets_bad_dtype(rng, fn, tdtype):
-    # Integral values in a float dtype are still rejected (PyTorch reads float
-    # targets as class probabilities, a different loss).
     logits, targets = ce_inputs(rng)
     with pytest.raises(TypeError, match=names("targets")):
+        fn(logits, targets.astype(tdtype))
+
+
+@pytest.mark.parametrize("tdtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("fn", CE_FUNCS)
+def test_float_class_indices_are_not_probabilities(rng, fn, tdtype):
+    # Integral values in a float dtype of the targets' shape are rejected: float
+    # targets are class probabilities (PyTorch's reading), of the logits' shape.
+    logits, targets = ce_inputs(rng)
+    with pytest.raises(ValueError, match=r"targets: float \(probability\) targets must have the logits' shape"):
         fn(logits, targets.astype(tdtype))
 
 

@@ -83,10 +83,12 @@ def synchronize():
     >>> import fastloss.cuda
     >>> fastloss.cuda.synchronize()
     """
-    if "fastloss.cuda.checks" not in sys.modules:
-        return
-    from . import checks
-    checks.synchronize()
+    if "fastloss.cuda.checks" in sys.modules:
+        from . import checks
+        checks.synchronize()
+    if "fastloss.cuda.soft_cross_entropy_host" in sys.modules:  # probability targets keep their own queue
+        from . import soft_cross_entropy_host
+        soft_cross_entropy_host.synchronize()
 
 
 def require_gpu():
