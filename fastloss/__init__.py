@@ -2,7 +2,7 @@
 
 Exports (reference: ``docs/api.md``):
 
-* losses with class-index targets: :func:`cross_entropy`,
+* cross-entropy (class-index or probability targets): :func:`cross_entropy`,
   :func:`cross_entropy_with_grad` (returns a :class:`CrossEntropyResult`),
   :func:`logsumexp`;
 * an LM head without the logits: :func:`linear_cross_entropy`,
@@ -10,8 +10,12 @@ Exports (reference: ``docs/api.md``):
   :class:`LinearCrossEntropyResult`);
 * mean squared error: :func:`mse`, :func:`mse_with_grad` (returns an
   :class:`MSEResult`);
+* distillation: :func:`distill`, :func:`distill_with_grad` (returns a
+  :class:`DistillResult`; a sparse teacher as :class:`TopKTeacher`),
+  :func:`linear_distill_with_grad` (returns a :class:`LinearDistillResult`);
 * offline evaluation of dumps: :func:`evaluate` (returns an
-  :class:`EvalReport`; the file format of raw dumps in a :class:`Layout`);
+  :class:`EvalReport`; the file format of raw dumps in a :class:`Layout`),
+  :func:`compare` of two models' dumps (returns a :class:`CompareReport`);
 * threads and GPUs: :func:`set_num_threads`, :func:`get_num_threads`,
   :func:`max_threads`, :func:`cuda_available`;
 * ``__version__``.
@@ -34,7 +38,11 @@ from .results import CrossEntropyResult, MSEResult
 # ``import fastloss`` loads numpy and these small modules only (about 0.1 s);
 # numba, the kernels, ml_dtypes, scipy and tqdm load on first use, and the
 # evaluation layer on first access to one of its names (PEP 562).
-_LAZY = {"evaluate": "evaluation", "EvalReport": "evaluation", "Layout": "evaluation"}
+_LAZY = {"evaluate": "evaluation", "EvalReport": "evaluation", "Layout": "evaluation",
+         "compare": "evaluation", "CompareReport": "evaluation",
+         "distill": "ops.distill", "distill_with_grad": "ops.distill", "DistillResult": "ops.distill",
+         "TopKTeacher": "ops.distill",
+         "linear_distill_with_grad": "ops.linear_distill", "LinearDistillResult": "ops.linear_distill"}
 
 
 _SUBPACKAGES = ("evaluation", "bench", "cli", "cpu", "demo", "options", "config", "torch")
@@ -72,7 +80,15 @@ __all__ = [
     "get_num_threads",
     "max_threads",
     "cuda_available",
+    "distill",
+    "distill_with_grad",
+    "DistillResult",
+    "TopKTeacher",
+    "linear_distill_with_grad",
+    "LinearDistillResult",
     "evaluate",
     "EvalReport",
+    "compare",
+    "CompareReport",
     "Layout",
 ]

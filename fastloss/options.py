@@ -143,6 +143,63 @@ class MSEOptions(NamedTuple):
         return codes.REDUCTION_CODES[self.reduction]
 
 
+#: Divergences of ``fastloss.distill`` as kernels see them: forward KL(p_t || p_s),
+#: reverse KL(p_s || p_t), generalised JSD (``0 < beta < 1``).
+KL, REVERSE_KL, JSD = 0, 1, 2
+DISTILL_KINDS = {"kl": KL, "reverse_kl": REVERSE_KL, "jsd": JSD}
+DISTILL_REDUCTIONS = ("batchmean", "mean", "sum", "none")
+
+
+class DistillOptions(NamedTuple):
+    """Validated scalar options of a ``fastloss.distill`` call; frozen.
+
+    Build with :meth:`check`. ``kind_code`` is the divergence the kernels run:
+    TRL's special cases ``jsd`` with ``beta = 0`` (forward KL) and ``beta = 1``
+    (reverse KL) are mapped to those kinds.
+    """
+
+    kind: str = "kl"
+    temperature: float = 1.0
+    beta: float = 0.5
+    scale_by_t2: bool = False
+    reduction: str = "batchmean"
+    ignore_index: int = -100
+    soft_weight: float = 1.0
+    hard_weight: float = 0.0
+
+    @classmethod
+    def check(cls, *, kind="kl", temperature=1.0, beta=0.5, scale_by_t2=False, reduction="batchmean",
+              ignore_index=-100, soft_weight=1.0, hard_weight=0.0):
+        """The options of one call, checked (same keywords as ``fastloss.distill``)."""
+        if not isinstance(kind, str) or kind not in DISTILL_KINDS:
+            raise ValueError(f"kind: expected one of 'kl', 'reverse_kl', 'jsd', found {kind!r}")
+        if not isinstance(reduction, str) or reduction not in DISTILL_REDUCTIONS:
+            raise ValueError("reduction: expected one of 'batchmean', 'mean', 'sum', 'none', "
+                             f"found {reduction!r}")
+        t = V.check_range(temperature, "temperature", low=0.0, low_open=True)
+        b = V.check_range(beta, "beta", low=0.0, high=1.0)
+        if not isinstance(scale_by_t2, (bool, np.bool_)):
+            raise TypeError(f"scale_by_t2: expected True or False, found {scale_by_t2!r}")
+        sw = V.check_range(soft_weight, "soft_weight", low=0.0)
+        hw = V.check_range(hard_weight, "hard_weight", low=0.0)
+        return cls(kind, t, b, bool(scale_by_t2), reduction, V.check_ignore_index(ignore_index), sw, hw)
+
+    @property
+    def kind_code(self):
+        """``KL``, ``REVERSE_KL`` or ``JSD`` (jsd at beta 0 / 1 is forward / reverse KL, as in TRL)."""
+        if self.kind == "jsd":
+            if self.beta == 0.0:
+                return KL
+            if self.beta == 1.0:
+                return REVERSE_KL
+        return DISTILL_KINDS[self.kind]
+
+    @property
+    def soft_scale(self):
+        """The factor of the divergence in the per-token loss: ``soft_weight`` (times T^2 with ``scale_by_t2``)."""
+        return self.soft_weight * (self.temperature ** 2 if self.scale_by_t2 else 1.0)
+
+
 _CE_CACHE = {}
 _PLAIN = frozenset((int, float, str, type(None)))
 

@@ -24,3 +24,12 @@ class MSEResult(NamedTuple):
     array of ``pred.shape`` for "none"."""
     grad: object
     """``d(grad_output * loss)/d(pred)``: pred's shape and dtype."""
+
+
+class DistillResult(NamedTuple):
+    """Loss and gradient of :func:`fastloss.distill_with_grad`."""
+
+    loss: object
+    """Python float for "batchmean"/"mean"/"sum"; an array of ``student.shape[:-1]`` for "none"."""
+    grad: object
+    """``d(grad_output * loss)/d(student)``: student's shape and dtype."""
