@@ -4,11 +4,12 @@
 ``import fastloss.torch`` does (and registers the custom ops).
 
 * functions with ``torch.nn.functional``'s names and signatures plus
-  fastloss's options: :func:`cross_entropy`, :func:`mse_loss`,
-  :func:`linear_cross_entropy` (``fastloss.torch.functional``);
+  fastloss's options: :func:`cross_entropy` (class indices or
+  probabilities), :func:`mse_loss`, :func:`linear_cross_entropy`, and
+  :func:`distill` (``fastloss.torch.functional``);
 * modules with ``torch.nn``'s constructor arguments:
-  :class:`CrossEntropyLoss`, :class:`MSELoss`, :class:`LinearCrossEntropyLoss`
-  (``fastloss.torch.modules``);
+  :class:`CrossEntropyLoss`, :class:`MSELoss`, :class:`LinearCrossEntropyLoss`,
+  and :class:`DistillLoss` (``fastloss.torch.modules``);
 * the custom ops ``torch.ops.fastloss.*`` that ``torch.compile`` traces
   (``fastloss.torch.library``);
 * :func:`release_buffers`: frees the gradient buffers kept for reuse
@@ -27,10 +28,10 @@ except ImportError as e:  # pragma: no cover - the tests run with torch
 
 from . import library  # noqa: F401  (registers torch.ops.fastloss.*)
 from .backend import release_buffers
-from .functional import cross_entropy, linear_cross_entropy, mse_loss
-from .modules import CrossEntropyLoss, LinearCrossEntropyLoss, MSELoss
+from .functional import cross_entropy, distill, linear_cross_entropy, mse_loss
+from .modules import CrossEntropyLoss, DistillLoss, LinearCrossEntropyLoss, MSELoss
 
-__all__ = ["cross_entropy", "mse_loss", "linear_cross_entropy", "CrossEntropyLoss", "MSELoss",
-           "LinearCrossEntropyLoss", "release_buffers"]
+__all__ = ["cross_entropy", "mse_loss", "linear_cross_entropy", "distill", "CrossEntropyLoss", "MSELoss",
+           "LinearCrossEntropyLoss", "DistillLoss", "release_buffers"]
 
 del _torch

@@ -66,8 +66,20 @@ def take(ctx, name):
     return value, True
 
 
-class CrossEntropy(torch.autograd.Function):
-    """Cross-entropy of (N, V) logits against (N,) class indices."""
+class _RowLoss(torch.autograd.Function):
+    """A loss over the rows of its first input, (N, V), whose forward keeps
+    that input's gradient on ``ctx.grad`` (and ``ctx.per_row`` for reduction
+    "none"); its four other inputs get no gradient."""
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        grad, mine = take(ctx, "grad")
+        return scale(grad, grad_output, ctx.per_row, mine), None, None, None, None
+
+
+class CrossEntropy(_RowLoss):
+    """Cross-entropy of (N, V) logits against (N,) class indices or (N, V) probabilities."""
 
     @staticmethod
     def forward(ctx, x, target, weight, spec, inplace):
@@ -81,11 +93,18 @@ class CrossEntropy(torch.autograd.Function):
         ctx.per_row = spec.reduction == "none"
         return loss
 
+
+class Distill(_RowLoss):
+    """Distillation loss of (N, V) student logits against a dense or top-k
+    teacher (no gradient to the teacher)."""
+
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        grad, mine = take(ctx, "grad")
-        return scale(grad, grad_output, ctx.per_row, mine), None, None, None, None
+    def forward(ctx, s, teacher, teacher_indices, target, spec):
+        need = ctx.needs_input_grad[0]
+        loss, grad = backend.distill(s, teacher, teacher_indices, target, spec, need)
+        ctx.grad = grad
+        ctx.per_row = spec.reduction == "none"
+        return loss
 
 
 class MSE(torch.autograd.Function):

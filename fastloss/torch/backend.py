@@ -30,6 +30,7 @@ import torch
 
 from .. import _validate as V
 from .. import config
+from ..options import DistillOptions
 from ..ops import cross_entropy as _ce
 from ..ops import linear_cross_entropy as _lce
 from ..ops import mse as _mse
@@ -52,12 +53,23 @@ class CESpec(NamedTuple):
     def keywords(self):
         """The numpy API's keywords (memoised per spec: a training loop passes
         the same options every step)."""
-        kw = _KEYWORDS.get(self)
-        if kw is None:
-            kw = self._asdict()
-            if len(_KEYWORDS) < 256:
-                _KEYWORDS[self] = kw
-        return kw
+        return keywords(self)
+
+
+#: The non-tensor options of a distillation call, as the numpy API takes them
+#: (unchecked here: the numpy API checks them); ``keywords(spec)`` gives its keywords.
+DistillSpec = DistillOptions
+
+
+def keywords(spec):
+    """The numpy API's keywords of option tuple ``spec`` (memoised per spec)."""
+    key = (type(spec), spec)
+    kw = _KEYWORDS.get(key)
+    if kw is None:
+        kw = spec._asdict()
+        if len(_KEYWORDS) < 256:
+            _KEYWORDS[key] = kw
+    return kw
 
 
 _KEYWORDS = {}
@@ -189,12 +201,12 @@ def loss_tensor(loss, like, shape, dtype=None):
 
 def cross_entropy(x, target, weight, spec, with_grad, inplace=False, loss_dtype=None):
     """``(loss, grad)`` of the cross-entropy of 2-D logits ``x`` (N, V) against
-    ``target`` (N,): the loss as :func:`loss_tensor` makes it (in
+    ``target`` (N,) class indices or (N, V) probabilities: the loss as :func:`loss_tensor` makes it (in
     ``loss_dtype`` if given, else ``x``'s dtype); ``grad`` is
     d(loss)/dx (upstream gradient 1) in ``x``'s dtype, None without
     ``with_grad``. ``inplace``: the gradient is written into ``x``'s memory
     (which the caller made contiguous) and ``grad`` shares it."""
-    shape = target.shape if spec.reduction == "none" else ()
+    shape = x.shape[:-1] if spec.reduction == "none" else ()
     kw = spec.keywords()
     if on_gpu(x):
         xd, td, wd = to_device(x), to_device(target), to_device(weight)
@@ -211,6 +223,32 @@ def cross_entropy(x, target, weight, spec, with_grad, inplace=False, loss_dtype=
     grad = empty_like(x)
     loss, _ = _ce.cross_entropy_with_grad(xn, tn, weight=wn, out=as_numpy(grad), **kw)
     return loss_tensor(loss, x, shape, loss_dtype), grad
+
+
+def distill(s, teacher, teacher_indices, target, spec, with_grad):
+    """``(loss, grad)`` of the distillation loss of student logits ``s`` (N, V)
+    against ``teacher``: (N, V) logits, or (N, k) log-probabilities at
+    ``teacher_indices`` (N, k) (a top-k teacher); ``target`` (N,) or None.
+    ``grad`` is d(loss)/ds (upstream gradient 1) in ``s``'s dtype, None
+    without ``with_grad``."""
+    from ..ops import distill as _distill
+
+    shape = s.shape[:-1] if spec.reduction == "none" else ()
+    kw = keywords(spec)
+    if on_gpu(s):
+        sd, td, tgt = to_device(s), to_device(teacher), to_device(target)
+        t = td if teacher_indices is None else _distill.TopKTeacher(to_device(teacher_indices), td)
+        if not with_grad:
+            return loss_tensor(_distill.distill(sd, t, targets=tgt, **kw), s, shape), None
+        loss, grad = _distill.distill_with_grad(sd, t, targets=tgt, **kw)
+        return loss_tensor(loss, s, shape), from_device(grad, s)
+    sn, tn, tgt = as_numpy(s), as_numpy(teacher), as_numpy_or_none(target)
+    t = tn if teacher_indices is None else _distill.TopKTeacher(as_numpy(teacher_indices), tn)
+    if not with_grad:
+        return loss_tensor(_distill.distill(sn, t, targets=tgt, **kw), s, shape), None
+    grad = empty_like(s)
+    loss, _ = _distill.distill_with_grad(sn, t, targets=tgt, out=as_numpy(grad), **kw)
+    return loss_tensor(loss, s, shape), grad
 
 
 def mse(x, target, weight, reduction, with_grad):

@@ -21,9 +21,9 @@ import torch
 
 from . import autograd as A
 from . import library as L
-from .backend import FLOAT_DTYPES, CESpec
+from .backend import FLOAT_DTYPES, CESpec, DistillSpec
 
-__all__ = ["cross_entropy", "mse_loss", "linear_cross_entropy"]
+__all__ = ["cross_entropy", "mse_loss", "linear_cross_entropy", "distill"]
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -40,12 +40,14 @@ def _float(name, t):
     return t
 
 
-def _classes(name, t):
+def _classes(name, t, probabilities_ok=False):
     if _tensor(name, t).dtype not in _INT_DTYPES:
-        if t.is_floating_point():
+        if t.is_floating_point() and not probabilities_ok:
             raise TypeError(f"{name}: expected integer class indices, found {t.dtype} (probability targets "
-                            "are not supported by fastloss.torch yet)")
-        raise TypeError(f"{name}: expected integer class indices, found {t.dtype}")
+                            "are taken by cross_entropy only)")
+        if not (probabilities_ok and t.dtype in FLOAT_DTYPES):
+            kinds = "integer class indices or float probabilities" if probabilities_ok else "integer class indices"
+            raise TypeError(f"{name}: expected {kinds}, found {t.dtype}")
     return t
 
 
@@ -127,9 +129,14 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         Logits (class dimension 1, as in PyTorch); float16, bfloat16, float32
         or float64, on the CPU or a CUDA device. For LM logits ``(B, T, V)``
         pass ``input.view(-1, V)`` and ``target.view(-1)``, as with PyTorch.
-    target : Tensor of int
+    target : Tensor of int, or float Tensor of ``input``'s shape
         Class indices, shape ``()``, ``(N,)`` or ``(N, d1, ...)``, in
-        ``[0, C)`` or ``ignore_index``; any integer dtype.
+        ``[0, C)`` or ``ignore_index``; any integer dtype. Or class
+        probabilities of ``input``'s shape (any float dtype; each row sums to 1
+        up to rounding, see ``fastloss.cross_entropy``), as in PyTorch:
+        ``ignore_index`` does not apply and "mean" divides by the number of
+        rows. No gradient flows to probability targets (a target that
+        requires grad raises ``ValueError``; detach it).
     weight : Tensor, shape (C,), optional
         Class weights (no gradient).
     ignore_index : int, default -100
@@ -189,11 +196,14 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     (True, torch.Size([4, 10]))
     """
     _float("input", input)
-    _classes("target", target)
+    _classes("target", target, probabilities_ok=True)
     _same_device("target", target, input)
     weight = _optional_float("weight", weight)
     _same_device("weight", weight, input)
-    x, t, restore = _canonical_ce(input, target)
+    if target.is_floating_point():
+        x, t, restore = _canonical_soft_ce(input, target)
+    else:
+        x, t, restore = _canonical_ce(input, target)
     if _compiling():
         spec = _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, None)
         loss, _ = L.cross_entropy(x, t, weight, *spec[:-1], _normalizer_tensor(normalizer), _wants_grad(x))
@@ -225,6 +235,25 @@ def _canonical_ce(input, target):
     c = input.shape[1]
     x = input.movedim(1, -1).reshape(-1, c)
     return x, target.reshape(-1), _reshape_to(tuple(target.shape))
+
+
+def _canonical_soft_ce(input, target):
+    """(x (N, C), q (N, C), restore) for probability targets of ``input``'s shape."""
+    if tuple(target.shape) != tuple(input.shape):
+        raise ValueError(f"target: expected probabilities of input's shape {tuple(input.shape)}, found "
+                         f"{tuple(target.shape)}")
+    if target.requires_grad and torch.is_grad_enabled():
+        raise ValueError("target: gradients with respect to probability targets are not computed; pass "
+                         "target.detach()")
+    if input.dim() == 0:
+        raise ValueError("input: expected at least one dimension (the classes), found a 0-d tensor")
+    if input.dim() == 1:
+        return input.unsqueeze(0), target.unsqueeze(0), _reshape_to(())
+    if input.dim() == 2:
+        return input, target, _same
+    c = input.shape[1]
+    rows = (input.shape[0], *input.shape[2:])
+    return (input.movedim(1, -1).reshape(-1, c), target.movedim(1, -1).reshape(-1, c), _reshape_to(rows))
 
 
 def _broadcasts(shape, to):
@@ -393,3 +422,128 @@ def linear_cross_entropy(input, linear_weight, target, bias=None, *, linear_bias
         spec = _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, normalizer)
         loss = A.LinearCrossEntropy.apply(h, linear_weight, t, bias, weight, spec, chunk_size)
     return loss.reshape(shape) if spec.reduction == "none" else loss
+
+
+def distill(student, teacher, *, kind="kl", temperature=1.0, beta=0.5, scale_by_t2=False,
+            reduction="batchmean", target=None, ignore_index=-100, soft_weight=1.0, hard_weight=0.0):
+    """Distillation loss of student logits against a teacher, on fastloss's fused kernel
+    (``fastloss.distill``).
+
+    Forward computes the loss and its gradient with respect to the student in
+    one pass over both rows and keeps the gradient; backward reads no logits.
+
+    Parameters
+    ----------
+    student : Tensor, shape (..., V)
+        Student logits (classes last); float16, bfloat16, float32 or float64,
+        on the CPU or a CUDA device. Gradients flow here only.
+    teacher : Tensor (..., V), or tuple (indices, logprobs) of Tensors (..., k)
+        Teacher logits of the student's shape (any float dtype), or a top-k
+        teacher: integer class ``indices`` and their log-probabilities
+        (renormalised over the k classes after the temperature; see
+        ``fastloss.distill``). No gradient flows to the teacher: a teacher
+        that requires grad raises ``ValueError`` (pass ``teacher.detach()``).
+    kind : {"kl", "reverse_kl", "jsd"}, default "kl"
+        KL(teacher || student), KL(student || teacher), or the generalised
+        Jensen-Shannon divergence with ``beta`` (TRL's definition).
+    temperature : float > 0, default 1.0
+        Both distributions are softmaxes of logits divided by it.
+    beta : float in [0, 1], default 0.5
+        The JSD's mixture weight (``kind="jsd"`` only).
+    scale_by_t2 : bool, default False
+        Multiply the divergence by ``temperature**2`` (Hinton's convention).
+    reduction : {"batchmean", "mean", "sum", "none"}, default "batchmean"
+        "batchmean" divides the sum by the number of counted tokens, "mean" by
+        that number times V (``F.kl_div``'s element mean).
+    target : Tensor of int, shape ``student.shape[:-1]``, optional
+        Class indices: tokens at ``ignore_index`` are not counted, and with
+        ``hard_weight > 0`` a cross-entropy term on the untempered student
+        logits is added.
+    ignore_index : int, default -100
+    soft_weight, hard_weight : float >= 0, default 1.0 and 0.0
+        The per-token loss is ``soft_weight * divergence + hard_weight * cross_entropy``.
+
+    Returns
+    -------
+    Tensor
+        In ``student``'s dtype: 0-d, or ``student.shape[:-1]`` for "none"
+        (0 at ignored tokens).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Bad tensors, shapes, devices or options (the message names the argument).
+
+    Examples
+    --------
+    >>> import torch, torch.nn.functional as F, fastloss.torch as flt
+    >>> s = torch.randn(4, 10, requires_grad=True)
+    >>> t = torch.randn(4, 10)
+    >>> loss = flt.distill(s, t, temperature=2.0)
+    >>> loss.backward()
+    >>> ref = F.kl_div(F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), log_target=True,
+    ...                reduction="batchmean")
+    >>> bool(torch.allclose(loss, ref, atol=1e-6)), s.grad.shape
+    (True, torch.Size([4, 10]))
+    """
+    _float("student", student)
+    if student.dim() == 0:
+        raise ValueError("student: expected at least one dimension (the classes), found a 0-d tensor")
+    rows = tuple(student.shape[:-1])
+    if isinstance(teacher, (tuple, list)):
+        if len(teacher) != 2:
+            raise ValueError(f"teacher: expected logits or an (indices, logprobs) pair, found a sequence of "
+                             f"{len(teacher)}")
+        indices, logprobs = teacher
+        _tensor("teacher indices", indices)
+        if indices.dtype not in _INT_DTYPES:
+            raise TypeError(f"teacher indices: expected an integer tensor, found {indices.dtype}")
+        _float("teacher logprobs", logprobs)
+        for name, t in (("teacher indices", indices), ("teacher logprobs", logprobs)):
+            if t.dim() != student.dim() or tuple(t.shape[:-1]) != rows:
+                raise ValueError(f"{name}: expected shape {rows + ('k',)} (student's rows, then k), found "
+                                 f"{tuple(t.shape)}")
+        if tuple(indices.shape) != tuple(logprobs.shape):
+            raise ValueError(f"teacher logprobs: expected the indices' shape {tuple(indices.shape)}, found "
+                             f"{tuple(logprobs.shape)}")
+        _same_device("teacher indices", indices, student)
+        dense = logprobs
+    else:
+        _float("teacher", teacher)
+        if tuple(teacher.shape) != tuple(student.shape):
+            raise ValueError(f"teacher: expected student's shape {tuple(student.shape)}, found "
+                             f"{tuple(teacher.shape)}")
+        indices, dense = None, teacher
+    _same_device("teacher", dense, student)
+    if dense.requires_grad and torch.is_grad_enabled():
+        raise ValueError("teacher: gradients with respect to the teacher are not computed; pass teacher.detach()")
+    if target is not None:
+        _classes("target", target)
+        _same_device("target", target, student)
+        if tuple(target.shape) != rows:
+            raise ValueError(f"target: expected shape {rows} (student's without its last dimension), found "
+                             f"{tuple(target.shape)}")
+    spec = _distill_spec(kind, temperature, beta, scale_by_t2, reduction, ignore_index, soft_weight, hard_weight)
+    v = student.shape[-1]
+    s = student.reshape(-1, v)
+    k = dense.shape[-1]
+    t = dense.reshape(-1, k)
+    idx = None if indices is None else indices.reshape(-1, k)
+    tg = None if target is None else target.reshape(-1)
+    if _compiling():
+        loss, _ = L.distill(s, t, idx, tg, *spec, _wants_grad(s))
+    else:
+        loss = A.Distill.apply(s, t, idx, tg, spec)
+    return loss.reshape(rows) if spec.reduction == "none" else loss
+
+
+def _distill_spec(kind, temperature, beta, scale_by_t2, reduction, ignore_index, soft_weight, hard_weight):
+    for name, value in (("kind", kind), ("reduction", reduction)):
+        if not isinstance(value, str):
+            raise TypeError(f"{name}: expected a string, found {type(value).__name__}")
+    if not isinstance(scale_by_t2, bool):
+        raise TypeError(f"scale_by_t2: expected a bool, found {type(scale_by_t2).__name__}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index: expected an int, found {type(ignore_index).__name__}")
+    return DistillSpec(kind, _number("temperature", temperature), _number("beta", beta), scale_by_t2, reduction,
+                       int(ignore_index), _number("soft_weight", soft_weight), _number("hard_weight", hard_weight))

@@ -8,6 +8,10 @@ Registered under the ``fastloss`` namespace on first import of
   -> (loss, grad)``; ``normalizer`` is a one-element tensor (so that a
   value that changes every step, as in gradient accumulation, does not
   recompile the graph), read once on the host by the op.
+* ``fastloss::distill(student, teacher, teacher_indices?, target?, kind,
+  temperature, beta, scale_by_t2, reduction, ignore_index, soft_weight,
+  hard_weight, with_grad) -> (loss, grad)``; ``teacher`` holds logits, or
+  top-k log-probabilities when ``teacher_indices`` is given.
 * ``fastloss::mse(input, target, weight?, reduction, with_grad) -> (loss, grad)``
 * ``fastloss::linear_cross_entropy(input, linear_weight, target, bias?, weight?,
   ignore_index, reduction, label_smoothing, z_loss, softcap?, logit_scale,
@@ -29,7 +33,7 @@ import torch
 from torch import Tensor
 
 from . import backend
-from .backend import CESpec
+from .backend import CESpec, DistillSpec
 
 _EMPTY = (0,)
 
@@ -49,19 +53,31 @@ def _or_empty(t, like):
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str,
                   label_smoothing: float, z_loss: float, softcap: float | None, logit_scale: float,
                   normalizer: Tensor | None, with_grad: bool) -> tuple[Tensor, Tensor]:
-    """Cross-entropy of (N, V) logits; the gradient (upstream 1) with ``with_grad``."""
+    """Cross-entropy of (N, V) logits against (N,) class indices or (N, V)
+    probabilities; the gradient (upstream 1) with ``with_grad``."""
     spec = _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, normalizer)
     loss, grad = backend.cross_entropy(input, target, weight, spec, with_grad)
     return loss, _or_empty(grad, input)
 
 
-@cross_entropy.register_fake
-def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
-      normalizer, with_grad):
-    shape = target.shape if reduction == "none" else ()
+def _fake_row_loss(input, reduction, with_grad):
+    """The fake (loss, grad) of a loss over the rows of (N, V) ``input``."""
+    shape = input.shape[:-1] if reduction == "none" else ()
     grad = torch.empty_like(input, memory_format=torch.contiguous_format) if with_grad \
         else input.new_empty(_EMPTY)
     return input.new_empty(shape), grad
+
+
+def _scaled(grad, grad_loss, per_row):
+    """The kept gradient times the upstream gradient (one per row for "none")."""
+    up = grad_loss.unsqueeze(-1) if per_row else grad_loss
+    return grad * up.to(grad.dtype)
+
+
+@cross_entropy.register_fake
+def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
+      normalizer, with_grad):
+    return _fake_row_loss(input, reduction, with_grad)
 
 
 def _ce_setup(ctx, inputs, output):
@@ -80,11 +96,52 @@ def _ce_backward(ctx, grad_loss, _grad_grad):
     else:
         x, target, weight, normalizer = ctx.saved_tensors
         grad = cross_entropy(x, target, weight, *ctx.args[:6], normalizer, True)[1]
-    up = grad_loss.unsqueeze(-1) if ctx.per_row else grad_loss
-    return (grad * up.to(grad.dtype),) + (None,) * 10
+    return (_scaled(grad, grad_loss, ctx.per_row),) + (None,) * 10
 
 
 cross_entropy.register_autograd(_ce_backward, setup_context=_ce_setup)
+
+
+# --- distillation --------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastloss::distill", mutates_args=())
+def distill(student: Tensor, teacher: Tensor, teacher_indices: Tensor | None, target: Tensor | None, kind: str,
+            temperature: float, beta: float, scale_by_t2: bool, reduction: str, ignore_index: int,
+            soft_weight: float, hard_weight: float, with_grad: bool) -> tuple[Tensor, Tensor]:
+    """Distillation loss of (N, V) student logits against (N, V) teacher logits,
+    or (N, k) teacher log-probabilities at ``teacher_indices``; the gradient
+    for the student (upstream 1) with ``with_grad``."""
+    spec = DistillSpec(kind, temperature, beta, scale_by_t2, reduction, ignore_index, soft_weight, hard_weight)
+    loss, grad = backend.distill(student, teacher, teacher_indices, target, spec, with_grad)
+    return loss, _or_empty(grad, student)
+
+
+@distill.register_fake
+def _(student, teacher, teacher_indices, target, kind, temperature, beta, scale_by_t2, reduction, ignore_index,
+      soft_weight, hard_weight, with_grad):
+    return _fake_row_loss(student, reduction, with_grad)
+
+
+def _distill_setup(ctx, inputs, output):
+    ctx.per_row = inputs[8] == "none"
+    ctx.kept = inputs[-1]
+    if ctx.kept:
+        ctx.save_for_backward(output[1])
+    else:  # no gradient was made: backward computes it again
+        ctx.args = inputs[4:12]
+        ctx.save_for_backward(*inputs[0:4])
+
+
+def _distill_backward(ctx, grad_loss, _grad_grad):
+    if ctx.kept:
+        (grad,) = ctx.saved_tensors
+    else:
+        s, teacher, indices, target = ctx.saved_tensors
+        grad = distill(s, teacher, indices, target, *ctx.args, True)[1]
+    return (_scaled(grad, grad_loss, ctx.per_row),) + (None,) * 12
+
+
+distill.register_autograd(_distill_backward, setup_context=_distill_setup)
 
 
 # --- mean squared error --------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from torch import nn
 
 from . import functional as F
 
-__all__ = ["CrossEntropyLoss", "MSELoss", "LinearCrossEntropyLoss"]
+__all__ = ["CrossEntropyLoss", "MSELoss", "LinearCrossEntropyLoss", "DistillLoss"]
 
 
 def _reduction(size_average, reduce, reduction):
@@ -128,3 +128,41 @@ class LinearCrossEntropyLoss(nn.Module):
                 f"bias={self.linear.bias is not None}, reduction={self.reduction!r}, "
                 f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
                 f"z_loss={self.z_loss}, chunk_size={self.chunk_size}")
+
+
+class DistillLoss(nn.Module):
+    """:func:`fastloss.torch.distill` as a module: the options in the
+    constructor, ``forward(student, teacher, target=None)``.
+
+    Examples
+    --------
+    >>> import torch, fastloss.torch as flt
+    >>> loss_fn = flt.DistillLoss(kind="jsd", beta=0.5, temperature=2.0)
+    >>> s, t = torch.randn(8, 32, requires_grad=True), torch.randn(8, 32)
+    >>> loss_fn(s, t).backward()
+    >>> s.grad.shape
+    torch.Size([8, 32])
+    """
+
+    def __init__(self, *, kind="kl", temperature=1.0, beta=0.5, scale_by_t2=False, reduction="batchmean",
+                 ignore_index=-100, soft_weight=1.0, hard_weight=0.0):
+        super().__init__()
+        self.kind = kind
+        self.temperature = temperature
+        self.beta = beta
+        self.scale_by_t2 = scale_by_t2
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.soft_weight = soft_weight
+        self.hard_weight = hard_weight
+
+    def forward(self, student, teacher, target=None):
+        return F.distill(student, teacher, kind=self.kind, temperature=self.temperature, beta=self.beta,
+                         scale_by_t2=self.scale_by_t2, reduction=self.reduction, target=target,
+                         ignore_index=self.ignore_index, soft_weight=self.soft_weight,
+                         hard_weight=self.hard_weight)
+
+    def extra_repr(self):
+        return (f"kind={self.kind!r}, temperature={self.temperature}, beta={self.beta}, "
+                f"scale_by_t2={self.scale_by_t2}, reduction={self.reduction!r}, "
+                f"soft_weight={self.soft_weight}, hard_weight={self.hard_weight}")
