@@ -125,3 +125,17 @@ def pytest_terminal_summary(terminalreporter):
               "warnings": warnings, "results": R.add_ratios(rows)}
     terminalreporter.write_sep("-", "fastloss bench table (columns: fastloss bench --help)")
     terminalreporter.write(R.format_table(result))
+
+
+@pytest.fixture
+def say(request):
+    """``say(line)`` prints a line on the terminal past pytest's output capture."""
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+
+    def _say(line):
+        if capture is None:
+            print(line)
+            return
+        with capture.global_and_fixture_disabled():
+            print(line, flush=True)
+    return _say

@@ -88,17 +88,7 @@ def dumps(request):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _say(request, line):
-    """Print ``line`` on the terminal past pytest's output capture."""
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if capture is None:
-        print(line)
-        return
-    with capture.global_and_fixture_disabled():
-        print(line, flush=True)
-
-
-def test_compare_stream(benchmark, dumps, request):
+def test_compare_stream(benchmark, dumps, say, request):
     import fastloss
 
     size = dumps["bytes"]
@@ -132,7 +122,7 @@ def test_compare_stream(benchmark, dumps, request):
             "ratio": read / min(runs), "memmap_sum_s": sums, "readinto_s": copies,
             "compare_s": runs, "loadavg": os.getloadavg()}
     benchmark.extra_info.update(info)
-    _say(request, f"\ncompare-stream: 2 x {size / 2e9:.2f} GB dumps: memmap sum "
+    say(f"\ncompare-stream: 2 x {size / 2e9:.2f} GB dumps: memmap sum "
                   f"{info['memmap_sum_gbps']:.2f} GB/s, readinto {info['readinto_gbps']:.2f} GB/s, "
                   f"compare {info['compare_gbps']:.2f} GB/s, ratio to the faster read "
                   f"{info['ratio']:.2f} (target >= 0.70); min of {len(runs)} alternating rounds; "

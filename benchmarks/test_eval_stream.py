@@ -74,17 +74,7 @@ def dump(request):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _say(request, line):
-    """Print ``line`` on the terminal past pytest's output capture."""
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if capture is None:
-        print(line)
-        return
-    with capture.global_and_fixture_disabled():
-        print(line, flush=True)
-
-
-def test_eval_stream(benchmark, dump, request):
+def test_eval_stream(benchmark, dump, say, request):
     import fastloss
 
     size = dump["bytes"]
@@ -111,13 +101,13 @@ def test_eval_stream(benchmark, dump, request):
             "ratio": eval_gbps / read_gbps, "read_s": reads, "eval_s": evals,
             "write_s": dump["write_s"], "loadavg": os.getloadavg()}
     benchmark.extra_info.update(info)
-    _say(request, f"\neval-stream: {size / 1e9:.2f} GB dump: plain read {read_gbps:.2f} GB/s, "
+    say(f"\neval-stream: {size / 1e9:.2f} GB dump: plain read {read_gbps:.2f} GB/s, "
                   f"evaluate {eval_gbps:.2f} GB/s, ratio {info['ratio']:.2f} (target >= 0.70); "
                   f"min of {len(evals)} alternating rounds; load average "
                   f"{' '.join(f'{x:.2f}' for x in info['loadavg'])}")
 
 
-def test_eval_stream_peak_rss(benchmark, dump, request):
+def test_eval_stream_peak_rss(benchmark, dump, say):
     got = {}
 
     def run():
@@ -127,7 +117,7 @@ def test_eval_stream_peak_rss(benchmark, dump, request):
     benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
     extra = got["peak_rss"] - got["baseline_rss"]
     benchmark.extra_info.update(got, extra_rss=extra)
-    _say(request, f"\neval-stream: peak RSS {got['peak_rss'] / 1e6:.0f} MB = baseline "
+    say(f"\neval-stream: peak RSS {got['peak_rss'] / 1e6:.0f} MB = baseline "
                   f"{got['baseline_rss'] / 1e6:.0f} MB (imported, kernels loaded) + "
                   f"{extra / 1e6:.0f} MB (target < 600 MB); in that process "
                   f"{dump['bytes'] / got['seconds'] / 1e9:.2f} GB/s")

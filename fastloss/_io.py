@@ -2,7 +2,8 @@
 
 * :func:`json_safe`: a report's values as JSON-ready Python objects;
 * :func:`write_json_atomic`: write such a dict to a file so that a reader never
-  sees half of it.
+  sees half of it; :func:`write_report_json`: the same for a command's ``--json``,
+  with the error worded for its user.
 """
 
 import math
@@ -78,3 +79,12 @@ def check_output_path(path, flag):
         raise ValueError(f"{path}: cannot write ({flag}): no such folder {folder}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"{path}: cannot write ({flag}): permission denied in {folder}")
+
+
+def write_report_json(obj, path):
+    """:func:`write_json_atomic`, an ``OSError`` worded ``"<path>: cannot write: <why>"``
+    (what the commands' ``--json`` reports)."""
+    try:
+        write_json_atomic(obj, path)
+    except OSError as e:
+        raise OSError(f"{path}: cannot write: {e.strerror or e}") from None

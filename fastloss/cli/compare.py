@@ -2,7 +2,7 @@
 
 import sys
 
-from .._io import write_json_atomic
+from .._io import write_report_json
 from .evaluate import add_progress_options, add_stream_options, check_stream_options, fail, layout
 
 
@@ -94,10 +94,7 @@ def run(args, argv):
         sys.stdout.write(report.format())
         sys.stdout.flush()
         if args.json:
-            try:
-                write_json_atomic(report.to_dict(), args.json)
-            except OSError as e:
-                raise OSError(f"{args.json}: cannot write: {e.strerror or e}") from None
+            write_report_json(report.to_dict(), args.json)
     except (ValueError, TypeError, OSError) as e:
         fail(args, e, "compare")
         return 2

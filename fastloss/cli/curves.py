@@ -54,7 +54,7 @@ def add_parser(sub):
 
 def run(args, argv):
     """``fastloss curves``: returns the exit status (2 on bad input, with one line on stderr)."""
-    from .._io import check_output_path, write_json_atomic
+    from .._io import check_output_path, write_report_json
     from ..evaluation.curves import diagnose, read_log
 
     def fail(e, status):
@@ -76,9 +76,9 @@ def run(args, argv):
     sys.stdout.flush()
     if args.json:
         try:
-            write_json_atomic(report.to_dict(), args.json)
+            write_report_json(report.to_dict(), args.json)
         except OSError as e:
-            return fail(OSError(f"{args.json}: cannot write: {e.strerror or e}"), 2)
+            return fail(e, 2)
     if args.plot:
         from ..evaluation.plot import plot_curves
         try:

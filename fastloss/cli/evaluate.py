@@ -2,7 +2,7 @@
 
 import sys
 
-from .._io import check_output_path, write_json_atomic
+from .._io import check_output_path, write_report_json
 
 
 def add_stream_options(parser, what, chunk="64 MiB of logits"):
@@ -179,10 +179,7 @@ def run(args, argv):
         sys.stdout.write(text)
         sys.stdout.flush()
         if args.json:
-            try:
-                write_json_atomic(out, args.json)
-            except OSError as e:
-                raise OSError(f"{args.json}: cannot write: {e.strerror or e}") from None
+            write_report_json(out, args.json)
     except (ValueError, TypeError, OSError) as e:
         fail(args, e)
         return 2

@@ -90,6 +90,28 @@ def plot_curves(log, path, *, vocab=None, baseline=None, baseline_name="baseline
     return _save(fig, plt, path)
 
 
+def _histogram(d, key, name, what):
+    """(edges, counts) of the histogram ``d[key]`` (a dict with 'edges' and 'counts'),
+    checked; ValueError naming ``name`` otherwise."""
+    hist = d.get(key) if isinstance(d, dict) else None
+    if not isinstance(hist, dict) or "edges" not in hist or "counts" not in hist:
+        raise ValueError(f"{name}: expected {what} with a '{key}' holding 'edges' and 'counts'")
+    edges = np.asarray(hist["edges"], dtype=np.float64)
+    counts = np.asarray(hist["counts"], dtype=np.float64)
+    if edges.ndim != 1 or counts.ndim != 1 or len(edges) != len(counts) + 1 or len(counts) == 0:
+        raise ValueError(f"{name}: {key} needs len(edges) == len(counts) + 1 >= 2, "
+                         f"found {edges.size} edges and {counts.size} counts")
+    return edges, counts
+
+
+def _figure(edges, counts, ncols):
+    """(pyplot, figure, axes): a row of ``ncols`` panels, the histogram drawn in the first."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, ncols, figsize=(6.5 * ncols, 4.2), squeeze=False)
+    axes[0, 0].stairs(counts, edges, fill=True, alpha=0.6, label="tokens")
+    return plt, fig, axes
+
+
 def plot_report(report_dict, path):
     """Draw an evaluation report's loss histogram (and loss per position) to a PNG file.
 
@@ -116,21 +138,11 @@ def plot_report(report_dict, path):
     ValueError
         ``report_dict`` has no usable ``loss_histogram``.
     """
-    hist = report_dict.get("loss_histogram") if isinstance(report_dict, dict) else None
-    if not isinstance(hist, dict) or "edges" not in hist or "counts" not in hist:
-        raise ValueError("report_dict: expected EvalReport.to_dict() with a 'loss_histogram' "
-                         "holding 'edges' and 'counts'")
-    edges = np.asarray(hist["edges"], dtype=np.float64)
-    counts = np.asarray(hist["counts"], dtype=np.float64)
-    if edges.ndim != 1 or counts.ndim != 1 or len(edges) != len(counts) + 1 or len(counts) == 0:
-        raise ValueError(f"report_dict: loss_histogram needs len(edges) == len(counts) + 1 >= 2, "
-                         f"found {edges.size} edges and {counts.size} counts")
+    edges, counts = _histogram(report_dict, "loss_histogram", "report_dict",
+                               "EvalReport.to_dict()")
     per_pos = report_dict.get("per_position_loss")
-    plt = _pyplot()
-    ncols = 2 if per_pos else 1
-    fig, axes = plt.subplots(1, ncols, figsize=(6.5 * ncols, 4.2), squeeze=False)
+    plt, fig, axes = _figure(edges, counts, 2 if per_pos else 1)
     ax = axes[0, 0]
-    ax.stairs(counts, edges, fill=True, alpha=0.6, label="tokens")
     unigram = f"unigram baseline ({report_dict.get('unigram_source') or 'evaluated tokens'})"
     for key, style, name in (("mean_loss", "-", "mean loss"),
                              ("unigram_baseline", ":", unigram),
@@ -183,21 +195,10 @@ def plot_compare(report, path):
         ``report`` has no usable ``kl_histogram``.
     """
     d = report.to_dict() if hasattr(report, "to_dict") else report
-    hist = d.get("kl_histogram") if isinstance(d, dict) else None
-    if not isinstance(hist, dict) or "edges" not in hist or "counts" not in hist:
-        raise ValueError("report: expected a CompareReport (or its to_dict()) with a "
-                         "'kl_histogram' holding 'edges' and 'counts'")
-    edges = np.asarray(hist["edges"], dtype=np.float64)
-    counts = np.asarray(hist["counts"], dtype=np.float64)
-    if edges.ndim != 1 or counts.ndim != 1 or len(edges) != len(counts) + 1 or len(counts) == 0:
-        raise ValueError(f"report: kl_histogram needs len(edges) == len(counts) + 1 >= 2, "
-                         f"found {edges.size} edges and {counts.size} counts")
+    edges, counts = _histogram(d, "kl_histogram", "report", "a CompareReport (or its to_dict())")
     per_pos = d.get("per_position_kl")
-    plt = _pyplot()
-    ncols = 2 if per_pos else 1
-    fig, axes = plt.subplots(1, ncols, figsize=(6.5 * ncols, 4.2), squeeze=False)
+    plt, fig, axes = _figure(edges, counts, 2 if per_pos else 1)
     ax = axes[0, 0]
-    ax.stairs(counts, edges, fill=True, alpha=0.6, label="tokens")
     ax.set_xscale("log")
     mean = d.get("mean_kl")
     if mean is not None and mean > 0:
@@ -207,7 +208,7 @@ def plot_compare(report, path):
         v = pct.get(key)
         if v is not None and v > 0:
             ax.axvline(v, color="grey", ls=style, lw=1, label=f"{key}th percentile = {v:.3g}")
-    below = int(hist.get("below") or 0)
+    below = int(d["kl_histogram"].get("below") or 0)
     ax.set_xlabel("per-token KL(base || model), nats"
                   + (f"; {below:,} tokens below {edges[0]:g} not shown" if below else ""))
     ax.set_ylabel("tokens")
