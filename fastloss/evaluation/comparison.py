@@ -65,11 +65,11 @@ class CompareReport:
     vocab: int
     mean_kl: float
     kl_stderr: float
-    kl_percentiles: dict
+    kl_percentiles: dict = dataclasses.field(repr=False)
     top1_agreement: float
     top1_agreement_stderr: float
-    top_disagreements: list
-    kl_histogram: dict | None = None
+    top_disagreements: list = dataclasses.field(repr=False)
+    kl_histogram: dict | None = dataclasses.field(default=None, repr=False)
     ppl_base: float | None = None
     ppl_base_stderr: float | None = None
     ppl_model: float | None = None
@@ -82,12 +82,12 @@ class CompareReport:
     delta_p_mean: float | None = None
     delta_p_stderr: float | None = None
     delta_p_rms: float | None = None
-    delta_p_percentiles: dict | None = None
+    delta_p_percentiles: dict | None = dataclasses.field(default=None, repr=False)
     logprob_correlation: float | None = None
     seq_len: int | None = None
     shift: bool = False
-    per_position_kl: list | None = None
-    per_position_count: list | None = None
+    per_position_kl: list | None = dataclasses.field(default=None, repr=False)
+    per_position_count: list | None = dataclasses.field(default=None, repr=False)
     base_files: list = dataclasses.field(default_factory=list)
     model_files: list = dataclasses.field(default_factory=list)
     targets_files: list = dataclasses.field(default_factory=list)
