@@ -1,15 +1,21 @@
 """The benchmark suite: every case of ``fastloss.bench.cases`` x every provider.
 
 Cases (``fastloss.bench.cases.suite_cases``): cross-entropy (mean, class-index
-targets) at (4096, 32000), (2048, 128256), (8192, 50257), (512, 262144) and MSE
-at 2^26 and 2^28 elements; float32 and bfloat16; forward and fwd+bwd.
+targets) at (4096, 32000), (2048, 128256), (8192, 50257), (512, 262144), MSE
+at 2^26 and 2^28 elements, cross-entropy with probability targets
+(``soft-ce``) and distillation (``distill-kl``, ``distill-jsd``; temperature 2)
+at (4096, 32000); float32 and bfloat16; forward and fwd+bwd.
 Providers: fastloss (forward; fwd+bwd with ``out=``, ``inplace=True`` and
 allocating), torch eager, ``torch.compile``, numpy/scipy (float32), JAX/optax
-(when installed). A provider that cannot run a case here is skipped with the
+(when installed); probability targets and distillation have fastloss
+(forward), fastloss-out, torch eager and ``torch.compile``. A provider that cannot run a case here is skipped with the
 reason. The issue-2 core cases carry the ``core`` mark, the linear
 cross-entropy cases ``lce``, and the small set of ``fastloss bench --small``
-(``fastloss.bench.cases.small_cases``: cross-entropy and MSE at 8x100, 64x1000,
-256x4096, linear cross-entropy 64x32x500; fastloss against torch eager) ``small``.
+(``fastloss.bench.cases.small_cases``: cross-entropy, probability targets,
+distillation and MSE at 8x100, 64x1000, 256x4096, linear cross-entropy
+64x32x500; fastloss against torch eager) ``small``. ``--bench-quick`` runs
+every op at small shapes (``quick_cases``: the probability-target and
+distillation cases at 256x32000).
 
 Run (see benchmarks/README.md)::
 

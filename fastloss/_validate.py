@@ -422,10 +422,11 @@ def check_inplace_out(inplace, out):
     return bool(inplace)
 
 
-def overlap_error(op):
-    """The error for an ``out=`` that overlaps the inputs (``op``: "ce" or "mse")."""
+def overlap_error(op, name="logits"):
+    """The error for an ``out=`` that overlaps the inputs (``op``: "ce" or "mse";
+    ``name``: what "ce" overwrites in place, the logits or distillation's student)."""
     if op == "ce":
-        return ValueError("out: overlaps logits; pass inplace=True to overwrite the logits")
+        return ValueError(f"out: overlaps {name}; pass inplace=True to overwrite the {name}")
     return ValueError("out: overlaps pred or target")
 
 
@@ -439,6 +440,45 @@ def out_array(out, shape, dtype, name="out"):
     if not out.flags.c_contiguous:
         raise not_contiguous_error(out.strides, name)
     return out
+
+
+def grad_buffer(original, x, out, inplace, name="logits", keep=None):
+    """Where a host gradient goes: ``(buffer, copy_back)``.
+
+    ``x`` is ``original`` as converted for the kernels (the same memory when
+    ``inplace`` is allowed). ``inplace``: ``x`` itself, or a fresh buffer with
+    ``copy_back`` set when ``x`` is not C-contiguous (the caller copies the
+    gradient over it afterwards); ``out``: checked by :func:`out_array` and
+    not overlapping ``x`` unless it is ``x`` itself; else a fresh buffer.
+    ``keep``, ``(label, arrays)``: inputs that neither the buffer nor, in
+    place, ``x`` may share memory with (distillation's teacher).
+    """
+    if inplace:
+        if not isinstance(original, np.ndarray):
+            raise TypeError(f"{name}: inplace=True needs a numpy array, found {type(original).__name__}")
+        if x is not original and not np.shares_memory(x, original):
+            raise ValueError(f"{name}: inplace=True needs a native-byte-order float array, "
+                             f"found dtype {original.dtype}")
+        if not x.flags.writeable:
+            raise ValueError(f"{name}: inplace=True needs a writable array, found a read-only one")
+        if keep is not None:
+            for a in keep[1]:
+                if np.may_share_memory(a, x):
+                    raise ValueError(f"{keep[0]}: shares memory with {name}; inplace=True would overwrite it")
+        if x.flags.c_contiguous:
+            return x, False
+        return np.empty(x.shape, x.dtype), True
+    if out is None:
+        return np.empty(x.shape, x.dtype), False
+    out_array(out, x.shape, x.dtype)
+    same = out.__array_interface__["data"][0] == x.__array_interface__["data"][0] and x.flags.c_contiguous
+    if not same and np.may_share_memory(out, x):
+        raise overlap_error("ce", name)
+    if keep is not None:
+        for a in keep[1]:
+            if np.may_share_memory(out, a):
+                raise ValueError(f"out: overlaps {keep[0]} (the {keep[0]} is never modified)")
+    return out, False
 
 
 def threads():
@@ -545,3 +585,12 @@ def bad_soft_targets_error(nbad, rows_shape, first, row, tol):
     return ValueError(f"targets: {nbad} row(s) of probability targets are not distributions "
                       f"(entries finite and >= 0, summing to 1 within {tol}); first at row "
                       f"{pos}: {what}")
+
+
+def check_hard_targets(hard_weight, targets):
+    """A distillation's hard-label term needs targets: ValueError for
+    ``hard_weight > 0`` without them (silently dropping the term would hide a
+    forgotten argument)."""
+    if targets is None and hard_weight > 0:
+        raise ValueError(f"hard_weight: {hard_weight!r} asks for a hard-label term, which needs targets; "
+                         "found targets=None (pass targets, or hard_weight=0)")

@@ -30,3 +30,7 @@ G_SCALAR, G_DEVICE_SCALAR, G_ROWS = 0, 1, 2
 #:     W_INNER  varies along the last ``inner`` elements    w_k = w[k % inner]
 #:     W_OUTER  constant along the last ``inner`` elements  w_k = w[k // inner]
 W_NONE, W_FULL, W_INNER, W_OUTER = 0, 1, 2, 3
+
+#: Divergences of ``fastloss.distill`` as kernels see them: forward KL(p_t || p_s),
+#: reverse KL(p_s || p_t), generalised JSD (``0 < beta < 1``).
+KL, REVERSE_KL, JSD = 0, 1, 2

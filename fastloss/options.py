@@ -16,6 +16,7 @@ import numpy as np
 
 from . import _validate as V
 from . import codes
+from .codes import JSD, KL, REVERSE_KL
 
 
 class Transform(NamedTuple):
@@ -143,9 +144,7 @@ class MSEOptions(NamedTuple):
         return codes.REDUCTION_CODES[self.reduction]
 
 
-#: Divergences of ``fastloss.distill`` as kernels see them: forward KL(p_t || p_s),
-#: reverse KL(p_s || p_t), generalised JSD (``0 < beta < 1``).
-KL, REVERSE_KL, JSD = 0, 1, 2
+#: ``fastloss.distill``'s ``kind`` -> the kernels' divergence code (``fastloss.codes``).
 DISTILL_KINDS = {"kl": KL, "reverse_kl": REVERSE_KL, "jsd": JSD}
 DISTILL_REDUCTIONS = ("batchmean", "mean", "sum", "none")
 

@@ -15,7 +15,8 @@ import sys
 import numba
 import numpy as np
 import pytest
-from reference import ce_reference, mse_reference, to_float64
+from reference import ce_reference, mse_reference, soft_ce_reference, to_float64
+from reference_distill import distill_reference
 
 from fastloss.bench import cases as C
 from fastloss.bench import machine as M
@@ -139,6 +140,42 @@ def test_cli_bench_linear_ce(bench_env, capsys):
     assert rows[0]["case"].startswith("lce-fwd+bwd-64x32x500")
 
 
+def test_cli_bench_soft_ce_and_distill(bench_env, capsys):
+    """--op soft-ce and --op distill (--kind kl jsd): one case per kind, dtype and
+    mode, the floors' bytes and exps of the pair ops, every provider's loss that
+    of the reference."""
+    pytest.importorskip("torch")
+    out = bench_env / "soft.json"
+    rc = main(["bench", "--op", "soft-ce", "--shape", "16", "300", "--providers", "fastloss,torch",
+               "--repeat", "1", "--no-save", "--quiet", "--json", str(out)])
+    assert rc == 0
+    assert "soft-ce-fwd+bwd-16x300-float32: moves 0.1 MB, 0.0 M exp" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["case"], r["provider"]) for r in rows] == [
+        ("soft-ce-forward-16x300-float32", "fastloss"), ("soft-ce-forward-16x300-float32", "torch"),
+        ("soft-ce-fwd+bwd-16x300-float32", "fastloss-out"), ("soft-ce-fwd+bwd-16x300-float32", "torch")]
+    out2 = bench_env / "distill.json"
+    rc = main(["bench", "--op", "distill", "--kind", "kl", "jsd", "kl", "--dtype", "bfloat16",
+               "--mode", "fwd+bwd", "--shape", "16", "300", "--providers", "fastloss,torch",
+               "--repeat", "1", "--no-save", "--quiet", "--json", str(out2)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "distill-jsd-fwd+bwd-16x300-bfloat16: moves 0.0 MB, 0.0 M exp" in text
+    rows += json.loads(out2.read_text())["results"]
+    assert [(r["op"], r["provider"]) for r in rows[4:]] == [
+        ("distill-kl", "fastloss-out"), ("distill-kl", "torch"),
+        ("distill-jsd", "fastloss-out"), ("distill-jsd", "torch")]
+    for r in rows:
+        assert r["status"] == "ok", (r["case"], r["provider"], r["note"])
+        case = C.Case(r["op"], tuple(r["shape"]), r["dtype"], r["mode"])
+        elements, itemsize = 16 * 300, 2 if r["dtype"] == "bfloat16" else 4
+        assert r["bytes_moved"] == elements * itemsize * (3 if r["mode"] == "fwd+bwd" else 2)
+        assert r["exp_evals"] == elements * (1 if r["op"] == "soft-ce" else 2)
+        want, _ = _reference(case, C.make_inputs(case))
+        assert r["loss"] == pytest.approx(want, rel=1e-5 if r["dtype"] == "float32" else 1e-3), \
+            (r["case"], r["provider"])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--op", "mse", "--shape", "4", "5"], "--shape is for --op ce"),
     (["--size", "2^10"], "--size is for --op mse"),
@@ -148,6 +185,14 @@ def test_cli_bench_linear_ce(bench_env, capsys):
     (["--op", "lce", "--shape", "4", "5"], "--op lce takes 3 numbers (N D V)"),
     (["--shape", "4", "5", "6"], "--op ce takes 2 numbers (N V)"),
     (["--op", "lce", "--mode", "forward"], "fwd+bwd only"),
+    (["--op", "distill", "--shape", "4", "5", "6"], "--op distill takes 2 numbers (N V)"),
+    (["--op", "soft-ce", "--size", "2^10"], "--size is for --op mse"),
+    (["--op", "mse", "--shape", "4", "5"], "--shape is for --op ce, soft-ce, distill and lce"),
+    (["--kind", "jsd"], "--kind is for --op distill, found --op ce"),
+    (["--op", "soft-ce", "--kind", "kl"], "--kind is for --op distill, found --op soft-ce"),
+    (["--op", "distill", "--kind", "reverse_kl"], "invalid choice: 'reverse_kl'"),
+    (["--small", "--kind", "kl"], "--kind: --small runs its own set"),
+    (["--op", "torch-step", "--kind", "kl"], "--kind does not apply to --op torch-step"),
     (["--small", "--shape", "4", "5"], "--shape: --small runs its own set"),
     (["--small", "--op", "mse"], "--op: --small runs its own set"),
     (["--save", "a/b"], "--save takes a name (give the folder with --dir)"),
@@ -168,19 +213,33 @@ def _run(bench):
     return bench.fn()
 
 
+def _reference(case, inputs):
+    """(loss, grad) of ``case`` on ``inputs`` by the float64 references of the test suite."""
+    if case.op == "ce":
+        return ce_reference(inputs["logits"], inputs["targets"])
+    if case.op == "soft-ce":
+        return soft_ce_reference(inputs["logits"], inputs["probs"])
+    if case.distill_kind is not None:
+        return distill_reference(inputs["student"], inputs["teacher"], kind=case.distill_kind,
+                                 temperature=C.DISTILL_TEMPERATURE, beta=C.DISTILL_BETA)
+    return mse_reference(inputs["pred"], inputs["target"])
+
+
 @pytest.mark.parametrize("dtype, rtol, gtol", [("float32", 1e-5, 1e-6), ("bfloat16", 1e-2, 1e-2)])
-@pytest.mark.parametrize("op, shape", [("ce", (7, 1001)), ("mse", (4099,))])
+# gloose: the gradient tolerance's factor for the op; torch's float32 JSD takes the
+# mixture's log-probabilities by logsumexp of rounded log-probabilities (~1e-6 of the max).
+@pytest.mark.parametrize("op, shape, gloose", [
+    ("ce", (7, 1001), 1), ("mse", (4099,), 1), ("soft-ce", (7, 1001), 1),
+    ("distill-kl", (7, 1001), 1), ("distill-jsd", (7, 1001), 4)])
 @pytest.mark.parametrize("mode", C.MODES)
-def test_providers_agree(op, shape, dtype, rtol, gtol, mode):
+def test_providers_agree(op, shape, gloose, dtype, rtol, gtol, mode):
     """Each provider's callable computes the loss (and gradient) of the float64
     reference on the same inputs; the inputs are never modified."""
+    gtol = max(gtol, gloose * gtol) if dtype == "float32" else gtol
     case = C.Case(op, shape, dtype, mode)
     inputs = C.make_inputs(case, seed=3)
     before = {k: v.copy() for k, v in inputs.items()}
-    if op == "ce":
-        want, want_grad = ce_reference(inputs["logits"], inputs["targets"])
-    else:
-        want, want_grad = mse_reference(inputs["pred"], inputs["target"])
+    want, want_grad = _reference(case, inputs)
     ran = []
     for provider in C.providers_for(case):
         if provider == "torch-compile":
@@ -202,9 +261,51 @@ def test_providers_agree(op, shape, dtype, rtol, gtol, mode):
     for k, v in inputs.items():
         np.testing.assert_array_equal(to_float64(v), to_float64(before[k]), err_msg=k)
     assert ran[0].startswith("fastloss")
-    assert ("numpy" in ran) == (dtype == "float32")
+    assert ("numpy" in ran) == (dtype == "float32" and op in ("ce", "mse"))
     if _has("torch"):
         assert "torch" in ran
+
+
+_SLOW_COMPILE = pytest.mark.slow  # torch.compile: seconds per function on the project's machine
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("op", [pytest.param("soft-ce", marks=_SLOW_COMPILE),
+                                pytest.param("distill-kl", marks=_SLOW_COMPILE), "distill-jsd"])
+def test_torch_compile_pair_ops_agree(op):
+    """torch.compile of the probability-target and distillation functions gives
+    the reference's loss and gradient (skipped where it does not compile)."""
+    pytest.importorskip("torch")
+    case = C.Case(op, (5, 333), "float32", "fwd+bwd")
+    inputs = C.make_inputs(case, seed=4)
+    want, want_grad = _reference(case, inputs)
+    try:
+        bench = C.build(case, inputs, "torch-compile")
+    except C.Unavailable as e:
+        pytest.skip(str(e))
+    ret = _run(bench)
+    assert C.loss_value(ret, case.mode) == pytest.approx(want, rel=1e-5)
+    np.testing.assert_allclose(C.grad_array(ret), want_grad, rtol=0,
+                               atol=1e-6 * np.abs(want_grad).max())
+
+
+@pytest.mark.parametrize("dtype", C.DTYPES)
+def test_pair_op_inputs(dtype):
+    """soft-ce targets are distributions in the case's dtype (within the
+    library's tolerance); the teacher is the student plus noise, both in the
+    case's dtype; the two modes share one set of inputs."""
+    from fastloss import config
+    soft = C.make_inputs(C.Case("soft-ce", (9, 4097), dtype), seed=5)
+    assert soft["logits"].dtype == soft["probs"].dtype == C._dtype(dtype)
+    q = to_float64(soft["probs"])
+    assert (q >= 0).all() and q.max() > 4.0 / 4097  # peaked: uniform**4 peaks at ~5x the mean
+    np.testing.assert_allclose(q.sum(axis=1), 1.0, atol=config.SOFT_TARGET_SUM_TOL / 10)
+    dist = C.make_inputs(C.Case("distill-jsd", (9, 4097), dtype, "fwd+bwd"), seed=5)
+    s, t = to_float64(dist["student"]), to_float64(dist["teacher"])
+    assert dist["student"].dtype == dist["teacher"].dtype == C._dtype(dtype)
+    assert 0.5 < np.std(t - s) < 1.5 and 1.5 < np.std(s) < 2.5
+    again = C.make_inputs(C.Case("distill-jsd", (9, 4097), dtype, "forward"), seed=5)
+    np.testing.assert_array_equal(to_float64(again["teacher"]), t)
 
 
 def _has(module):
@@ -240,6 +341,14 @@ def test_cases_cover_the_sweep():
             "numpy", "jax"} == set(bwd)
     assert C.providers_for(C.Case("ce", (2, 3), mode="fwd+bwd"), ["fastloss"]) == [
         "fastloss-out", "fastloss-inplace", "fastloss-alloc"]
+    for op in ("soft-ce", "distill-kl", "distill-jsd"):
+        got = {(c.dtype, c.mode) for c in suite if c.op == op and c.shape == (4096, 32000)}
+        assert got == {(d, m) for d in C.DTYPES for m in C.MODES}, op
+        assert any(c.op == op for c in C.quick_cases()), op
+        assert C.providers_for(C.Case(op, (2, 3), mode="forward")) == [
+            "fastloss", "torch", "torch-compile"]
+        assert C.providers_for(C.Case(op, (2, 3), mode="fwd+bwd")) == [
+            "fastloss-out", "torch", "torch-compile"]
 
 
 def test_case_work_counts():
@@ -254,6 +363,21 @@ def test_case_work_counts():
         C.Case("ce", (5,))
     with pytest.raises(ValueError, match="mode: expected one of"):
         C.Case("mse", (5,), mode="backward")
+    soft = C.Case("soft-ce", (4096, 32000), "float32", "fwd+bwd")
+    assert soft.name == "soft-ce-fwd+bwd-4096x32000-float32"
+    assert soft.bytes_read == 2 * 4 * 4096 * 32000  # logits and probabilities
+    assert soft.bytes_written == 4 * 4096 * 32000 and soft.exp_evals == 4096 * 32000
+    kl = C.Case("distill-kl", (4096, 32000), "bfloat16", "forward")
+    assert kl.name == "distill-kl-forward-4096x32000-bfloat16" and kl.distill_kind == "kl"
+    assert (kl.bytes_read, kl.bytes_written) == (2 * 2 * 4096 * 32000, 0)  # student and teacher
+    assert kl.exp_evals == 2 * 4096 * 32000  # both softmaxes
+    jsd = C.Case("distill-jsd", (3, 7), "float32", "fwd+bwd")
+    assert (jsd.distill_kind, jsd.bytes_moved, jsd.exp_evals) == ("jsd", 3 * 4 * 21, 42)
+    assert soft.distill_kind is None
+    with pytest.raises(ValueError, match="op: expected one of ce, soft-ce, distill-kl"):
+        C.Case("distill", (4, 5))
+    with pytest.raises(ValueError, match="shape: expected 2 positive sizes for op 'soft-ce'"):
+        C.Case("soft-ce", (4, 5, 6))
 
 
 def test_floor_and_ratios_from_given_ceilings():
@@ -527,6 +651,10 @@ def test_small_cases():
     for n in (800, 64000, 256 * 4096):
         for mode in C.MODES:
             assert C.Case("mse", (n,), "float32", mode) in small
+    for op in ("soft-ce", "distill-kl", "distill-jsd"):
+        for shape in ("8x100", "64x1000", "256x4096"):
+            for mode in C.MODES:
+                assert f"{op}-{mode}-{shape}-float32" in names
     assert "lce-forward-64x32x500-float32" in names and "lce-fwd+bwd-64x32x500-float32" in names
     for case in small:
         provs = C.providers_for(case, C.SMALL_PROVIDERS)
@@ -553,7 +681,8 @@ def test_cli_small_saves_a_named_run(bench_env, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     for name in ("ce-fwd+bwd-256x4096-float32", "mse-forward-800-float32",
-                 "lce-forward-64x32x500-float32"):
+                 "lce-forward-64x32x500-float32", "soft-ce-fwd+bwd-256x4096-float32",
+                 "distill-kl-forward-8x100-float32", "distill-jsd-fwd+bwd-64x1000-float32"):
         assert name in out
     saved = json.loads((bench_env / "saved" / "mine.json").read_text())
     assert {r["provider"] for r in saved["results"]} == {

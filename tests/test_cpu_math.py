@@ -1,7 +1,7 @@
 """The scalar numerics of the CPU kernels (fastloss.cpu._math), checked exhaustively
 where the domain is small: half-precision decode over all 65536 bit patterns,
 encode against numpy/ml_dtypes on millions of float32 bit patterns (ties,
-subnormals, overflow, NaN), exp_f32 against float64 exp, ordered_bits order."""
+subnormals, overflow, NaN), exp_f32 and log_f32 against float64, ordered_bits order."""
 
 import warnings
 
@@ -13,10 +13,13 @@ from numba import njit
 from fastloss.cpu import _math as M
 
 
-@njit
-def _decode(bits, out):
-    for i in range(bits.shape[0]):
-        out[i] = M.load(bits[i])
+def _elementwise(f):
+    """A compiled loop out[i] = f(vals[i])."""
+    @njit
+    def run(vals, out):
+        for i in range(vals.shape[0]):
+            out[i] = f(vals[i])
+    return run
 
 
 @njit
@@ -25,16 +28,11 @@ def _encode(vals, out):
         M.store(out, i, vals[i])
 
 
-@njit
-def _exp(vals, out):
-    for i in range(vals.shape[0]):
-        out[i] = M.exp_f32(vals[i])
-
-
-@njit
-def _ordered(vals, out):
-    for i in range(vals.shape[0]):
-        out[i] = M.ordered_bits(vals[i])
+_decode = _elementwise(M.load)
+_exp = _elementwise(M.exp_f32)
+_log = _elementwise(M.log_f32)
+_log_acc = _elementwise(M.log)
+_ordered = _elementwise(M.ordered_bits)
 
 
 HALVES = [(np.float16, np.int16), (ml_dtypes.bfloat16, np.uint16)]
@@ -94,6 +92,44 @@ def test_exp_f32_accuracy_and_specials():
     _exp(special, out)
     np.testing.assert_array_equal(out[:4], 0.0)
     assert np.isnan(out[4]) and out[5] == 1.0
+
+
+def test_log_f32_accuracy_over_every_exponent(rng):
+    # Random bit patterns of every positive finite float32 (all exponents,
+    # subnormals included), plus the neighbourhood of 1 where log is near 0
+    # (an absolute bound there) and both ends of the reduction interval.
+    bits = rng.integers(1, 0x7F800000, 2_000_000).astype(np.uint32)
+    sub = rng.integers(1, 0x00800000, 200_000).astype(np.uint32)   # subnormals only
+    near1 = (np.float32(1.0) + rng.uniform(-0.3, 0.42, 500_000)).astype(np.float32)
+    edges = np.array([1e-45, 2.8e-45, 1.1754942e-38, 1.17549435e-38, 1.1754945e-38, 0.70710677,
+                      0.7071068, 1.4142135, 1.4142137, 0.5, 2.0, 1.0, 3.4028235e38], np.float32)
+    x = np.concatenate([bits.view(np.float32), sub.view(np.float32), near1, edges])
+    out = np.empty_like(x)
+    _log(x, out)
+    ref = np.log(x.astype(np.float64))
+    assert np.isfinite(out).all()
+    err = np.abs(out - ref)
+    big = np.abs(ref) > 0.5
+    assert (err[big] / np.abs(ref[big])).max() < 2e-7
+    assert err[~big].max() < 4e-8
+    assert out[np.flatnonzero(x == 1.0)[0]] == 0.0
+
+
+def test_log_f32_specials():
+    x = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -1.0, -1e-45, -3.4e38], np.float32)
+    out = np.empty_like(x)
+    _log(x, out)
+    assert out[0] == -np.inf and out[1] == -np.inf and out[2] == np.inf
+    assert np.isnan(out[3:]).all()
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float32, 2e-7), (np.float64, 1e-15)], ids=["float32", "float64"])
+def test_log_dispatches_on_precision(dtype, rtol):
+    x = np.array([1e-30, 0.25, 3.0, 7.5e20], dtype)
+    out = np.empty_like(x)
+    _log_acc(x, out)
+    assert out.dtype == dtype
+    np.testing.assert_allclose(out, np.log(x.astype(np.float64)), rtol=rtol)
 
 
 def test_ordered_bits_preserve_float_order(rng):

@@ -4,38 +4,26 @@ CUDA simulator:
     NUMBA_ENABLE_CUDASIM=1 python -m pytest tests/test_cuda_distill.py -q
 
 (in any other run the simulator cases skip). The host functions are called
-directly with simulator device arrays and an options object (``DistillOptions``
-when ``fastloss.options`` has it, else a small named tuple with the same
-attributes), and compared with a float64 numpy reference: ``_reference`` below,
-itself checked against ``tests/reference_distill.py`` when that module exists.
-Blocks of 8 threads (also 3 and 1) and at most 2 blocks make rows span
-several threads and the grid-stride loops run several rounds; class counts
-(37, 19, 5) are not multiples of the block.
+directly with simulator device arrays and a ``DistillOptions``, and compared
+with a float64 numpy reference: ``_reference`` below, itself checked against
+``tests/reference_distill.py`` and PyTorch. Blocks of 8 threads (also 3 and
+1) and at most 2 blocks make rows span several threads and the grid-stride
+loops run several rounds; class counts (37, 19, 5) are not multiples of the
+block. The kernels' PTX is checked in ``tests/test_cuda_ptx.py``.
 """
 
 import importlib.util
 import os
-import sys
-from typing import NamedTuple
 
 import numpy as np
 import pytest
 from cases import BF16
+from cuda_sim_support import dev, fast_thread_switching, host, sim, use_small_blocks
 from reference import to_float64
 
 import fastloss.config
-from fastloss.cuda import is_device_array, simulator_enabled
+from fastloss.cuda import is_device_array
 
-IN_SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" and simulator_enabled()
-
-
-
-def sim(test):
-    """A simulator case: skipped unless this pytest runs under NUMBA_ENABLE_CUDASIM=1.
-    numpy scalars warn on inf - inf etc. where the compiled kernels are silent."""
-    test = pytest.mark.filterwarnings("ignore::RuntimeWarning")(test)
-    return pytest.mark.skipif(not IN_SIM, reason="a simulator case: run with NUMBA_ENABLE_CUDASIM=1 "
-                              "python -m pytest tests/test_cuda_distill.py")(test)
 
 # (dtype, loss rtol, gradient tolerance relative to the largest |grad|)
 DTYPES = [
@@ -46,25 +34,9 @@ DTYPES = [
 ]
 
 
-class Opts(NamedTuple):
-    """The attributes the host functions read (what DistillOptions carries)."""
-
-    kind: str = "kl"
-    temperature: float = 1.0
-    beta: float = 0.5
-    scale_by_t2: bool = False
-    reduction: str = "batchmean"
-    ignore_index: int = -100
-    soft_weight: float = 1.0
-    hard_weight: float = 0.0
-
-
 def make_opts(**kw):
-    """``DistillOptions.check(**kw)`` when it exists (the lead's object), else :class:`Opts`."""
-    try:
-        from fastloss.options import DistillOptions
-    except ImportError:
-        return Opts(**kw)
+    """The options object the host functions take, as ``fastloss.ops`` builds it."""
+    from fastloss.options import DistillOptions
     return DistillOptions.check(**kw)
 
 
@@ -204,33 +176,15 @@ def test_reference_matches_torch(rng):
 
 # --- helpers -------------------------------------------------------------------------
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_thread_switching():
-    """The simulator runs each CUDA thread as a Python thread; a short GIL
-    switch interval makes it several times faster."""
-    old = sys.getswitchinterval()
-    if IN_SIM:
-        sys.setswitchinterval(2e-4)
-    yield
-    sys.setswitchinterval(old)
+_fast_thread_switching = pytest.fixture(autouse=True, scope="module")(fast_thread_switching)
 
 
 @pytest.fixture
 def host_api(monkeypatch):
-    """8 threads per block, at most 2 blocks; the CUDA host module."""
-    monkeypatch.setattr(fastloss.config, "CUDA_THREADS_PER_BLOCK", 8)
-    monkeypatch.setattr(fastloss.config, "CUDA_GRID_LIMIT", 2)
+    """Small blocks (``use_small_blocks``); the CUDA host module."""
+    use_small_blocks(monkeypatch)
     from fastloss.cuda import distill_host
     return distill_host
-
-
-def dev(a):
-    from numba import cuda
-    return cuda.to_device(np.ascontiguousarray(a))
-
-
-def host(d):
-    return d.copy_to_host()
 
 
 def make_topk(rng, rows_shape, nclass, k, dtype=np.float32):
@@ -245,6 +199,17 @@ def make_targets(rng, rows_shape, nclass, ignore_index=-100):
     t = rng.integers(0, nclass, rows_shape).astype(np.int64)
     t.reshape(-1)[0] = ignore_index  # one ignored token (never all)
     return t
+
+
+def check_with_grad(api, s, teacher, targets, kw, rtol, gtol, acc, grad_output=None):
+    """``api.distill_with_grad`` on device copies of the host inputs (``teacher``
+    dense, or a top-k pair), checked against the reference."""
+    go = host(grad_output) if is_device_array(grad_output) else grad_output
+    ref_loss, ref_grad = _reference(s, teacher, targets, grad_output=go, **kw)
+    tdev = (dev(teacher[0]), dev(teacher[1])) if isinstance(teacher, tuple) else dev(teacher)
+    loss, grad = api.distill_with_grad(dev(s), tdev, None if targets is None else dev(targets),
+                                       make_opts(**kw), grad_output, None, False)
+    check(loss, grad, ref_loss, ref_grad, rtol, gtol, acc)
 
 
 def check(loss, grad, ref_loss, ref_grad, rtol, gtol, acc):
@@ -344,15 +309,10 @@ def test_block_sizes(monkeypatch, rng, tpb):
     s[1, :6] = -np.inf  # masked student entries: forward KL is inf there unless the teacher is too
     t[1, :6] = -np.inf
     kw = dict(kind="jsd", beta=0.25, reduction="sum", temperature=1.3)
-    ref_loss, ref_grad = _reference(s, t, **kw)
-    loss, grad = distill_host.distill_with_grad(dev(s), dev(t), None, make_opts(**kw), None, None, False)
-    check(loss, grad, ref_loss, ref_grad, 1e-10, 1e-12, np.float64)
+    check_with_grad(distill_host, s, t, None, kw, 1e-10, 1e-12, np.float64)
     idx, lp = make_topk(rng, (3,), 13, 4, np.float64)
     kw = dict(kind="kl", reduction="none", temperature=0.9)
-    ref_loss, ref_grad = _reference(s, (idx, lp), **kw)
-    loss, grad = distill_host.distill_with_grad(dev(s), (dev(idx), dev(lp)), None, make_opts(**kw),
-                                                None, None, False)
-    check(loss, grad, ref_loss, ref_grad, 1e-10, 1e-12, np.float64)
+    check_with_grad(distill_host, s, (idx, lp), None, kw, 1e-10, 1e-12, np.float64)
 
 
 @sim
@@ -364,10 +324,7 @@ def test_mixed_dtypes_and_grad_output(host_api, rng):
     for red, go in (("batchmean", 0.5), ("sum", dev(np.array([2.0]))),
                     ("none", rng.uniform(-1, 2, 4)), ("none", 3.0)):
         kw = dict(kind="kl", temperature=2.0, reduction=red, hard_weight=0.3)
-        go_h = host(go) if is_device_array(go) else go
-        ref_loss, ref_grad = _reference(s, t, tg, grad_output=go_h, **kw)
-        loss, grad = host_api.distill_with_grad(dev(s), dev(t), dev(tg), make_opts(**kw), go, None, False)
-        check(loss, grad, ref_loss, ref_grad, 2e-5, 1e-3, np.float32)
+        check_with_grad(host_api, s, t, tg, kw, 2e-5, 1e-3, np.float32, grad_output=go)
 
 
 @sim
@@ -451,11 +408,8 @@ def test_topk_padding_entries(host_api, rng):
     lp[0, 4:] = -np.inf
     lp[2, 0] = -np.inf
     for kw in (dict(kind="kl", temperature=1.5), dict(kind="jsd", beta=0.35, reduction="none")):
-        ref_loss, ref_grad = _reference(s, (idx, lp), **kw)
-        assert np.all(np.isfinite(ref_loss))
-        loss, grad = host_api.distill_with_grad(dev(s), (dev(idx), dev(lp)), None, make_opts(**kw),
-                                                None, None, False)
-        check(loss, grad, ref_loss, ref_grad, 2e-5, 2e-6, np.float32)
+        assert np.all(np.isfinite(_reference(s, (idx, lp), **kw)[0]))
+        check_with_grad(host_api, s, (idx, lp), None, kw, 2e-5, 2e-6, np.float32)
 
 
 @sim
@@ -528,10 +482,8 @@ def test_soft_weight_zero_leaves_the_divergence_out(host_api, rng):
     s[0, 2] = -np.inf
     tg = np.array([1, 4, -100])
     kw = dict(soft_weight=0.0, hard_weight=0.7, reduction="sum")
-    loss, grad = host_api.distill_with_grad(dev(s), dev(t), dev(tg), make_opts(**kw), None, None, False)
-    ref_loss, ref_grad = _reference(s, t, tg, **kw)
-    assert np.isfinite(ref_loss)
-    check(loss, grad, ref_loss, ref_grad, 2e-5, 2e-6, np.float32)
+    assert np.isfinite(_reference(s, t, tg, **kw)[0])
+    check_with_grad(host_api, s, t, tg, kw, 2e-5, 2e-6, np.float32)
 
 
 @sim
@@ -539,91 +491,46 @@ def test_hard_weight_without_targets_has_no_hard_term(host_api, rng):
     s = (rng.standard_normal((3, 7)) * 2).astype(np.float32)
     t = (rng.standard_normal((3, 7)) * 2).astype(np.float32)
     loss, grad = host_api.distill_with_grad(dev(s), dev(t), None, make_opts(hard_weight=1.0), None, None, False)
-    ref_loss, ref_grad = _reference(s, t)
+    ref_loss, ref_grad = _reference(s, t)  # no hard term
     check(loss, grad, ref_loss, ref_grad, 2e-5, 2e-6, np.float32)
 
 
-# --- the kernels as a GPU build compiles them (outside the simulator) ----------------------
-
-def _ptx_cases():
-    from fastloss.codes import BF16 as KBF16
-    from fastloss.codes import F16, NATIVE
-    quick = [("float32", KBF16, KBF16, "jsd", True, True, True),
-             ("float32", NATIVE, NATIVE, "kl", False, False, True)]
-    slow = [("float32", F16, NATIVE, "reverse_kl", False, True, False),
-            ("float64", NATIVE, NATIVE, "jsd", False, True, True),
-            ("float32", NATIVE, NATIVE, "kl", True, False, True)]
-    return ([pytest.param(*c, id="-".join(map(str, c))) for c in quick]
-            + [pytest.param(*c, id="-".join(map(str, c)), marks=pytest.mark.slow) for c in slow])
-
-
-@pytest.mark.skipif(IN_SIM or os.environ.get("NUMBA_ENABLE_CUDASIM") == "1",
-                    reason="the simulator replaces the compiler")
-@pytest.mark.parametrize("acc, skind, tkind, kind, topk, hard, grad", _ptx_cases())
-def test_kernels_assemble_without_spills(tmp_path, monkeypatch, acc, skind, tkind, kind, topk, hard,
-                                         grad):
-    """The row kernel, finalize and the top-k check compile to PTX for sm_90 and
-    assemble with ptxas, without register spills at 256 threads (a typing error
-    would otherwise surface only on a GPU machine)."""
-    import re
-    import subprocess
-
-    pytest.importorskip("numba_cuda")
-    try:
-        import nvidia.cuda_nvcc
-    except ImportError:
-        pytest.skip("ptxas not installed (pip install 'numba-cuda[cu12]')")
-    import pathlib
-    ptxas = [pathlib.Path(r) / "bin" / "ptxas" for r in nvidia.cuda_nvcc.__path__]
-    ptxas = [p for p in ptxas if p.exists()]
-    if not ptxas:
-        pytest.skip("ptxas not installed")
-    import numba
-    import numba.cuda.dispatcher as D
-    from numba import cuda, types
-
-    from fastloss.codes import NATIVE
-    from fastloss.cuda.distill import (KIND_CODES, DistillArgs, DistillScalars, FinalizeArgs, GradScalars,
-                                       distill_kernels, topk_check_kernel)
-
-    class _Dev:
-        compute_capability = (9, 0)
-        id = 0
-    monkeypatch.setattr(D, "get_current_device", lambda: _Dev())
-    a = np.float64 if acc == "float64" else np.float32
-    ACC = numba.from_dtype(np.dtype(a))
-    E = types.uint16 if skind != NATIVE else ACC
-    TE = types.uint16 if tkind != NATIVE else ACC
-
-    def arr(dt, nd=1):
-        return types.Array(dt, nd, "C")
-    sc = numba.typeof(DistillScalars(np.int64(3), np.int64(1), np.int64(-100), True, True, a(1), a(0.5),
-                                     1.0, 0.0, 0.0, 2, -1.0, 1.0))
-    up = numba.typeof(GradScalars(0, 1.0))
-    f64, i64 = types.float64, types.int64
-    row_sig = DistillArgs(arr(E), arr(TE), arr(i64), arr(i64), arr(f64), sc, up, arr(f64), arr(E),
-                          arr(ACC), arr(f64), arr(ACC, 2))
-    rows, finalize = distill_kernels(acc, skind, tkind, KIND_CODES[kind], topk, hard, 256, grad)
-    sigs = [(rows, tuple(row_sig)),
-            (finalize, tuple(FinalizeArgs(arr(f64), arr(f64), sc, arr(ACC)))),
-            (topk_check_kernel(tkind, 256), (arr(i64), arr(TE), arr(i64), sc, types.boolean, arr(f64)))]
-    for kernel, sig in sigs:
-        ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
-        (tmp_path / "k.ptx").write_text(ptx)
-        r = subprocess.run([str(ptxas[0]), "-arch=sm_90", "-v", str(tmp_path / "k.ptx"), "-o",
-                            str(tmp_path / "k.cubin")], capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr[-2000:]
-        assert re.search(r"\b0 bytes spill stores", r.stderr), r.stderr
-
-
-def test_argument_tuples_name_the_kernel_parameters():
-    """The host builds each launch's arguments by name: the tuples' fields are the
-    kernels' parameters, in order."""
-    import inspect
-
-    pytest.importorskip("numba_cuda")
-    from fastloss.codes import NATIVE
-    from fastloss.cuda.distill import KL, DistillArgs, FinalizeArgs, distill_kernels
-    rows, finalize = distill_kernels("float32", NATIVE, NATIVE, KL, False, False, 8, True)
-    for kernel, args in ((rows, DistillArgs), (finalize, FinalizeArgs)):
-        assert tuple(inspect.signature(kernel.py_func).parameters) == args._fields
+@sim
+def test_topk_errors_are_raised_without_waiting(host_api, rng, monkeypatch):
+    """The top-k checks join the one queue of asynchronous checks
+    (``fastloss.cuda.checks``): while the events have not completed (as on a
+    GPU that has not caught up; patched here) the call returns a NaN loss and
+    writes no gradient; the error, worded from the kernel's numbers alone (the
+    indices may have changed since), comes from ``fastloss.cuda.synchronize()``
+    or the next call; ``CUDA_SYNC_CHECKS`` makes the call itself raise it."""
+    import fastloss.cuda
+    from fastloss.cuda import checks
+    s = (rng.standard_normal((3, 6)) * 2).astype(np.float32)
+    lp = rng.standard_normal((3, 4)).astype(np.float32)
+    good = np.array([[0, 1, 2, 3], [2, 3, 4, 5], [0, 1, 2, 3]])
+    monkeypatch.setattr(checks, "event_done", lambda event: False)
+    x = dev(s)
+    idx = dev(np.array([[0, 1, 2, 3], [5, 4, 5, 4], [2, 3, 4, 5]]))  # row 1 repeats 5 and 4
+    loss, grad = host_api.distill_with_grad(x, (idx, dev(lp)), None, make_opts(), None, None, True)
+    assert grad is x and np.isnan(host(loss)).all()
+    np.testing.assert_array_equal(host(x), s)  # in place, flagged: untouched
+    idx.copy_to_device(good)  # changed before the check is read: the message does not look
+    with pytest.raises(ValueError, match=r"teacher indices: 1 row\(s\) repeat a class index; first at "
+                                         r"position \(1,\): 4 \(an earlier GPU call"):
+        fastloss.cuda.synchronize()
+    fastloss.cuda.synchronize()  # settled: nothing left to raise
+    big = np.array([[0, 1, 2, 3], [1, 2**64 - 1, 3, 2**63], [0, 1, 2, 3]], np.uint64)
+    loss = host_api.distill(dev(s), (dev(big), dev(lp)), None, make_opts(reduction="none"))
+    assert np.isnan(host(loss)).all()
+    monkeypatch.setattr(checks, "event_done", lambda event: True)
+    with pytest.raises(ValueError, match=r"teacher indices: 2 value\(s\) outside \[0, 6\); first at "
+                                         r"position \(1, 1\): 18446744073709551615 \(an earlier GPU call"):
+        host_api.distill(dev(s), (dev(good), dev(lp)), None, make_opts())  # raises the earlier error
+    host_api.distill(dev(s), (dev(good), dev(lp)), None, make_opts())  # and only once
+    monkeypatch.setattr(checks, "event_done", lambda event: False)
+    monkeypatch.setattr(fastloss.config, "CUDA_SYNC_CHECKS", True)  # waits: raised by the call itself
+    dead = lp.copy()
+    dead[2] = -np.inf
+    with pytest.raises(ValueError, match=r"teacher logprobs: 1 row\(s\) have no finite entry \(all -inf\); "
+                                         r"first at position \(2,\)$"):
+        host_api.distill(dev(s), (dev(good), dev(dead)), None, make_opts())

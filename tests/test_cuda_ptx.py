@@ -15,6 +15,9 @@ the assembler's report is checked:
 * the wide variants load 8-byte words (``ld.global.u64``) and the resident
   kernel uses dynamic shared memory.
 
+The class-index cross-entropy and logsumexp, the probability-target
+cross-entropy, distillation, MSE and the helper kernels are all here.
+
 Also the launch decision for the resident kernel
 (``fastloss.cuda.launch.resident_bytes``) against a fake device, and that each
 kernel's argument tuple names its parameters in order. Skipped when
@@ -196,6 +199,100 @@ def test_validate_and_mse_kernels_assemble(compiler, tmp_path):
         assert st == 0 and ld == 0, report
 
 
+def _arr(dt, nd=1):
+    from numba import types
+    return types.Array(dt, nd, "C")
+
+
+def _storage(acc, kind):
+    """(accumulation type, element type) as the kernels see them: half
+    precision arrives as uint16 bits."""
+    from numba import types
+
+    from fastloss import codes
+    ACC = types.float64 if acc == "float64" else types.float32
+    return ACC, types.uint16 if kind != codes.NATIVE else ACC
+
+
+def _soft_cases():
+    from fastloss.codes import BF16, F16, NATIVE, PLAIN, SCALED, SOFTCAP
+    quick = [("float32", BF16, NATIVE, PLAIN, 256)]
+    slow = [("float32", NATIVE, BF16, SOFTCAP, 256), ("float32", F16, F16, SCALED, 256),
+            ("float64", NATIVE, NATIVE, PLAIN, 256)]
+    return ([pytest.param(*c, id="-".join(map(str, c))) for c in quick]
+            + [pytest.param(*c, id="-".join(map(str, c)), marks=pytest.mark.slow) for c in slow])
+
+
+@pytest.mark.parametrize("acc, kind, qkind, mode, tpb", _soft_cases())
+def test_soft_target_kernels_assemble_without_spills(compiler, tmp_path, acc, kind, qkind, mode, tpb):
+    """The probability-target row kernels (forward, fused) and ``finish``, with
+    the argument types the host side passes (``RowsArgs``, ``FinishArgs``)."""
+    import numba
+    from numba import types
+
+    from fastloss.cuda.soft_cross_entropy import FinishArgs, RowsArgs, SoftScalars, finish_kernel, soft_kernels
+    tr, _, up, _ = _scalar_types(acc)
+    sc = numba.typeof(SoftScalars(np.int64(3), True, 0.9, 0.01, 0.0, 2, 3.0))
+    ACC, E = _storage(acc, kind)
+    _, Q = _storage(acc, qkind)
+    f64 = types.float64
+    forward, fused = soft_kernels(acc, kind, qkind, mode, tpb)
+
+    def rows_sig(og):
+        return tuple(RowsArgs(x=_arr(E), q=_arr(Q), w=_arr(ACC), tr=tr, sc=sc, up=up, gvec=_arr(f64), og=og,
+                              loss=_arr(ACC), lse=_arr(ACC), qsum=_arr(ACC)))
+    finish_sig = tuple(FinishArgs(loss=_arr(ACC), lse=_arr(ACC), qsum=_arr(ACC), q=_arr(Q), w=_arr(ACC), sc=sc,
+                                  tol=f64, out=_arr(ACC), stats=_arr(f64)))
+    for name, kernel, sig in (("forward", forward, rows_sig(_arr(types.float32))),  # the host's placeholder
+                              ("fused", fused, rows_sig(_arr(E))),
+                              ("finish", finish_kernel(qkind, tpb), finish_sig)):
+        _, report = compiler(kernel, sig, tpb, tmp_path)
+        _, st, ld = _report(report)
+        assert st == 0 and ld == 0, f"{name}: {report}"
+
+
+def _distill_cases():
+    from fastloss.codes import BF16, F16, NATIVE
+    quick = [("float32", BF16, BF16, "jsd", True, True, True),
+             ("float32", NATIVE, NATIVE, "kl", False, False, True)]
+    slow = [("float32", F16, NATIVE, "reverse_kl", False, True, False),
+            ("float64", NATIVE, NATIVE, "jsd", False, True, True),
+            ("float32", NATIVE, NATIVE, "kl", True, False, True)]
+    return ([pytest.param(*c, id="-".join(map(str, c))) for c in quick]
+            + [pytest.param(*c, id="-".join(map(str, c)), marks=pytest.mark.slow) for c in slow])
+
+
+@pytest.mark.parametrize("acc, skind, tkind, kind, topk, hard, grad", _distill_cases())
+def test_distill_kernels_assemble_without_spills(compiler, tmp_path, acc, skind, tkind, kind, topk, hard,
+                                                 grad):
+    """The distillation row kernel, ``finalize`` and the top-k check, with the
+    argument types the host side passes (``DistillArgs``, ``FinalizeArgs``)."""
+    import numba
+    from numba import types
+
+    from fastloss.cuda.distill import (KIND_CODES, DistillArgs, DistillScalars, FinalizeArgs, GradScalars,
+                                       distill_kernels, topk_check_kernel)
+    a = np.float64 if acc == "float64" else np.float32
+    ACC, E = _storage(acc, skind)
+    _, TE = _storage(acc, tkind)
+    sc = numba.typeof(DistillScalars(np.int64(3), np.int64(1), np.int64(-100), True, True, a(1), a(0.5),
+                                     1.0, 0.0, 0.0, 2, -1.0, 1.0))
+    up = numba.typeof(GradScalars(0, 1.0))
+    f64, i64 = types.float64, types.int64
+    row_sig = DistillArgs(xe=_arr(E), te=_arr(TE), tidx=_arr(i64), tgt=_arr(i64), stats=_arr(f64), sc=sc, up=up,
+                          gvec=_arr(f64), oe=_arr(E), loss=_arr(ACC), partial=_arr(f64),
+                          topk_scratch=_arr(ACC, 2))
+    rows, finalize = distill_kernels(acc, skind, tkind, KIND_CODES[kind], topk, hard, 256, grad)
+    for name, kernel, sig in (
+            ("rows", rows, tuple(row_sig)),
+            ("finalize", finalize, tuple(FinalizeArgs(_arr(f64), _arr(f64), sc, _arr(ACC)))),
+            ("topk_check", topk_check_kernel(tkind, 256),
+             (_arr(i64), _arr(TE), _arr(i64), sc, types.boolean, _arr(f64)))):
+        _, report = compiler(kernel, sig, 256, tmp_path)
+        _, st, ld = _report(report)
+        assert st == 0 and ld == 0, f"{name}: {report}"
+
+
 def test_argument_tuples_name_the_kernel_parameters():
     """The host side builds each launch's arguments by name (``ForwardArgs``,
     ...); their fields must be the kernel's parameters, in order."""
@@ -210,12 +307,20 @@ def test_argument_tuples_name_the_kernel_parameters():
         ce_kernels,
         validate_kernel,
     )
+    from fastloss.cuda.distill import KIND_CODES, DistillArgs, distill_kernels
+    from fastloss.cuda.distill import FinalizeArgs as DistillFinalizeArgs
     from fastloss.cuda.mse import FinalizeArgs, MSEArgs, mse_kernels
+    from fastloss.cuda.soft_cross_entropy import FinishArgs, RowsArgs, finish_kernel, soft_kernels
     forward, fused, lse, resident = ce_kernels("float32", codes.BF16, codes.SOFTCAP, 64, 4)
     mse, _, finalize = mse_kernels("float32", codes.F16, codes.NATIVE, 64)
+    soft_forward, soft_fused = soft_kernels("float32", codes.BF16, codes.NATIVE, codes.PLAIN, 64)
+    rows, distill_finalize = distill_kernels("float32", codes.NATIVE, codes.NATIVE, KIND_CODES["kl"], False,
+                                             False, 8, True)
     for kernel, args in ((forward, ForwardArgs), (fused, FusedArgs), (resident, FusedArgs),
                          (lse, LseArgs), (validate_kernel(64), ValidateArgs), (mse, MSEArgs),
-                         (finalize, FinalizeArgs)):
+                         (finalize, FinalizeArgs), (soft_forward, RowsArgs), (soft_fused, RowsArgs),
+                         (finish_kernel(codes.NATIVE, 64), FinishArgs), (rows, DistillArgs),
+                         (distill_finalize, DistillFinalizeArgs)):
         assert tuple(inspect.signature(kernel.py_func).parameters) == args._fields
 
 

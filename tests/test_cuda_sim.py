@@ -26,28 +26,16 @@ and 1) and the grid capped (``CUDA_GRID_LIMIT`` = 2), so that rows span
 several threads and the grid-stride loops run several rounds.
 """
 
-import os
-import sys
-
 import numpy as np
 import pytest
 from cases import BF16, CE_CASES, DTYPES, assert_grad, assert_loss, make_logits, make_targets, resolve
+from cuda_sim_support import IN_SIM, dev, fast_thread_switching, host, sim, use_small_blocks
 from reference import ce_reference, lse_reference, mse_reference, to_float64
 
 import fastloss
 import fastloss.config
 import fastloss.cuda
-from fastloss.cuda import cuda_available, is_device_array, simulator_enabled
-
-IN_SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" and simulator_enabled()
-
-
-def sim(test):
-    """A simulator case: skipped unless this pytest runs under NUMBA_ENABLE_CUDASIM=1.
-    numpy scalars warn on inf - inf etc. where the compiled kernels are silent."""
-    test = pytest.mark.filterwarnings("ignore::RuntimeWarning")(test)
-    return pytest.mark.skipif(not IN_SIM, reason="a simulator case: run with NUMBA_ENABLE_CUDASIM=1 "
-                              "python -m pytest tests/test_cuda_sim.py")(test)
+from fastloss.cuda import cuda_available, is_device_array
 
 
 def test_no_gpu_raises_runtime_error():
@@ -78,33 +66,14 @@ def test_is_device_array_on_host_objects():
 
 # --- helpers for the simulator cases -----------------------------------------------
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_thread_switching():
-    """The simulator runs each CUDA thread as a Python thread and polls them at
-    every barrier; a short GIL switch interval makes it about 5x faster."""
-    old = sys.getswitchinterval()
-    if IN_SIM:
-        sys.setswitchinterval(2e-4)
-    yield
-    sys.setswitchinterval(old)
+_fast_thread_switching = pytest.fixture(autouse=True, scope="module")(fast_thread_switching)
 
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """8 threads per block and at most 2 blocks: rows span several threads and the
-    grid-stride loops run several rounds. Returns the API under test."""
-    monkeypatch.setattr(fastloss.config, "CUDA_THREADS_PER_BLOCK", 8)
-    monkeypatch.setattr(fastloss.config, "CUDA_GRID_LIMIT", 2)
+    """Small blocks (``use_small_blocks``); returns the API under test."""
+    use_small_blocks(monkeypatch)
     return fastloss
-
-
-def dev(a):
-    from numba import cuda
-    return cuda.to_device(np.ascontiguousarray(a))
-
-
-def host(d):
-    return d.copy_to_host()
 
 
 @pytest.fixture
@@ -329,16 +298,23 @@ def test_ce_gpu_only_errors(small_blocks, rng, monkeypatch):
         api.cross_entropy(x, t)
 
 
+def pending_ring(monkeypatch, slots):
+    """A fresh queue of checks with ``slots`` slots in place of the process's,
+    whose events never complete (a GPU that has not caught up)."""
+    from fastloss.cuda import checks as ring
+    checks = ring.Checks()
+    checks.SLOTS = slots
+    monkeypatch.setattr(ring, "CHECKS", checks)
+    monkeypatch.setattr(ring, "event_done", lambda event: False)
+    return checks
+
+
 @sim
 def test_pending_checks_ring_full(small_blocks, rng, monkeypatch):
     """With every slot of the pinned ring in flight, the next call waits for
     the oldest check (and raises its error, if any) before reusing its slot."""
-    from fastloss.cuda import checks as ring
     api = small_blocks
-    checks = ring.Checks()
-    checks.SLOTS = 2
-    monkeypatch.setattr(ring, "CHECKS", checks)
-    monkeypatch.setattr(ring, "event_done", lambda event: False)
+    checks = pending_ring(monkeypatch, 2)
     x = dev(make_logits(rng, (3, 9), np.float32))
     bad, good = dev(np.array([0, 9, 1])), dev(np.array([0, 1, 2]))
     api.cross_entropy(x, bad)
@@ -424,6 +400,39 @@ def test_errors_raised_without_waiting(small_blocks, rng, monkeypatch):
     monkeypatch.setattr(fastloss.config, "CUDA_SYNC_CHECKS", True)  # waits: raised by the call itself
     with pytest.raises(ValueError, match=r"first at position \(1,\): 37$"):
         api.cross_entropy(d, bad)
+
+
+@sim
+def test_one_queue_serves_every_op(small_blocks, rng, monkeypatch):
+    """Class-index and probability-target cross-entropy and distillation queue
+    their checks in one ring: while no event has completed no call raises
+    (each returns a NaN loss); a full ring waits for the oldest check
+    whichever op queued it, and raises its error from the call that waited;
+    ``fastloss.cuda.synchronize()`` raises the oldest pending error, counting
+    the others."""
+    api = small_blocks
+    checks = pending_ring(monkeypatch, 3)
+    x = dev(make_logits(rng, (3, 9), np.float32))
+    q = rng.random((3, 9)).astype(np.float32) + 0.1
+    q /= q.sum(axis=1, keepdims=True)
+    q[1] *= 2  # row 1 sums to 2
+    idx = np.stack([rng.permutation(9)[:4] for _ in range(3)])
+    idx[2, 1] = 11
+    lp = rng.standard_normal((3, 4)).astype(np.float32)
+    good = dev(np.array([0, 1, 2]))
+    assert np.isnan(host(api.cross_entropy(x, dev(q)))).all()
+    assert np.isnan(host(api.distill(x, (dev(idx), dev(lp))))).all()
+    assert np.isnan(host(api.cross_entropy(x, dev(np.array([0, 9, 1]))))).all()
+    assert len(checks.pending) == 3 and not checks.free
+    with pytest.raises(ValueError, match=r"targets: 1 row\(s\) of probability targets are not distributions "
+                                         r".*first at row \(1,\): it sums to (2\.0|1\.99)\d* \(an earlier GPU call"
+                                         r"[^\[]*$"):
+        api.cross_entropy(x, good)  # ring full: waits for the oldest, the soft-target call
+    with pytest.raises(ValueError, match=r"teacher indices: 1 value\(s\) outside \[0, 9\); first at position "
+                                         r"\(2, 1\): 11 \(an earlier GPU call.*\[and 1 more flagged call"):
+        fastloss.cuda.synchronize()
+    assert not checks.pending and len(checks.free) == 3
+    fastloss.cuda.synchronize()  # settled: nothing left to raise
 
 
 # --- MSE ---------------------------------------------------------------------------------

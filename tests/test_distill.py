@@ -572,12 +572,18 @@ def test_zero_counted_tokens(rng, reduction, topk):
         assert fastloss.distill(ss, tt, targets=tg, reduction=reduction) == 0.0
 
 
-def test_hard_weight_without_targets_adds_nothing(rng):
+def test_hard_weight_needs_targets(rng):
     s = make(rng, (3, 50), F64)
     t = near(rng, s, F64)
-    a = fastloss.distill_with_grad(s, t, hard_weight=0.7)
-    b = fastloss.distill_with_grad(s, t)
-    assert a.loss == b.loss and np.array_equal(a.grad, b.grad)
+    msg = r"hard_weight: 0.7 asks for a hard-label term, which needs targets; found targets=None"
+    with pytest.raises(ValueError, match=msg):
+        fastloss.distill_with_grad(s, t, hard_weight=0.7)
+    with pytest.raises(ValueError, match=msg):
+        fastloss.distill(s, t, hard_weight=0.7)
+    with pytest.raises(ValueError, match=msg):
+        fastloss.linear_distill_with_grad(s, np.eye(50), t, hard_weight=0.7)
+    # a zero hard weight needs none
+    assert fastloss.distill(s, t, hard_weight=0.0) == fastloss.distill(s, t)
 
 
 def test_result_named_tuple_and_dtypes(rng):

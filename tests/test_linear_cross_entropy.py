@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 import fastloss
 from fastloss import config
-from fastloss.ops import linear_cross_entropy as LCE
+from fastloss.ops import _linear as linear_ops
+from fastloss.ops._linear import LinearSweep
 
 _spec = importlib.util.spec_from_file_location("lce_reference", pathlib.Path(__file__).with_name("reference.py"))
 R = importlib.util.module_from_spec(_spec)
@@ -208,13 +209,13 @@ def test_auto_chunk_reads_budget(monkeypatch):
     h, w, b, t = _inputs(37, 29, 1001, seed=8)
     want = fastloss.linear_cross_entropy_with_grad(h, w, t, bias=b, chunk_size=37)
     seen = []
-    real = LCE._LinearPlan.chunks
+    real = LinearSweep.chunks
 
     def spy(self):
         seen.append(self.chunk)
         return real(self)
 
-    monkeypatch.setattr(LCE._LinearPlan, "chunks", spy)
+    monkeypatch.setattr(LinearSweep, "chunks", spy)
     monkeypatch.setattr(config, "LINEAR_CE_LOGITS_BUDGET_BYTES", 1001 * 8 * 5)
     got = fastloss.linear_cross_entropy_with_grad(h, w, t, bias=b)
     assert seen[-1] <= 5
@@ -227,7 +228,7 @@ def test_auto_chunk_reads_budget(monkeypatch):
 def test_without_scipy_accumulation(monkeypatch):
     h, w, b, t = _inputs(37, 29, 1001, dtype=np.float32, seed=9)
     want = fastloss.linear_cross_entropy_with_grad(h, w, t, bias=b, chunk_size=8)
-    monkeypatch.setattr(LCE, "_scipy_blas", lambda: None)
+    monkeypatch.setattr(linear_ops, "scipy_blas", lambda: None)
     got = fastloss.linear_cross_entropy_with_grad(h, w, t, bias=b, chunk_size=8)
     np.testing.assert_allclose(got.grad_weight, want.grad_weight, rtol=1e-5, atol=1e-7)
     # grad_weight accumulated block by block (64-class blocks: 16 of them, the last partial)
@@ -269,11 +270,25 @@ def test_peak_memory_far_below_logits():
     assert res.loss == pytest.approx(fastloss.cross_entropy(h @ w.T + b, t), rel=1e-4)
 
 
+def test_chunk_rows_evened_out_and_rounded(monkeypatch):
+    """The default chunk: the budget's rows (179 here) evened out over the chunks
+    (1000 tokens: 6 chunks of 167), rounded up to the BLAS row blocking (176) for
+    the linear cross-entropy, left at 167 with ``multiple=1`` (linear distillation)."""
+    monkeypatch.setattr(config, "LINEAR_CE_LOGITS_BUDGET_BYTES", 179 * 1000 * 4)
+    assert linear_ops.chunk_rows(None, 1000, 1000, 4) == 176
+    assert linear_ops.chunk_rows(None, 1000, 1000, 4, multiple=1) == 167
+    assert linear_ops.chunk_rows(None, 100, 1000, 4) == 100
+    assert linear_ops.chunk_rows(None, 0, 1000, 4) == 1
+    assert linear_ops.chunk_rows(7, 1000, 1000, 4) == 7
+    monkeypatch.setattr(config, "LINEAR_CE_LOGITS_BUDGET_BYTES", 20 * 1000 * 4)  # under 32 rows: no rounding
+    assert linear_ops.chunk_rows(None, 1000, 1000, 4) == 20
+
+
 def test_default_chunk_meets_the_five_percent_budget(monkeypatch):
     """chunk_size=None: the buffer is the budget's worth of rows, so at the issue's
     shape (4096 tokens, V = 128256) it stays under 5% of the float32 logits; and the
     whole call allocates little beyond the buffer (budget scaled to a small case)."""
-    rows = LCE._chunk_rows(None, 4096, 128256, 4)
+    rows = linear_ops.chunk_rows(None, 4096, 128256, 4)
     assert rows * 128256 * 4 <= fastloss.config.LINEAR_CE_LOGITS_BUDGET_BYTES
     assert rows * 128256 * 4 < 0.05 * 4096 * 128256 * 4 and rows >= 128
     n, d, v = 2048, 32, 32000

@@ -1,11 +1,17 @@
 """Benchmark cases: what is measured, on which inputs, by which providers.
 
 A :class:`Case` is an operation (``"ce"``: softmax cross-entropy with
-class-index targets, mean reduction; ``"mse"``: mean squared error), a shape,
-a dtype and a mode (``"forward"``, or ``"fwd+bwd"``: the loss and its gradient
-with respect to the logits / predictions). It knows the least work any
-implementation must do: the bytes it must move (inputs read once, the gradient
-written once) and, for cross-entropy, the exp evaluations (one per logit).
+class-index targets, mean reduction; ``"soft-ce"``: the same with probability
+targets of the logits' shape; ``"distill-kl"`` / ``"distill-jsd"``:
+distillation of a student's logits towards a teacher's, forward KL or TRL's
+generalised JSD (``beta`` :data:`DISTILL_BETA`), both at temperature
+:data:`DISTILL_TEMPERATURE`, batchmean; ``"mse"``: mean squared error), a
+shape, a dtype and a mode (``"forward"``, or ``"fwd+bwd"``: the loss and its
+gradient with respect to the logits / student / predictions). It knows the
+least work any implementation must do: the bytes it must move (inputs read
+once, the gradient written once) and the exp evaluations (one per logit for
+both cross-entropies, two per element pair, student and teacher, for
+distillation).
 
 :func:`make_inputs` builds a case's inputs (fixed seed); :func:`build` turns a
 case, its inputs and a provider name into a :class:`Bench`: the callable to
@@ -26,6 +32,17 @@ numpy              plain numpy, float32 only
 jax                ``optax.softmax_cross_entropy_with_integer_labels`` under
                    ``jax.jit`` (``jax.value_and_grad``), when JAX is installed
 =================  ==========================================================
+
+Probability targets and distillation (inputs and gradient in the case's
+dtype, teacher included) have fastloss, fastloss-out, torch and
+torch-compile: ``cross_entropy(x, probs)`` / ``distill(s, t, kind=...)`` and
+their ``*_with_grad(..., out=buf)``; torch eager ``F.cross_entropy(x,
+probs)``, and for distillation ``F.kl_div(F.log_softmax(s / T),
+F.log_softmax(t / T), log_target=True, reduction="batchmean")`` (kl) or TRL's
+``generalized_jsd_loss`` (jsd: the mixture's log-probabilities by
+``logsumexp`` of the two log-probabilities plus ``log(beta)`` /
+``log(1 - beta)``, then the two ``kl_div``), computed in float32 for
+bfloat16 inputs as autocast does.
 
 Linear cross-entropy (``"lce"``, shape ``(N, D, V)``: the loss of
 ``hidden @ W.T``; fwd+bwd adds its gradients for hidden and W) has its own
@@ -57,11 +74,13 @@ import numpy as np
 
 from .. import _validate as V
 from ..ops.cross_entropy import cross_entropy, cross_entropy_with_grad
+from ..ops.distill import distill, distill_with_grad
 from ..ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_with_grad
 from ..ops.mse import mse, mse_with_grad
 
 __all__ = [
-    "CE_SHAPES", "MSE_SIZES", "DTYPES", "MODES", "PROVIDERS",
+    "OPS", "CE_SHAPES", "MSE_SIZES", "DTYPES", "MODES", "PROVIDERS",
+    "DISTILL_KINDS", "DISTILL_TEMPERATURE", "DISTILL_BETA", "SOFT_SHAPES",
     "Case", "Bench", "Unavailable",
     "LCE_SHAPES", "LCE_PROVIDERS", "linear_ce_cases", "linear_ce_quick_cases",
     "SMALL_CE_SHAPES", "SMALL_LCE_SHAPES", "SMALL_PROVIDERS", "small_cases",
@@ -75,6 +94,17 @@ CE_SHAPES = ((4096, 32000), (2048, 128256), (8192, 50257), (512, 262144))
 MSE_SIZES = (1 << 26, 1 << 28)
 DTYPES = ("float32", "bfloat16")
 MODES = ("forward", "fwd+bwd")
+#: Every op a :class:`Case` can be.
+OPS = ("ce", "soft-ce", "distill-kl", "distill-jsd", "mse", "lce")
+#: The kinds of distillation benchmarked (op ``"distill-<kind>"``).
+DISTILL_KINDS = ("kl", "jsd")
+#: Temperature of the distillation cases, and JSD's mixture weight.
+DISTILL_TEMPERATURE = 2.0
+DISTILL_BETA = 0.5
+#: Shapes (N, V) of probability-target and distillation cases in the full sweep.
+SOFT_SHAPES = ((4096, 32000),)
+#: Ops whose inputs are two (N, V) arrays and whose gradient is (N, V).
+_PAIR_OPS = ("soft-ce", "distill-kl", "distill-jsd")
 
 #: Every provider, in table order.
 PROVIDERS = ("fastloss", "fastloss-out", "fastloss-inplace", "fastloss-alloc",
@@ -92,12 +122,14 @@ SMALL_PROVIDERS = ("fastloss", "torch")
 #: Providers of the linear cross-entropy cases, in table order.
 LCE_PROVIDERS = ("fastloss", "torch", "torch-lce", "blas-floor")
 
-_FORWARD = ("fastloss", "torch", "torch-compile", "numpy", "jax")
+_FORWARD = {op: ("fastloss", "torch", "torch-compile", "numpy", "jax") for op in ("ce", "mse")}
+_FORWARD.update({op: ("fastloss", "torch", "torch-compile") for op in _PAIR_OPS})
 _BACKWARD = {
     "ce": ("fastloss-out", "fastloss-inplace", "fastloss-alloc", "torch", "torch-compile",
            "numpy", "jax"),
     "mse": ("fastloss-out", "fastloss-alloc", "torch", "torch-compile", "numpy", "jax"),
 }
+_BACKWARD.update({op: ("fastloss-out", "torch", "torch-compile") for op in _PAIR_OPS})
 
 
 def _dtype(name):
@@ -115,7 +147,8 @@ def size_label(n):
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmark case. ``shape`` is (N, V) for ``"ce"``, (n,) for ``"mse"``."""
+    """One benchmark case. ``shape`` is (N, V) for ``"ce"``, ``"soft-ce"`` and
+    ``"distill-*"``, (n,) for ``"mse"``, (N, D, V) for ``"lce"``."""
 
     op: str
     shape: tuple
@@ -123,12 +156,12 @@ class Case:
     mode: str = "forward"
 
     def __post_init__(self):
-        if self.op not in ("ce", "mse", "lce"):
-            raise ValueError(f"op: expected 'ce', 'mse' or 'lce', found {self.op!r}")
+        if self.op not in OPS:
+            raise ValueError(f"op: expected one of {', '.join(OPS)}, found {self.op!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, found {self.mode!r}")
         _dtype(self.dtype)
-        want = {"ce": 2, "mse": 1, "lce": 3}[self.op]
+        want = {"mse": 1, "lce": 3}.get(self.op, 2)
         shape = tuple(int(s) for s in self.shape)
         if len(shape) != want or min(shape) < 1:
             raise ValueError(f"shape: expected {want} positive sizes for op {self.op!r}, "
@@ -137,7 +170,7 @@ class Case:
 
     @property
     def size_label(self):
-        if self.op in ("ce", "lce"):
+        if self.op != "mse":
             return "x".join(str(s) for s in self.shape)
         return size_label(self.shape[0])
 
@@ -165,8 +198,9 @@ class Case:
 
     @property
     def bytes_read(self):
-        """Logits (ce) or prediction and target (mse), each read once; hidden
-        and W for lce."""
+        """Logits (ce); logits and probabilities (soft-ce); student and teacher
+        (distill-*); prediction and target (mse); each read once. hidden and W
+        for lce."""
         if self.op == "lce":
             n, d, v = self.shape
             return (n * d + v * d) * self.itemsize
@@ -185,11 +219,17 @@ class Case:
 
     @property
     def exp_evals(self):
-        """Least number of exp evaluations: one per logit for ce (the backward
-        pass can reuse the forward's), none for mse."""
+        """Least number of exp evaluations: one per logit for ce and soft-ce
+        (the backward pass can reuse the forward's), two per element pair for
+        distillation (the student's and the teacher's softmax), none for mse."""
         if self.op == "lce":
             return self.shape[0] * self.shape[2]
-        return self.elements if self.op == "ce" else 0
+        return {"mse": 0, "distill-kl": 2, "distill-jsd": 2}.get(self.op, 1) * self.elements
+
+    @property
+    def distill_kind(self):
+        """``"kl"`` / ``"jsd"`` for a distillation case, else None."""
+        return self.op[len("distill-"):] if self.op.startswith("distill-") else None
 
 
 def _sweep(op, sizes, dtypes, modes):
@@ -202,11 +242,18 @@ def _sweep(op, sizes, dtypes, modes):
     return out
 
 
+def _soft_sweep(shapes, dtypes, modes):
+    """soft-ce and both distillation kinds over ``shapes``."""
+    return [c for op in _PAIR_OPS for c in _sweep(op, shapes, dtypes, modes)]
+
+
 def suite_cases():
     """The full sweep: cross-entropy over :data:`CE_SHAPES`, MSE over
-    :data:`MSE_SIZES`, each in float32 and bfloat16, forward and fwd+bwd.
+    :data:`MSE_SIZES`, probability targets and distillation (kl, jsd) over
+    :data:`SOFT_SHAPES`, each in float32 and bfloat16, forward and fwd+bwd.
     Cases sharing inputs are adjacent."""
-    return _sweep("ce", CE_SHAPES, DTYPES, MODES) + _sweep("mse", MSE_SIZES, DTYPES, MODES)
+    return (_sweep("ce", CE_SHAPES, DTYPES, MODES) + _sweep("mse", MSE_SIZES, DTYPES, MODES)
+            + _soft_sweep(SOFT_SHAPES, DTYPES, MODES))
 
 
 def core_cases():
@@ -218,16 +265,18 @@ def core_cases():
 
 def quick_cases():
     """Small cases of the same kinds, for smoke-testing the suite in seconds."""
-    return _sweep("ce", ((256, 32000), (16, 262144)), DTYPES, MODES) + \
-        _sweep("mse", (1 << 20,), DTYPES, MODES)
+    return (_sweep("ce", ((256, 32000), (16, 262144)), DTYPES, MODES)
+            + _sweep("mse", (1 << 20,), DTYPES, MODES)
+            + _soft_sweep(((256, 32000),), DTYPES, MODES))
 
 
 def small_cases():
-    """Small shapes where call overheads dominate: cross-entropy at
-    :data:`SMALL_CE_SHAPES`, MSE at the same element counts (8 x 100 -> 800),
-    linear cross-entropy at :data:`SMALL_LCE_SHAPES`; float32, forward and
-    fwd+bwd."""
+    """Small shapes where call overheads dominate: cross-entropy, probability
+    targets and distillation (kl, jsd) at :data:`SMALL_CE_SHAPES`, MSE at the
+    same element counts (8 x 100 -> 800), linear cross-entropy at
+    :data:`SMALL_LCE_SHAPES`; float32, forward and fwd+bwd."""
     return (_sweep("ce", SMALL_CE_SHAPES, ("float32",), MODES)
+            + _soft_sweep(SMALL_CE_SHAPES, ("float32",), MODES)
             + _sweep("mse", [n * v for n, v in SMALL_CE_SHAPES], ("float32",), MODES)
             + _sweep("lce", SMALL_LCE_SHAPES, ("float32",), MODES))
 
@@ -246,8 +295,12 @@ def make_inputs(case, seed=0):
     """The inputs of ``case`` (a dict of numpy arrays), from a fixed seed.
 
     ce: ``logits`` (N, V) of standard normals times 2 in the case's dtype and
-    ``targets`` (N,) int64 in [0, V). mse: ``pred`` and ``target`` (n,).
-    Inputs depend only on (op, shape, dtype), so the two modes share them.
+    ``targets`` (N,) int64 in [0, V). soft-ce: the same ``logits`` and
+    ``probs`` (N, V), rows of uniform**4 normalised in float32, then rounded to
+    the case's dtype. distill-*: ``student`` (N, V) of standard normals times
+    2 and ``teacher`` = student + standard normals (float32, then the case's
+    dtype). mse: ``pred`` and ``target`` (n,). Inputs depend only on (op,
+    shape, dtype), so the two modes share them.
     """
     rng = np.random.default_rng(seed)
     dt = _dtype(case.dtype)
@@ -265,6 +318,20 @@ def make_inputs(case, seed=0):
     if case.op == "ce":
         n, v = case.shape
         return {"logits": normal((n, v), 2.0), "targets": rng.integers(0, v, n)}
+    if case.op == "soft-ce":
+        logits = normal(case.shape, 2.0)
+        q = rng.random(case.shape, dtype=np.float32)
+        q **= 4  # peaked rows: a few classes carry most of the mass
+        q /= q.sum(axis=1, keepdims=True)
+        return {"logits": logits, "probs": q if dt == np.float32 else q.astype(dt)}
+    if case.distill_kind is not None:
+        s = rng.standard_normal(case.shape, dtype=np.float32)
+        s *= np.float32(2.0)
+        t = rng.standard_normal(case.shape, dtype=np.float32)
+        t += s
+        if dt != np.float32:
+            s, t = s.astype(dt), t.astype(dt)
+        return {"student": s, "teacher": t}
     return {"pred": normal(case.shape, 1.0), "target": normal(case.shape, 1.0)}
 
 
@@ -303,7 +370,7 @@ def providers_for(case, names=None):
     if case.op == "lce":
         applicable = LCE_PROVIDERS
     else:
-        applicable = _FORWARD if case.mode == "forward" else _BACKWARD[case.op]
+        applicable = (_FORWARD if case.mode == "forward" else _BACKWARD)[case.op]
     if names is None:
         return list(applicable)
     names = list(names)
@@ -334,6 +401,8 @@ def build(case, inputs, provider):
 # --- fastloss ---------------------------------------------------------------
 
 def _fastloss(case, inputs, provider):
+    if case.op in _PAIR_OPS:
+        return _fastloss_pair(case, inputs)
     if case.op == "ce":
         x, t = inputs["logits"], inputs["targets"]
         if case.mode == "forward":
@@ -355,6 +424,24 @@ def _fastloss(case, inputs, provider):
     return Bench(lambda: mse_with_grad(p, y))
 
 
+def _distill_kwargs(case):
+    return {"kind": case.distill_kind, "temperature": DISTILL_TEMPERATURE, "beta": DISTILL_BETA}
+
+
+def _fastloss_pair(case, inputs):
+    """fastloss (forward) / fastloss-out (fwd+bwd) of soft-ce and distill-*."""
+    if case.op == "soft-ce":
+        a, b, kw = inputs["logits"], inputs["probs"], {}
+        loss, with_grad = cross_entropy, cross_entropy_with_grad
+    else:
+        a, b, kw = inputs["student"], inputs["teacher"], _distill_kwargs(case)
+        loss, with_grad = distill, distill_with_grad
+    if case.mode == "forward":
+        return Bench(lambda: loss(a, b, **kw))
+    out = np.empty_like(a)
+    return Bench(lambda: with_grad(a, b, out=out, **kw))
+
+
 # --- torch ------------------------------------------------------------------
 
 def _import_torch():
@@ -372,10 +459,42 @@ def _to_torch(torch, a):
     return torch.from_numpy(a)
 
 
+def _torch_distill_fn(torch, kind):
+    """The eager torch distillation loss (student, teacher) -> batchmean loss;
+    bfloat16 inputs are computed in float32 (as autocast does for log_softmax)."""
+    F = torch.nn.functional
+    T, beta = DISTILL_TEMPERATURE, DISTILL_BETA
+
+    def log_probs(s, t):
+        return F.log_softmax(s.float() / T, dim=-1), F.log_softmax(t.float() / T, dim=-1)
+
+    if kind == "kl":
+        def fn(s, t):
+            ls, lt = log_probs(s, t)
+            return F.kl_div(ls, lt, reduction="batchmean", log_target=True)
+        return fn
+
+    def jsd(s, t):  # TRL's generalized_jsd_loss, batchmean
+        ls, lt = log_probs(s, t)
+        lm = torch.logsumexp(torch.stack([ls + math.log(1 - beta), lt + math.log(beta)]), dim=0)
+        div = beta * F.kl_div(lm, lt, reduction="none", log_target=True) + \
+            (1 - beta) * F.kl_div(lm, ls, reduction="none", log_target=True)
+        return div.sum() / div.shape[0]
+    return jsd
+
+
 def _torch(case, inputs, compiled):
     torch = _import_torch()
     F = torch.nn.functional
-    if case.op == "ce":
+    if case.op == "soft-ce":
+        a, b = _to_torch(torch, inputs["logits"]), _to_torch(torch, inputs["probs"])
+
+        def fn(x, q):
+            return F.cross_entropy(x, q)
+    elif case.distill_kind is not None:
+        a, b = _to_torch(torch, inputs["student"]), _to_torch(torch, inputs["teacher"])
+        fn = _torch_distill_fn(torch, case.distill_kind)
+    elif case.op == "ce":
         a, b = _to_torch(torch, inputs["logits"]), _to_torch(torch, inputs["targets"])
 
         def fn(x, t):
@@ -385,13 +504,16 @@ def _torch(case, inputs, compiled):
 
         def fn(x, y):
             return F.mse_loss(x, y)
-    note = ""
+    notes = []
+    if case.distill_kind is not None and case.dtype != "float32":
+        notes.append("log_softmax in float32 (.float() in the timed call)")
     if compiled:
         # One compiled function at a time: reset dynamo so the recompilations of a
         # sweep never reach its cache limit (past it, dynamo silently runs eager).
         torch._dynamo.reset()
         fn = torch.compile(fn, dynamic=False)
-        note = "first call (compilation) untimed"
+        notes.append("first call (compilation) untimed")
+    note = "; ".join(notes)
 
     if case.mode == "forward":
         def run():

@@ -11,17 +11,20 @@ LEGEND = """\
 columns (one block per case; every provider timed in the same run, same threads):
   median ms, min ms  median and minimum of the timed calls (after the warm-up)
   rounds      number of timed calls
-  GB/s        bytes moved / median: the inputs read once, plus the gradient
-              written once for fwd+bwd (1 GB = 1e9 bytes)
+  GB/s        bytes moved / median: the inputs read once (logits; logits and
+              probabilities; student and teacher; prediction and target), plus
+              the gradient written once for fwd+bwd (1 GB = 1e9 bytes)
   % bw        GB/s / the bandwidth measured at the start of the run: the read
               bandwidth (parallel sum) for a forward pass, the copy bandwidth
               (np.copyto, read + write) for fwd+bwd
   floor ms    the least time the case can take here: max(bytes moved / that
-              bandwidth, exp evaluations / exp rate); cross-entropy needs one exp
-              per logit, MSE none. The exp rate is the faster of two measured
-              in the run, fastloss's own exp_f32 in a numba loop and numpy's
-              float32 np.exp on as many threads; the header line names the one
-              used (on the project's machine: fastloss exp_f32, ~3x numpy's)
+              bandwidth, exp evaluations / exp rate); cross-entropy (class-index
+              or probability targets) needs one exp per logit, distillation two
+              per element pair (student and teacher), MSE none. The exp rate
+              is the faster of two measured in the run, fastloss's own exp_f32
+              in a numba loop and numpy's float32 np.exp on as many threads;
+              the header line names the one used (on the project's machine:
+              fastloss exp_f32, ~3x numpy's)
   % floor     floor / median: 100% means the case ran at the machine's limit
   x fastest   median / the fastest median of the case (1.00 = fastest)
   x peer      median / the fastest median among the other implementations (all

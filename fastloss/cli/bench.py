@@ -35,6 +35,8 @@ saved runs:
 
 examples:
   fastloss bench --small                       small shapes of every op vs torch eager
+  fastloss bench --op soft-ce --mode fwd+bwd   probability targets, 4096x32000
+  fastloss bench --op distill --kind kl jsd    distillation (T=2), both kinds
   fastloss bench --shape 4096 32000 --save before
   fastloss bench --shape 4096 32000 --save after
   fastloss bench --compare before after
@@ -55,16 +57,24 @@ def add_parser(sub):
                     "against torch eager.",
         epilog=LEGEND + "\n\n" + TORCH_STEP_LEGEND + "\n\n" + _EPILOG_RUNS,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench.add_argument("--op", choices=("ce", "mse", "lce", "torch-step"), default=None,
-                       help="ce: softmax cross-entropy (default); mse: mean squared error; "
+    bench.add_argument("--op", choices=("ce", "soft-ce", "distill", "mse", "lce", "torch-step"),
+                       default=None,
+                       help="ce: softmax cross-entropy (default); soft-ce: cross-entropy with "
+                            "probability targets of the logits' shape; distill: distillation of "
+                            "student logits towards a teacher's (both in --dtype) at temperature "
+                            "2, batchmean, --kind kl or jsd; mse: mean squared error; "
                             "lce: fused linear cross-entropy (fwd+bwd only); torch-step: a PyTorch "
                             "training step of an LM head and its loss (forward + backward), fastloss.torch "
                             "against torch, with each provider's loss share, peak memory and the "
                             "adapter's per-call overhead at 64x1000")
     bench.add_argument("--shape", nargs="+", type=int, metavar="N",
-                       help="ce: logits shape N V (default 4096 32000); lce: N D V "
+                       help="ce, soft-ce, distill: logits shape N V (default 4096 32000); "
+                            "lce: N D V "
                             "(default 4096 1024 128256); torch-step: N V, or several pairs "
                             "N V N V ... (default 4096 32000; D is --hidden)")
+    bench.add_argument("--kind", nargs="+", choices=("kl", "jsd"), default=None,
+                       help="distill: forward KL (default) and/or TRL's generalised JSD "
+                            "(beta 0.5); each kind is its own case, distill-kl / distill-jsd")
     bench.add_argument("--hidden", type=int, metavar="D",
                        help="torch-step: hidden size D of the LM head (default 256)")
     bench.add_argument("--no-memory", action="store_true",
@@ -77,7 +87,8 @@ def add_parser(sub):
     bench.add_argument("--mode", choices=("forward", "fwd+bwd", "both"), default=None,
                        help="forward, forward+backward, or both (default)")
     bench.add_argument("--small", action="store_true",
-                       help="instead of one case, the small set: cross-entropy forward and "
+                       help="instead of one case, the small set: cross-entropy, probability "
+                            "targets and distillation (kl, jsd) forward and "
                             "fwd+bwd at 8x100, 64x1000, 256x4096; MSE at the same element "
                             "counts; linear cross-entropy 64x32x500 (N x D x V); float32; "
                             "fastloss against torch eager unless --providers says otherwise")
@@ -145,22 +156,24 @@ def _cases(args, parser):
     """The cases the arguments ask for."""
     from ..bench import cases as C
     if args.small:
-        for name in ("op", "shape", "size", "dtype", "mode"):
+        for name in ("op", "shape", "size", "dtype", "mode", "kind"):
             if getattr(args, name) is not None:
                 parser.error(f"--{name}: --small runs its own set of cases")
         return C.small_cases()
     op = args.op or "ce"
-    if op in ("ce", "lce"):
+    if args.kind is not None and op != "distill":
+        parser.error(f"--kind is for --op distill, found --op {op}")
+    if op != "mse":
         if args.size is not None:
             parser.error("--size is for --op mse; give --shape for cross-entropy")
-        default = (4096, 32000) if op == "ce" else C.LCE_SHAPES[0]
+        default = C.LCE_SHAPES[0] if op == "lce" else (4096, 32000)
         shape = tuple(args.shape or default)
         if len(shape) != len(default):
             parser.error(f"--shape: --op {op} takes {len(default)} numbers "
-                         f"({'N V' if op == 'ce' else 'N D V'}), found {len(shape)}")
+                         f"({'N D V' if op == 'lce' else 'N V'}), found {len(shape)}")
     else:
         if args.shape is not None:
-            parser.error("--shape is for --op ce; give --size for mse")
+            parser.error("--shape is for --op ce, soft-ce, distill and lce; give --size for mse")
         shape = (args.size if args.size is not None else 1 << 26,)
     if min(shape) < 1:
         parser.error(f"sizes must be positive, found {shape}")
@@ -170,7 +183,11 @@ def _cases(args, parser):
         if mode == "forward":
             parser.error("--mode: --op lce is measured as fwd+bwd only (forward: --small)")
         modes = ("fwd+bwd",)
-    return [C.Case(op, shape, d, m) for d in dict.fromkeys(args.dtype or ["float32"]) for m in modes]
+    ops = [op]
+    if op == "distill":
+        ops = [f"distill-{k}" for k in dict.fromkeys(args.kind or ["kl"])]
+    return [C.Case(o, shape, d, m) for o in ops for d in dict.fromkeys(args.dtype or ["float32"])
+            for m in modes]
 
 
 def run(args, argv):
@@ -253,7 +270,7 @@ def _save_checks(args, parser, default_dir):
 def torch_step_cases(args, parser):
     """The :class:`~fastloss.bench.torch_step.StepCase` list of ``--op torch-step``."""
     from ..bench import torch_step as T
-    for name in ("size", "mode", "calibration_mib"):
+    for name in ("size", "mode", "calibration_mib", "kind"):
         if getattr(args, name) is not None:
             parser.error(f"--{name.replace('_', '-')} does not apply to --op torch-step")
     if args.small:

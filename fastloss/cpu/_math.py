@@ -1,5 +1,5 @@
-"""Scalar numerics shared by the CPU kernels: bit casts, a vectorisable exp,
-tanh, and float16/bfloat16 <-> float32 conversion.
+"""Scalar numerics shared by the CPU kernels: bit casts, a vectorisable exp
+and log, tanh, and float16/bfloat16 <-> float32 conversion.
 
 Everything here is ``inline="always"`` so it is compiled into the loops of the
 calling kernel, where LLVM can vectorise it (numba's own ``math.exp`` on
@@ -137,30 +137,99 @@ def tanh_f32(y):
     return small if a < np.float32(0.0625) else big
 
 
+@intrinsic
+def _log_exponent(typingctx, bits):
+    """float32(e) for the bits of a positive normal float32 ``2**e * f`` with
+    ``f`` in [sqrt(1/2), sqrt(2)): ``(bits - bits(sqrt(1/2))) >> 23`` (32-bit IR)."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        i = builder.sub(args[0], ir.Constant(_I32, _SQRT_HALF_BITS))
+        return builder.sitofp(builder.ashr(i, ir.Constant(_I32, 23)), _F32)
+
+    return types.float32(types.int32), codegen
+
+
+@intrinsic
+def _log_mantissa(typingctx, bits):
+    """The ``f`` of :func:`_log_exponent`, in [sqrt(1/2), sqrt(2)): the bits with
+    ``e`` taken out of the exponent field (32-bit IR)."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        i = builder.sub(args[0], ir.Constant(_I32, _SQRT_HALF_BITS))
+        e = builder.shl(builder.ashr(i, ir.Constant(_I32, 23)), ir.Constant(_I32, 23))
+        return builder.bitcast(builder.sub(args[0], e), _F32)
+
+    return types.float32(types.int32), codegen
+
+
+_SQRT_HALF_BITS = 0x3F3504F3  # float32 bits of sqrt(1/2)
+
+
+@njit(fastmath=_FM)
+def log_f32(x):
+    """log(x) for float32 x, relative error < 2e-7 (absolute near x = 1),
+    vectorisable (no libm call). 0 -> -inf, +inf -> +inf, negative or NaN -> NaN;
+    subnormals are scaled by 2**23 first.
+
+    x = 2**e * f with f in [sqrt(1/2), sqrt(2)), both split off in 32-bit
+    integer IR (``_log_exponent``/``_log_mantissa``: numba would widen the
+    integer part to int64, halving the SIMD width); log(f) = log1p(f - 1) by
+    Cephes' degree-8 polynomial; e ln 2 is added in two parts. The special
+    values are plain selects (branches kept loops from vectorising).
+    """
+    tiny = x < np.float32(1.17549435e-38)
+    xs = x * np.float32(8388608.0) if tiny else x
+    bits = f32_as_i32(xs)
+    ef = _log_exponent(bits) - (np.float32(23.0) if tiny else np.float32(0.0))
+    f = _log_mantissa(bits) - np.float32(1.0)
+    z = f * f
+    p = np.float32(7.0376836292e-2)
+    p = p * f - np.float32(1.1514610310e-1)
+    p = p * f + np.float32(1.1676998740e-1)
+    p = p * f - np.float32(1.2420140846e-1)
+    p = p * f + np.float32(1.4249322787e-1)
+    p = p * f - np.float32(1.6668057665e-1)
+    p = p * f + np.float32(2.0000714765e-1)
+    p = p * f - np.float32(2.4999993993e-1)
+    p = p * f + np.float32(3.3333331174e-1)
+    y = f * z * p + ef * np.float32(-2.12194440e-4) - np.float32(0.5) * z
+    r = f + y + ef * np.float32(0.693359375)
+    r = np.float32(-np.inf) if x == np.float32(0.0) else r
+    r = x if x == np.float32(np.inf) else r
+    return r if x >= np.float32(0.0) else np.float32(np.nan)
+
+
+def _by_precision(f32, f64):
+    """The body of an ``overload`` that calls ``f32`` for a float32 argument and
+    ``f64`` for a float64 one (the accumulation precisions); other types: no match."""
+    def impl(x):
+        if x == types.float32:
+            return lambda x: f32(x)
+        if x == types.float64:
+            return lambda x: f64(x)
+        return None
+    return impl
+
+
 def exp(x):
     """exp in the accumulation precision (dispatched on the argument type)."""
 
 
-@overload(exp, fastmath=_FM)
-def _exp_ol(x):
-    if x == types.float32:
-        return lambda x: exp_f32(x)
-    if x == types.float64:
-        return lambda x: math.exp(x)
-    return None
+def log(x):
+    """log in the accumulation precision (dispatched on the argument type)."""
 
 
 def tanh(x):
     """tanh in the accumulation precision (dispatched on the argument type)."""
 
 
-@overload(tanh, fastmath=_FM)
-def _tanh_ol(x):
-    if x == types.float32:
-        return lambda x: tanh_f32(x)
-    if x == types.float64:
-        return lambda x: math.tanh(x)
-    return None
+overload(exp, fastmath=_FM)(_by_precision(exp_f32, math.exp))
+overload(log, fastmath=_FM)(_by_precision(log_f32, math.log))
+overload(tanh, fastmath=_FM)(_by_precision(tanh_f32, math.tanh))
 
 
 # Half-precision storage. numba has no float16/bfloat16 arrays on the CPU, so

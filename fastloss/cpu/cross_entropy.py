@@ -56,10 +56,17 @@ from .. import _compile, config
 from ..codes import PLAIN, SCALED, SOFTCAP
 from ..options import Transform
 from ._math import as_acc, exp, load, prefetch, row_max, store, tanh
+from ._rows import (LAZY_SUM_LIMIT, ROW_BLOCK, inline_into, n_row_blocks, row_transform, task_rows,
+                    task_scratch)
 
 _compile.install()  # the one-line notice before a cold compile
 
 _FM = config.FASTMATH
+
+# The row plumbing of ``_rows`` is re-exported for the host code and the other row kernels.
+__all__ = ["CEConstants", "CEScratch", "LAZY_SUM_LIMIT", "PREFETCH_MAX_ITEMSIZE", "PREFETCH_STEP", "ROW_BLOCK",
+           "ce_forward", "ce_fused", "ce_serial_forward", "ce_serial_fused", "lse_forward", "n_row_blocks",
+           "task_rows", "task_scratch"]
 
 
 class CEConstants(NamedTuple):
@@ -86,9 +93,6 @@ class CEScratch(NamedTuple):
     t: np.ndarray
     shifts: np.ndarray
 
-#: Elements per block of the one-sweep row statistics (8 KB of float32: the
-#: block is re-read from L1). A compile-time constant of the cached kernels.
-ROW_BLOCK = 2048
 
 #: Software prefetch of the next row, block by block, for logits of at most
 #: this itemsize (half precision). Those rows are read at half the bytes per
@@ -100,62 +104,9 @@ PREFETCH_MAX_ITEMSIZE = 2
 #: Prefetch stride in elements: every 32-byte half line of a 2-byte row.
 PREFETCH_STEP = 16
 
-#: A block whose exps against the running reference max sum to more than this
-#: is redone against its own max (``_block_update_lazy``). 2**30 keeps every
-#: stored exp and the row sum far from float32 overflow, and the gradient
-#: coefficients ``1/s`` far from underflow.
-LAZY_SUM_LIMIT = float(2**30)
-
-
-def _in_rows(expr, caller, callee):
-    """numba's inlining decision for the row functions: inline them (at the
-    numba IR level) into the row-range functions ``_forward_rows`` and
-    ``_fused_rows`` only, which every kernel calls once per task. A short
-    row's cost was mostly the calls, each passing several arrays as exploded
-    structs (256 x 8 forward: 17.6 -> 6.9 us); the range functions are
-    compiled without NRT, so the inlined slices take no reference counts.
-    The kernels call the range functions instead of inlining them: inlined
-    into the parallel kernels they compiled 2-3x slower."""
-    return caller.func_id.func_qualname in _ROW_RANGES  # caller: the caller's FunctionIR
-
-
-_ROW_RANGES = ("_forward_rows", "_fused_rows")
-
-
-def task_scratch(ntask, n, dtype):
-    """An (ntask, >= n) scratch array of ``dtype``: one row per parallel task,
-    each padded to whole 128-byte blocks plus a 128-byte gap, so no two tasks
-    ever write the same cache line (or adjacent-line pair). Kernels use the
-    first ``n`` elements of a row. Unpadded, short rows (V = 50: 200 bytes,
-    and one ``shifts`` value per task) put both tasks' writes on shared lines
-    at every row: 8192 x 50 fused took 533 us on 2 threads against 482 on 1."""
-    if n == 0:
-        return np.empty((ntask, 0), dtype)
-    per_line = 128 // np.dtype(dtype).itemsize
-    return np.empty((ntask, -(-n // per_line) * per_line + per_line), dtype)
-
-
-def n_row_blocks(nclass):
-    """Blocks per row: the length of each task's ``shifts`` scratch row."""
-    return (nclass + ROW_BLOCK - 1) // ROW_BLOCK
-
-
-@njit(fastmath=_FM, _nrt=False, inline=_in_rows)
-def _row_transform(xr, zr, tr, mode, scale, cap):
-    """zr[j] = transform(x[j]); under softcap tr[j] = tanh(scale x_j / cap). Returns max_j z_j."""
-    n = xr.shape[0]
-    if mode == SCALED:
-        for j in range(n):
-            zr[j] = scale * load(xr[j])
-    else:
-        inv = scale / cap
-        for j in range(n):
-            v = load(xr[j])
-            t = tanh(inv * v)
-            tr[j] = t
-            # -inf is a mask and stays -inf (cap * tanh would give -cap).
-            zr[j] = v if v == -np.inf else cap * t
-    return row_max(zr)
+#: The row functions are inlined into the row-range functions only
+#: (``fastloss.cpu._rows.inline_into``).
+_in_rows = inline_into("_forward_rows", "_fused_rows")
 
 
 @njit(fastmath=_FM, _nrt=False, inline=_in_rows)
@@ -266,7 +217,7 @@ def _block_update_lazy(src, er, m, s, keep_exp, zero):
 
 @njit(fastmath=_FM, _nrt=False, inline=_in_rows)
 def _z_scalar(v, mode, scale, cap):
-    """The logit transform of one value (as ``_row_transform``)."""
+    """The logit transform of one value (as ``_rows.row_transform``)."""
     if mode == PLAIN:
         return v
     if mode == SCALED:
@@ -323,7 +274,7 @@ def _row_stats(xr, t, w, tf, k, zr, tr, er, keep_exp, shifts, nxt, ahead):
             m, s = _block_update_lazy(src, er[lo:hi], m, s, keep_exp, zero)
         else:
             zb = zr[lo:hi]
-            mb = _row_transform(xr[lo:hi], zb, tr[lo:hi], mode, scale, cap)
+            mb = row_transform(xr[lo:hi], zb, tr[lo:hi], mode, scale, cap)
             if eps > zero:
                 smooth += _row_smooth_sum(zb, wb, has_w, zero)
             m, s = _block_update(zb, er[lo:hi], m, s, mb, keep_exp, zero)
@@ -347,12 +298,6 @@ def _row_loss(shift, s, zt, smooth, wt, wsum, eps, nclass):
     if eps > 0:
         ce += eps / nclass * (wsum * lse - smooth)
     return as_acc(ce, s), as_acc(lse, s)
-
-
-@njit(fastmath=_FM)
-def task_rows(ntask, n, task):
-    """Rows [lo, hi) of task ``task`` when n rows are split evenly over ntask tasks."""
-    return task * n // ntask, (task + 1) * n // ntask
 
 
 @njit(fastmath=_FM, _nrt=False, inline=_in_rows)

@@ -15,15 +15,70 @@ from ..options import safe_div
 from . import cross_entropy as K
 
 
-class CrossEntropyPlan:
-    """Validated host inputs and derived constants of one cross-entropy call."""
+class RowReduction:
+    """The reduction of a cross-entropy call's per-row losses and the per-row
+    upstream coefficients of its gradient, shared by the plans of class-index
+    and probability targets. A plan provides ``opts``
+    (``CrossEntropyOptions``), ``acc``, ``n`` rows of shape ``rows_shape``,
+    ``ignored`` (a mask of the rows, or None: no row is ignored),
+    ``denominators()`` and ``GRAD_OUTPUT_SHAPE`` (how a message names the shape
+    a "none" ``grad_output`` must have)."""
 
-    def __init__(self, logits, targets, weight, opts):
+    def __init__(self, logits, opts):
+        """The call's logits (checked) and options, and the shapes they give."""
         self.opts = opts
         self.logits = V.logits_array(logits)
+        self.nclass = self.logits.shape[-1]
+        self.rows_shape = self.logits.shape[:-1]
+
+    def reduce(self, loss_rows, lse_rows):
+        """Combine per-row cross-entropy and logsumexp into the requested reduction."""
+        zl = self.opts.z_loss
+        reduction = self.opts.reduction
+        if reduction == "none":
+            out = loss_rows
+            if zl > 0:
+                out = out + self.acc.type(zl) * lse_rows * lse_rows
+            return out.reshape(self.rows_shape)
+        ce = float(loss_rows.sum(dtype=np.float64))
+        z = float(np.square(lse_rows, dtype=np.float64).sum()) if zl > 0 else 0.0
+        if reduction == "sum":
+            return ce + zl * z
+        d_ce, d_z = self.denominators()
+        return safe_div(ce, d_ce) + (safe_div(zl * z, d_z) if zl > 0 else 0.0)
+
+    def row_coefficients(self, grad_output):
+        """Per-row upstream coefficients (gce, gz) of the cross-entropy and z-loss
+        terms, already divided by the mean's denominators; 0 for ignored rows."""
+        n = self.n
+        reduction = self.opts.reduction
+        if reduction == "none":
+            g = V.rows_grad_output(grad_output, self.rows_shape, self.GRAD_OUTPUT_SHAPE)
+            gce = gz = g.reshape(-1) if np.ndim(g) else np.full(n, g)
+        else:
+            go = V.scalar_grad_output(grad_output, reduction)
+            if reduction == "mean":
+                d_ce, d_z = self.denominators()
+                gce = np.full(n, safe_div(go, d_ce))
+                gz = np.full(n, safe_div(go, d_z))
+            else:
+                gce = gz = np.full(n, go)
+        if self.ignored is not None:
+            gce = np.where(self.ignored, 0.0, gce)
+            gz = np.where(self.ignored, 0.0, gz)
+        return gce.astype(self.acc), gz.astype(self.acc)
+
+
+class CrossEntropyPlan(RowReduction):
+    """Validated host inputs and derived constants of one cross-entropy call."""
+
+    GRAD_OUTPUT_SHAPE = "targets.shape"
+
+    def __init__(self, logits, targets, weight, opts):
+        super().__init__(logits, opts)
         shape = self.logits.shape
-        self.nclass = shape[-1]
         self.tgt, self.ignored = V.targets_for_kernel(targets, shape, opts.ignore_index)
+        self.n = self.tgt.size
         self.acc = V.acc_dtype(self.logits.dtype)
         self.mode = opts.mode
         self.tf = opts.transform(self.acc)  # checked against the accumulation dtype's range
@@ -66,42 +121,6 @@ class CrossEntropyPlan:
                            K.task_scratch(ntask, self.nclass if need_t else 0, self.acc),
                            K.task_scratch(ntask, K.n_row_blocks(self.nclass) if fused else 0, self.acc))
 
-    def reduce(self, loss_rows, lse_rows):
-        """Combine per-row cross-entropy and logsumexp into the requested reduction."""
-        zl = self.opts.z_loss
-        reduction = self.opts.reduction
-        if reduction == "none":
-            out = loss_rows
-            if zl > 0:
-                out = out + self.acc.type(zl) * lse_rows * lse_rows
-            return out.reshape(self.logits.shape[:-1])
-        ce = float(loss_rows.sum(dtype=np.float64))
-        z = float(np.square(lse_rows, dtype=np.float64).sum()) if zl > 0 else 0.0
-        if reduction == "sum":
-            return ce + zl * z
-        d_ce, d_z = self.denominators()
-        return safe_div(ce, d_ce) + (safe_div(zl * z, d_z) if zl > 0 else 0.0)
-
-    def row_coefficients(self, grad_output):
-        """Per-row upstream coefficients (gce, gz) of the cross-entropy and z-loss
-        terms, already divided by the mean's denominators; 0 for ignored rows."""
-        n = self.tgt.size
-        reduction = self.opts.reduction
-        if reduction == "none":
-            g = V.rows_grad_output(grad_output, self.logits.shape[:-1], "targets.shape")
-            gce = gz = g.reshape(-1) if np.ndim(g) else np.full(n, g)
-        else:
-            go = V.scalar_grad_output(grad_output, reduction)
-            if reduction == "mean":
-                d_ce, d_z = self.denominators()
-                gce = np.full(n, safe_div(go, d_ce))
-                gz = np.full(n, safe_div(go, d_z))
-            else:
-                gce = gz = np.full(n, go)
-        gce = np.where(self.ignored, 0.0, gce).astype(self.acc)
-        gz = np.where(self.ignored, 0.0, gz).astype(self.acc)
-        return gce, gz
-
 
 def cross_entropy(logits, targets, weight, opts):
     """``fastloss.cross_entropy`` on host arrays."""
@@ -126,7 +145,7 @@ def cross_entropy_with_grad(logits, targets, weight, opts, grad_output, out, inp
     ``inplace`` was checked by the caller (a bool, not combined with ``out``)."""
     small = _serial_inputs(logits, targets, opts)
     if small is not None:
-        grad, _ = _grad_buffer(logits, logits, out, inplace)  # C-contiguous, logits' dtype
+        grad, _ = V.grad_buffer(logits, logits, out, inplace)  # C-contiguous, logits' dtype
         gmode, go, gvec = _serial_grad_output(grad_output, opts, logits.shape[:-1])
         loss = _serial(small, logits, targets, weight, opts, gmode, go, gvec,
                        V.kernel_view_fn(grad.dtype)(grad).reshape(small[0].shape))
@@ -135,7 +154,7 @@ def cross_entropy_with_grad(logits, targets, weight, opts, grad_output, out, inp
     x = plan.logits
     n = plan.tgt.size
     gce, gz = plan.row_coefficients(grad_output)
-    grad, copy_back = _grad_buffer(logits, x, out, inplace)
+    grad, copy_back = V.grad_buffer(logits, x, out, inplace)
     loss = np.empty(n, plan.acc)
     lse = np.empty(n, plan.acc)
     if n:
@@ -150,30 +169,6 @@ def cross_entropy_with_grad(logits, targets, weight, opts, grad_output, out, inp
     if inplace:
         grad = logits  # the caller's own object (an ndarray subclass such as np.memmap included)
     return plan.reduce(loss, lse), grad
-
-
-def _grad_buffer(original, x, out, inplace):
-    """Where the gradient goes: (buffer, copy_back). ``copy_back`` is set when
-    ``inplace`` targets a non-contiguous array, which is computed into a fresh
-    buffer and copied over the logits afterwards."""
-    if inplace:
-        if not isinstance(original, np.ndarray):
-            raise TypeError(f"logits: inplace=True needs a numpy array, found {type(original).__name__}")
-        if x is not original and not np.shares_memory(x, original):
-            raise ValueError(f"logits: inplace=True needs a native-byte-order float array, "
-                             f"found dtype {original.dtype}")
-        if not x.flags.writeable:
-            raise ValueError("logits: inplace=True needs a writable array, found a read-only one")
-        if x.flags.c_contiguous:
-            return x, False
-        return np.empty(x.shape, x.dtype), True
-    if out is None:
-        return np.empty(x.shape, x.dtype), False
-    V.out_array(out, x.shape, x.dtype)
-    same = out.__array_interface__["data"][0] == x.__array_interface__["data"][0] and x.flags.c_contiguous
-    if not same and np.may_share_memory(out, x):
-        raise V.overlap_error("ce")
-    return out, False
 
 
 def logsumexp(logits, opts):

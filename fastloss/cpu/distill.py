@@ -41,7 +41,14 @@ max, so their forward pass needs no scratch. The gradient pass reads the
 scratch rows and rescales block ``b`` by ``exp(shift_b - max) / sum``. JSD
 needs a second pass for ``log m_j`` (one log per element; the logits are
 re-read for ``log ps``/``log pt``, the row was just read and is in cache), and
-a third for the gradient, which needs ``KL(ps || m)`` first. With a hard term
+a third for the gradient, which needs ``KL(ps || m)`` first. Passes 2 and 3
+read the task's scratch rows and the just-read logits from cache, so JSD's
+cost over KL is arithmetic: the log (``_math.log``, vectorised, about twice
+an exp) and ~15 operations per element. Splitting the log's exponent and
+mantissa in 32-bit integer IR took pass 2 from 0.51 to 0.39 ns per element
+(1 thread) and the fused JSD from 3.1-3.5x to 2.5-2.8x the CE fused time
+(KL: 1.3-1.45x; benchmarks/NOTES.md); prefetching the next rows during pass
+2 gained ~3% and was left out. With a hard term
 and ``T != 1``, a third stream (exps of the raw student logits) runs in the
 same block loop; with ``T == 1`` it is the student's stream.
 
@@ -58,28 +65,21 @@ import math
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange, types
-from numba.core.extending import overload
+from numba import njit, prange
 
 from .. import _compile, config
-from ..options import JSD, KL, REVERSE_KL
-from ._math import as_acc, exp, f32_as_i32, i32_as_f32, load, row_max, store
-from .cross_entropy import ROW_BLOCK, task_rows
+from ..codes import JSD, KL, REVERSE_KL
+from ._math import as_acc, exp, load, log, row_max, store
+from ._rows import LAZY_SUM_LIMIT, ROW_BLOCK, inline_into, task_rows
 
 _compile.install()
 
 _FM = config.FASTMATH
 
 
-#: A block whose exps against the running maxes sum to more than this is redone
-#: against its own max (``_dense_stats``), as cross-entropy's lazy blocks:
-#: every stored exp and sum stays far from float32 overflow.
-LAZY_SUM_LIMIT = float(2**30)
-
-
 class DistillConstants(NamedTuple):
     """Per-call scalars of the distillation kernels, in the accumulation type
-    (flags as bools): the divergence ``kind`` (``fastloss.options.KL``,
+    (flags as bools): the divergence ``kind`` (``fastloss.codes.KL``,
     ``REVERSE_KL``, ``JSD``), ``inv_t = 1 / T``, ``beta`` (JSD), ``hard``
     (a hard-label term is computed), ``same`` (``T == 1``: the hard term's
     softmax is the student's), ``gsoft`` (the divergence's gradient factor
@@ -96,7 +96,7 @@ class DistillConstants(NamedTuple):
 
 
 class DistillScratch(NamedTuple):
-    """Per-task scratch rows (padded by ``fastloss.cpu.cross_entropy.task_scratch``):
+    """Per-task scratch rows (padded by ``fastloss.cpu._rows.task_scratch``):
     ``es`` (student exps), ``et`` (teacher exps; for reverse KL ``zs - zt``; for
     JSD then ``log(ps / m)``), ``eh`` (exps of the raw student logits: hard term
     with ``T != 1``), ``shifts`` (3 x blocks: each block's running max of the
@@ -110,63 +110,9 @@ class DistillScratch(NamedTuple):
     ex: np.ndarray
 
 
-def _in_rows(expr, caller, callee):
-    """Inline the row functions (numba IR level) into the row-range functions
-    only, as ``fastloss.cpu.cross_entropy`` does: a short row's cost is then
-    not its calls, and the parallel kernels (which call the range functions)
-    compile faster."""
-    return caller.func_id.func_qualname in ("_dense_rows", "_topk_rows")
-
-
-# ----------------------------------------------------------------------------- log
-
-
-@njit(fastmath=_FM)
-def log_f32(x):
-    """log(x) for float32 x, relative error ~1e-7, vectorisable (no libm call).
-    0 -> -inf, +inf -> +inf, negative or NaN -> NaN; subnormals are scaled first.
-
-    x = 2**e * f with f in [sqrt(1/2), sqrt(2)); log(f) = log1p(f - 1) by
-    Cephes' degree-8 polynomial; e ln 2 is added in two parts."""
-    tiny = x < np.float32(1.17549435e-38)
-    xs = x * np.float32(8388608.0) if tiny else x
-    bits = f32_as_i32(xs)
-    e = ((bits >> 23) & 0xFF) - 127 - (23 if tiny else 0)
-    f = i32_as_f32((bits & 0x007FFFFF) | 0x3F800000)  # in [1, 2)
-    big = f > np.float32(1.41421356)
-    f = f * np.float32(0.5) if big else f
-    ef = np.float32(e + 1) if big else np.float32(e)
-    f = f - np.float32(1.0)
-    z = f * f
-    p = np.float32(7.0376836292e-2)
-    p = p * f - np.float32(1.1514610310e-1)
-    p = p * f + np.float32(1.1676998740e-1)
-    p = p * f - np.float32(1.2420140846e-1)
-    p = p * f + np.float32(1.4249322787e-1)
-    p = p * f - np.float32(1.6668057665e-1)
-    p = p * f + np.float32(2.0000714765e-1)
-    p = p * f - np.float32(2.4999993993e-1)
-    p = p * f + np.float32(3.3333331174e-1)
-    y = f * z * p + ef * np.float32(-2.12194440e-4) - np.float32(0.5) * z
-    r = f + y + ef * np.float32(0.693359375)
-    # Special values as three plain selects (a nested choice compiled to branches
-    # and kept the JSD loop from vectorising).
-    r = np.float32(-np.inf) if x == np.float32(0.0) else r
-    r = x if x == np.float32(np.inf) else r
-    return r if x >= np.float32(0.0) else np.float32(np.nan)
-
-
-def log(x):
-    """log in the accumulation precision (dispatched on the argument type)."""
-
-
-@overload(log, fastmath=_FM)
-def _log_ol(x):
-    if x == types.float32:
-        return lambda x: log_f32(x)
-    if x == types.float64:
-        return lambda x: math.log(x)
-    return None
+#: The row functions are inlined into the row-range functions only
+#: (``fastloss.cpu._rows.inline_into``), as in ``fastloss.cpu.cross_entropy``.
+_in_rows = inline_into("_dense_rows", "_topk_rows")
 
 
 # ----------------------------------------------------------------------------- pass 1
@@ -407,9 +353,23 @@ def _grad_centered(orow, lo, es, r, eh, cps, g1, c, a_h, gh, tt):
 
 @njit(fastmath=_FM, _nrt=False, inline=_in_rows)
 def _zero_row(orow):
+    """orow[:] = 0 in its storage type."""
     zero = np.float32(0.0)
     for j in range(orow.shape[0]):
         store(orow, j, zero)
+
+
+@njit(fastmath=_FM, _nrt=False, inline=_in_rows)
+def _ignored(i, ti, out, grad, soft, hard):
+    """Whether row i is ignored (``ti < 0``); if so, its losses are set to 0 and,
+    with ``grad``, its gradient row to zeros."""
+    if ti >= 0:
+        return False
+    soft[i] = 0.0
+    hard[i] = 0.0
+    if grad:
+        _zero_row(out[i])
+    return True
 
 
 @njit(fastmath=_FM, _nrt=False, inline=_in_rows)
@@ -500,14 +460,9 @@ def _dense_rows(s, t, tgt, k, g, out, es, et, eh, shifts, lo, hi, grad, soft, ha
     (zero losses, zero gradient)."""
     for i in range(lo, hi):
         ti = tgt[i]
-        if ti < 0:
-            soft[i] = 0.0
-            hard[i] = 0.0
-            if grad:
-                _zero_row(out[i])
+        if _ignored(i, ti, out, grad, soft, hard):
             continue
-        orow = out[i] if grad else out[0]
-        si, hi_ = _dense_row(s[i], t[i], ti, k, g[i], orow, es, et, eh, shifts, grad)
+        si, hi_ = _dense_row(s[i], t[i], ti, k, g[i], out[i] if grad else out[0], es, et, eh, shifts, grad)
         soft[i] = si
         hard[i] = hi_
 
@@ -639,14 +594,9 @@ def _topk_rows(s, idx, lp, tgt, k, g, out, es, eh, shifts, ex, lo, hi, grad, sof
     """Rows [lo, hi) of the top-k kernel (see ``_dense_rows``)."""
     for i in range(lo, hi):
         ti = tgt[i]
-        if ti < 0:
-            soft[i] = 0.0
-            hard[i] = 0.0
-            if grad:
-                _zero_row(out[i])
+        if _ignored(i, ti, out, grad, soft, hard):
             continue
-        orow = out[i] if grad else out[0]
-        si, hi_ = _topk_row(s[i], idx[i], lp[i], ti, k, g[i], orow, es, eh, shifts, ex, grad)
+        si, hi_ = _topk_row(s[i], idx[i], lp[i], ti, k, g[i], out[i] if grad else out[0], es, eh, shifts, ex, grad)
         soft[i] = si
         hard[i] = hi_
 

@@ -153,7 +153,7 @@ def distill_with_grad(student, teacher, targets, opts, grad_output, out, inplace
     plan = DistillPlan(student, teacher, targets, opts)
     g = plan.row_gradients(grad_output)
     x = plan.student
-    grad, copy_back = _grad_buffer(student, x, plan.teacher_arrays, out, inplace)
+    grad, copy_back = V.grad_buffer(student, x, out, inplace, "student", ("teacher", plan.teacher_arrays))
     gk = V.kernel_view(grad).reshape(plan.rows, plan.nclass)
     soft, hard = plan.run(True, g, gk)
     if copy_back:
@@ -232,33 +232,3 @@ def _check_topk_values(idx, lp, nclass, ignored, shape):
         raise ValueError(f"teacher logprobs: {int(dead.sum())} row(s) have no finite entry (all -inf); first at "
                          f"position {_position(row, rows_shape)}")
     return i64
-
-
-def _grad_buffer(original, x, teacher_arrays, out, inplace):
-    """Where the gradient goes: (buffer, copy_back), as in cross-entropy;
-    ``copy_back`` for ``inplace`` on a non-contiguous student. Neither the
-    buffer nor the student (in place) may share memory with the teacher."""
-    if inplace:
-        if not isinstance(original, np.ndarray):
-            raise TypeError(f"student: inplace=True needs a numpy array, found {type(original).__name__}")
-        if x is not original and not np.shares_memory(x, original):
-            raise ValueError(f"student: inplace=True needs a native-byte-order float array, "
-                             f"found dtype {original.dtype}")
-        if not x.flags.writeable:
-            raise ValueError("student: inplace=True needs a writable array, found a read-only one")
-        for t in teacher_arrays:
-            if np.may_share_memory(t, x):
-                raise ValueError("teacher: shares memory with student; inplace=True would overwrite it")
-        if x.flags.c_contiguous:
-            return x, False
-        return np.empty(x.shape, x.dtype), True
-    if out is None:
-        return np.empty(x.shape, x.dtype), False
-    V.out_array(out, x.shape, x.dtype)
-    same = out.__array_interface__["data"][0] == x.__array_interface__["data"][0] and x.flags.c_contiguous
-    if not same and np.may_share_memory(out, x):
-        raise ValueError("out: overlaps student; pass inplace=True to overwrite the student")
-    for t in teacher_arrays:
-        if np.may_share_memory(out, t):
-            raise ValueError("out: overlaps teacher (the teacher is never modified)")
-    return out, False

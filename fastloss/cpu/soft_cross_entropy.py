@@ -49,10 +49,10 @@ import numpy as np
 from numba import njit, prange
 
 from .. import _compile, config
-from ..codes import PLAIN, SCALED, SOFTCAP
-from ._math import as_acc, exp, load, prefetch, row_max, store, tanh
-from .cross_entropy import (LAZY_SUM_LIMIT, PREFETCH_MAX_ITEMSIZE, PREFETCH_STEP, ROW_BLOCK, n_row_blocks,
-                            task_rows, task_scratch)
+from ..codes import PLAIN, SOFTCAP
+from ._math import as_acc, exp, load, prefetch, row_max, store
+from ._rows import LAZY_SUM_LIMIT, ROW_BLOCK, inline_into, n_row_blocks, row_transform, task_rows, task_scratch
+from .cross_entropy import PREFETCH_MAX_ITEMSIZE, PREFETCH_STEP
 
 _compile.install()
 
@@ -92,30 +92,9 @@ def soft_scratch(ntask, nclass, acc, mode, fused):
                        task_scratch(ntask, n_row_blocks(nclass), acc))
 
 
-def _in_rows(expr, caller, callee):
-    """Inline the row functions (numba IR level) into the row-range functions
-    only, as ``fastloss.cpu.cross_entropy`` does (a short row's cost is mostly calls)."""
-    return caller.func_id.func_qualname in _ROW_RANGES
-
-
-_ROW_RANGES = ("_forward_rows", "_fused_rows")
-
-
-@njit(fastmath=_FM, _nrt=False, inline=_in_rows)
-def _transform(xr, zr, tr, mode, scale, cap):
-    """zr[j] = transform(x_j) (tr[j] = tanh under softcap); returns max_j z_j."""
-    n = xr.shape[0]
-    if mode == SCALED:
-        for j in range(n):
-            zr[j] = scale * load(xr[j])
-    else:
-        inv = scale / cap
-        for j in range(n):
-            v = load(xr[j])
-            t = tanh(inv * v)
-            tr[j] = t
-            zr[j] = v if v == -np.inf else cap * t  # -inf is a mask and stays -inf
-    return row_max(zr)
+#: The row functions are inlined into the row-range functions only
+#: (``fastloss.cpu._rows.inline_into``), as in ``fastloss.cpu.cross_entropy``.
+_in_rows = inline_into("_forward_rows", "_fused_rows")
 
 
 @njit(fastmath=_FM, _nrt=False, inline=_in_rows)
@@ -257,7 +236,7 @@ def _row_stats(xr, qr, w, tf, k, zr, tr, keep_exp, shifts):
                 sb = _exps(src, eb, m, keep_exp, False)
             s += sb
         else:
-            mb = _transform(xr[lo:hi], eb, tr[lo:hi], mode, scale, cap)
+            mb = row_transform(xr[lo:hi], eb, tr[lo:hi], mode, scale, cap)
             if b == 0:
                 c = zero if mb == -np.inf else mb
             m, s = _rescale(m, s, mb)

@@ -12,19 +12,19 @@ import numpy as np
 
 from .. import _validate as V
 from .. import config
-from ..options import safe_div
 from . import soft_cross_entropy as K
+from .cross_entropy_host import RowReduction
 
 
-class SoftPlan:
+class SoftPlan(RowReduction):
     """Validated host inputs and derived constants of one soft-target call."""
 
+    GRAD_OUTPUT_SHAPE = "logits.shape[:-1]"
+    ignored = None  # no row is ignored
+
     def __init__(self, logits, targets, weight, opts):
-        self.opts = opts
-        self.logits = V.logits_array(logits)
+        super().__init__(logits, opts)
         shape = self.logits.shape
-        self.nclass = shape[-1]
-        self.rows_shape = shape[:-1]
         q = V.native_array(targets, "targets")
         V.check_soft_targets_meta(q.shape, q.dtype, shape)
         self.targets = q
@@ -69,39 +69,6 @@ class SoftPlan:
                 row = row.astype(np.float32)
             raise V.bad_soft_targets_error(int(bad.sum()), self.rows_shape, first, row, tol)
 
-    def reduce(self, loss_rows, lse_rows):
-        """Combine per-row cross-entropy and logsumexp into the requested reduction."""
-        zl = self.opts.z_loss
-        reduction = self.opts.reduction
-        if reduction == "none":
-            out = loss_rows
-            if zl > 0:
-                out = out + self.acc.type(zl) * lse_rows * lse_rows
-            return out.reshape(self.rows_shape)
-        ce = float(loss_rows.sum(dtype=np.float64))
-        z = float(np.square(lse_rows, dtype=np.float64).sum()) if zl > 0 else 0.0
-        if reduction == "sum":
-            return ce + zl * z
-        d_ce, d_z = self.denominators()
-        return safe_div(ce, d_ce) + (safe_div(zl * z, d_z) if zl > 0 else 0.0)
-
-    def row_coefficients(self, grad_output):
-        """Per-row upstream coefficients (gce, gz), divided by the mean's denominators."""
-        n = self.n
-        reduction = self.opts.reduction
-        if reduction == "none":
-            g = V.rows_grad_output(grad_output, self.rows_shape, "logits.shape[:-1]")
-            gce = gz = g.reshape(-1) if np.ndim(g) else np.full(n, g)
-        else:
-            go = V.scalar_grad_output(grad_output, reduction)
-            if reduction == "mean":
-                d_ce, d_z = self.denominators()
-                gce = np.full(n, safe_div(go, d_ce))
-                gz = np.full(n, safe_div(go, d_z))
-            else:
-                gce = gz = np.full(n, go)
-        return gce.astype(self.acc), gz.astype(self.acc)
-
     def launch(self, kernel_serial, kernel_parallel, ntask, *args):
         """Run the serial kernel, or the parallel one over ``ntask`` tasks."""
         if self.serial:
@@ -136,7 +103,7 @@ def cross_entropy_with_grad(logits, targets, weight, opts, grad_output, out, inp
     xh = plan.logits
     n = plan.n
     gce, gz = plan.row_coefficients(grad_output)
-    grad, copy_back = _grad_buffer(logits, xh, out, inplace)
+    grad, copy_back = V.grad_buffer(logits, xh, out, inplace)
     loss = np.empty(n, plan.acc)
     lse = np.empty(n, plan.acc)
     qsum = np.empty(n, plan.acc)
@@ -152,27 +119,3 @@ def cross_entropy_with_grad(logits, targets, weight, opts, grad_output, out, inp
     if inplace:
         grad = logits
     return plan.reduce(loss, lse), grad
-
-
-def _grad_buffer(original, x, out, inplace):
-    """Where the gradient goes: (buffer, copy_back), as for class-index targets
-    (a non-contiguous ``inplace`` array is computed into a fresh buffer and
-    copied back)."""
-    if inplace:
-        if not isinstance(original, np.ndarray):
-            raise TypeError(f"logits: inplace=True needs a numpy array, found {type(original).__name__}")
-        if x is not original and not np.shares_memory(x, original):
-            raise ValueError(f"logits: inplace=True needs a native-byte-order float array, "
-                             f"found dtype {original.dtype}")
-        if not x.flags.writeable:
-            raise ValueError("logits: inplace=True needs a writable array, found a read-only one")
-        if x.flags.c_contiguous:
-            return x, False
-        return np.empty(x.shape, x.dtype), True
-    if out is None:
-        return np.empty(x.shape, x.dtype), False
-    V.out_array(out, x.shape, x.dtype)
-    same = out.__array_interface__["data"][0] == x.__array_interface__["data"][0] and x.flags.c_contiguous
-    if not same and np.may_share_memory(out, x):
-        raise V.overlap_error("ce")
-    return out, False

@@ -3,13 +3,17 @@ names as ``fastloss.cpu``), each beside its host side, which ``fastloss.ops``
 calls for GPU arrays with the options it validated:
 
 * ``cross_entropy`` / ``cross_entropy_host``: cross-entropy and logsumexp;
+* ``soft_cross_entropy`` / ``soft_cross_entropy_host``: cross-entropy with
+  probability targets;
+* ``distill`` / ``distill_host``: distillation losses;
 * ``mse`` / ``mse_host``: mean squared error;
 * ``rows``, ``reductions``, ``_math``, ``convert``: device functions and
   helper kernels the op kernels share (reading a row, block reductions,
-  scalar math, staging copies);
+  scalar math, staging copies); ``host``: what the row-wise ops' host sides
+  share (staging the rows, the gradient's destination);
 * ``arrays`` (GPU arrays as the kernels see them), ``launch`` (grids, block
   sizes, scratch, the resident kernel's shared memory) and ``checks`` (the
-  asynchronous checks of targets and class weights, :func:`synchronize`).
+  one queue of asynchronous input checks of every op, :func:`synchronize`).
 
 Importing this package needs neither numba-cuda nor a GPU: ``numba.cuda`` is
 imported only inside functions. Running a kernel without a usable GPU raises
@@ -69,9 +73,9 @@ _AVAILABLE = False
 
 
 def synchronize():
-    """Wait for the checks of every earlier cross-entropy call on GPU arrays and
-    raise the contract's ``ValueError`` for the first that saw a bad target or
-    class weight.
+    """Wait for the checks of every earlier fastloss call on GPU arrays and
+    raise the contract's ``ValueError`` for the first that saw a bad input (a
+    target, class weight, probability-target row or top-k teacher).
 
     Those calls never wait for the GPU (a training step stays ahead of it);
     an error is raised by the first fastloss call after the GPU has flagged
@@ -83,12 +87,9 @@ def synchronize():
     >>> import fastloss.cuda
     >>> fastloss.cuda.synchronize()
     """
-    if "fastloss.cuda.checks" in sys.modules:
+    if "fastloss.cuda.checks" in sys.modules:  # one queue serves every op
         from . import checks
         checks.synchronize()
-    if "fastloss.cuda.soft_cross_entropy_host" in sys.modules:  # probability targets keep their own queue
-        from . import soft_cross_entropy_host
-        soft_cross_entropy_host.synchronize()
 
 
 def require_gpu():

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..codes import BF16, F16, NATIVE
+from ..codes import BF16, F16, G_DEVICE_SCALAR, G_ROWS, NATIVE
 
 try:
     from numba import cuda
@@ -287,3 +287,20 @@ class GradScalars(NamedTuple):
 
     gmode: int
     go: float
+
+
+@device
+def upstream(gmode, go, gvec, i):
+    """The upstream coefficient of row ``i`` (float64) from :class:`GradScalars`
+    ``(gmode, go)`` and ``gvec``: ``go``, ``gvec[0]`` or ``gvec[i]``."""
+    if gmode == G_DEVICE_SCALAR:
+        return np.float64(gvec[0])
+    if gmode == G_ROWS:
+        return np.float64(gvec[i])
+    return np.float64(go)
+
+
+@device
+def per_mean(g, den):
+    """``g / den``, 0 when the denominator is 0 (an all-ignored batch)."""
+    return g / den if den != 0 else 0.0

@@ -1,12 +1,15 @@
-"""Asynchronous checks of the targets and class weights of cross-entropy calls
-on GPU arrays, and :func:`synchronize`.
+"""Asynchronous checks of the inputs of every op on GPU arrays (targets, class
+weights, probability targets, top-k teachers), and :func:`synchronize`.
 
-No call waits for the GPU: each call's ``validate`` kernel writes eleven
-numbers (bad targets, bad class weights; see ``fastloss.cuda.cross_entropy``),
-an asynchronous copy takes them to pinned host memory, and :class:`Checks`
-raises the contract's ``ValueError`` once they have landed, from that call,
-a later one, or :func:`synchronize`. When they flag an error the loss kernels
-write a NaN loss and nothing else.
+No call waits for the GPU: each call's checking kernel writes a few numbers
+(the cross-entropy's ``validate``: eleven, see ``fastloss.cuda.cross_entropy``;
+the soft-target ``finish``: seven; distillation: ``validate``'s eleven and
+the top-k check's nine), an asynchronous copy takes them to pinned host
+memory, and :class:`Checks` raises the contract's ``ValueError`` once they
+have landed, from that call, a later one, or :func:`synchronize`. Each call
+hands over the function that words its numbers (:func:`check_message` for
+class-index targets). When they flag an error the loss kernels write a NaN
+loss and nothing else.
 """
 
 import threading
@@ -20,37 +23,41 @@ __all__ = ["CHECKS", "Checks", "check_message", "event_done", "synchronize"]
 
 
 class Checks:
-    """``validate``'s numbers (bad targets, bad class weights) on their way to the
-    host without a wait.
+    """The checking kernels' numbers on their way to the host without a wait:
+    one queue for every op.
 
-    Each cross-entropy call queues a copy of its eleven numbers into a slot of
-    a pinned host ring, and an event after it, on its stream; then it polls
-    every pending slot whose event has completed (no waiting) and raises the
-    contract's ``ValueError`` for the first one flagged. A flagged call's
-    kernels only wrote a NaN loss. On a GPU the flagged call has usually not
-    finished when it returns, so its error comes from the next fastloss call,
-    or from :func:`fastloss.cuda.synchronize`; the simulator runs
+    Each call queues a copy of its numbers (at most :attr:`WIDTH`) into a slot
+    of a pinned host ring, and an event after it, on its stream, with the
+    function that words them; then it polls every pending slot whose event
+    has completed (no waiting) and raises the contract's ``ValueError`` for
+    the first one flagged. A flagged call's kernels only wrote a NaN loss
+    (and, for probability targets, an unspecified gradient; see
+    ``fastloss.cuda.soft_cross_entropy_host``). On a GPU the flagged call has
+    usually not finished when it returns, so its error comes from the next
+    fastloss call, or from :func:`fastloss.cuda.synchronize`; the simulator runs
     synchronously, so there it comes from the call itself, as it does on a
     GPU with ``config.CUDA_SYNC_CHECKS = True`` (each call waits)."""
 
     SLOTS = 64
-    WIDTH = 11
+    WIDTH = 20  # the widest op's numbers: distillation (11 + 9)
 
     def __init__(self):
         self.ring = None
         self.free = []
-        self.pending = []  # [call id, event, slot, info], oldest first
+        self.pending = []  # [call id, event, slot, message, info], oldest first
         self.calls = 0
         self.errors = []  # settled, not yet raised
         self.lock = threading.RLock()  # calls from several Python threads
 
-    def submit(self, gpu, stats, info):
-        """Queue the copy of ``stats``; returns the call's id. ``info``: what
-        :func:`check_message` needs to word an error."""
+    def submit(self, gpu, stats, info, message=None):
+        """Queue the copy of ``stats`` (a float64 device vector of at most
+        :attr:`WIDTH` numbers); returns the call's id. ``message(h, info)``
+        words the error of the landed numbers ``h`` (None: no error; default
+        :func:`check_message`); ``info``: what it needs besides them."""
         with self.lock:
-            return self._submit(gpu, stats, info)
+            return self._submit(gpu, stats, info, message or check_message)
 
-    def _submit(self, gpu, stats, info):
+    def _submit(self, gpu, stats, info, message):
         cuda = gpu.cuda
         if self.ring is None:
             self.ring = _pinned(gpu, (self.SLOTS, self.WIDTH))
@@ -59,10 +66,13 @@ class Checks:
         if not self.free:  # every slot in flight: wait for the oldest
             self._poll(self.calls, wait_for=1)
         slot = self.free.pop()
-        stats.copy_to_host(self.ring[slot], stream=gpu.stream)
+        width = stats.shape[0]
+        if width > self.WIDTH:
+            raise RuntimeError(f"fastloss: {width} check numbers do not fit a slot of {self.WIDTH}")
+        stats.copy_to_host(self.ring[slot, :width], stream=gpu.stream)
         event = cuda.event() if gpu.sim else cuda.event(timing=False)
         event.record(gpu.stream)
-        self.pending.append([self.calls, event, slot, info])
+        self.pending.append([self.calls, event, slot, message, info])
         return self.calls
 
     def poll(self, current=None, wait_for=0):
@@ -81,13 +91,13 @@ class Checks:
         wait_all = bool(config.CUDA_SYNC_CHECKS)
         keep = []
         for k, entry in enumerate(self.pending):
-            call, event, slot, info = entry
+            call, event, slot, message, info = entry
             if wait_all or k < wait_for:
                 event.synchronize()
             elif not event_done(event):
                 keep.append(entry)
                 continue
-            msg = check_message(self.ring[slot], info)
+            msg = message(self.ring[slot], info)
             self.free.append(slot)
             if msg is not None:
                 if call != current:
@@ -125,9 +135,9 @@ def event_done(event):
 
 
 def check_message(h, info):
-    """The contract's error message for one call's ``validate`` numbers ``h``,
-    or None. ``info``: ``(targets shape, V, ignore_index, accumulation dtype,
-    has class weights, targets are uint64)``."""
+    """The contract's error message for one call's ``validate`` numbers ``h``
+    (bad targets, bad class weights), or None. ``info``: ``(targets shape, V,
+    ignore_index, accumulation dtype, has class weights, targets are uint64)``."""
     tshape, nclass, ignore_index, acc, has_w, t_u64 = info
     nbad = int(h[0])
     if nbad:
@@ -146,8 +156,8 @@ def check_message(h, info):
 def synchronize():
     """Wait for the GPU work of every fastloss call and raise a pending error.
 
-    Cross-entropy calls on GPU arrays never wait for the GPU; their checks of
-    the targets and class weights land later (see :class:`Checks`). This
+    Calls on GPU arrays never wait for the GPU; their checks of the targets,
+    class weights and teachers land later (see :class:`Checks`). This
     waits for them all and raises the contract's ``ValueError`` for the first
     bad call, if any. ``config.CUDA_SYNC_CHECKS = True`` makes every call wait
     instead."""

@@ -102,8 +102,8 @@ import numpy as np
 
 from . import _math as M
 from ._math import GradScalars, cuda
-from ..codes import G_DEVICE_SCALAR, G_ROWS, MEAN, NONE, SCALED, SOFTCAP, SUM
-from .reductions import block_reduce
+from ..codes import MEAN, NONE, SCALED, SOFTCAP, SUM
+from .reductions import block_count_first, block_reduce, block_weight_stats
 from .rows import element_functions, kernel_spec, row_stats_function
 
 __all__ = ["CEScalars", "ForwardArgs", "FusedArgs", "GradScalars", "LogitScalars", "LseArgs",
@@ -367,18 +367,12 @@ def _gradient_functions(spec, el):
         ``nothing`` when no gradient flows back to the row (the cross-entropy
         coefficient is 0 and so is the z-loss one, or ``zl``), whose gradient is
         then zeros (as on the CPU), not the formula's 0 * NaN for a NaN row."""
-        g = go
-        if gmode == G_DEVICE_SCALAR:
-            g = gvec[0]
-        elif gmode == G_ROWS:
-            g = gvec[i]
+        g = M.upstream(gmode, go, gvec, i)
         gce = g
         gz = g
         if red == MEAN:
-            d_ce = stats[4]
-            d_z = stats[5]
-            gce = g / d_ce if d_ce != 0 else 0.0
-            gz = g / d_z if d_z != 0 else 0.0
+            gce = M.per_mean(g, stats[4])
+            gz = M.per_mean(g, stats[5])
         s64 = np.float64(s)
         inv_s = 1.0 / s64 if s64 > 0 else np.nan  # s = 0: an all -inf row, NaN as on the CPU
         a = ACC((gce * ((1.0 - eps) * wt + eps * W / nclass) + gz * 2.0 * zl * lse) * inv_s)
@@ -647,24 +641,10 @@ def validate_kernel(tpb):
             else:
                 count += 1.0
                 twsum += np.float64(w[t]) if has_w else 1.0
-        wsum = 0.0
-        wbad = 0.0
-        wmin = np.inf
-        if has_w:
-            for j in range(tid, nclass, TPB):
-                v = np.float64(w[j])
-                if v > -np.inf and v < np.inf:
-                    wsum += v
-                    wmin = v if v < wmin else wmin
-                else:
-                    wbad += 1.0
-        nbad = block_reduce(sh, tid, nbad, False)
-        first = block_reduce(sh, tid, first, True)
+        nbad, first = block_count_first(sh, tid, nbad, first)
         count = block_reduce(sh, tid, count, False)
         twsum = block_reduce(sh, tid, twsum, False)
-        wsum = block_reduce(sh, tid, wsum, False)
-        wbad = block_reduce(sh, tid, wbad, False)
-        wmin = block_reduce(sh, tid, wmin, True)
+        wsum, wbad, wmin = block_weight_stats(sh, tid, w, nclass, TPB, has_w)
         if tid == 0:
             stats[0] = nbad
             stats[1] = first

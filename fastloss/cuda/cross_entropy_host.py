@@ -36,7 +36,8 @@ import numpy as np
 
 from .. import _validate as V
 from . import arrays as A
-from . import checks, is_device_array, is_torch_tensor, launch
+from . import checks, is_device_array, launch
+from .host import RowsPlan
 from .launch import Gpu, on_input_device
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad", "logsumexp"]
@@ -63,7 +64,7 @@ def _ignore_for_kernel(v, tdtype):
     return np.int64(v - (1 << 64) if v > np.iinfo(np.int64).max else v), True
 
 
-class CEPlan:
+class CEPlan(RowsPlan):
     """Checked GPU inputs and derived constants of one cross-entropy call
     (the GPU twin of ``fastloss.cpu.cross_entropy_host.CrossEntropyPlan``)."""
 
@@ -84,7 +85,7 @@ class CEPlan:
         self.ign, self.has_ign = _ignore_for_kernel(opts.ignore_index, tdtype)
         self.t_u64 = tdtype == np.uint64
         self.targets = targets
-        self.tshape = tuple(shape[:-1])
+        self.rows_shape = tuple(shape[:-1])
         self.weight = weight
         if weight is not None:
             wshape, wdtype = A.side_meta(weight)
@@ -93,12 +94,7 @@ class CEPlan:
     def device_inputs(self):
         """Put the inputs on the device: logits (n, V), targets (n,), weights (V,)."""
         gpu = self.gpu
-        self.x = A.view(gpu, self.logits, "logits", cache=True)
-        self.x2 = A.flat(self.x, (self.n, self.nclass), "logits")
-        # The kernels take flat views: a strided 2-D view is staged in a
-        # contiguous buffer (and the gradient copied back for inplace).
-        self.strided = None if self.x2.is_c_contiguous() else self.x2
-        self.x2 = A.contiguous2d(gpu, self.x2, self.dtype)
+        self.stage_rows(self.logits, "logits")
         t = A.side_array(gpu, self.targets, "targets")
         self.tgt = A.flat(t, (self.n,), "targets")
         if self.weight is None:
@@ -131,7 +127,7 @@ class CEPlan:
         ``fastloss.cuda.checks``): raises the contract's error now if this
         call's (or an earlier call's) numbers have landed and flag one; never
         waits unless ``config.CUDA_SYNC_CHECKS``."""
-        info = (self.tshape, self.nclass, self.opts.ignore_index, self.acc, self.sc.has_w, self.t_u64)
+        info = (self.rows_shape, self.nclass, self.opts.ignore_index, self.acc, self.sc.has_w, self.t_u64)
         ring = checks.CHECKS
         ring.poll(ring.submit(self.gpu, self.stats, info))
 
@@ -166,14 +162,8 @@ class CEPlan:
     def finish(self):
         """The loss as handed back."""
         if self.reduction == "none":
-            return A.reshape(self.gpu, self.loss_obj, self.tshape)
+            return A.reshape(self.gpu, self.loss_obj, self.rows_shape)
         return A.reduced(self.gpu, self.loss_obj)
-
-    def empty_loss(self):
-        """The loss of an empty batch (mean/sum 0, none an empty array)."""
-        if self.reduction == "none":
-            return A.reshape(self.gpu, A.empty(self.gpu, (0,), self.acc)[1], self.tshape)
-        return A.zero_scalar(self.gpu, self.acc)
 
 
 @on_input_device
@@ -206,47 +196,16 @@ def cross_entropy_with_grad(logits, targets, weight, opts, grad_output, out, inp
     against ``out``)."""
     gpu = Gpu(logits)
     plan = CEPlan(gpu, logits, targets, weight, opts)
-    up, gvec = A.grad_output(gpu, grad_output, plan.reduction, plan.tshape, "targets.shape")
-    out_arr = A.out_array(gpu, out, plan.shape, plan.dtype) if out is not None else None
+    up, gvec, out_arr = plan.grad_args(grad_output, out, "targets.shape")
     if plan.n == 0:
-        if inplace:
-            return plan.empty_loss(), logits
-        if out is not None:
-            return plan.empty_loss(), out
-        return plan.empty_loss(), A.empty(gpu, plan.shape, plan.dtype)[1]
+        return plan.empty_with_grad(logits, out, inplace)
     plan.device_inputs()
-    dest, grad, copy_back = _destination(plan, logits, out, out_arr, inplace)
+    dest, grad, copy_back = plan.destination(logits, out, out_arr, inplace)
     _launch_fused(plan, dest, up, gvec)
     result = plan.finish()
-    if copy_back is not None:
-        if is_torch_tensor(logits):
-            logits.copy_(copy_back)
-        else:
-            A.copy2d(gpu, plan.x2, copy_back)
+    plan.copy_back(logits, copy_back)
     plan.check()
     return result, grad
-
-
-def _destination(plan, logits, out, out_arr, inplace):
-    """``(dest, grad, copy_back)``: the contiguous (n, V) kernel array the fused
-    kernel writes the gradient into, the object handed back as ``grad``, and
-    where the gradient must be copied afterwards (None: nowhere)."""
-    gpu = plan.gpu
-    if inplace:
-        copy_back = None
-        if plan.x.obj is not logits:  # a non-contiguous tensor: computed in a contiguous copy
-            copy_back = plan.x.obj
-        elif plan.strided is not None:  # a strided 2-D GPU array: computed in a staged copy
-            copy_back = plan.strided
-        return plan.x2, logits, copy_back
-    if out_arr is not None:
-        dest = A.flat(out_arr, (plan.n, plan.nclass), "out")
-        src = plan.strided if plan.strided is not None else plan.x2  # the caller's logits
-        if not A.same(gpu, dest, src) and A.overlaps(gpu, dest, src):
-            raise V.overlap_error("ce")
-        return dest, out, None
-    dest, grad = A.empty(gpu, (plan.n, plan.nclass), plan.dtype)
-    return dest, A.reshape(gpu, grad, plan.shape), None
 
 
 def _launch_fused(plan, dest, up, gvec):

@@ -69,14 +69,13 @@ import numpy as np
 
 from . import _math as M
 from ._math import GradScalars, cuda
-from ..codes import G_DEVICE_SCALAR, G_ROWS, MEAN, NONE, PLAIN
+from ..codes import JSD, KL, MEAN, NONE, PLAIN, REVERSE_KL
 from .rows import kernel_spec
 
 __all__ = ["JSD", "KL", "REVERSE_KL", "DistillArgs", "DistillScalars", "FinalizeArgs",
            "GradScalars", "distill_kernels", "topk_check_kernel"]
 
 #: The divergence as the kernels see it (a compile-time constant).
-KL, REVERSE_KL, JSD = 0, 1, 2
 KIND_CODES = {"kl": KL, "reverse_kl": REVERSE_KL, "jsd": JSD}
 
 _NINF = -np.inf
@@ -199,6 +198,20 @@ def distill_kernels(acc, skind, tkind, kind, topk, hard, tpb, grad):
         mm = beta * pt + b1 * ps
         return b1 * ps * ((lps - ACC(M.log0(mm))) - c1)
 
+    @M.device
+    def div_terms(lps, lpt, beta):
+        """One element's shares of the divergence sums (float64) and its
+        student probability: kl ``(pt log(pt/ps), 0)``, reverse_kl ``(ps
+        log(ps/pt), 0)``, jsd ``(pt log(pt/m), ps log(ps/m))``."""
+        ps = fexp(lps)
+        pt = fexp(lpt)
+        if KIND == KL:
+            return np.float64(kl_term(pt, lpt, lps)), 0.0, ps
+        if KIND == REVERSE_KL:
+            return np.float64(kl_term(ps, lps, lpt)), 0.0, ps
+        ta, tb = jsd_terms(pt, lpt, ps, lps, beta)
+        return np.float64(ta), np.float64(tb), ps
+
     @M.block_device
     def row_stats(xe, te, base, tbase, nclass, k, tid, inv_t):
         """This thread's online softmax states over its share of the row: the
@@ -237,33 +250,20 @@ def distill_kernels(acc, skind, tkind, kind, topk, hard, tpb, grad):
         if not TOPK:
             j = np.int64(tid)
             while j < nclass:
-                lps = sload(xe[base + j]) * inv_t - lse_s
-                lpt = ACC(tload(te[base + j])) * inv_t - lse_t
-                ps = fexp(lps)
-                pt = fexp(lpt)
-                if KIND == KL:
-                    a += np.float64(kl_term(pt, lpt, lps))
-                elif KIND == REVERSE_KL:
-                    a += np.float64(kl_term(ps, lps, lpt))
-                else:
-                    ta, tb = jsd_terms(pt, lpt, ps, lps, beta)
-                    a += np.float64(ta)
-                    b += np.float64(tb)
+                ta, tb, _ = div_terms(sload(xe[base + j]) * inv_t - lse_s,
+                                      ACC(tload(te[base + j])) * inv_t - lse_t, beta)
+                a += ta
+                b += tb
                 j += TPB
         else:
             e = np.int64(tid)
             while e < k:
                 col = np.int64(tidx[tbase + e])
-                lps = sload(xe[base + col]) * inv_t - lse_s
-                lpt = ACC(tload(te[tbase + e])) * inv_t - lse_t
-                ps = fexp(lps)
-                pt = fexp(lpt)
-                if KIND == KL:
-                    a += np.float64(kl_term(pt, lpt, lps))
-                else:
-                    ta, tb = jsd_terms(pt, lpt, ps, lps, beta)
-                    a += np.float64(ta)
-                    b += np.float64(tb)
+                ta, tb, ps = div_terms(sload(xe[base + col]) * inv_t - lse_s,
+                                       ACC(tload(te[tbase + e])) * inv_t - lse_t, beta)
+                a += ta
+                b += tb
+                if KIND == JSD:
                     c += np.float64(ps)
                 e += TPB
         return a, b, c
@@ -288,19 +288,20 @@ def distill_kernels(acc, skind, tkind, kind, topk, hard, tpb, grad):
                 partial[cuda.blockIdx.x] = np.nan
 
     @M.device
+    def mean_den(stats, count, den_mult):
+        """The mean's denominator: the counted rows (``count``, or ``stats[2]``
+        when the host does not know it) times ``den_mult``."""
+        cnt = count if count >= 0 else stats[2]
+        return cnt * den_mult
+
+    @M.device
     def upstream(i, stats, count, den_mult, red, gmode, go, gvec):
         """The upstream coefficient of row i (float64): grad_output (scalar,
         device scalar or per row), divided by the mean's denominator (0 when it
         is 0)."""
-        g = go
-        if gmode == G_DEVICE_SCALAR:
-            g = gvec[0]
-        elif gmode == G_ROWS:
-            g = gvec[i]
+        g = M.upstream(gmode, go, gvec, i)
         if red == MEAN:
-            cnt = count if count >= 0 else stats[2]
-            den = cnt * den_mult
-            g = g / den if den != 0 else 0.0
+            g = M.per_mean(g, mean_den(stats, count, den_mult))
         return g
 
     @spec.kernel
@@ -450,9 +451,7 @@ def distill_kernels(acc, skind, tkind, kind, topk, hard, tpb, grad):
         total = block_sum64(sh, tid, total)
         if tid == 0:
             if sc.red == MEAN:
-                cnt = sc.count if sc.count >= 0 else stats[2]
-                den = cnt * sc.den_mult
-                total = total / den if den != 0 else 0.0
+                total = M.per_mean(total, mean_den(stats, sc.count, sc.den_mult))
             out[0] = total
 
     return rows, finalize
@@ -463,12 +462,15 @@ def topk_check_kernel(tkind, tpb):
     """``check(tidx, lp, tgt, sc, merge, stats)`` (one block, each thread whole
     rows): in the counted rows, top-k indices outside ``[0, nclass)``, rows
     repeating an index and rows whose log-probabilities are all ``-inf``, into
-    ``stats[11:17]`` (bad indices, the first one's flat position, rows with
+    ``stats[11:20]`` (bad indices, the first one's flat position, rows with
     a repeat, the first such row, rows without a finite entry, the first such
-    row) and the error flag ``stats[8]`` (``merge``: or-ed into the flag the
-    targets' ``validate`` wrote before, else set). ``lp``: storage kind
-    ``tkind``; ``sc``: :class:`DistillScalars`."""
-    from .reductions import block_reduce
+    row, the first bad index's value as two 32-bit halves, the smallest index
+    the first repeating row repeats) and the error flag ``stats[8]``
+    (``merge``: or-ed into the flag the targets' ``validate`` wrote before,
+    else set). The host words the errors from these numbers alone, when they
+    land (``fastloss.cuda.checks``). ``lp``: storage kind ``tkind``; ``sc``:
+    :class:`DistillScalars`."""
+    from .reductions import block_count_first, block_reduce
     TPB = tpb
     load = M.loader(tkind)
 
@@ -512,12 +514,20 @@ def topk_check_kernel(tkind, tpb):
                 if ndead == 0:
                     first_dead = np.float64(i)
                 ndead += 1.0
-        nbad = block_reduce(sh, tid, nbad, False)
-        first = block_reduce(sh, tid, first, True)
-        ndup = block_reduce(sh, tid, ndup, False)
-        first_dup = block_reduce(sh, tid, first_dup, True)
-        ndead = block_reduce(sh, tid, ndead, False)
-        first_dead = block_reduce(sh, tid, first_dead, True)
+        nbad, first = block_count_first(sh, tid, nbad, first)
+        ndup, first_dup = block_count_first(sh, tid, ndup, first_dup)
+        ndead, first_dead = block_count_first(sh, tid, ndead, first_dead)
+        # the smallest index repeated in the first repeating row (its entries
+        # are in range when no index is bad, the only case its message is used)
+        rep = np.float64(nclass)
+        if ndup > 0:
+            base = np.int64(first_dup) * k
+            for e in range(tid, k, TPB):
+                v = np.int64(tidx[base + e])
+                for f in range(e):
+                    if np.int64(tidx[base + f]) == v and np.float64(v) < rep:
+                        rep = np.float64(v)
+        rep = block_reduce(sh, tid, rep, True)
         if tid == 0:
             stats[11] = nbad
             stats[12] = first
@@ -525,6 +535,12 @@ def topk_check_kernel(tkind, tpb):
             stats[14] = first_dup
             stats[15] = ndead
             stats[16] = first_dead
+            # the first bad index exactly (the host reads it later, when the
+            # indices may have changed)
+            v = np.int64(tidx[np.int64(first)]) if nbad > 0 else np.int64(0)
+            stats[17] = np.float64(v >> 32)
+            stats[18] = np.float64(v & 0xFFFFFFFF)
+            stats[19] = rep
             bad = nbad > 0 or ndup > 0 or ndead > 0
             if bad or not merge:
                 stats[8] = 1.0 if bad else 0.0

@@ -19,11 +19,13 @@ student logits with the options it validated (``opts``: attributes ``kind``,
   for cross-entropy), the top-k indices' check, the row kernel, then
   ``finalize`` for mean/sum. A flagged call writes a NaN loss and nothing else.
   A bad top-k teacher in a counted row (an index outside ``[0, V)``, a
-  repeated index, logprobs all ``-inf``) is raised synchronously: a call
-  with a top-k teacher waits for the check's six numbers (the asynchronous
-  ring of ``fastloss.cuda.checks`` words target and class-weight errors only).
-  The messages are the CPU backend's.
-* ``hard_weight`` without ``targets`` adds no hard term (as on the CPU); a
+  repeated index, logprobs all ``-inf``) is raised asynchronously too: the
+  check kernel's numbers (with the first bad index's value and the repeated
+  index) join the same queue, no call waits for them (see
+  ``fastloss.cuda.checks``; the simulator, or ``config.CUDA_SYNC_CHECKS``,
+  raises from the call itself). The messages are the CPU backend's.
+* ``hard_weight`` without ``targets`` adds no hard term here, as on the CPU
+  (``fastloss.ops.distill`` refuses that combination before either); a
   term of weight 0 is left out of loss and gradient (no ``0 * inf``). A row
   whose upstream coefficient is 0 gets a zero gradient (as the CUDA
   cross-entropy), NaN logits included.
@@ -33,18 +35,66 @@ student logits with the options it validated (``opts``: attributes ``kind``,
 """
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
 from .. import _validate as V
 from .. import codes
 from . import arrays as A
-from . import checks, is_torch_tensor
+from . import checks
+from .host import RowsPlan
 from .launch import Gpu, on_input_device
 
 __all__ = ["distill", "distill_with_grad"]
 
-_STATS = 17  # validate's 11 numbers (fastloss.cuda.cross_entropy), then the top-k check's 6
+_STATS = 20  # validate's 11 numbers (fastloss.cuda.cross_entropy), then the top-k check's 9
+
+
+class DistillCheck(NamedTuple):
+    """What :func:`distill_check_message` needs besides the numbers: targets or
+    not, k (0: a dense teacher), V, the rows' shape, the info of
+    ``fastloss.cuda.checks.check_message`` for the targets (None without)
+    and whether the top-k indices are uint64."""
+
+    has_tgt: bool
+    k: int
+    nclass: int
+    rows_shape: tuple
+    targets: object
+    idx_u64: bool
+
+
+def distill_check_message(h, info):
+    """The contract's message for a distillation call's check numbers ``h``
+    (see ``fastloss.cuda.distill.topk_check_kernel``), or None: bad targets
+    first (the cross-entropy's messages), then a bad top-k teacher (the CPU
+    backend's messages)."""
+    if info.has_tgt:
+        msg = checks.check_message(h[:11], info.targets)
+        if msg is not None:
+            return msg
+    if not info.k:
+        return None
+    k, rows = info.k, info.rows_shape
+
+    def pos(row):
+        return tuple(int(p) for p in np.unravel_index(row, rows)) if rows else ()
+    nbad, ndup, ndead = int(h[11]), int(h[13]), int(h[15])
+    if nbad:
+        row, col = divmod(int(h[12]), k)
+        value = (int(h[17]) << 32) | int(h[18])
+        if info.idx_u64 and value < 0:
+            value += 1 << 64
+        return (f"teacher indices: {nbad} value(s) outside [0, {info.nclass}); first at "
+                f"position {pos(row) + (col,)}: {value}")
+    if ndup:
+        return (f"teacher indices: {ndup} row(s) repeat a class index; first at "
+                f"position {pos(int(h[14]))}: {int(h[19])}")
+    if ndead:
+        return (f"teacher logprobs: {ndead} row(s) have no finite entry (all -inf); first at "
+                f"position {pos(int(h[16]))}")
+    return None
 
 
 def _teacher_parts(teacher):
@@ -57,7 +107,7 @@ def _teacher_parts(teacher):
     return teacher, None, None
 
 
-class DistillPlan:
+class DistillPlan(RowsPlan):
     """Checked GPU inputs and derived constants of one distillation call."""
 
     def __init__(self, gpu, student, teacher, targets, opts):
@@ -103,6 +153,7 @@ class DistillPlan:
                                                 else ""))
             self.tdtype = ldtype
             self.k = int(ishape[-1])
+        self.idx_u64 = idx is not None and idtype == np.uint64
         self.acc = V.acc_dtype(np.result_type(V.acc_dtype(dtype), V.acc_dtype(self.tdtype)))
         self.targets = targets
         if targets is not None:
@@ -146,10 +197,7 @@ class DistillPlan:
         contiguous element views."""
         gpu = self.gpu
         n, v = self.n, self.nclass
-        self.x = A.view(gpu, self.student, "student", cache=True)
-        x2 = A.flat(self.x, (n, v), "student")
-        self.strided = None if x2.is_c_contiguous() else x2
-        self.x2 = A.contiguous2d(gpu, x2, self.dtype)
+        self.stage_rows(self.student, "student")
         if self.dense is not None:
             t = A.side_array(gpu, self.dense, "teacher")
             self.tkind = t.kind
@@ -189,54 +237,20 @@ class DistillPlan:
         return stats
 
     def check(self):
-        """Raise the contract's errors: bad targets through the asynchronous
-        checks of ``fastloss.cuda.checks`` (as cross-entropy; raised first),
-        then bad top-k teachers, which this call waits for (it reads four
-        numbers, and the offending indices, from the device)."""
+        """Hand the checks' numbers to the asynchronous queue of
+        ``fastloss.cuda.checks`` (as cross-entropy): raises the contract's
+        error now if this call's (or an earlier call's) numbers have landed and
+        flag one; never waits unless ``config.CUDA_SYNC_CHECKS``. Nothing to
+        check (no targets, a dense teacher): nothing queued."""
+        if self.targets is None and self.k == 0:
+            return
+        has_tgt = self.targets is not None
+        info = DistillCheck(has_tgt=has_tgt, k=self.k, nclass=self.nclass, rows_shape=self.rows_shape,
+                            targets=(self.rows_shape, self.nclass, self.opts.ignore_index, self.acc, False,
+                                     self.t_u64) if has_tgt else None,
+                            idx_u64=self.idx_u64)
         ring = checks.CHECKS
-        call = None
-        if self.targets is not None:
-            info = (self.rows_shape, self.nclass, self.opts.ignore_index, self.acc, False, self.t_u64)
-            call = ring.submit(self.gpu, self.stats[:11], info)
-        h = None
-        if self.k:
-            h = self.stats[11:17].copy_to_host(stream=self.gpu.stream)
-            if not self.gpu.sim:
-                self.gpu.stream.synchronize()
-        if call is not None:
-            ring.poll(call)
-        if h is not None:
-            self._raise_topk(h)
-
-    def _raise_topk(self, h):
-        """The errors of a flagged top-k teacher (the CPU backend's messages)."""
-        k = self.k
-        rows = self.rows_shape
-
-        def pos(row):
-            return tuple(int(p) for p in np.unravel_index(row, rows)) if rows else ()
-        nbad, ndup, ndead = int(h[0]), int(h[2]), int(h[4])
-        if nbad:
-            first = int(h[1])
-            value = int(self.tidx[first:first + 1].copy_to_host()[0])
-            row, col = divmod(first, k)
-            raise ValueError(f"teacher indices: {nbad} value(s) outside [0, {self.nclass}); first at "
-                             f"position {pos(row) + (col,)}: {value}")
-        if ndup:
-            row = int(h[3])
-            r = np.sort(self.tidx[row * k:(row + 1) * k].copy_to_host().astype(np.int64))
-            value = int(r[1:][r[1:] == r[:-1]][0])
-            raise ValueError(f"teacher indices: {ndup} row(s) repeat a class index; first at "
-                             f"position {pos(row)}: {value}")
-        if ndead:
-            raise ValueError(f"teacher logprobs: {ndead} row(s) have no finite entry (all -inf); first at "
-                             f"position {pos(int(h[5]))}")
-
-    def empty_loss(self):
-        """The loss of an empty batch (mean/sum 0, none an empty array)."""
-        if self.reduction == "none":
-            return A.reshape(self.gpu, A.empty(self.gpu, (0,), self.acc)[1], self.rows_shape)
-        return A.zero_scalar(self.gpu, self.acc)
+        ring.poll(ring.submit(self.gpu, self.stats, info, distill_check_message))
 
     def run(self, up, gvec, dest):
         """Validate, launch the row kernel (and finalize); returns the loss as
@@ -293,52 +307,16 @@ def distill_with_grad(student, teacher, targets, opts, grad_output, out, inplace
     itself (``inplace``, a bool the caller checked against ``out``)."""
     gpu = Gpu(student)
     plan = DistillPlan(gpu, student, teacher, targets, opts)
-    up, gvec = A.grad_output(gpu, grad_output, plan.reduction, plan.rows_shape, "student.shape[:-1]")
-    out_arr = A.out_array(gpu, out, plan.shape, plan.dtype) if out is not None else None
+    up, gvec, out_arr = plan.grad_args(grad_output, out, "student.shape[:-1]")
     if plan.n == 0:
-        if inplace:
-            return plan.empty_loss(), student
-        if out is not None:
-            return plan.empty_loss(), out
-        return plan.empty_loss(), A.empty(gpu, plan.shape, plan.dtype)[1]
+        return plan.empty_with_grad(student, out, inplace)
     plan.device_inputs()
-    dest, grad, copy_back = _destination(plan, student, out, out_arr, inplace)
-    total = plan.n * plan.nclass
-    result = plan.run(up, gvec, dest.reshape(total))
-    if copy_back is not None:
-        if is_torch_tensor(student):
-            student.copy_(copy_back)
-        else:
-            A.copy2d(gpu, plan.x2, copy_back)
+    teacher = [plan.te] if plan.dense is not None else [plan.te, plan.tidx]
+    # neither the destination nor the student (in place) may share memory with
+    # the teacher (the CPU backend's messages)
+    dest, grad, copy_back = plan.destination(student, out, out_arr, inplace, "student", ("teacher", teacher))
+    result = plan.run(up, gvec, dest.reshape(plan.n * plan.nclass))
+    plan.copy_back(student, copy_back)
     plan.check()
     return result, grad
 
-
-def _destination(plan, student, out, out_arr, inplace):
-    """``(dest, grad, copy_back)``: the contiguous (n, V) array the gradient is
-    written into, the object handed back as ``grad``, and where the gradient
-    must be copied afterwards (None: nowhere). Neither the destination nor
-    the student (in place) may share memory with the teacher (the CPU
-    backend's messages)."""
-    gpu = plan.gpu
-    teacher = [plan.te] if plan.dense is not None else [plan.te, plan.tidx]
-    if inplace:
-        src = plan.strided if plan.strided is not None else plan.x2
-        if any(A.overlaps(gpu, t, src) for t in teacher):
-            raise ValueError("teacher: shares memory with student; inplace=True would overwrite it")
-        copy_back = None
-        if plan.x.obj is not student:  # a non-contiguous tensor: computed in a contiguous copy
-            copy_back = plan.x.obj
-        elif plan.strided is not None:  # a strided 2-D GPU array: computed in a staged copy
-            copy_back = plan.strided
-        return plan.x2, student, copy_back
-    if out_arr is not None:
-        dest = A.flat(out_arr, (plan.n, plan.nclass), "out")
-        src = plan.strided if plan.strided is not None else plan.x2  # the caller's student
-        if not A.same(gpu, dest, src) and A.overlaps(gpu, dest, src):
-            raise ValueError("out: overlaps student; pass inplace=True to overwrite the student")
-        if any(A.overlaps(gpu, dest, t) for t in teacher):
-            raise ValueError("out: overlaps teacher (the teacher is never modified)")
-        return dest, out, None
-    dest, grad = A.empty(gpu, (plan.n, plan.nclass), plan.dtype)
-    return dest, A.reshape(gpu, grad, plan.shape), None

@@ -16,8 +16,8 @@ import numpy as np
 from . import _math as M
 from ._math import cuda
 
-__all__ = ["block_reduce", "block_softmax_for", "block_softmax_tree", "block_sum64_for", "merge",
-           "shfl_down", "shfl_first", "warp_softmax"]
+__all__ = ["block_count_first", "block_reduce", "block_softmax_for", "block_softmax_tree", "block_sum64_for",
+           "block_weight_stats", "merge", "shfl_down", "shfl_first", "warp_softmax"]
 
 _NINF = -np.inf
 
@@ -202,3 +202,36 @@ def block_reduce(sh, tid, v, is_min):
     r = sh[0]
     cuda.syncthreads()
     return r
+
+
+@M.block_device
+def block_count_first(sh, tid, count, first):
+    """``(count, first)`` over the block: the sum of the threads' counts of
+    flagged items and the smallest of their first flagged positions (each
+    thread's positions ascend, so that is the first in the whole range)."""
+    count = block_reduce(sh, tid, count, False)
+    first = block_reduce(sh, tid, first, True)
+    return count, first
+
+
+@M.block_device
+def block_weight_stats(sh, tid, w, nclass, stride, has_w):
+    """``(sum of the finite class weights, count of non-finite ones, smallest
+    finite one)`` over ``w[:nclass]``, the threads striding by ``stride``
+    (``(0, 0, inf)`` without weights: ``has_w`` False); float64, every
+    thread gets them."""
+    wsum = 0.0
+    wbad = 0.0
+    wmin = np.inf
+    if has_w:
+        for j in range(tid, nclass, stride):
+            v = np.float64(w[j])
+            if v > -np.inf and v < np.inf:
+                wsum += v
+                wmin = v if v < wmin else wmin
+            else:
+                wbad += 1.0
+    wsum = block_reduce(sh, tid, wsum, False)
+    wbad = block_reduce(sh, tid, wbad, False)
+    wmin = block_reduce(sh, tid, wmin, True)
+    return wsum, wbad, wmin

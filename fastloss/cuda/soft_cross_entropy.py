@@ -33,8 +33,8 @@ import numpy as np
 
 from . import _math as M
 from ._math import cuda
-from ..codes import G_DEVICE_SCALAR, G_ROWS, MEAN, NONE, SOFTCAP, SUM
-from .reductions import block_reduce
+from ..codes import MEAN, NONE, SOFTCAP, SUM
+from .reductions import block_count_first, block_reduce, block_weight_stats
 from .rows import element_functions, kernel_spec
 
 __all__ = ["STATS", "FinishArgs", "RowsArgs", "SoftScalars", "finish_kernel", "soft_kernels"]
@@ -147,13 +147,9 @@ def _rows_kernel(spec, el, qload, fused):
             gc = ACC(0)
             nothing = True
             if fused:
-                g = go
-                if gmode == G_DEVICE_SCALAR:
-                    g = gvec[0]
-                elif gmode == G_ROWS:
-                    g = gvec[i]
+                g = M.upstream(gmode, go, gvec, i)
                 if red == MEAN:
-                    g = g / den if den != 0 else 0.0
+                    g = M.per_mean(g, den)
                 s64 = np.float64(s)
                 inv_s = 1.0 / s64 if s64 > 0 else np.nan  # an all -inf row: NaN, as on the CPU
                 a = ACC((g * np.float64(su) + g * 2.0 * zl * l64) * inv_s)
@@ -230,8 +226,7 @@ def finish_kernel(qkind, tpb):
                 nbad += 1.0
         ce = block_reduce(sh, tid, ce, False)
         zz = block_reduce(sh, tid, zz, False)
-        nbad = block_reduce(sh, tid, nbad, False)
-        first = block_reduce(sh, tid, first, True)
+        nbad, first = block_count_first(sh, tid, nbad, first)
         fj = np.float64(nclass)
         rsum = 0.0
         if nbad > 0:
@@ -243,17 +238,7 @@ def finish_kernel(qkind, tpb):
                     fj = np.float64(j)
         rsum = block_reduce(sh, tid, rsum, False)
         fj = block_reduce(sh, tid, fj, True)
-        wbad = 0.0
-        wmin = np.inf
-        if has_w:
-            for j in range(tid, nclass, TPB):
-                v = np.float64(w[j])
-                if v > -np.inf and v < np.inf:
-                    wmin = v if v < wmin else wmin
-                else:
-                    wbad += 1.0
-        wbad = block_reduce(sh, tid, wbad, False)
-        wmin = block_reduce(sh, tid, wmin, True)
+        _, wbad, wmin = block_weight_stats(sh, tid, w, nclass, TPB, has_w)
         if tid == 0:
             stats[0] = nbad
             stats[1] = first
@@ -269,7 +254,7 @@ def finish_kernel(qkind, tpb):
                 elif red == SUM:
                     r = ce + zl * zz if zl > 0 else ce
                 else:
-                    r = ce / den if den != 0 else 0.0
+                    r = M.per_mean(ce, den)
                     if zl > 0 and den != 0:
                         r += zl * zz / den
                 out[0] = r

@@ -12,88 +12,31 @@ are in ``fastloss.cuda.soft_cross_entropy``.
   ``logits.shape[:-1]``.
 * Launches: the row kernel (forward or fused), then ``finish`` (one block:
   the mean/sum and the target and class-weight checks). No call waits for
-  the GPU: ``finish``'s numbers are copied to pinned host memory with an
-  event after them, and the contract's ``ValueError`` is raised by the first
-  soft-target call that finds them landed (the same call in the simulator,
-  or on a GPU with ``config.CUDA_SYNC_CHECKS``), or by :func:`synchronize`.
+  the GPU: ``finish``'s numbers join the asynchronous checks of every op
+  (``fastloss.cuda.checks``), and the contract's ``ValueError`` is raised by
+  the first fastloss GPU call that finds them landed (the same call in the
+  simulator, or on a GPU with ``config.CUDA_SYNC_CHECKS``), or by
+  ``fastloss.cuda.synchronize``.
   A flagged call's mean/sum is NaN; its gradient (and ``out=`` /
   ``inplace`` buffer) is unspecified.
 """
 
-import threading
-
 import numpy as np
 
 from .. import _validate as V
-from .. import config
 from . import arrays as A
-from . import is_device_array, is_torch_tensor
-from .checks import event_done
+from . import checks, is_device_array
 from .cross_entropy_host import logit_scalars
+from .host import RowsPlan
 from .launch import Gpu, on_input_device
 
-__all__ = ["cross_entropy", "cross_entropy_with_grad", "synchronize"]
+__all__ = ["cross_entropy", "cross_entropy_with_grad"]
 
 
-class SoftChecks:
-    """``finish``'s numbers on their way to the host without a wait: each call
-    queues a copy into a pinned buffer and an event; :meth:`poll` settles
-    those that have landed and raises the first error."""
-
-    def __init__(self):
-        self.pending = []  # [event, buffer, info, call id]
-        self.free = []
-        self.calls = 0
-        self.lock = threading.RLock()
-
-    def submit(self, gpu, stats, info):
-        """Queue the copy of ``stats``; returns the call's id."""
-        from .soft_cross_entropy import STATS
-        with self.lock:
-            self.calls += 1
-            buf = self.free.pop() if self.free else gpu.cuda.pinned_array(STATS, np.float64)
-            stats.copy_to_host(buf, stream=gpu.stream)
-            event = gpu.cuda.event() if gpu.sim else gpu.cuda.event(timing=False)
-            event.record(gpu.stream)
-            self.pending.append([event, buf, info, self.calls])
-            return self.calls
-
-    def poll(self, current=None, wait=False):
-        """Settle what has landed (everything with ``wait`` or
-        ``config.CUDA_SYNC_CHECKS``); raise the first error."""
-        wait = wait or bool(config.CUDA_SYNC_CHECKS)
-        errors = []
-        with self.lock:
-            keep = []
-            for entry in self.pending:
-                event, buf, info, call = entry
-                if wait:
-                    event.synchronize()
-                elif not event_done(event):
-                    keep.append(entry)
-                    continue
-                msg = _message(buf, info)
-                self.free.append(buf)
-                if msg is not None:
-                    if call != current:
-                        msg += " (an earlier GPU call; errors are checked without waiting, see synchronize)"
-                    errors.append(msg)
-            self.pending = keep
-        if errors:
-            more = f" [and {len(errors) - 1} more flagged call(s)]" if len(errors) > 1 else ""
-            raise ValueError(errors[0] + more)
-
-
-CHECKS = SoftChecks()
-
-
-def synchronize():
-    """Wait for the checks of every soft-target GPU call and raise the first error."""
-    CHECKS.poll(wait=True)
-
-
-def _message(h, info):
-    """The contract's message for ``finish``'s numbers ``h``, or None."""
+def soft_check_message(h, info):
+    """The contract's message for ``finish``'s numbers ``h`` (bad target rows,
+    bad class weights), or None. ``info``: ``(rows shape, V, accumulation
+    dtype, target-sum tolerance)``."""
     rows_shape, nclass, acc, tol = info
     nbad = int(h[0])
     if nbad:
@@ -112,7 +55,7 @@ def _message(h, info):
     return None
 
 
-class SoftPlan:
+class SoftPlan(RowsPlan):
     """Checked GPU inputs of one soft-target call."""
 
     def __init__(self, gpu, logits, targets, weight, opts):
@@ -138,10 +81,7 @@ class SoftPlan:
         """Logits and targets as contiguous (n, V) kernel arrays, class weights (V,)."""
         from .soft_cross_entropy import SoftScalars
         gpu, n, nclass = self.gpu, self.n, self.nclass
-        self.x = A.view(gpu, self.logits, "logits", cache=True)
-        x2 = A.flat(self.x, (n, nclass), "logits")
-        self.strided = None if x2.is_c_contiguous() else x2
-        self.x2 = A.contiguous2d(gpu, x2, self.dtype)
+        self.stage_rows(self.logits, "logits")
         q = A.side_array(gpu, self.targets, "targets")
         self.qkind = q.kind
         self.q2 = A.contiguous2d(gpu, A.flat(q, (n, nclass), "targets"), q.dtype)
@@ -159,12 +99,6 @@ class SoftPlan:
         self.sc = SoftScalars(nclass=np.int64(nclass), has_w=has_w, keep=1.0 - eps, spread=eps / nclass,
                               zl=opts.z_loss, red=opts.reduction_code,
                               den=float(norm) if norm is not None else float(n))
-
-    def empty_loss(self):
-        """The loss of an empty batch (mean/sum 0, none an empty array)."""
-        if self.reduction == "none":
-            return A.reshape(self.gpu, A.empty(self.gpu, (0,), self.acc)[1], self.rows_shape)
-        return A.zero_scalar(self.gpu, self.acc)
 
     def run(self, fused, up, gvec, dest):
         """Queue the row kernel and ``finish``; returns the loss as handed back."""
@@ -195,7 +129,7 @@ class SoftPlan:
         fargs = FinishArgs(loss=loss, lse=lse, qsum=qsum, q=qf, w=self.w, sc=self.sc, tol=tol,
                            out=out, stats=stats)
         gpu.launch(finish_kernel(self.qkind, gpu.tpb), 1, *fargs)
-        call = CHECKS.submit(gpu, stats, (self.rows_shape, self.nclass, acc, tol))
+        call = checks.CHECKS.submit(gpu, stats, (self.rows_shape, self.nclass, acc, tol), soft_check_message)
         if self.reduction == "none":
             result = A.reshape(gpu, loss_obj, self.rows_shape)
         else:
@@ -208,12 +142,12 @@ def cross_entropy(logits, targets, weight, opts):
     """:func:`fastloss.cross_entropy` with probability targets for GPU logits."""
     gpu = Gpu(logits)
     plan = SoftPlan(gpu, logits, targets, weight, opts)
-    CHECKS.poll()
+    checks.CHECKS.poll()
     if plan.n == 0:
         return plan.empty_loss()
     plan.device_inputs()
     result, call = plan.run(False, None, None, None)
-    CHECKS.poll(call)
+    checks.CHECKS.poll(call)
     return result
 
 
@@ -224,43 +158,14 @@ def cross_entropy_with_grad(logits, targets, weight, opts, grad_output, out, inp
     itself (``inplace``)."""
     gpu = Gpu(logits)
     plan = SoftPlan(gpu, logits, targets, weight, opts)
-    up, gvec = A.grad_output(gpu, grad_output, plan.reduction, plan.rows_shape, "logits.shape[:-1]")
-    out_arr = A.out_array(gpu, out, plan.shape, plan.dtype) if out is not None else None
-    CHECKS.poll()
+    up, gvec, out_arr = plan.grad_args(grad_output, out, "logits.shape[:-1]")
+    checks.CHECKS.poll()
     if plan.n == 0:
-        if inplace:
-            return plan.empty_loss(), logits
-        if out is not None:
-            return plan.empty_loss(), out
-        return plan.empty_loss(), A.empty(gpu, plan.shape, plan.dtype)[1]
+        return plan.empty_with_grad(logits, out, inplace)
     plan.device_inputs()
-    dest, grad, copy_back = _destination(plan, logits, out, out_arr, inplace)
+    dest, grad, copy_back = plan.destination(logits, out, out_arr, inplace)
     result, call = plan.run(True, up, gvec, dest)
-    if copy_back is not None:
-        if is_torch_tensor(logits):
-            logits.copy_(copy_back)
-        else:
-            A.copy2d(gpu, plan.x2, copy_back)
-    CHECKS.poll(call)
+    plan.copy_back(logits, copy_back)
+    checks.CHECKS.poll(call)
     return result, grad
 
-
-def _destination(plan, logits, out, out_arr, inplace):
-    """``(dest, grad, copy_back)``: the contiguous (n, V) array the fused kernel
-    writes, the object handed back, and where the gradient is copied after (None)."""
-    gpu = plan.gpu
-    if inplace:
-        copy_back = None
-        if plan.x.obj is not logits:  # a non-contiguous tensor: computed in its contiguous copy
-            copy_back = plan.x.obj
-        elif plan.strided is not None:  # a strided 2-D GPU array: computed in the staged copy
-            copy_back = plan.strided
-        return plan.x2, logits, copy_back
-    if out_arr is not None:
-        dest = A.flat(out_arr, (plan.n, plan.nclass), "out")
-        src = plan.strided if plan.strided is not None else plan.x2
-        if not A.same(gpu, dest, src) and A.overlaps(gpu, dest, src):
-            raise V.overlap_error("ce")
-        return dest, out, None
-    dest, grad = A.empty(gpu, (plan.n, plan.nclass), plan.dtype)
-    return dest, A.reshape(gpu, grad, plan.shape), None

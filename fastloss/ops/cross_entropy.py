@@ -11,11 +11,14 @@ Each function validates its options once (``fastloss.options``) and hands
 import numpy as np
 
 from .. import _validate as V
-from ..cuda import is_device_array
 from ..options import CrossEntropyOptions, LogsumexpOptions
 from ..results import CrossEntropyResult
+from ._dispatch import backend_picker
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad", "logsumexp"]
+
+_backend = backend_picker("cross_entropy_host")
+_soft_backend = backend_picker("soft_cross_entropy_host")
 
 
 def cross_entropy(logits, targets, *, weight=None, ignore_index=-100, reduction="mean",
@@ -231,15 +234,6 @@ def logsumexp(logits, *, softcap=None, logit_scale=1.0):
     return _backend(logits).logsumexp(logits, opts)
 
 
-def _backend(x):
-    """The host module of the backend that runs ``x``: CPU, or CUDA for GPU
-    arrays (each imported on first use: numba is not loaded by ``import fastloss``)."""
-    if type(x) is not np.ndarray and is_device_array(x):
-        from ..cuda import cross_entropy_host
-        return cross_entropy_host
-    return _CPU or _load_cpu()
-
-
 def _ce_backend(logits, targets):
     """``(host module, targets)`` for a cross-entropy call: the class-index module
     of :func:`_backend`, or for float (probability) targets the soft-target
@@ -251,19 +245,4 @@ def _ce_backend(logits, targets):
         targets = V.as_array(targets, "targets")
     if not V.is_soft_targets(targets):
         return _backend(logits), targets
-    if type(logits) is not np.ndarray and is_device_array(logits):
-        from ..cuda import soft_cross_entropy_host
-        return soft_cross_entropy_host, targets
-    from ..cpu import soft_cross_entropy_host
-    return soft_cross_entropy_host, targets
-
-
-_CPU = None
-
-
-def _load_cpu():
-    """Import the CPU host module once (a function-level import costs ~0.5 us a call)."""
-    global _CPU
-    from ..cpu import cross_entropy_host
-    _CPU = cross_entropy_host
-    return _CPU
+    return _soft_backend(logits), targets

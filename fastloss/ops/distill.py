@@ -8,14 +8,14 @@ and hands ``(arrays, options)`` to the backend of the student: host arrays to
 
 from typing import NamedTuple
 
-import numpy as np
-
 from .. import _validate as V
-from ..cuda import is_device_array
 from ..options import DistillOptions
 from ..results import DistillResult
+from ._dispatch import backend_picker
 
 __all__ = ["distill", "distill_with_grad", "DistillResult", "TopKTeacher"]
+
+_backend = backend_picker("distill_host")
 
 
 class TopKTeacher(NamedTuple):
@@ -70,8 +70,8 @@ def distill(student, teacher, *, kind="kl", temperature=1.0, beta=0.5, scale_by_
     soft_weight : float >= 0, default 1.0
         Weight of the divergence in the per-token loss.
     hard_weight : float >= 0, default 0.0
-        Weight of the hard-label cross-entropy; without ``targets`` there is
-        no hard term.
+        Weight of the hard-label cross-entropy; > 0 needs ``targets``
+        (``ValueError`` otherwise).
 
     Returns
     -------
@@ -90,8 +90,8 @@ def distill(student, teacher, *, kind="kl", temperature=1.0, beta=0.5, scale_by_
     ValueError
         Shapes or vocabularies that differ, an option out of range, targets
         or top-k indices out of range, repeated top-k indices, a top-k row
-        without a finite logprob, or ``reverse_kl`` with a top-k teacher
-        (the message names the argument).
+        without a finite logprob, ``reverse_kl`` with a top-k teacher, or
+        ``hard_weight > 0`` without ``targets`` (the message names the argument).
 
     Notes
     -----
@@ -133,6 +133,7 @@ def distill(student, teacher, *, kind="kl", temperature=1.0, beta=0.5, scale_by_
     opts = DistillOptions.check(kind=kind, temperature=temperature, beta=beta, scale_by_t2=scale_by_t2,
                                 reduction=reduction, ignore_index=ignore_index, soft_weight=soft_weight,
                                 hard_weight=hard_weight)
+    V.check_hard_targets(opts.hard_weight, targets)
     return _backend(student).distill(student, teacher, targets, opts)
 
 
@@ -197,24 +198,6 @@ def distill_with_grad(student, teacher, *, kind="kl", temperature=1.0, beta=0.5,
                                 reduction=reduction, ignore_index=ignore_index, soft_weight=soft_weight,
                                 hard_weight=hard_weight)
     inplace = V.check_inplace_out(inplace, out)
+    V.check_hard_targets(opts.hard_weight, targets)
     loss, grad = _backend(student).distill_with_grad(student, teacher, targets, opts, grad_output, out, inplace)
     return DistillResult(loss, grad)
-
-
-def _backend(x):
-    """The host module of the backend that runs student ``x``: CPU, or CUDA for GPU arrays."""
-    if type(x) is not np.ndarray and is_device_array(x):
-        from ..cuda import distill_host
-        return distill_host
-    return _CPU or _load_cpu()
-
-
-_CPU = None
-
-
-def _load_cpu():
-    """Import the CPU host module once (numba loads on first use, not with ``import fastloss``)."""
-    global _CPU
-    from ..cpu import distill_host
-    _CPU = distill_host
-    return _CPU

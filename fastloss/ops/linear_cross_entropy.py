@@ -13,7 +13,7 @@ The tokens are processed in chunks of ``chunk_size`` rows. Per chunk:
    temporary), ``grad_bias += dlogits.sum(0)``.
 
 All three products go through one BLAS library (scipy's when installed, else
-numpy's): see ``_Products``.
+numpy's): see ``fastloss.ops._linear.Products``.
 
 The reduction denominators (count / target-weight sum of the counted tokens,
 or ``normalizer``) are known from the targets before the first chunk, so each
@@ -27,8 +27,8 @@ import numpy as np
 
 from .. import _validate as V
 from .. import config
-from ..cuda import is_device_array
 from ..options import CrossEntropyOptions
+from ._linear import LinearSweep, check_bias, check_chunk_size, check_hidden_and_head, chunk_rows
 
 __all__ = ["LinearCrossEntropyResult", "linear_cross_entropy", "linear_cross_entropy_with_grad"]
 
@@ -49,24 +49,9 @@ class LinearCrossEntropyResult(NamedTuple):
 class _LinearPlan:
     """Validated inputs of one linear cross-entropy call."""
 
-    def __init__(self, hidden, lm_head, targets, bias, chunk_size, weight, opts):
-        for name, a in (("hidden", hidden), ("lm_head", lm_head), ("bias", bias)):
-            if a is not None and is_device_array(a):
-                raise TypeError(f"{name}: GPU arrays are not supported by linear_cross_entropy "
-                                "yet (CPU only); pass numpy arrays")
-        h = V.float_array(hidden, "hidden")
-        if h.ndim == 0:
-            raise ValueError("hidden: expected shape (..., D) with at least one dimension, "
-                             "found a 0-d array")
-        w = V.float_array(lm_head, "lm_head")
-        if w.ndim != 2 or w.shape[1] != h.shape[-1]:
-            raise ValueError(f"lm_head: expected shape (V, {h.shape[-1]}) (V, hidden.shape[-1]), "
-                             f"found {w.shape}")
-        if w.shape[0] == 0:
-            raise ValueError(f"lm_head: expected at least one row (class), found shape {w.shape}")
-        if w.dtype != h.dtype:
-            raise TypeError(f"lm_head: expected the dtype of hidden ({h.dtype}), found {w.dtype}")
-        nclass, dim = w.shape
+    def __init__(self, hidden, lm_head, targets, bias, chunk_size, weight, opts, with_grad):
+        h, w = check_hidden_and_head(hidden, lm_head, bias, "linear_cross_entropy", "hidden", "lm_head")
+        nclass = w.shape[0]
         t = np.asarray(targets)
         if t.dtype.kind in "iu" and t.shape != h.shape[:-1]:
             raise ValueError(f"targets: expected shape {h.shape[:-1]} (hidden.shape[:-1]), "
@@ -77,151 +62,18 @@ class _LinearPlan:
         fake = np.broadcast_to(np.zeros((), self.acc), h.shape[:-1] + (nclass,))
         from ..cpu.cross_entropy_host import CrossEntropyPlan
         self.ce = CrossEntropyPlan(fake, t, weight, opts)
-        if bias is not None:
-            b = V.float_array(bias, "bias")
-            if b.shape != (nclass,):
-                raise ValueError(f"bias: expected shape ({nclass},) (lm_head.shape[0]), found {b.shape}")
-            self.bias = b
-        else:
-            self.bias = None
-        if chunk_size is not None:
-            if isinstance(chunk_size, (bool, np.bool_)) or not isinstance(chunk_size, (int, np.integer)):
-                raise TypeError(f"chunk_size: expected a positive integer or None, "
-                                f"found {type(chunk_size).__name__}")
-            if chunk_size < 1:
-                raise ValueError(f"chunk_size: expected a positive integer, found {int(chunk_size)}")
-        self.hidden, self.lm_head = h, w
-        self.nclass, self.dim = nclass, dim
-        self.h2 = h.reshape(int(np.prod(h.shape[:-1])), dim)  # a view when the layout allows, else one copy of hidden
-        self.rows = None if self.ce.count == self.ce.tgt.size else np.flatnonzero(~self.ce.ignored)
-        self.chunk = _chunk_rows(chunk_size, self.ce.count, nclass, self.acc.itemsize)
-
-    def compute_head(self):
-        """The LM head in the accumulation dtype (converted once for half precision)."""
-        w = self.lm_head
-        return np.ascontiguousarray(w) if w.dtype == self.acc else w.astype(self.acc)
-
-    def chunks(self):
-        """(index, c): the rows of each chunk (a slice, or an index array when some
-        tokens are ignored) and their number; only counted tokens are visited."""
-        count, c = self.ce.count, self.chunk
-        for lo in range(0, count, c):
-            hi = min(lo + c, count)
-            yield (slice(lo, hi) if self.rows is None else self.rows[lo:hi]), hi - lo
-
-    def logits_into(self, buf, idx, c, head, hbuf, products):
-        """buf[:c] = hidden[idx] @ head.T (+ bias); returns the hidden chunk used."""
-        hc = self.h2[idx]
-        if hc.dtype != self.acc or not hc.flags.c_contiguous:
-            np.copyto(hbuf[:c], hc, casting="unsafe")
-            hc = hbuf[:c]
-        x = buf[:c]
-        products.logits(hc, head, x)
-        if self.bias is not None:
-            x += self.bias_acc
-        return hc, x
-
-
-class _Products:
-    """The three matrix products of a chunk, all through ONE BLAS library.
-
-    numpy and scipy each bundle their own OpenBLAS with its own thread pool.
-    Alternating between them left one pool's workers spinning while the other
-    worked: on 2 cores each product after a switch ran ~25% slower (176-row
-    chunks of 4096 x 1024 x 128256: 729 -> 638 ms per chunk with one library).
-    With scipy, every product is a ``?gemm`` on column-major views (no copies,
-    and ``beta=1`` accumulates ``grad_weight`` in place); without it, numpy's
-    ``matmul``, with ``grad_weight`` accumulated through a small temporary per
-    block of classes (``config.LINEAR_CE_GRAD_WEIGHT_BLOCK_BYTES``).
-    All arrays are C-contiguous 2-D of the accumulation dtype.
-    """
-
-    def __init__(self, acc, nclass, dim):
-        _blas = _scipy_blas()
-        # numpy's matmul for D = 0: scipy's f2py gemm refuses empty operands
-        self.gemm = None if _blas is None or dim == 0 else (_blas.dgemm if acc == np.float64 else _blas.sgemm)
-        block_bytes = int(config.LINEAR_CE_GRAD_WEIGHT_BLOCK_BYTES)
-        self.block = max(64, block_bytes // max(1, dim * np.dtype(acc).itemsize))  # D = 0: no temporary
-        self.tmp = None
-        self.acc, self.nclass, self.dim = acc, nclass, dim
-
-    def _check(self, r, out):
-        if not np.shares_memory(r, out):  # pragma: no cover - f2py copied: defensive
-            out[...] = r.T
-
-    def logits(self, hc, head, x):
-        """x = hc @ head.T"""
-        if self.gemm is None:
-            np.matmul(hc, head.T, out=x)
-        else:  # x.T (V, c) = head (V, D) @ hc.T (D, c)
-            self._check(self.gemm(1.0, head.T, hc.T, trans_a=1, c=x.T, overwrite_c=1), x)
-
-    def grad_hidden(self, g, head, out):
-        """out = g @ head"""
-        if self.gemm is None:
-            np.matmul(g, head, out=out)
-        else:  # out.T (D, c) = head.T (D, V) @ g.T (V, c)
-            self._check(self.gemm(1.0, head.T, g.T, c=out.T, overwrite_c=1), out)
-
-    def add_grad_weight(self, hc, g, gw):
-        """gw += g.T @ hc"""
-        if self.gemm is not None:  # gw.T (D, V) += hc.T (D, c) @ g (c, V)
-            self._check(self.gemm(1.0, hc.T, g.T, beta=1.0, c=gw.T, trans_b=1, overwrite_c=1), gw)
-            return
-        if self.tmp is None:
-            self.tmp = np.empty((min(self.block, self.nclass), self.dim), self.acc)
-        for v0 in range(0, self.nclass, self.block):
-            v1 = min(self.nclass, v0 + self.block)
-            t = self.tmp[: v1 - v0]
-            np.matmul(g[:, v0:v1].T, hc, out=t)
-            gw[v0:v1] += t
-
-
-def _scipy_blas():
-    """``scipy.linalg.blas`` (GEMM with beta=1 accumulates grad_weight without a
-    (V, D) temporary), imported on first use; None without scipy."""
-    try:
-        from scipy.linalg import blas
-    except ImportError:  # pragma: no cover - scipy is optional
-        return None
-    return blas
+        b = check_bias(bias, nclass, "lm_head")
+        check_chunk_size(chunk_size)
+        ce = self.ce
+        rows = None if ce.count == ce.tgt.size else np.flatnonzero(~ce.ignored)
+        chunk = chunk_rows(chunk_size, ce.count, nclass, self.acc.itemsize)
+        self.sweep = LinearSweep(h, w, b, self.acc, rows, ce.count, chunk, with_grad)
 
 
 def _kernels():
     """``fastloss.cpu.cross_entropy`` (numba), imported on first use."""
     from ..cpu import cross_entropy
     return cross_entropy
-
-
-def _chunk_rows(chunk_size, count, nclass, itemsize):
-    """Rows per chunk: ``chunk_size``, or the most rows whose logits fit in
-    ``config.LINEAR_CE_LOGITS_BUDGET_BYTES``, evened out over the chunks and, from
-    32 rows up, a multiple of 16 (the BLAS kernels' row blocking: 176-row chunks
-    run the three products ~4% faster than 179-row ones here)."""
-    if chunk_size is not None:
-        return int(chunk_size)
-    if count == 0:
-        return 1
-    c = max(1, int(config.LINEAR_CE_LOGITS_BUDGET_BYTES) // (nclass * itemsize))
-    if c >= 32:
-        c -= c % 16
-    nchunk = -(-count // c)
-    rows = -(-count // nchunk)
-    if c >= 32:
-        rows = min(c, count, -(-rows // 16) * 16)
-    return rows
-
-
-def _prepare(plan):
-    """Buffers shared by the forward and fused sweeps."""
-    ce = plan.ce
-    c = min(plan.chunk, max(ce.count, 1))
-    buf = np.empty((c, plan.nclass), plan.acc)
-    # A staging buffer for hidden chunks that are not float32/64 C-contiguous rows.
-    staged = plan.hidden.dtype != plan.acc or not plan.h2.flags.c_contiguous
-    hbuf = np.empty((c, plan.dim), plan.acc) if staged else None
-    plan.bias_acc = None if plan.bias is None else plan.bias.astype(plan.acc)
-    return buf, hbuf
 
 
 def _sub(idx, a):
@@ -298,22 +150,20 @@ def linear_cross_entropy(hidden, lm_head, /, targets, *, bias=None, weight=None,
                                       logit_scale, normalizer)
     if chunk_size is None and _small(hidden, lm_head, targets, bias):
         return _small_call(hidden, lm_head, targets, bias, weight, opts, False, None)
-    plan = _LinearPlan(hidden, lm_head, targets, bias, chunk_size, weight, opts)
+    plan = _LinearPlan(hidden, lm_head, targets, bias, chunk_size, weight, opts, False)
     K = _kernels()
-    ce = plan.ce
+    ce, sweep = plan.ce, plan.sweep
     n = ce.tgt.size
     loss = np.zeros(n, plan.acc)
     lse = np.zeros(n, plan.acc)
     if ce.count:
-        head = plan.compute_head()
-        buf, hbuf = _prepare(plan)
-        scratch = ce.scratch(buf.shape[0], fused=False)
+        cmax = sweep.start()
+        scratch = ce.scratch(cmax, fused=False)
         w, tf, k = ce.kernel_weight(), ce.transform(), ce.constants()
-        lrow = np.empty(buf.shape[0], plan.acc)
-        srow = np.empty(buf.shape[0], plan.acc)
-        products = _Products(plan.acc, plan.nclass, plan.dim)
-        for idx, c in plan.chunks():
-            _, x = plan.logits_into(buf, idx, c, head, hbuf, products)
+        lrow = np.empty(cmax, plan.acc)
+        srow = np.empty(cmax, plan.acc)
+        for idx, c in sweep.chunks():
+            _, x = sweep.logits(idx, c)
             nt = min(scratch.z.shape[0], c)
             with V.kernel_launch(nt):
                 K.ce_forward(x, _sub(idx, ce.tgt), w, tf, k, _tasks(scratch, nt), lrow[:c], srow[:c])
@@ -382,51 +232,30 @@ def linear_cross_entropy_with_grad(hidden, lm_head, /, targets, *, bias=None, we
                                       logit_scale, normalizer)
     if chunk_size is None and _small(hidden, lm_head, targets, bias):
         return _small_call(hidden, lm_head, targets, bias, weight, opts, True, grad_output)
-    plan = _LinearPlan(hidden, lm_head, targets, bias, chunk_size, weight, opts)
+    plan = _LinearPlan(hidden, lm_head, targets, bias, chunk_size, weight, opts, True)
     K = _kernels()
-    ce = plan.ce
+    ce, sweep = plan.ce, plan.sweep
     acc = plan.acc
     n = ce.tgt.size
     gce, gz = ce.row_coefficients(grad_output)
     loss = np.zeros(n, acc)
     lse = np.zeros(n, acc)
-    hdt, wdt = plan.hidden.dtype, plan.lm_head.dtype
-    grad_hidden = np.zeros(plan.hidden.shape, hdt) if plan.rows is not None or n == 0 \
-        else np.empty(plan.hidden.shape, hdt)
-    gh2 = grad_hidden.reshape(plan.h2.shape)  # explicit rows: D may be 0
-    gw = np.zeros((plan.nclass, plan.dim), acc)  # the output itself for float32/float64
-    gb = None if plan.bias is None else np.zeros(plan.nclass, np.float64)
     if ce.count:
-        head = plan.compute_head()
-        buf, hbuf = _prepare(plan)
-        cmax = buf.shape[0]
+        cmax = sweep.start()
         scratch = ce.scratch(cmax, fused=True)
         w, tf, k = ce.kernel_weight(), ce.transform(), ce.constants()
         lrow = np.empty(cmax, acc)
         srow = np.empty(cmax, acc)
-        direct = plan.rows is None and hdt == acc  # grad_hidden rows written by the product
-        ghbuf = None if direct else np.empty((cmax, plan.dim), acc)
-        products = _Products(acc, plan.nclass, plan.dim)
-        for idx, c in plan.chunks():
-            hc, x = plan.logits_into(buf, idx, c, head, hbuf, products)
+        for idx, c in sweep.chunks():
+            hc, x = sweep.logits(idx, c)
             nt = min(scratch.z.shape[0], c)
             with V.kernel_launch(nt):
                 K.ce_fused(x, _sub(idx, ce.tgt), w, tf, k, _sub(idx, gce), _sub(idx, gz), x,
                            _tasks(scratch, nt), lrow[:c], srow[:c])
             loss[idx] = lrow[:c]
             lse[idx] = srow[:c]
-            # x now holds dL/dlogits of the chunk.
-            if direct:
-                products.grad_hidden(x, head, gh2[idx])
-            else:
-                products.grad_hidden(x, head, ghbuf[:c])
-                gh2[idx] = ghbuf[:c]
-            products.add_grad_weight(hc, x, gw)
-            if gb is not None:
-                gb += x.sum(axis=0, dtype=np.float64)
-    grad_weight = gw if wdt == acc else gw.astype(wdt)
-    grad_bias = None if gb is None else gb.astype(plan.bias.dtype)
-    return LinearCrossEntropyResult(ce.reduce(loss, lse), grad_hidden, grad_weight, grad_bias)
+            sweep.backward(idx, c, hc, x)  # x now holds dL/dlogits of the chunk
+    return LinearCrossEntropyResult(ce.reduce(loss, lse), *sweep.gradients())
 
 
 # Small calls: all logits at once (at most ``config.SERIAL_MAX_ELEMENTS``), one

@@ -27,9 +27,8 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import _validate as V
-from .. import config
-from ..cuda import is_device_array
 from ..options import DistillOptions, safe_div
+from ._linear import LinearSweep, check_bias, check_chunk_size, check_hidden_and_head, chunk_rows
 
 __all__ = ["LinearDistillResult", "linear_distill_with_grad"]
 
@@ -52,31 +51,11 @@ class _Plan:
     """Validated inputs of one linear distillation call."""
 
     def __init__(self, hidden, head, teacher, bias, targets, chunk_size, opts):
-        for name, a in (("student_hidden", hidden), ("student_head", head), ("bias", bias)):
-            if a is not None and is_device_array(a):
-                raise TypeError(f"{name}: GPU arrays are not supported by linear_distill_with_grad "
-                                "yet (CPU only); pass numpy arrays")
-        h = V.float_array(hidden, "student_hidden")
-        if h.ndim == 0:
-            raise ValueError("student_hidden: expected shape (..., D) with at least one dimension, "
-                             "found a 0-d array")
-        w = V.float_array(head, "student_head")
-        if w.ndim != 2 or w.shape[1] != h.shape[-1]:
-            raise ValueError(f"student_head: expected shape (V, {h.shape[-1]}) (V, "
-                             f"student_hidden.shape[-1]), found {w.shape}")
-        if w.shape[0] == 0:
-            raise ValueError(f"student_head: expected at least one row (class), found shape {w.shape}")
-        if w.dtype != h.dtype:
-            raise TypeError(f"student_head: expected the dtype of student_hidden ({h.dtype}), found {w.dtype}")
-        nclass, dim = w.shape
+        h, w = check_hidden_and_head(hidden, head, bias, "linear_distill_with_grad", "student_hidden",
+                                     "student_head")
+        nclass = w.shape[0]
         rows_shape = h.shape[:-1]
-        if bias is not None:
-            b = V.float_array(bias, "bias")
-            if b.shape != (nclass,):
-                raise ValueError(f"bias: expected shape ({nclass},) (student_head.shape[0]), found {b.shape}")
-            self.bias = b
-        else:
-            self.bias = None
+        b = check_bias(bias, nclass, "student_head")
         if targets is not None:
             t = V.as_array(targets, "targets")
             if t.dtype.kind in "iu" and t.shape != rows_shape:
@@ -90,12 +69,7 @@ class _Plan:
                 raise ValueError(f"teacher: expected shape {rows_shape + (nclass,)} (student_hidden.shape[:-1] "
                                  f"+ (V,), V = student_head.shape[0]), found {tt.shape}")
             teacher = tt
-        if chunk_size is not None:
-            if isinstance(chunk_size, (bool, np.bool_)) or not isinstance(chunk_size, (int, np.integer)):
-                raise TypeError(f"chunk_size: expected a positive integer or None, "
-                                f"found {type(chunk_size).__name__}")
-            if chunk_size < 1:
-                raise ValueError(f"chunk_size: expected a positive integer, found {int(chunk_size)}")
+        check_chunk_size(chunk_size)
         # The logits are computed in the accumulation dtype of hidden.
         self.acc = V.acc_dtype(h.dtype)
         # The distillation plan checks the teacher (top-k indices, logprobs) and
@@ -106,6 +80,7 @@ class _Plan:
         dp = DistillPlan(fake, teacher, targets, opts)
         self.n = dp.rows
         self.count = dp.count
+        self.denominator = dp.denominator()  # what the summed loss is divided by
         self.loss_dtype = dp.acc  # float64 when hidden or the teacher is float64
         if self.topk:
             kk = dp.indices.shape[-1]
@@ -113,98 +88,18 @@ class _Plan:
         else:
             self.teacher = teacher.reshape(self.n, nclass)  # a view when the layout allows
         self.targets = None if targets is None else targets.reshape(-1)
-        self.rows = None if self.count == self.n else np.flatnonzero(~dp.ignored)
-        self.hidden, self.head = h, w
-        self.nclass, self.dim = nclass, dim
-        self.h2 = h.reshape(self.n, dim)
+        rows = None if self.count == self.n else np.flatnonzero(~dp.ignored)
+        # Chunks are evened out over the call but not rounded to the BLAS row blocking.
+        chunk = chunk_rows(chunk_size, self.count, nclass, self.acc.itemsize, multiple=1)
+        self.sweep = LinearSweep(h, w, b, self.acc, rows, self.count, chunk, True)
+        self.rows_shape = rows_shape
         self.opts = opts
-        self.chunk = _chunk_rows(chunk_size, self.count, nclass, self.acc.itemsize)
-
-    def denominator(self):
-        """What the summed loss is divided by: counted tokens (batchmean), times V (mean), or 1."""
-        r = self.opts.reduction
-        if r == "batchmean":
-            return float(self.count)
-        if r == "mean":
-            return float(self.count) * self.nclass
-        return 1.0
-
-    def chunks(self):
-        """(index, c): the rows of each chunk (a slice, or an index array when some
-        tokens are ignored) and their number; only counted tokens are visited."""
-        count, c = self.count, self.chunk
-        for lo in range(0, count, c):
-            hi = min(lo + c, count)
-            yield (slice(lo, hi) if self.rows is None else self.rows[lo:hi]), hi - lo
 
     def teacher_rows(self, idx):
         """The teacher of the rows ``idx``: dense logits or an (indices, logprobs) pair."""
         if self.topk:
             return self.teacher[0][idx], self.teacher[1][idx]
         return self.teacher[idx]
-
-
-def _chunk_rows(chunk_size, count, nclass, itemsize):
-    """Rows per chunk: ``chunk_size``, or the most rows whose logits fit in
-    ``config.LINEAR_CE_LOGITS_BUDGET_BYTES`` (shared with the linear
-    cross-entropy), evened out over the chunks."""
-    if chunk_size is not None:
-        return int(chunk_size)
-    if count == 0:
-        return 1
-    c = max(1, int(config.LINEAR_CE_LOGITS_BUDGET_BYTES) // (nclass * itemsize))
-    nchunk = -(-count // c)
-    return -(-count // nchunk)
-
-
-class _Gemm:
-    """The chunk's three products through one BLAS library: scipy's ``?gemm``
-    (``grad_head`` accumulated in place with ``beta=1``, no ``(V, D)``
-    temporary) when scipy is present, else numpy's matmul (``grad_head``
-    through a temporary per block of classes,
-    ``config.LINEAR_CE_GRAD_WEIGHT_BLOCK_BYTES``). C-contiguous 2-D arrays of
-    the accumulation dtype."""
-
-    def __init__(self, acc, nclass, dim):
-        try:
-            from scipy.linalg import blas
-        except ImportError:  # pragma: no cover - scipy is optional
-            blas = None
-        # numpy for D = 0: the f2py gemm refuses empty operands
-        self.gemm = None if blas is None or dim == 0 else (blas.dgemm if acc == np.float64 else blas.sgemm)
-        self.block = max(64, int(config.LINEAR_CE_GRAD_WEIGHT_BLOCK_BYTES) // max(1, dim * np.dtype(acc).itemsize))
-        self.acc, self.nclass, self.dim = acc, nclass, dim
-
-    @staticmethod
-    def _into(r, out):
-        if not np.shares_memory(r, out):  # pragma: no cover - f2py made a copy: defensive
-            out[...] = r.T
-
-    def logits(self, hc, head, x):
-        """x = hc @ head.T"""
-        if self.gemm is None:
-            np.matmul(hc, head.T, out=x)
-        else:  # x.T (V, c) = head (V, D) @ hc.T (D, c), column-major views
-            self._into(self.gemm(1.0, head.T, hc.T, trans_a=1, c=x.T, overwrite_c=1), x)
-
-    def grad_hidden(self, g, head, out):
-        """out = g @ head"""
-        if self.gemm is None:
-            np.matmul(g, head, out=out)
-        else:  # out.T (D, c) = head.T (D, V) @ g.T (V, c)
-            self._into(self.gemm(1.0, head.T, g.T, c=out.T, overwrite_c=1), out)
-
-    def add_grad_head(self, hc, g, gw):
-        """gw += g.T @ hc"""
-        if self.gemm is not None:  # gw.T (D, V) += hc.T (D, c) @ g (c, V)
-            self._into(self.gemm(1.0, hc.T, g.T, beta=1.0, c=gw.T, trans_b=1, overwrite_c=1), gw)
-            return
-        tmp = np.empty((min(self.block, self.nclass), self.dim), self.acc)
-        for v0 in range(0, self.nclass, self.block):
-            v1 = min(self.nclass, v0 + self.block)
-            t = tmp[: v1 - v0]
-            np.matmul(g[:, v0:v1].T, hc, out=t)
-            gw[v0:v1] += t
 
 
 def linear_distill_with_grad(student_hidden, student_head, teacher, *, bias=None, kind="kl", temperature=1.0,
@@ -292,50 +187,29 @@ def linear_distill_with_grad(student_hidden, student_head, teacher, *, bias=None
     opts = DistillOptions.check(kind=kind, temperature=temperature, beta=beta, scale_by_t2=scale_by_t2,
                                 reduction=reduction, ignore_index=ignore_index, soft_weight=soft_weight,
                                 hard_weight=hard_weight)
+    V.check_hard_targets(opts.hard_weight, targets)
     plan = _Plan(student_hidden, student_head, teacher, bias, targets, chunk_size, opts)
     none = opts.reduction == "none"
-    rows_shape = plan.hidden.shape[:-1]
+    rows_shape = plan.rows_shape
     if none:
         g_rows = V.rows_grad_output(grad_output, rows_shape, "student_hidden.shape[:-1]")
         if np.ndim(g_rows):
             g_rows = g_rows.reshape(-1)
         g_sum = None
     else:
-        g_sum = safe_div(V.scalar_grad_output(grad_output, opts.reduction), plan.denominator())
-    acc = plan.acc
-    n, nclass, dim = plan.n, plan.nclass, plan.dim
-    hdt, wdt = plan.hidden.dtype, plan.head.dtype
-    grad_hidden = np.zeros(plan.hidden.shape, hdt) if plan.rows is not None or n == 0 \
-        else np.empty(plan.hidden.shape, hdt)
-    gh2 = grad_hidden.reshape(n, dim)
-    gw = np.zeros((nclass, dim), acc)  # the output itself for float32/float64
-    gb = None if plan.bias is None else np.zeros(nclass, np.float64)
-    loss_rows = np.zeros(n, plan.loss_dtype) if none else None
+        g_sum = safe_div(V.scalar_grad_output(grad_output, opts.reduction), plan.denominator)
+    sweep = plan.sweep
+    loss_rows = np.zeros(plan.n, plan.loss_dtype) if none else None
     total = 0.0
     if plan.count:
         from .distill import distill_with_grad
-        head = np.ascontiguousarray(plan.head) if wdt == acc else plan.head.astype(acc)
-        bias_acc = None if plan.bias is None else plan.bias.astype(acc)
-        cmax = min(plan.chunk, plan.count)
-        buf = np.empty((cmax, nclass), acc)
-        staged = hdt != acc or not plan.h2.flags.c_contiguous
-        hbuf = np.empty((cmax, dim), acc) if staged else None
-        direct = plan.rows is None and hdt == acc  # grad_hidden rows written by the product
-        ghbuf = None if direct else np.empty((cmax, dim), acc)
-        blas = _Gemm(acc, nclass, dim)
+        sweep.start()
         keywords = dict(kind=opts.kind, temperature=opts.temperature, beta=opts.beta,
                         scale_by_t2=opts.scale_by_t2, reduction="none" if none else "sum",
                         ignore_index=opts.ignore_index, soft_weight=opts.soft_weight,
                         hard_weight=opts.hard_weight)
-        for idx, c in plan.chunks():
-            hc = plan.h2[idx]
-            if staged:
-                np.copyto(hbuf[:c], hc, casting="unsafe")
-                hc = hbuf[:c]
-            x = buf[:c]
-            blas.logits(hc, head, x)
-            if bias_acc is not None:
-                x += bias_acc
+        for idx, c in sweep.chunks():
+            hc, x = sweep.logits(idx, c)
             go = g_sum if not none else (g_rows[idx] if np.ndim(g_rows) else g_rows)
             tgt = None if plan.targets is None else plan.targets[idx]
             loss_c, _ = distill_with_grad(x, plan.teacher_rows(idx), targets=tgt, grad_output=go,
@@ -345,18 +219,9 @@ def linear_distill_with_grad(student_hidden, student_head, teacher, *, bias=None
                 loss_rows[idx] = loss_c
             else:
                 total += loss_c
-            if direct:
-                blas.grad_hidden(x, head, gh2[idx])
-            else:
-                blas.grad_hidden(x, head, ghbuf[:c])
-                gh2[idx] = ghbuf[:c]
-            blas.add_grad_head(hc, x, gw)
-            if gb is not None:
-                gb += x.sum(axis=0, dtype=np.float64)
+            sweep.backward(idx, c, hc, x)
     if none:
         loss = loss_rows.reshape(rows_shape)
     else:
-        loss = float(safe_div(total, plan.denominator()))
-    grad_head = gw if wdt == acc else gw.astype(wdt)
-    grad_bias = None if gb is None else gb.astype(plan.bias.dtype)
-    return LinearDistillResult(loss, grad_hidden, grad_head, grad_bias)
+        loss = float(safe_div(total, plan.denominator))
+    return LinearDistillResult(loss, *sweep.gradients())

@@ -5,13 +5,13 @@ Each function validates its options once (``fastloss.options``) and hands
 or ``fastloss.cuda.mse_host`` for GPU arrays (imported on first use).
 """
 
-import numpy as np
-
-from ..cuda import is_device_array
 from ..options import MSEOptions
 from ..results import MSEResult
+from ._dispatch import backend_picker
 
 __all__ = ["mse", "mse_with_grad"]
+
+_backend = backend_picker("mse_host")
 
 
 def mse(pred, target, *, reduction="mean", weight=None):
@@ -97,22 +97,3 @@ def mse_with_grad(pred, target, *, reduction="mean", weight=None, grad_output=No
     opts = MSEOptions.check(reduction=reduction)
     loss, grad = _backend(pred).mse_with_grad(pred, target, weight, opts, grad_output, out)
     return MSEResult(loss, grad)
-
-
-def _backend(x):
-    """The host module of the backend that runs ``x``: CPU, or CUDA for GPU arrays."""
-    if type(x) is not np.ndarray and is_device_array(x):
-        from ..cuda import mse_host
-        return mse_host
-    return _CPU or _load_cpu()
-
-
-_CPU = None
-
-
-def _load_cpu():
-    """Import the CPU host module once (a function-level import costs ~0.5 us a call)."""
-    global _CPU
-    from ..cpu import mse_host
-    _CPU = mse_host
-    return _CPU
