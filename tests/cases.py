@@ -47,6 +47,13 @@ def make_logits(rng, shape, dtype, scale=3.0):
     return (rng.standard_normal(shape) * scale).astype(dtype)
 
 
+def make_probs(rng, shape, dtype=np.float32, sharp=3.0):
+    """Random rows of probabilities (never uniform, never all zero), rounded to ``dtype``."""
+    q = rng.random(shape) ** sharp + 1e-3
+    q /= q.sum(axis=-1, keepdims=True)
+    return q.astype(dtype)
+
+
 def make_targets(rng, shape, nclass, n_ignored=1, ignore_index=-100):
     """Targets with ``n_ignored`` ignored tokens (never all of them)."""
     t = rng.integers(0, nclass, shape).astype(np.int64)

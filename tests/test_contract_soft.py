@@ -7,7 +7,8 @@ exhaustive CPU checks are in ``test_soft_targets.py``.
 
 import numpy as np
 import pytest
-from cases import BF16, DTYPES, assert_grad, make_logits
+from cases import BF16, DTYPES, assert_grad, make_logits, resolve
+from cases import make_probs as probs
 from reference import soft_ce_reference, to_float64
 
 import fastloss
@@ -23,21 +24,6 @@ CASES = [
                  id="normalizer-scale-go"),
     pytest.param((1, 1), dict(reduction="none", softcap=5.0, grad_output=2.0), id="1x1-none"),
 ]
-
-
-def probs(rng, shape, dtype=np.float32):
-    q = rng.random(shape) ** 3 + 1e-3
-    q /= q.sum(axis=-1, keepdims=True)
-    return q.astype(dtype)
-
-
-def resolve(rng, shape, kw):
-    kw = dict(kw)
-    if kw.get("weight") == "w":
-        kw["weight"] = rng.uniform(0.2, 2.0, shape[-1])
-    if kw.get("grad_output") == "rows":
-        kw["grad_output"] = rng.uniform(-1.0, 2.0, shape[:-1])
-    return kw
 
 
 def loss_value(backend, loss, reduction):

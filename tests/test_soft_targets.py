@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from cases import make_logits as logits
+from cases import make_probs as probs
+from cases import resolve
 from reference import soft_ce_reference, to_float64
 
 import fastloss
@@ -49,26 +52,6 @@ def road(request, monkeypatch):
         monkeypatch.setattr(fastloss.config, "SERIAL_MAX_ELEMENTS", 0)
         monkeypatch.setattr(fastloss.config, "MIN_ELEMENTS_PER_TASK", 1)
     return request.param
-
-
-def probs(rng, shape, dtype=np.float32, sharp=3.0):
-    """Random rows of probabilities (never uniform, never all zero), rounded to ``dtype``."""
-    q = rng.random(shape) ** sharp + 1e-3
-    q /= q.sum(axis=-1, keepdims=True)
-    return q.astype(dtype)
-
-
-def logits(rng, shape, dtype, scale=3.0):
-    return (rng.standard_normal(shape) * scale).astype(dtype)
-
-
-def resolve(rng, shape, kw):
-    kw = dict(kw)
-    if kw.get("weight") == "w":
-        kw["weight"] = rng.uniform(0.2, 2.0, shape[-1])
-    if kw.get("grad_output") == "rows":
-        kw["grad_output"] = rng.uniform(-1.0, 2.0, shape[:-1])
-    return kw
 
 
 def assert_loss(got, ref, rtol, atol=1e-6):
