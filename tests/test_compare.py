@@ -578,3 +578,17 @@ def test_cli_raw_layout_and_hidden(tmp_path, capsys):
         assert main(["compare", *argv]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and msg in err, err
+
+
+def test_moments_and_percentiles_of_huge_values_do_not_warn():
+    """A corrupt dump's logits can give losses near float64's limit: their squares and
+    differences overflow to inf (as the exact values would), with no RuntimeWarning
+    (the suite turns fastloss's RuntimeWarnings into errors)."""
+    x = np.array([1e300, -1e300, 3.0])
+    m = M.Moments()
+    m.add(x)
+    assert math.isinf(m.m2) and math.isinf(m.std())
+    c = M.CoMoments()
+    c.add(x, x[::-1])
+    got = M.percentiles(lambda: iter([x]), 3, [0.0, 25.0, 50.0, 100.0])
+    assert got[0] == -1e300 and got[2] == 3.0 and got[3] == 1e300

@@ -102,7 +102,9 @@ def centered_sums(x):
     x = np.asarray(x, np.float64)
     if x.size == 0:
         return 0, 0.0, 0.0
-    with np.errstate(invalid="ignore"):  # an infinite value: mean inf, squares NaN
+    # an infinite value: mean inf, squares NaN; huge ones (a corrupt dump's logits):
+    # squares overflow to inf, as the true sum would
+    with np.errstate(invalid="ignore", over="ignore"):
         mean = float(x.mean())
         d = x - mean
         return int(x.size), mean, float(np.dot(d, d))
@@ -162,7 +164,7 @@ class CoMoments:
         n = int(x.size)
         if n == 0:
             return
-        with np.errstate(invalid="ignore"):  # infinite values: NaN moments
+        with np.errstate(invalid="ignore", over="ignore"):  # infinite values: NaN moments; huge: inf
             mx, my = float(x.mean()), float(y.mean())
             dx, dy = x - mx, y - my
             sxx, syy, sxy = float(np.dot(dx, dx)), float(np.dot(dy, dy)), float(np.dot(dx, dy))
@@ -272,7 +274,7 @@ def percentiles(chunks, n, qs):
     vals = select_ranks(chunks, n, sorted(set(lo.tolist()) | set(hi.tolist())))
     a = np.array([vals[int(i)] for i in lo])
     b = np.array([vals[int(i)] for i in hi])
-    with np.errstate(invalid="ignore"):  # inf - inf: replaced below
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: replaced below; huge - -huge: inf
         diff = b - a
         out = a + diff * gamma
         late = gamma >= 0.5
