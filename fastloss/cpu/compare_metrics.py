@@ -41,7 +41,7 @@ from numba.core.extending import overload
 
 from .. import config
 from ._math import as_acc, exp, from_ordered_bits, load, ordered_bits, row_max
-from .cross_entropy import LAZY_SUM_LIMIT, ROW_BLOCK, task_rows
+from ._rows import LAZY_SUM_LIMIT, ROW_BLOCK, task_rows
 
 _FM = config.FASTMATH
 

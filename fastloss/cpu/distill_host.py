@@ -13,7 +13,7 @@ import numpy as np
 from .. import _validate as V
 from ..options import JSD, REVERSE_KL, safe_div
 from . import distill as K
-from .cross_entropy import n_row_blocks, task_scratch
+from ._rows import n_row_blocks, task_scratch
 
 _F64 = np.dtype(np.float64)
 

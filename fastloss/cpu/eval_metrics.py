@@ -47,7 +47,7 @@ from numba.core.extending import overload
 
 from .. import config
 from ._math import as_acc, exp, f32_as_i32, i32_as_f32, load, row_max
-from .cross_entropy import LAZY_SUM_LIMIT, ROW_BLOCK, task_rows
+from ._rows import LAZY_SUM_LIMIT, ROW_BLOCK, task_rows
 
 _FM = config.FASTMATH
 
