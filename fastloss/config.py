@@ -110,6 +110,12 @@ LINEAR_CE_GRAD_WEIGHT_BLOCK_BYTES = 8 * 2**20
 #: (benchmarks/NOTES.md). Read at call time; tests patch it.
 EVAL_CHUNK_BYTES = 64 * 2**20
 
+#: Bytes of logits (or hidden states) per task of ``fastloss.evaluate``: a task is a
+#: row range of one shard, run in this process or on a Dask worker, and returns one
+#: partial of totals. 1 GiB is ~0.3-1 s of kernel time, against ~2 ms of Dask
+#: round trip per task (docs/distributed.md). Read at call time; tests patch it.
+EVAL_TASK_BYTES = 2**30
+
 #: Probability targets: each row of the targets must sum to 1 within this
 #: absolute tolerance (and hold finite, non-negative entries), else
 #: ``ValueError``. 1e-2 accepts rows stored in bfloat16/float16 and rows from a

@@ -3,7 +3,15 @@
 import sys
 
 from .._io import write_report_json
-from .evaluate import add_progress_options, add_stream_options, check_stream_options, fail, layout
+from .evaluate import (
+    add_cluster_options,
+    add_progress_options,
+    add_stream_options,
+    check_stream_options,
+    cluster,
+    fail,
+    layout,
+)
 
 
 def add_parser(sub):
@@ -45,6 +53,7 @@ def add_parser(sub):
     cp.add_argument("--plot", metavar="PNG",
                     help="also draw the KL histogram (and, with --seq-len, the mean KL per "
                          "position) to PNG (needs matplotlib: pip install fastloss[plot])")
+    add_cluster_options(cp)
     add_progress_options(cp)
     cp.set_defaults(run=run)
 
@@ -81,13 +90,15 @@ def run(args, argv):
             raise ValueError(f"--top: expected a non-negative integer, found {args.top}")
         if args.shift and not args.targets:
             raise ValueError("--shift: needs --targets (the token ids)")
-        report = compare(base, model, args.targets,
-                         base_hidden=args.base_hidden, base_lm_head=args.base_lm_head,
-                         base_bias=args.base_bias, model_hidden=args.model_hidden,
-                         model_lm_head=args.model_lm_head, model_bias=args.model_bias,
-                         ignore_index=args.ignore_index, seq_len=args.seq_len, shift=args.shift,
-                         chunk_tokens=args.chunk_tokens, top=args.top, layout=layout(args),
-                         tmpdir=args.tmpdir, progress=args.progress)
+        with cluster(args) as client:
+            report = compare(base, model, args.targets,
+                             base_hidden=args.base_hidden, base_lm_head=args.base_lm_head,
+                             base_bias=args.base_bias, model_hidden=args.model_hidden,
+                             model_lm_head=args.model_lm_head, model_bias=args.model_bias,
+                             ignore_index=args.ignore_index, seq_len=args.seq_len, shift=args.shift,
+                             chunk_tokens=args.chunk_tokens, top=args.top, layout=layout(args),
+                             tmpdir=args.tmpdir, progress=args.progress, client=client,
+                             worker_threads=args.worker_threads)
         if report.tokens == 0:
             raise ValueError(f"{', '.join(report.targets_files)}: no counted tokens (every "
                              f"target equals --ignore-index {args.ignore_index})")
@@ -98,6 +109,9 @@ def run(args, argv):
     except (ValueError, TypeError, OSError) as e:
         fail(args, e, "compare")
         return 2
+    except ImportError as e:  # Dask missing for --scheduler / --workers
+        fail(args, e, "compare")
+        return 1
     if args.plot:
         from ..evaluation.plot import plot_compare
         try:

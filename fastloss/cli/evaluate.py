@@ -1,5 +1,6 @@
 """``fastloss eval``: stream a dump through the kernels and print the evaluation report."""
 
+import contextlib
 import sys
 
 from .._io import check_output_path, write_report_json
@@ -47,10 +48,40 @@ def add_progress_options(parser):
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
 
+def add_cluster_options(parser):
+    """``--scheduler`` / ``--workers`` (run on Dask) and ``--worker-threads``."""
+    dist = parser.add_argument_group("distributed (Dask; pip install \"fastloss[dask]\")")
+    where = dist.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="run the tasks on the workers of this Dask scheduler (tcp://host:8786); "
+                            "they read the files themselves, so paths must be valid there")
+    where.add_argument("--workers", type=int, metavar="N",
+                       help="start a local Dask cluster of N worker processes for this run")
+    dist.add_argument("--worker-threads", type=int, metavar="T",
+                      help="numba/BLAS threads per task on a worker (default: the host's cores "
+                           "over its workers' threads)")
+
+
+@contextlib.contextmanager
+def cluster(args):
+    """The ``distributed.Client`` of ``--scheduler`` / ``--workers`` (closed on exit), or None."""
+    if args.scheduler is None and args.workers is None:
+        yield None
+        return
+    from ..evaluation import distributed as D
+
+    runner = D.connect(args.scheduler) if args.scheduler is not None else D.LocalClusterRunner(args.workers)
+    try:
+        yield runner.client
+    finally:
+        runner.close()
+
+
 def check_stream_options(args):
     """ValueError for bad values of the shared options (and of --json / --plot paths)."""
     for flag, value in (("--chunk-tokens", args.chunk_tokens), ("--seq-len", args.seq_len),
-                        ("--vocab", args.vocab), ("--hidden-dim", args.hidden_dim)):
+                        ("--vocab", args.vocab), ("--hidden-dim", args.hidden_dim),
+                        ("--workers", args.workers), ("--worker-threads", args.worker_threads)):
         if value is not None and value < 1:
             raise ValueError(f"{flag}: expected a positive integer, found {value}")
     if args.shift and args.seq_len is None:
@@ -79,6 +110,10 @@ def add_parser(sub):
     ev.add_argument("--hidden", nargs="+", metavar="H",
                     help="instead of LOGITS: hidden-state file(s) (..., D); the logits are "
                          "H @ LM_HEAD.T + BIAS, computed per chunk")
+    ev.add_argument("--vocab-shards", nargs="+", metavar="SLICE",
+                    help="instead of LOGITS: a vocabulary-sharded dump (tensor-parallel ranks), one "
+                         "file or pattern per vocabulary slice, in vocabulary order; each slice's "
+                         "files hold all tokens and its columns of the vocabulary")
     ev.add_argument("--lm-head", metavar="FILE", help="LM head (V, D), with --hidden")
     ev.add_argument("--bias", metavar="FILE", help="LM-head bias (V,), with --hidden")
     add_stream_options(ev, "logits")
@@ -96,14 +131,21 @@ def add_parser(sub):
     ev.add_argument("--train-loss", type=float, metavar="X",
                     help="training loss (nats) to report the validation - train gap")
     ev.add_argument("--skip-invalid", action="store_true",
-                    help="leave tokens with a NaN loss out (with a warning) instead of failing")
+                    help="leave tokens with a NaN loss, and shards that fail to read, out (with "
+                         "a warning; the report lists them) instead of failing")
+    add_cluster_options(ev)
     add_progress_options(ev)
     ev.set_defaults(run=run)
 
 
 def _check_args(args):
     """ValueError for argument combinations argparse cannot express."""
-    if args.hidden:
+    if args.vocab_shards:
+        if args.logits or args.hidden:
+            raise ValueError("give one of LOGITS, --hidden (with --lm-head) or --vocab-shards")
+        if args.lm_head or args.bias:
+            raise ValueError("--lm-head/--bias: only used with --hidden")
+    elif args.hidden:
         if args.logits:
             raise ValueError("give either LOGITS or --hidden (with --lm-head), not both")
         if not args.lm_head:
@@ -156,13 +198,15 @@ def run(args, argv):
                 train_loss = float(log.train_loss[-1])
                 train_source = (f"the last train_loss of {args.curves}, at step "
                                 f"{_step_text(log.steps[-1])}")
-        report = evaluate(args.logits or None, args.targets, hidden=args.hidden,
-                          lm_head=args.lm_head, bias=args.bias, ignore_index=args.ignore_index,
-                          seq_len=args.seq_len, shift=args.shift,
-                          chunk_tokens=args.chunk_tokens,
-                          on_invalid="skip" if args.skip_invalid else "raise",
-                          train_loss=train_loss, layout=layout(args),
-                          progress=args.progress)
+        with cluster(args) as client:
+            report = evaluate(args.logits or None, args.targets, hidden=args.hidden,
+                              lm_head=args.lm_head, bias=args.bias, vocab_shards=args.vocab_shards,
+                              ignore_index=args.ignore_index, seq_len=args.seq_len,
+                              shift=args.shift, chunk_tokens=args.chunk_tokens,
+                              on_invalid="skip" if args.skip_invalid else "raise",
+                              train_loss=train_loss, layout=layout(args),
+                              progress=args.progress, client=client,
+                              worker_threads=args.worker_threads)
         report.train_loss_source = train_source
         if report.tokens == 0:
             raise ValueError(f"{', '.join(report.targets_files)}: no counted tokens (every "
@@ -183,6 +227,9 @@ def run(args, argv):
     except (ValueError, TypeError, OSError) as e:
         fail(args, e)
         return 2
+    except ImportError as e:  # Dask missing for --scheduler / --workers
+        fail(args, e)
+        return 1
     if args.plot:
         from ..evaluation.plot import plot_report
         try:

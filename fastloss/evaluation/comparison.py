@@ -10,6 +10,7 @@ are exact however many tokens there are.
 
 import bisect
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -19,9 +20,11 @@ from .. import config
 from .._io import json_safe
 from ..cpu.compare_metrics import NO_TARGET, SKIP, compare_rows
 from . import metrics as M
-from .readers import Concat, EvalInputError, Layout, open_source, positive_int
+from .distributed import LocalRunner, runner_for, split_rows
+from .distributed import worker_threads as task_threads
+from .readers import Concat, EvalInputError, Layout, positive_int
 from .report import pm
-from .stream import LMHead, check_targets, chunk_targets, progress_bar
+from .stream import LMHead, check_all_targets, chunk_targets, limited_threads, open_shards, progress_bar
 
 #: Percentiles of the per-token KL reported in ``CompareReport.kl_percentiles``.
 KL_PERCENTILES = (0.0, 0.1, 1.0, 5.0, 10.0, 50.0, 90.0, 95.0, 99.0, 99.9, 100.0)
@@ -161,7 +164,7 @@ def _position_lines(kl):
 class _Side:
     """One model's dump: its shards (logits, or hidden states with an LM head)."""
 
-    def __init__(self, role, logits, hidden, lm_head, bias, layout):
+    def __init__(self, role, logits, hidden, lm_head, bias, layout, runner):
         self.role = role
         if hidden is not None:
             if logits is not None:
@@ -169,7 +172,7 @@ class _Side:
                                  f"{role}_hidden (with {role}_lm_head), not both")
             if lm_head is None:
                 raise TypeError(f"{role}_lm_head: required with {role}_hidden")
-            self.shards = open_source(hidden, "hidden", layout)
+            self.shards = open_shards(runner, hidden, "hidden", layout)
             self.head = LMHead(self.shards, lm_head, bias, layout)
             self.nclass, self.itemsize = self.head.nclass, self.head.acc.itemsize
             self.acc = self.head.acc
@@ -178,7 +181,7 @@ class _Side:
                 raise TypeError(f"{role}: required (or {role}_hidden with {role}_lm_head)")
             if lm_head is not None or bias is not None:
                 raise ValueError(f"{role}_lm_head, {role}_bias: only used with {role}_hidden")
-            self.shards = open_source(logits, "logits", layout)
+            self.shards = open_shards(runner, logits, "logits", layout)
             self.head = None
             self.nclass = self.shards[0].width
             self.itemsize = max(s.dtype.itemsize for s in self.shards)
@@ -236,11 +239,27 @@ class _Totals:
         self.pos_kl = None if seq_len is None else np.zeros(seq_len, np.float64)
         self.pos_count = None if seq_len is None else np.zeros(seq_len, np.int64)
 
+    def merge(self, other, top):
+        """Add the figures of other tokens (associative, up to float64 rounding)."""
+        self.ignored += other.ignored
+        self.agree += other.agree
+        for name in ("kl", "nll_base", "nll_model", "diff", "dp", "corr"):
+            getattr(self, name).merge(getattr(other, name))
+        self.dp_sq += other.dp_sq
+        self.hist += other.hist
+        self.below += other.below
+        self.top = _top_merge(self.top, *other.top, top)
+        if self.pos_kl is not None:
+            self.pos_kl += other.pos_kl
+            self.pos_count += other.pos_count
+        return self
+
 
 def compare(base=None, model=None, targets=None, *, base_hidden=None, base_lm_head=None,
             base_bias=None, model_hidden=None, model_lm_head=None, model_bias=None,
             ignore_index=-100, seq_len=None, shift=False, chunk_tokens=None, top=20,
-            layout=None, tmpdir=None, progress=False):
+            layout=None, tmpdir=None, progress=False, client=None, worker_threads=None,
+            task_tokens=None):
     """Compare a model's next-token distributions with a base model's on the same tokens.
 
     The Python counterpart of ``llama-perplexity --kl-divergence``: per token, the
@@ -342,8 +361,13 @@ def compare(base=None, model=None, targets=None, *, base_hidden=None, base_lm_he
     if shift and targets is None:
         raise ValueError("shift: needs targets (the token ids)")
     ignore_index = V.check_ignore_index(ignore_index)
-    a = _Side("base", base, base_hidden, base_lm_head, base_bias, layout)
-    b = _Side("model", model, model_hidden, model_lm_head, model_bias, layout)
+    if worker_threads is not None:
+        worker_threads = positive_int(worker_threads, "worker_threads")
+    if task_tokens is not None:
+        task_tokens = positive_int(task_tokens, "task_tokens")
+    runner = runner_for(client)
+    a = _Side("base", base, base_hidden, base_lm_head, base_bias, layout, runner)
+    b = _Side("model", model, model_hidden, model_lm_head, model_bias, layout, runner)
     if b.nclass != a.nclass:
         raise EvalInputError(b.shards[0].name, f"vocabulary size {b.nclass} of the model differs "
                                                f"from the base's {a.nclass} ({a.names})")
@@ -353,7 +377,7 @@ def compare(base=None, model=None, targets=None, *, base_hidden=None, base_lm_he
     ntok, nclass = a.rows, a.nclass
     tsrc = None
     if targets is not None:
-        tsrc = Concat(open_source(targets, "targets", layout))
+        tsrc = Concat(open_shards(runner, targets, "targets", layout))
         tnames = ", ".join(s.name for s in tsrc.shards)
         if tsrc.rows != ntok:
             raise EvalInputError(tnames, f"{tsrc.rows} target tokens, but the base and model "
@@ -365,42 +389,124 @@ def compare(base=None, model=None, targets=None, *, base_hidden=None, base_lm_he
         raise EvalInputError(where, f"{ntok} tokens are not a whole number of sequences of "
                                     f"seq_len={seq_len} (--seq-len)")
     if tsrc is not None:
-        check_targets(tsrc, nclass, ignore_index, seq_len, shift)
+        check_all_targets(runner, tsrc, nclass, ignore_index, seq_len, shift)
     if chunk_tokens is None:
         budget = config.COMPARE_CHUNK_FACTOR * config.EVAL_CHUNK_BYTES
         chunk_tokens = max(1, budget // (nclass * max(a.itemsize, b.itemsize)))
-    for side in (a, b):
-        if side.head is not None:
-            side.head.allocate(max(1, min(chunk_tokens, ntok)))
-    zero = np.float64(0) if np.dtype(np.float64) in (a.acc, b.acc) else np.float32(0)
-    tot = _Totals(seq_len, tsrc is not None)
+    if task_tokens is None:
+        width = max(s.head.wshard.shape[1] if s.head else nclass for s in (a, b))
+        task_tokens = max(chunk_tokens, config.EVAL_TASK_BYTES // (width * max(a.itemsize, b.itemsize)))
+    job = _Job(a=a, b=b, tsrc=tsrc, ntok=ntok, ignore_index=ignore_index, seq_len=seq_len,
+               shift=shift, chunk_tokens=chunk_tokens, top=top, threads=worker_threads,
+               threads_by_host=getattr(runner, "threads_by_host", {}),
+               zero=np.float64(0) if np.dtype(np.float64) in (a.acc, b.acc) else np.float32(0))
+    tasks = []
+    bounds = sorted(set(a.starts) | set(b.starts))
+    for s0, s1 in zip(bounds[:-1], bounds[1:], strict=True):
+        for lo, hi in split_rows(s1 - s0, task_tokens):
+            tasks.append(_Task(len(tasks), s0 + lo, s0 + hi))
     names = ("kl", "dp") if tsrc is not None else ("kl",)
     bar = progress_bar(progress, ntok, "fastloss compare")
+    local = isinstance(runner, LocalRunner)
+    if bar is not None and local:
+        job.on_chunk = bar.update
+    handles = []
     try:
         with M.SpillColumns(names, tmpdir) as store:
-            bounds = sorted(set(a.starts) | set(b.starts))
-            for s0, s1 in zip(bounds[:-1], bounds[1:], strict=True):
-                for g in range(s0, s1, chunk_tokens):
-                    h = min(g + chunk_tokens, s1)
-                    _chunk(tot, store, a, b, tsrc, g, h, ntok, ignore_index, seq_len, shift, zero, top)
-                    if bar is not None:
-                        bar.update(h - g)
-            return _report(tot, store, a, b, tsrc, nclass, seq_len, shift)
+            tot = _Totals(seq_len, tsrc is not None)
+            pending, nxt = {}, 0
+            for task, part, cols in runner.run_keep(_compare_task, job, tasks):
+                if bar is not None and not local:
+                    bar.update(task.h - task.g)
+                if local:
+                    store.append(**cols)
+                else:
+                    handles.append(cols)
+                pending[task.index] = part
+                while nxt in pending:  # merged in task order: the same sums however they ran
+                    tot.merge(pending.pop(nxt), top)
+                    nxt += 1
+            scan = None if local else functools.partial(_remote_scan, runner, handles)
+            return _report(tot, store, a, b, tsrc, nclass, seq_len, shift, scan)
     finally:
+        runner.release(handles)
         if bar is not None:
             bar.close()
+        job.on_chunk = None
 
 
-def _chunk(tot, store, a, b, tsrc, g, h, ntok, ignore_index, seq_len, shift, zero, top):
-    """Run the kernel over global tokens [g, h) (within one shard of each side) and add
-    the counted tokens to ``tot`` and ``store``."""
+@dataclasses.dataclass(eq=False)
+class _Job:
+    """What every task of one comparison needs (sent once to each Dask worker)."""
+
+    a: _Side
+    b: _Side
+    tsrc: Concat | None
+    ntok: int
+    ignore_index: int
+    seq_len: int | None
+    shift: bool
+    chunk_tokens: int
+    top: int
+    zero: object
+    threads: int | None = None
+    threads_by_host: dict = dataclasses.field(default_factory=dict)
+    on_chunk: object = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["on_chunk"] = None
+        return state
+
+
+@dataclasses.dataclass
+class _Task:
+    """Tokens [g, h), within one shard of each side."""
+
+    index: int
+    g: int
+    h: int
+
+
+def _compare_task(job, task):
+    """Compare the tokens of one task (here or on a Dask worker): ``(totals, columns)``,
+    the columns being the counted tokens' KL (and Δp) values for the percentiles."""
+    tot = _Totals(job.seq_len, job.tsrc is not None)
+    cols = {"kl": []} if job.tsrc is None else {"kl": [], "dp": []}
+    for side in (job.a, job.b):
+        if side.head is not None:
+            side.head.allocate(max(1, min(job.chunk_tokens, task.h - task.g)))
+    with limited_threads(task_threads(job.threads_by_host, job.threads)):
+        for g in range(task.g, task.h, job.chunk_tokens):
+            h = min(g + job.chunk_tokens, task.h)
+            for name, v in _chunk(tot, job, g, h).items():
+                cols[name].append(v)
+            if job.on_chunk is not None:
+                job.on_chunk(h - g)
+    return tot, {k: np.concatenate(v) if v else np.empty(0) for k, v in cols.items()}
+
+
+def _scan_column(cols, name, buckets, gather):
+    return M.scan_chunk(cols[name], buckets, gather)
+
+
+def _remote_scan(runner, handles, name, buckets, gather):
+    """A radix-select pass over the ``name`` values kept on the Dask workers."""
+    return runner.scan(functools.partial(_scan_column, name=name, buckets=buckets, gather=gather),
+                       handles, M.combine_scans)
+
+
+def _chunk(tot, job, g, h):
+    """Run the kernel over global tokens [g, h) (within one shard of each side), add the
+    counted tokens to ``tot`` and return their per-token columns."""
+    a, b, tsrc = job.a, job.b, job.tsrc
     n = h - g
     if tsrc is not None:
-        tgt, pos = chunk_targets(tsrc, g, n, ntok, ignore_index, seq_len, shift)
-        codes = np.where(tgt == ignore_index, np.int64(SKIP), tgt.astype(np.int64, copy=False))
+        tgt, pos = chunk_targets(tsrc, g, n, job.ntok, job.ignore_index, job.seq_len, job.shift)
+        codes = np.where(tgt == job.ignore_index, np.int64(SKIP), tgt.astype(np.int64, copy=False))
     else:
         tgt, codes = None, np.full(n, NO_TARGET, np.int64)
-        pos = None if seq_len is None else np.arange(g, h) % seq_len
+        pos = None if job.seq_len is None else np.arange(g, h) % job.seq_len
     kl = np.empty(n, np.float64)
     arg_a = np.empty(n, np.int64)
     arg_b = np.empty(n, np.int64)
@@ -411,7 +517,7 @@ def _chunk(tot, store, a, b, tsrc, g, h, ntok, ignore_index, seq_len, shift, zer
     xb = V.kernel_view(b.read(g, h)).reshape(n, b.nclass)
     ntask = V.num_tasks(n, 2 * xa.size)
     with V.kernel_launch(ntask):
-        compare_rows(xa, xb, codes, zero, ntask, kl, arg_a, arg_b, lp_a, lp_b, status)
+        compare_rows(xa, xb, codes, job.zero, ntask, kl, arg_a, arg_b, lp_a, lp_b, status)
     del xa, xb  # drop the chunks' mappings before the next are made
     bad = np.flatnonzero(status)
     if bad.size:
@@ -441,32 +547,34 @@ def _chunk(tot, store, a, b, tsrc, g, h, ntok, ignore_index, seq_len, shift, zer
         tot.pos_kl += np.bincount(pos, weights=kl, minlength=tot.pos_kl.size)
         tot.pos_count += np.bincount(pos, minlength=tot.pos_count.size)
     tg = np.full(kl.size, -1, np.int64) if tgt is None else tgt.astype(np.int64)
-    tot.top = _top_merge(tot.top, kl, positions, arg_a, arg_b, tg, top)
-    if tsrc is not None:
-        tot.nll_base.add(-lp_a)
-        tot.nll_model.add(-lp_b)
-        tot.diff.add(lp_a - lp_b)  # nll_model - nll_base
-        tot.corr.add(lp_a, lp_b)
-        dp = np.exp(lp_b) - np.exp(lp_a)
-        tot.dp.add(dp)
-        tot.dp_sq += float(np.dot(dp, dp))
-        store.append(kl=kl, dp=dp)
-    else:
-        store.append(kl=kl)
+    tot.top = _top_merge(tot.top, kl, positions, arg_a, arg_b, tg, job.top)
+    if tsrc is None:
+        return {"kl": kl}
+    tot.nll_base.add(-lp_a)
+    tot.nll_model.add(-lp_b)
+    tot.diff.add(lp_a - lp_b)  # nll_model - nll_base
+    tot.corr.add(lp_a, lp_b)
+    dp = np.exp(lp_b) - np.exp(lp_a)
+    tot.dp.add(dp)
+    tot.dp_sq += float(np.dot(dp, dp))
+    return {"kl": kl, "dp": dp}
 
 
 def _ppl(nll):
     return math.exp(nll) if nll < 709 else math.inf
 
 
-def _report(tot, store, a, b, tsrc, nclass, seq_len, shift):
+def _report(tot, store, a, b, tsrc, nclass, seq_len, shift, scan=None):
+    def pct(name, qs):
+        sc = None if scan is None else functools.partial(scan, name)
+        return dict(zip(qs, M.percentiles(store.chunks(name), n, qs, sc), strict=True))
+
     n = tot.kl.n
     nan = math.nan
     warnings = []
     if n == 0:
         warnings.append("no counted tokens: every target equals ignore_index")
-    kl_pct = dict(zip(KL_PERCENTILES, M.percentiles(store.chunks("kl"), n, KL_PERCENTILES),
-                      strict=True))
+    kl_pct = pct("kl", KL_PERCENTILES)
     agree = tot.agree / n if n else nan
     top = [{"position": int(p), "kl": float(k), "base_argmax": int(x), "model_argmax": int(y),
             "target": None if t < 0 else int(t)}
@@ -499,9 +607,7 @@ def _report(tot, store, a, b, tsrc, nclass, seq_len, shift):
         r.delta_p_mean = tot.dp.mean if n else nan
         r.delta_p_stderr = tot.dp.stderr()
         r.delta_p_rms = math.sqrt(tot.dp_sq / n) if n else nan
-        r.delta_p_percentiles = dict(zip(DELTA_P_PERCENTILES,
-                                         M.percentiles(store.chunks("dp"), n, DELTA_P_PERCENTILES),
-                                         strict=True))
+        r.delta_p_percentiles = pct("dp", DELTA_P_PERCENTILES)
         r.logprob_correlation = tot.corr.correlation()
     if tot.pos_count is not None:
         r.per_position_count = tot.pos_count.tolist()

@@ -82,6 +82,48 @@ class Totals:
             idx = np.searchsorted(self.edges, finite, side="right") - 1
             self.hist += np.bincount(np.clip(idx, 0, len(self.hist) - 1), minlength=len(self.hist))
 
+    def merge(self, other):
+        """Add the totals ``other`` (of other tokens, with the same classes, histogram
+        edges and sequence length) to these. Associative and order-independent up to
+        float64 rounding; the first invalid token kept is the one at the smaller
+        global row (``first_invalid = (file, token in file, global row)``)."""
+        if other.nclass != self.nclass or other.edges.shape != self.edges.shape \
+                or (other.pos_count is None) != (self.pos_count is None):
+            raise ValueError("Totals.merge: totals of different vocabularies, histograms or "
+                             "sequence lengths")
+        for name in ("tokens", "ignored", "skipped", "invalid", "loss_sum", "ent_sum", "top1", "top5"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        if other.first_invalid is not None and (self.first_invalid is None
+                                                or other.first_invalid[2] < self.first_invalid[2]):
+            self.first_invalid = other.first_invalid
+        self.loss_moments.merge(other.loss_moments)
+        self.loss_max = max(self.loss_max, other.loss_max)
+        for name in ("bin_count", "bin_conf", "bin_correct", "hist", "unigram"):
+            getattr(self, name).__iadd__(getattr(other, name))
+        if self.pos_count is not None:
+            self.pos_count += other.pos_count
+            self.pos_loss += other.pos_loss
+        return self
+
+    def __getstate__(self):
+        # A partial of a few thousand tokens counts few distinct targets: its unigram
+        # counts travel as (class, count) pairs when that is smaller than the dense
+        # (V,) int64 array (1 MB at V = 128k).
+        state = self.__dict__.copy()
+        nz = np.flatnonzero(self.unigram)
+        if nz.size * 12 < self.unigram.nbytes:
+            state["unigram"] = (nz.astype(np.int32 if self.nclass < 2**31 else np.int64),
+                                self.unigram[nz])
+        return state
+
+    def __setstate__(self, state):
+        uni = state["unigram"]
+        if isinstance(uni, tuple):
+            dense = np.zeros(state["nclass"], np.int64)
+            dense[uni[0]] = uni[1]
+            state["unigram"] = dense
+        self.__dict__.update(state)
+
     def ece(self):
         """sum_b (n_b / N) |acc_b - conf_b| = (1/N) sum_b |correct_b - sum conf_b|."""
         if self.tokens == 0:
@@ -137,6 +179,16 @@ class Moments:
         self.sum += mean * n
         self.n = total
 
+    def merge(self, other):
+        """Add the values summarised by the Moments ``other`` (Chan et al.'s update)."""
+        if other.n == 0:
+            return
+        total = self.n + other.n
+        delta = other.mean - self.mean
+        self.m2 += other.m2 + delta * delta * self.n * other.n / total
+        self.sum += other.sum
+        self.n = total
+
     def std(self):
         """Sample standard deviation (n - 1 in the denominator); NaN below 2 values."""
         if self.n < 2:
@@ -178,6 +230,20 @@ class CoMoments:
         self.my += ey * n / total
         self.n = total
 
+    def merge(self, other):
+        """Add the pairs summarised by the CoMoments ``other``."""
+        if other.n == 0:
+            return
+        total = self.n + other.n
+        ex, ey = other.mx - self.mx, other.my - self.my
+        f = self.n * other.n / total
+        self.sxx += other.sxx + ex * ex * f
+        self.syy += other.syy + ey * ey * f
+        self.sxy += other.sxy + ex * ey * f
+        self.mx += ex * other.n / total
+        self.my += ey * other.n / total
+        self.n = total
+
     def correlation(self):
         """Pearson's r; NaN when either variable is constant or there are < 2 pairs."""
         den = math.sqrt(self.sxx * self.syy)
@@ -214,49 +280,88 @@ def key_values(k):
     return np.where(neg, ~k, k & ~_SIGN).view(np.float64)
 
 
-def select_ranks(chunks, n, ranks):
+def scan_chunk(chunk, buckets, gather):
+    """One chunk's part of a radix-select pass: for each bucket ``(bits, prefix)`` (the
+    keys whose top ``bits`` bits are ``prefix``), the histogram of the next
+    ``SELECT_BITS`` bits of its keys, or (buckets in ``gather``) the keys themselves.
+    Returns ``(hists, keys)``, dicts by bucket; :func:`combine_scans` merges such parts."""
+    keys = order_keys(chunk)
+    hists, got = {}, {}
+    for bits, prefix in buckets:
+        sel = keys if bits == 0 else keys[(keys >> np.uint64(64 - bits)) == np.uint64(prefix)]
+        if (bits, prefix) in gather:
+            got[(bits, prefix)] = sel
+        else:
+            digit = (sel >> np.uint64(64 - bits - SELECT_BITS)) & np.uint64((1 << SELECT_BITS) - 1)
+            hists[(bits, prefix)] = np.bincount(digit.astype(np.int64), minlength=1 << SELECT_BITS)
+    return hists, got
+
+
+def combine_scans(parts):
+    """The sum of the histograms and the concatenation of the keys of :func:`scan_chunk`
+    results (an iterable; each is consumed as it comes)."""
+    hists, got = {}, {}
+    for h, g in parts:
+        for b, v in h.items():
+            if b in hists:
+                hists[b] += v
+            else:
+                hists[b] = v.copy()
+        for b, v in g.items():
+            got.setdefault(b, []).append(v)
+    return hists, {b: np.concatenate(v) for b, v in got.items()}
+
+
+def local_scan(chunks):
+    """A ``scan(buckets, gather)`` for :func:`select_ranks` over the chunks of
+    ``chunks()`` (a callable returning a fresh iterator of float64 chunks each time)."""
+    def scan(buckets, gather):
+        return combine_scans(scan_chunk(c, buckets, gather) for c in chunks())
+    return scan
+
+
+def select_ranks(chunks, n, ranks, scan=None):
     """The values of 0-based ranks ``ranks`` (in ``[0, n)``) of the ``n`` values yielded
     by ``chunks()`` (a callable returning a fresh iterator of float64 chunks each time
     it is called), as a dict rank -> float; exact, with memory bounded by the chunk
-    size, ``config.COMPARE_SELECT_GATHER`` and one histogram per bucket in play."""
+    size, ``config.COMPARE_SELECT_GATHER`` and one histogram per bucket in play.
+
+    ``scan(buckets, gather)``, if given, replaces ``chunks``: it returns the
+    :func:`combine_scans` of :func:`scan_chunk` over all the values, wherever they
+    are (the per-token values of a distributed ``compare`` stay on the Dask workers
+    that computed them, and only the histograms travel)."""
+    if scan is None:
+        scan = local_scan(chunks)
     # state per rank: (bits known, key prefix, values with a smaller prefix)
     state = {int(r): (0, 0, 0) for r in ranks}
     counts = {(0, 0): n}
     done = {}
     while len(done) < len(state):
         buckets = sorted({state[r][:2] for r in state if r not in done})
-        gather = {b: [] for b in buckets if counts[b] <= config.COMPARE_SELECT_GATHER or b[0] >= 64}
-        hist = {b: np.zeros(1 << SELECT_BITS, np.int64) for b in buckets if b not in gather}
-        for chunk in chunks():
-            keys = order_keys(chunk)
-            for bits, prefix in buckets:
-                sel = keys if bits == 0 else keys[(keys >> np.uint64(64 - bits)) == np.uint64(prefix)]
-                if (bits, prefix) in gather:
-                    gather[(bits, prefix)].append(sel)
-                else:
-                    digit = (sel >> np.uint64(64 - bits - SELECT_BITS)) & np.uint64((1 << SELECT_BITS) - 1)
-                    hist[(bits, prefix)] += np.bincount(digit.astype(np.int64),
-                                                        minlength=1 << SELECT_BITS)
-        for (bits, prefix), parts in gather.items():
-            keys = np.sort(np.concatenate(parts))
+        gather = {b for b in buckets if counts[b] <= config.COMPARE_SELECT_GATHER or b[0] >= 64}
+        hists, got = scan(buckets, gather)
+        for bucket in gather:
+            keys = np.sort(got.get(bucket, np.empty(0, np.uint64)))
             for r, (rb, rp, below) in state.items():
-                if r not in done and (rb, rp) == (bits, prefix):
+                if r not in done and (rb, rp) == bucket:
                     done[r] = float(key_values(keys[r - below]))
-        for (bits, prefix), h in hist.items():
-            cum = np.cumsum(h)
+        for bucket in buckets:
+            if bucket in gather:
+                continue
+            cum = np.cumsum(hists[bucket])
             for r, (rb, rp, below) in list(state.items()):
-                if r in done or (rb, rp) != (bits, prefix):
+                if r in done or (rb, rp) != bucket:
                     continue
                 d = int(np.searchsorted(cum, r - below, side="right"))
-                nb = (bits + SELECT_BITS, (prefix << SELECT_BITS) | d)
+                nb = (rb + SELECT_BITS, (rp << SELECT_BITS) | d)
                 state[r] = (*nb, below + (int(cum[d - 1]) if d else 0))
-                counts[nb] = int(h[d])
+                counts[nb] = int(hists[bucket][d])
     return done
 
 
-def percentiles(chunks, n, qs):
+def percentiles(chunks, n, qs, scan=None):
     """numpy's default ('linear') percentiles ``qs`` (0-100) of the ``n`` float64 values
-    of ``chunks`` (see :func:`select_ranks`), computed exactly: the same order
+    of ``chunks`` (or ``scan``; see :func:`select_ranks`), computed exactly: the same order
     statistics and the same interpolation as ``np.percentile``, except where an
     infinite order statistic would make numpy's result NaN (``inf - inf`` with a zero
     weight, or between two equal infinities): that order statistic is returned.
@@ -271,7 +376,7 @@ def percentiles(chunks, n, qs):
     hi = np.clip(lo + 1, 0, n - 1)
     top = vi >= n - 1
     lo[top] = hi[top] = n - 1
-    vals = select_ranks(chunks, n, sorted(set(lo.tolist()) | set(hi.tolist())))
+    vals = select_ranks(chunks, n, sorted(set(lo.tolist()) | set(hi.tolist())), scan)
     a = np.array([vals[int(i)] for i in lo])
     b = np.array([vals[int(i)] for i in hi])
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: replaced below; huge - -huge: inf

@@ -93,6 +93,8 @@ class EvalReport:
     lm_head_file: str | None = None
     bias_file: str | None = None
     warnings: list = dataclasses.field(default_factory=list)
+    vocab_shards: list | None = None
+    skipped_files: list = dataclasses.field(default_factory=list)
     unigram_source: str = EVALUATED_TOKENS
     train_loss_source: str | None = None
     loss_stderr: float = math.nan

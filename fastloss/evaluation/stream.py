@@ -1,6 +1,9 @@
 """``evaluate``: stream a logits dump (or hidden states through an LM head) in chunks
 through the CPU kernels and total the metrics."""
 
+import contextlib
+import dataclasses
+import functools
 import math
 import sys
 
@@ -10,11 +13,15 @@ from .. import _validate as V
 from .. import config
 from ..cpu.eval_metrics import eval_rows
 from . import metrics as M
+from .distributed import LocalRunner, runner_for, split_rows
+from .distributed import worker_threads as task_threads
 from .readers import (
+    ArrayShard,
     Concat,
     EvalInputError,
     Layout,
-    load_whole,
+    expand_paths,
+    open_file,
     open_source,
     positive_int,
 )
@@ -32,58 +39,91 @@ def check_targets(tsrc, nclass, ignore_index, seq_len, shift):
     With ``shift`` the source holds token ids, and the first token of each sequence
     (never a target) is not checked."""
     for shard, start in zip(tsrc.shards, tsrc.starts, strict=False):
-        bad_count, first = 0, None
-        for lo in range(0, shard.rows, TARGET_CHECK_TOKENS):
-            hi = min(lo + TARGET_CHECK_TOKENS, shard.rows)
-            t = np.asarray(shard.read(lo, hi))
-            t64 = t.astype(np.int64)
-            huge = t > np.iinfo(np.int64).max if t.dtype == np.uint64 else False
-            bad = (t != ignore_index) & ((t64 < 0) | (t64 >= nclass) | huge)
-            if shift:
-                bad &= np.arange(start + lo, start + hi) % seq_len != 0
-            nbad = int(np.count_nonzero(bad))
-            if nbad and first is None:
-                k = int(np.flatnonzero(bad)[0])
-                first = (lo + k, t[k])
-            bad_count += nbad
-        if bad_count:
-            noun = "token id(s) used as targets" if shift else "target(s)"
-            raise EvalInputError(shard.name, V.outside_message(bad_count, nclass, ignore_index,
-                                                               f"token {first[0]} of this file",
-                                                               first[1], noun=noun))
+        check_target_shard(shard, start, nclass, ignore_index, seq_len, shift)
+
+
+def check_all_targets(runner, tsrc, nclass, ignore_index, seq_len, shift):
+    """:func:`check_targets` with one task per shard on the runner (on the workers of a
+    distributed run, which read the files themselves)."""
+    runner.open(lambda k: check_target_shard(tsrc.shards[k], tsrc.starts[k], nclass, ignore_index,
+                                             seq_len, shift), range(len(tsrc.shards)))
+
+
+def check_target_shard(shard, start, nclass, ignore_index, seq_len, shift):
+    """:func:`check_targets` for one shard of targets whose first token is global token
+    ``start``."""
+    bad_count, first = 0, None
+    for lo in range(0, shard.rows, TARGET_CHECK_TOKENS):
+        hi = min(lo + TARGET_CHECK_TOKENS, shard.rows)
+        t = np.asarray(shard.read(lo, hi))
+        t64 = t.astype(np.int64)
+        huge = t > np.iinfo(np.int64).max if t.dtype == np.uint64 else False
+        bad = (t != ignore_index) & ((t64 < 0) | (t64 >= nclass) | huge)
+        if shift:
+            bad &= np.arange(start + lo, start + hi) % seq_len != 0
+        nbad = int(np.count_nonzero(bad))
+        if nbad and first is None:
+            k = int(np.flatnonzero(bad)[0])
+            first = (lo + k, t[k])
+        bad_count += nbad
+    if bad_count:
+        noun = "token id(s) used as targets" if shift else "target(s)"
+        raise EvalInputError(shard.name, V.outside_message(bad_count, nclass, ignore_index,
+                                                           f"token {first[0]} of this file",
+                                                           first[1], noun=noun))
 
 
 class LMHead:
     """Logits of hidden-state chunks, ``hidden @ W.T + b``, computed by one BLAS product
     into one reused ``(chunk, V)`` buffer of the accumulation dtype (float64 when the
     hidden states or the head are float64, else float32; half precision is upcast
-    per chunk into a reused ``(chunk, D)`` buffer)."""
+    per chunk into a reused ``(chunk, D)`` buffer).
+
+    Made from the files' headers only; the weights are read whole by :meth:`allocate`,
+    once per process. Pickled (to go to Dask workers), a head read from a file leaves
+    its weights behind and each worker reads them itself; one given as an array
+    travels with it."""
 
     def __init__(self, shards, lm_head, bias, layout):
-        w, self.name = load_whole(lm_head, "lm_head", layout)
+        [self.wshard] = one_source(lm_head, "lm_head", layout)
+        self.name = self.wshard.name
         dim = shards[0].width
-        if w.shape[1] != dim:
+        wshape = self.wshard.shape
+        if wshape[1] != dim:
             raise EvalInputError(shards[0].name, f"hidden size {dim} (shape {shards[0].shape}) "
-                                                 f"differs from the LM head's {w.shape[1]} in "
-                                                 f"{self.name} (shape {w.shape}, expected (V, D))")
-        self.nclass = w.shape[0]
-        dtypes = [s.dtype for s in shards] + [w.dtype]
+                                                 f"differs from the LM head's {wshape[1]} in "
+                                                 f"{self.name} (shape {wshape}, expected (V, D))")
+        self.nclass = wshape[0]
+        dtypes = [s.dtype for s in shards] + [self.wshard.dtype]
         self.acc = np.dtype(np.float64) if np.dtype(np.float64) in dtypes else np.dtype(np.float32)
         self.upcast = any(d != self.acc for d in dtypes[:-1])
-        self.w = w.astype(self.acc, copy=False)
-        self.b, self.bias_name = None, None
+        self.bshard, self.bias_name = None, None
         if bias is not None:
-            b, self.bias_name = load_whole(bias, "bias", layout)
-            if b.shape != (self.nclass,):
-                raise EvalInputError(self.bias_name, f"bias shape {b.shape} does not match the "
-                                                     f"LM head {self.name}: expected ({self.nclass},)")
-            self.b = b.astype(self.acc)
-        self.buf = self.hbuf = None
+            [self.bshard] = one_source(bias, "bias", layout)
+            self.bias_name = self.bshard.name
+            if self.bshard.shape != (self.nclass,):
+                raise EvalInputError(self.bias_name, f"bias shape {self.bshard.shape} does not "
+                                                     f"match the LM head {self.name}: expected "
+                                                     f"({self.nclass},)")
+        self.w = self.b = self.buf = self.hbuf = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["buf"] = state["hbuf"] = None
+        if not isinstance(self.wshard, ArrayShard):
+            state["w"] = state["b"] = None  # read again where it is used
+        return state
 
     def allocate(self, rows):
-        self.buf = np.empty((rows, self.nclass), self.acc)
-        if self.upcast:
-            self.hbuf = np.empty((rows, self.w.shape[1]), self.acc)
+        """Read the weights (first call in this process) and make the chunk buffers."""
+        if self.w is None:
+            self.w = read_whole(self.wshard).astype(self.acc, copy=False)
+            if self.bshard is not None:
+                self.b = read_whole(self.bshard).astype(self.acc)
+        if self.buf is None or self.buf.shape[0] < rows:
+            self.buf = np.empty((rows, self.nclass), self.acc)
+            if self.upcast:
+                self.hbuf = np.empty((rows, self.w.shape[1]), self.acc)
 
     def logits(self, h):
         n = h.shape[0]
@@ -95,6 +135,20 @@ class LMHead:
         if self.b is not None:
             x += self.b
         return x
+
+
+def one_source(value, kind, layout):
+    """The one shard of a small whole-read input (LM head, bias)."""
+    shards = open_source(value, kind, layout)
+    if len(shards) != 1:
+        raise EvalInputError(shards[1].name, f"expected one {kind} file, found {len(shards)}")
+    return shards
+
+
+def read_whole(shard):
+    """All of a shard's rows, as a private in-memory array (a file is not kept mapped)."""
+    arr = np.asarray(shard.read(0, shard.rows))
+    return arr if isinstance(shard, ArrayShard) else np.array(arr)
 
 
 def progress_bar(progress, total, desc="fastloss eval"):
@@ -119,9 +173,10 @@ def chunk_targets(tsrc, g, n, ntok, ignore_index, seq_len, shift):
     return tgt, pos
 
 
-def evaluate(logits=None, targets=None, *, hidden=None, lm_head=None, bias=None,
+def evaluate(logits=None, targets=None, *, hidden=None, lm_head=None, bias=None, vocab_shards=None,
              ignore_index=-100, seq_len=None, shift=False, chunk_tokens=None, on_invalid="nan",
-             train_loss=None, hist_bins=40, hist_max=None, layout=None, progress=False):
+             train_loss=None, hist_bins=40, hist_max=None, layout=None, progress=False,
+             client=None, worker_threads=None, task_tokens=None):
     """Evaluate next-token logits against targets, streaming dumps larger than memory.
 
     Parameters
@@ -243,6 +298,10 @@ def evaluate(logits=None, targets=None, *, hidden=None, lm_head=None, bias=None,
         train_loss = V.check_finite(train_loss, "train_loss")
     if chunk_tokens is not None:
         chunk_tokens = positive_int(chunk_tokens, "chunk_tokens")
+    if task_tokens is not None:
+        task_tokens = positive_int(task_tokens, "task_tokens")
+    if worker_threads is not None:
+        worker_threads = positive_int(worker_threads, "worker_threads")
     hist_bins = positive_int(hist_bins, "hist_bins")
     if seq_len is not None:
         seq_len = positive_int(seq_len, "seq_len")
@@ -259,72 +318,286 @@ def evaluate(logits=None, targets=None, *, hidden=None, lm_head=None, bias=None,
     elif not isinstance(layout, Layout):
         raise TypeError(f"layout: expected a fastloss.evaluation.Layout or None, found "
                         f"{type(layout).__name__}")
+    given = [k for k, v in (("logits", logits), ("hidden", hidden), ("vocab_shards", vocab_shards))
+             if v is not None]
+    if len(given) > 1:
+        what = {"logits": "logits", "hidden": "hidden (with lm_head)", "vocab_shards": "vocab_shards"}
+        raise ValueError(f"{given[0]}: pass either {' or '.join(what[k] for k in given)}, not both")
+    if not given:
+        raise TypeError("logits: required (or hidden with lm_head, or vocab_shards)")
+    if hidden is None and (lm_head is not None or bias is not None):
+        raise ValueError("lm_head, bias: only used with hidden, not with logits")
+    if hidden is not None and lm_head is None:
+        raise ValueError("lm_head: required with hidden")
+    runner = runner_for(client)
+    job = _Job(ignore_index=V.check_ignore_index(ignore_index), seq_len=seq_len, shift=shift,
+               on_invalid=on_invalid, threads=worker_threads,
+               threads_by_host=getattr(runner, "threads_by_host", {}))
     if hidden is not None:
-        if logits is not None:
-            raise ValueError("logits: pass either logits or hidden (with lm_head), not both")
-        if lm_head is None:
-            raise ValueError("lm_head: required with hidden")
-        shards = open_source(hidden, "hidden", layout)
-        head = LMHead(shards, lm_head, bias, layout)
-        nclass, itemsize = head.nclass, head.acc.itemsize
+        job.shards = open_shards(runner, hidden, "hidden", layout)
+        job.head = LMHead(job.shards, lm_head, bias, layout)
+        nclass, itemsize = job.head.nclass, job.head.acc.itemsize
+    elif logits is not None:
+        job.shards = open_shards(runner, logits, "logits", layout)
+        nclass, itemsize = job.shards[0].width, max(sh.dtype.itemsize for sh in job.shards)
     else:
-        if logits is None:
-            raise TypeError("logits: required (or hidden with lm_head)")
-        if lm_head is not None or bias is not None:
-            raise ValueError("lm_head, bias: only used with hidden, not with logits")
-        shards = open_source(logits, "logits", layout)
-        head = None
-        nclass, itemsize = shards[0].width, max(s.dtype.itemsize for s in shards)
-    tsrc = Concat(open_source(targets, "targets", layout))
-    ntok = sum(s.rows for s in shards)
-    if tsrc.rows != ntok:
-        names = ", ".join(s.name for s in shards)
-        raise EvalInputError(", ".join(s.name for s in tsrc.shards),
-                             f"{tsrc.rows} target tokens, but the {'hidden states' if head else 'logits'} "
+        job.slices = _open_slices(runner, vocab_shards, layout)
+        job.shards = job.slices[0].shards
+        nclass = sum(sl.shards[0].width for sl in job.slices)
+        itemsize = max(sh.dtype.itemsize for sl in job.slices for sh in sl.shards)
+    job.tsrc = Concat(open_shards(runner, targets, "targets", layout))
+    ntok = job.ntok = sum(sh.rows for sh in job.shards)
+    inputs = "hidden states" if job.head else "logits"
+    if job.tsrc.rows != ntok:
+        names = ", ".join(sh.name for sh in job.shards)
+        raise EvalInputError(", ".join(sh.name for sh in job.tsrc.shards),
+                             f"{job.tsrc.rows} target tokens, but the {inputs} "
                              f"({names}) hold {ntok} tokens")
     if seq_len is not None and seq_len > max(ntok, 1):
         # checked before the per-position arrays of seq_len entries are allocated
-        raise EvalInputError(", ".join(s.name for s in tsrc.shards),
+        raise EvalInputError(", ".join(sh.name for sh in job.tsrc.shards),
                              f"seq_len={seq_len} (--seq-len) is longer than the {ntok} tokens")
     if seq_len is not None and ntok % seq_len:
-        raise EvalInputError(", ".join(s.name for s in tsrc.shards),
+        raise EvalInputError(", ".join(sh.name for sh in job.tsrc.shards),
                              f"{ntok} tokens are not a whole number of sequences of "
                              f"seq_len={seq_len} (--seq-len)")
-    ignore_index = V.check_ignore_index(ignore_index)
-    check_targets(tsrc, nclass, ignore_index, seq_len, shift)
-    if chunk_tokens is None:
-        chunk_tokens = max(1, config.EVAL_CHUNK_BYTES // (nclass * itemsize))
+    job.nclass = nclass
+    check_all_targets(runner, job.tsrc, nclass, job.ignore_index, seq_len, shift)
+    job.chunk_tokens = chunk_tokens or max(1, config.EVAL_CHUNK_BYTES // (nclass * itemsize))
     top = max(2 * math.log(nclass), 1.0) if hist_max is None else \
         V.check_range(hist_max, "hist_max", low=0.0, low_open=True)
-    totals = M.Totals(nclass, np.linspace(0.0, top, hist_bins + 1), seq_len)
-    if head is not None:
-        head.allocate(max(1, min(chunk_tokens, max(s.rows for s in shards))))
+    job.edges = np.linspace(0.0, top, hist_bins + 1)
+    if task_tokens is None:
+        width = job.head.wshard.shape[1] if job.head else nclass
+        task_tokens = max(job.chunk_tokens, config.EVAL_TASK_BYTES // (width * itemsize))
+    tasks = _plan(job, task_tokens)
 
     bar = progress_bar(progress, ntok)
+    if bar is not None and runner.workers == 1 and isinstance(runner, LocalRunner):
+        job.on_chunk = bar.update
     try:
-        start = 0
-        for shard in shards:
-            for lo in range(0, shard.rows, chunk_tokens):
-                hi = min(lo + chunk_tokens, shard.rows)
-                tgt, pos = chunk_targets(tsrc, start + lo, hi - lo, ntok, ignore_index, seq_len, shift)
-                x = shard.read(lo, hi)
-                if head is not None:
-                    x = head.logits(x)
-                _chunk(totals, x, lo, hi, tgt, pos, shard.name, ignore_index, on_invalid)
-                del x  # drop the chunk's mapping before the next is made
-                if bar is not None:
-                    bar.update(hi - lo)
-            start += shard.rows
+        totals, skipped = _merge(runner.run(run_task, job, tasks), job, bar)
     finally:
         if bar is not None:
             bar.close()
-    return _report(totals, nclass, on_invalid, train_loss, shards, tsrc, head, shift)
+        job.on_chunk = None
+    return _report(totals, nclass, on_invalid, train_loss, job, skipped)
 
 
-def _chunk(totals, x, lo, hi, tgt, pos, name, ignore_index, on_invalid):
-    """Run the kernel over the logits ``x`` of rows [lo, hi) of the file ``name`` and add
-    them to ``totals``; ``tgt``: their targets (checked in range up front), ``pos``:
-    positions in the sequence or None."""
+@dataclasses.dataclass(eq=False)
+class _Job:
+    """What every task of one evaluation needs (sent once to each Dask worker)."""
+
+    ignore_index: int
+    seq_len: int | None
+    shift: bool
+    on_invalid: str
+    threads: int | None = None  # numba/BLAS threads per task on a worker (None: its share)
+    shards: list = None  # logits or hidden shards (of the first vocabulary slice)
+    slices: list = None  # vocabulary-sharded: one Concat of shards per slice
+    head: LMHead = None
+    tsrc: Concat = None
+    nclass: int = 0
+    ntok: int = 0
+    chunk_tokens: int = 0
+    edges: np.ndarray = None
+    threads_by_host: dict = dataclasses.field(default_factory=dict)
+    on_chunk: object = None  # progress callback (rows done), in this process only
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["on_chunk"] = None
+        return state
+
+
+@dataclasses.dataclass
+class _Task:
+    """Rows [g, h) of the dump; ``shard``/``lo``: the shard holding them and the first
+    row in it (None for a vocabulary-sharded dump, whose tasks span files); ``group``:
+    the tasks dropped together when one fails to read under on_invalid="skip" (those
+    of one shard, or the task alone)."""
+
+    index: int
+    g: int
+    h: int
+    shard: int | None
+    lo: int
+    group: int
+
+
+def _plan(job, per_task):
+    """Tasks of at most ``per_task`` rows: row ranges of one shard each, or (vocabulary
+    slices, whose shards need not line up) of the whole dump."""
+    tasks = []
+    if job.slices is None:
+        start = 0
+        for k, shard in enumerate(job.shards):
+            for lo, hi in split_rows(shard.rows, per_task):
+                tasks.append(_Task(len(tasks), start + lo, start + hi, k, lo, k))
+            start += shard.rows
+    else:
+        for g, h in split_rows(job.ntok, per_task):
+            tasks.append(_Task(len(tasks), g, h, None, g, len(tasks)))
+    return tasks
+
+
+@dataclasses.dataclass
+class _Partial:
+    """What a task returns: its totals, or (a shard skipped) the file and the problem."""
+
+    totals: M.Totals = None
+    failed: tuple = None  # (file, problem)
+
+
+def run_task(job, task):
+    """Evaluate the rows of one task (here or on a Dask worker): a ``_Partial``."""
+    threads = task_threads(job.threads_by_host, job.threads)
+    totals = M.Totals(job.nclass, job.edges, job.seq_len)
+    try:
+        with limited_threads(threads):
+            _task_rows(job, task, totals)
+    except (EvalInputError, OSError) as e:
+        if job.on_invalid != "skip":
+            raise
+        name = e.source if isinstance(e, EvalInputError) else getattr(e, "filename", None) or "?"
+        problem = e.problem if isinstance(e, EvalInputError) else str(e)
+        return _Partial(failed=(name, problem))
+    return _Partial(totals=totals)
+
+
+@contextlib.contextmanager
+def limited_threads(threads):
+    """numba and BLAS threads of the calling thread limited to ``threads`` (None: as is)."""
+    if threads is None:
+        yield
+        return
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        with threadpool_limits(limits=threads, user_api="blas"):
+            yield
+    finally:
+        numba.set_num_threads(before)
+
+
+def _task_rows(job, task, totals):
+    if job.head is not None:
+        job.head.allocate(max(1, min(job.chunk_tokens, task.h - task.g)))
+    for g in range(task.g, task.h, job.chunk_tokens):
+        h = min(g + job.chunk_tokens, task.h)
+        tgt, pos = chunk_targets(job.tsrc, g, h - g, job.ntok, job.ignore_index, job.seq_len, job.shift)
+        if job.slices is not None:
+            _slices_chunk(job, totals, g, h, tgt, pos)
+        else:
+            shard = job.shards[task.shard]
+            lo = task.lo + (g - task.g)
+            x = shard.read(lo, lo + h - g)
+            if job.head is not None:
+                x = job.head.logits(x)
+            _chunk(totals, x, lo, lo + h - g, g, tgt, pos, shard.name, job.ignore_index, job.on_invalid)
+            del x  # drop the chunk's mapping before the next is made
+        if job.on_chunk is not None:
+            job.on_chunk(h - g)
+
+
+def _merge(results, job, bar):
+    """Merge the partials in task order (so the sums are the same, bit for bit, however
+    the tasks ran); a group with a failed task is dropped whole: (totals, skipped)."""
+    total = M.Totals(job.nclass, job.edges, job.seq_len)
+    pending, nxt = {}, 0
+    group, group_totals, group_failed, group_rows = None, None, None, 0
+    skipped = []
+    for task, part in results:
+        if bar is not None and job.on_chunk is None:
+            bar.update(task.h - task.g)
+        pending[task.index] = (task, part)
+        while nxt in pending:
+            task, part = pending.pop(nxt)
+            nxt += 1
+            if task.group != group:
+                if group_failed is None and group_totals is not None:
+                    total.merge(group_totals)
+                elif group_failed is not None:
+                    skipped.append({"file": group_failed[0], "tokens": group_rows,
+                                    "problem": group_failed[1]})
+                group, group_totals, group_failed, group_rows = task.group, None, None, 0
+            group_rows += task.h - task.g
+            if part.failed is not None:
+                group_failed = group_failed or part.failed
+            elif group_failed is None:
+                group_totals = part.totals if group_totals is None else group_totals.merge(part.totals)
+    if group_failed is None and group_totals is not None:
+        total.merge(group_totals)
+    elif group_failed is not None:
+        skipped.append({"file": group_failed[0], "tokens": group_rows, "problem": group_failed[1]})
+    return total, skipped
+
+
+def open_shards(runner, value, kind, layout):
+    """The shards of a ``kind`` input: files opened (headers read and checked) by the
+    runner, on the workers when distributed; arrays here."""
+    paths = expand_paths(value)
+    if paths is None:
+        return open_source(value, kind, layout)
+    shards = runner.open(functools.partial(open_file, kind=kind, layout=layout), paths)
+    check_widths(shards, kind)
+    return shards
+
+
+def check_widths(shards, kind):
+    """EvalInputError unless the shards of one input agree on the row width."""
+    first = shards[0]
+    what = "vocabulary size" if kind == "logits" else "row size"
+    for sh in shards[1:]:
+        if sh.width != first.width:
+            raise EvalInputError(sh.name, f"{what} {sh.width} (shape {sh.shape}) differs "
+                                          f"from {first.width} in {first.name}")
+
+
+def _open_slices(runner, vocab_shards, layout):
+    """One ``Concat`` of logits shards per vocabulary slice, in vocabulary order."""
+    if not isinstance(vocab_shards, (list, tuple)) or not vocab_shards:
+        raise TypeError("vocab_shards: expected a non-empty list with one file set (path, pattern "
+                        "or list of them) or array per vocabulary slice")
+    slices = [Concat(open_shards(runner, v, "logits", layout)) for v in vocab_shards]
+    first = slices[0]
+    for sl in slices[1:]:
+        if sl.rows != first.rows:
+            raise EvalInputError(", ".join(sh.name for sh in sl.shards),
+                                 f"{sl.rows} tokens in this vocabulary slice, {first.rows} in the "
+                                 f"first ({', '.join(sh.name for sh in first.shards)})")
+    return slices
+
+
+def _slices_chunk(job, totals, g, h, tgt, pos):
+    """Rows [g, h) of a vocabulary-sharded dump: per-slice row statistics merged
+    exactly (``fastloss.vocab_parallel``), then added to ``totals``."""
+    from ..ops.vocab_parallel import merge_vocab_row_stats, vocab_row_stats
+
+    n = h - g
+    kt = np.where(tgt == job.ignore_index, np.int64(-1), tgt.astype(np.int64, copy=False))
+    parts, start = [], 0
+    for sl in job.slices:
+        x = sl.read(g, h)
+        parts.append(vocab_row_stats(x, kt, start, ignore_index=-1))
+        start += sl.shards[0].width
+        del x
+    st = merge_vocab_row_stats(parts)
+    loss = np.where(kt < 0, 0.0, st.loss())
+    first = job.slices[0]
+    k = int(np.searchsorted(first.starts, g, side="right")) - 1
+    name = first.shards[k].name
+    _add(totals, kt, loss, st.entropy(), st.confidence(), st.rank(), pos, g - first.starts[k], n,
+         g, name, job.on_invalid)
+
+
+def _chunk(totals, x, lo, hi, g, tgt, pos, name, ignore_index, on_invalid):
+    """Run the kernel over the logits ``x`` of rows [lo, hi) of the file ``name`` (global
+    rows from ``g``) and add them to ``totals``; ``tgt``: their targets (checked in range
+    up front), ``pos``: positions in the sequence or None."""
     n = hi - lo
     ignored = tgt == ignore_index
     kt = np.where(ignored, np.int64(-1), tgt.astype(np.int64, copy=False))
@@ -338,16 +611,22 @@ def _chunk(totals, x, lo, hi, tgt, pos, name, ignore_index, on_invalid):
         with V.kernel_launch(ntask):
             eval_rows(xk, kt, V.acc_dtype(x.dtype).type(0), ntask, loss, ent, conf, rank)
         del xk
-    counted = ~ignored
+    _add(totals, kt, loss, ent, conf, rank, pos, lo, n, g, name, on_invalid)
+
+
+def _add(totals, kt, loss, ent, conf, rank, pos, lo, n, g, name, on_invalid):
+    """Add the per-token results of rows [lo, lo + n) of file ``name`` (global rows from
+    ``g``; ``kt``: targets, -1 where ignored) to ``totals``, per ``on_invalid``."""
+    counted = kt >= 0
     totals.ignored += int(n - np.count_nonzero(counted))
     bad = counted & np.isnan(loss)
     nbad = int(np.count_nonzero(bad))
     if nbad:
-        first = lo + int(np.flatnonzero(bad)[0])
+        k = int(np.flatnonzero(bad)[0])
         if totals.first_invalid is None:
-            totals.first_invalid = (name, first)
+            totals.first_invalid = (name, lo + k, g + k)
         if on_invalid == "raise":
-            raise EvalInputError(name, f"NaN loss at token {first} of this file (NaN or +inf "
+            raise EvalInputError(name, f"NaN loss at token {lo + k} of this file (NaN or +inf "
                                        f"logits); pass --skip-invalid / on_invalid='skip' to "
                                        f"leave such tokens out")
         totals.invalid += nbad
@@ -357,7 +636,8 @@ def _chunk(totals, x, lo, hi, tgt, pos, name, ignore_index, on_invalid):
     totals.add(kt, loss, ent, conf, rank, counted, pos)
 
 
-def _report(t, nclass, on_invalid, train_loss, shards, tsrc, head, shift):
+def _report(t, nclass, on_invalid, train_loss, job, skipped):
+    shards, tsrc, head, shift = job.shards, job.tsrc, job.head, job.shift
     n = t.tokens
     nan = math.nan
     propagate = on_invalid == "nan" and t.invalid > 0
@@ -376,6 +656,9 @@ def _report(t, nclass, on_invalid, train_loss, shards, tsrc, head, shift):
     elif propagate:
         warnings.append(f"{t.invalid} token(s) with a NaN loss make the means NaN; first in "
                         f"{t.first_invalid[0]} at token {t.first_invalid[1]}")
+    for sk in skipped:
+        warnings.append(f"{sk['file']}: skipped ({sk['problem']}); its {sk['tokens']} token(s) are "
+                        f"left out of every number")
     if n == 0:
         warnings.append("no counted tokens: every target equals ignore_index")
 
@@ -411,7 +694,9 @@ def _report(t, nclass, on_invalid, train_loss, shards, tsrc, head, shift):
         generalization_gap=None if train_loss is None else mean_loss - train_loss,
         seq_len=None if t.pos_count is None else t.pos_count.size, shift=shift,
         per_position_loss=per_loss, per_position_count=per_count,
-        logits_files=[] if head else [s.name for s in shards],
+        logits_files=[] if head or job.slices else [s.name for s in shards],
+        vocab_shards=None if job.slices is None else [[s.name for s in sl.shards] for sl in job.slices],
+        skipped_files=skipped,
         targets_files=[s.name for s in tsrc.shards],
         hidden_files=[s.name for s in shards] if head else [],
         lm_head_file=head.name if head else None, bias_file=head.bias_name if head else None,
