@@ -29,6 +29,20 @@ uncached one (the kernel's own read-ahead on the mapping already keeps up).
   caller's ``Layout`` (``raw_dtype``/``vocab``/``hidden_dim``, ``targets_dtype``).
 
 Paths may be glob patterns (``"dump/logits-*.npy"``), expanded in natural order.
+
+Paths may also be URLs (``PROTOCOL://...``, e.g. ``s3://bucket/dump/logits-*.npy``,
+``memory://``, chained ``simplecache::s3://...``), read through fsspec, an optional
+dependency imported only when a URL is seen. ``file://`` and ``local://`` URLs are
+local paths (the same mapped reads); for any other protocol the header is read through
+``fs.open`` and each ``read(lo, hi)`` fetches exactly the bytes of those rows
+(``fs.cat_file`` with a byte range) into a fresh array. Glob patterns in URLs expand
+through ``fs.glob`` and keep the URL form the user wrote (``memory://dump/logits-2.npy``),
+which is the name errors and reports give.
+
+Shards hold no open files or mappings between reads (a local read opens, maps and
+closes; a URL read asks its fsspec filesystem, which pickles), so they pickle cheaply
+and read in another process. A file that changed after it was opened (truncated,
+deleted, no longer readable) makes ``read`` raise EvalInputError naming it.
 """
 
 import dataclasses
@@ -145,7 +159,13 @@ class ArrayShard:
 
 class _FileShard:
     """Rows of one array stored contiguously (C order) at byte ``offset`` of a file,
-    mapped per read. Subclasses parse the header and call ``_setup``."""
+    read per call through its ``store`` (a mapped local file or an fsspec object).
+    Subclasses parse the header and call ``_setup``."""
+
+    @property
+    def path(self):
+        """The local path, or the path within the fsspec filesystem, of the file."""
+        return self.store.path
 
     def _setup(self, kind, dtype, shape, offset, size):
         # Every size from the header in Python ints (no int64 wrap-around), checked
@@ -156,11 +176,11 @@ class _FileShard:
         self.offset = offset
         count = math.prod(self.shape)
         self.rows = count // self.width if self.width else count
-        need = offset + count * dtype.itemsize
-        if size < need:
+        self.end = offset + count * dtype.itemsize
+        if size < self.end:
             raise EvalInputError(
                 self.name, f"truncated: the header promises shape {self.shape} of {dtype} "
-                           f"({need} bytes with the header), the file has {size} bytes")
+                           f"({self.end} bytes with the header), the file has {size} bytes")
         if not self.rows and self.width > MAX_EMPTY_WIDTH:
             # No rows, so the size check does not bound the width (the vocabulary),
             # whose per-class arrays could not be allocated.
@@ -172,33 +192,196 @@ class _FileShard:
         shape = (hi - lo, self.width) if self.width else (hi - lo,)
         if hi <= lo:
             return np.empty(shape, self.dtype)
-        arr = np.memmap(self.path, dtype=self.dtype, mode="r",
-                        offset=self.offset + lo * row_bytes, shape=shape)
+        return self.store.rows(self.offset + lo * row_bytes, self.dtype, shape, self.end)
+
+
+#: ``PROTOCOL://`` at the start of a path read through fsspec, chains such as
+#: ``simplecache::s3://`` included. Two characters at least, so that a Windows drive
+#: (``C:/...``) is never a protocol.
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]+(?:::[A-Za-z][A-Za-z0-9+.\-]+)*://")
+
+#: Protocols naming local files, read as plain paths (fsspec's names for them).
+_LOCAL_PROTOCOLS = ("file", "local")
+
+#: Readahead block of the file object through which a URL's header is parsed: one
+#: request holds any .npy header and most safetensors headers (fsspec's default block,
+#: 5 MiB for s3fs, would fetch far more than a header).
+URL_HEADER_BLOCK = 1 << 20
+
+
+def _opened_problem(e, expect):
+    """The open-time message of an OS failure (None: not one of the usual ones)."""
+    if isinstance(e, FileNotFoundError):
+        return "no such file"
+    if isinstance(e, IsADirectoryError):
+        return f"is a directory, expected {expect}"
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    return None
+
+
+def _read_problem(e):
+    """The read-time message of a failure to reach a file that was opened earlier."""
+    if isinstance(e, FileNotFoundError):
+        return "no such file (deleted since it was opened)"
+    if isinstance(e, IsADirectoryError):
+        return "is a directory (replaced since it was opened)"
+    if isinstance(e, PermissionError):
+        return "permission denied (since it was opened)"
+    detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+    return f"cannot be read since it was opened ({type(e).__name__}: {detail})"
+
+
+class _LocalFile:
+    """A local file: the header read through ``open``, rows mapped per read."""
+
+    def __init__(self, name, path):
+        self.name, self.path = name, path
+
+    def open(self, expect):
+        """(size, open binary file); EvalInputError for the usual OS failures."""
+        try:
+            size = os.path.getsize(self.path)
+            return size, open(self.path, "rb")
+        except OSError as e:
+            problem = _opened_problem(e, expect)
+            if problem is None:
+                raise
+            raise EvalInputError(self.name, problem) from None
+
+    def size(self, expect):
+        """The size in bytes, after checking the file opens."""
+        size, f = self.open(expect)
+        f.close()
+        return size
+
+    def rows(self, offset, dtype, shape, end):
+        """``shape`` values of ``dtype`` at byte ``offset``, mapped read-only; the file
+        must still hold ``end`` bytes (what the header promised when it was opened)."""
+        try:
+            f = open(self.path, "rb")
+        except OSError as e:
+            raise EvalInputError(self.name, _read_problem(e)) from None
+        with f:
+            # One fstat on the descriptor about to be mapped: mapping beyond the end
+            # of a file that shrank would fault (SIGBUS) on access, not raise.
+            size = os.fstat(f.fileno()).st_size
+            if size < end:
+                raise EvalInputError(self.name, f"truncated since it was opened: {size} bytes, "
+                                                f"expected {end}")
+            try:
+                arr = np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=shape)
+            except ValueError as e:  # "mmap length is greater than file size": truncated just now
+                raise EvalInputError(self.name, f"truncated since it was opened ({e})") from None
         # Data at an offset that is not a multiple of the item size (possible in
         # safetensors files with an unpadded header): one aligned copy of the chunk.
         return arr if arr.flags.aligned else np.array(arr)
 
 
-def _open_checked(path, expect):
-    """(size, open binary file) of ``path``; EvalInputError for the usual OS failures."""
-    name = os.fspath(path)
+class _FsspecFile:
+    """An object read through an fsspec filesystem (which pickles): the header through
+    ``fs.open``, each read one ranged ``fs.cat_file`` of exactly the rows' bytes."""
+
+    def __init__(self, name, fs, path):
+        self.name, self.fs, self.path = name, fs, path
+
+    def _info(self, expect):
+        try:
+            info = self.fs.info(self.path)
+        except Exception as e:  # noqa: BLE001 - backends raise their own errors (botocore, aiohttp, ...)
+            raise _url_error(self.name, e, expect) from None
+        if info.get("type") == "directory":
+            raise EvalInputError(self.name, f"is a directory, expected {expect}")
+        if info.get("size") is None:
+            raise EvalInputError(self.name, "its size is unknown (the store gives no length), so "
+                                            "its rows cannot be located")
+        return int(info["size"])
+
+    def open(self, expect):
+        """(size, open binary file); EvalInputError naming the URL on any failure."""
+        size = self._info(expect)
+        try:
+            return size, self.fs.open(self.path, "rb", block_size=URL_HEADER_BLOCK)
+        except Exception as e:  # noqa: BLE001 - as in _info
+            raise _url_error(self.name, e, expect) from None
+
+    def size(self, expect):
+        """The size in bytes (one metadata request; nothing is read)."""
+        return self._info(expect)
+
+    def rows(self, offset, dtype, shape, end):
+        """``shape`` values of ``dtype`` at byte ``offset``, fetched into a fresh array."""
+        stop = offset + math.prod(shape) * dtype.itemsize
+        try:
+            data = self.fs.cat_file(self.path, start=offset, end=stop)
+        except Exception as e:  # noqa: BLE001 - as in _info
+            raise EvalInputError(self.name, _read_problem(e)) from None
+        if len(data) != stop - offset:
+            raise EvalInputError(self.name, f"truncated since it was opened: bytes [{offset}, {stop}) "
+                                            f"gave {len(data)} bytes (the header promised a file of {end})")
+        arr = np.frombuffer(data, dtype).reshape(shape)
+        return arr if arr.flags.aligned else arr.copy()
+
+
+def _url_error(name, e, expect):
+    """EvalInputError for a failure of an fsspec call on ``name`` at open time."""
+    problem = _opened_problem(e, expect) if isinstance(e, OSError) else None
+    if problem is None:
+        problem = f"cannot be opened through fsspec ({type(e).__name__}: {e})"
+    return EvalInputError(name, problem)
+
+
+def _import_fsspec(url):
+    """The fsspec module; EvalInputError naming ``url`` when it is not installed."""
     try:
-        size = os.path.getsize(name)
-        return size, open(name, "rb")
-    except FileNotFoundError:
-        raise EvalInputError(name, "no such file") from None
-    except IsADirectoryError:
-        raise EvalInputError(name, f"is a directory, expected {expect}") from None
-    except PermissionError:
-        raise EvalInputError(name, "permission denied") from None
+        import fsspec
+    except ImportError:
+        raise EvalInputError(url, "a URL, and reading URLs needs fsspec: pip install fsspec") from None
+    return fsspec
+
+
+def _url_to_fs(url):
+    """(fsspec filesystem, path within it) of ``url``; EvalInputError when fsspec, or the
+    backend of the protocol, is missing, or the protocol is unknown."""
+    fsspec = _import_fsspec(url)
+    try:
+        return fsspec.core.url_to_fs(url)
+    except Exception as e:  # noqa: BLE001 - ImportError of a backend (s3fs, ...), ValueError, ...
+        raise EvalInputError(url, f"cannot be opened through fsspec ({type(e).__name__}: {e})") from None
+
+
+def _local_path(url, start):
+    """The local path of a ``file://`` URL, ``start`` being the length of ``file://``.
+
+    ``file:///abs/path`` and ``file://localhost/abs/path`` are absolute (RFC 8089);
+    ``file://rel/path`` is relative to the working directory, as fsspec reads it. No
+    percent-decoding (fsspec does none for local files: ``%`` may be in a file name).
+    """
+    path = url[start:]
+    if path.startswith("localhost/"):
+        path = path[len("localhost"):]
+    if os.name == "nt" and re.match(r"/[A-Za-z]:", path):
+        path = path[1:]  # file:///C:/dump -> C:/dump
+    return path
+
+
+def _store(name):
+    """Where the bytes of file ``name`` (a path or URL) come from."""
+    m = _URL.match(name)
+    if m is None:
+        return _LocalFile(name, name)
+    if m.group(0)[:-3].lower() in _LOCAL_PROTOCOLS:
+        return _LocalFile(name, _local_path(name, m.end()))
+    return _FsspecFile(name, *_url_to_fs(name))
 
 
 class NpyShard(_FileShard):
     """A ``.npy`` file whose rows are mapped per read (header checked on open)."""
 
     def __init__(self, path, kind):
-        self.name = self.path = os.fspath(path)
-        size, f = _open_checked(path, "a .npy file")
+        self.name = os.fspath(path)
+        self.store = _store(self.name)
+        size, f = self.store.open("a .npy file")
         try:
             with f:
                 version = np.lib.format.read_magic(f)
@@ -207,6 +390,8 @@ class NpyShard(_FileShard):
                 else:
                     shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
                 offset = f.tell()
+        except OSError as e:  # the file, not its bytes: an I/O error, a store refusing
+            raise EvalInputError(self.name, f"cannot be read ({type(e).__name__}: {e})") from None
         except Exception as e:  # noqa: BLE001 - numpy parses untrusted bytes; it raises
             # ValueError, SyntaxError, tokenize.TokenError, OverflowError, RecursionError, ...
             problem = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -298,8 +483,9 @@ class SafetensorsShard(_FileShard):
     """One tensor of a ``.safetensors`` file, its rows mapped per read."""
 
     def __init__(self, path, kind, key=None):
-        self.name = self.path = os.fspath(path)
-        size, f = _open_checked(path, "a .safetensors file")
+        self.name = os.fspath(path)
+        self.store = _store(self.name)
+        size, f = self.store.open("a .safetensors file")
         with f:
             header, data_start = _safetensors_header(self.name, f, size)
         self.key = _pick_tensor(self.name, header, kind, key)
@@ -314,9 +500,9 @@ class RawShard(_FileShard):
     """A headerless file of rows of ``width`` values of ``dtype`` (width 0: 1-D)."""
 
     def __init__(self, path, kind, dtype, width):
-        self.name = self.path = os.fspath(path)
-        size, f = _open_checked(path, "a file")
-        f.close()
+        self.name = os.fspath(path)
+        self.store = _store(self.name)
+        size = self.store.size("a file")
         row = dtype.itemsize * max(width, 1)
         if size % row:
             per = f"{width} x {dtype} = {row} bytes" if width else f"{dtype}, {row} bytes"
@@ -331,11 +517,42 @@ def natural_key(s):
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", s)]
 
 
+def _matches(pattern):
+    """Names of the files a glob pattern matches, in the form the pattern was written
+    (a URL keeps its protocol and spelling up to the first wildcard's folder)."""
+    store = _store(pattern)
+    if isinstance(store, _LocalFile):
+        if os.path.exists(store.path):
+            return None
+        prefix = pattern[:len(pattern) - len(store.path)]  # "file://" and the like; "" for a path
+        return [prefix + f for f in glob.glob(store.path)]
+    fs = store.fs
+    try:
+        if fs.exists(store.path):
+            return None
+        found = fs.glob(store.path)
+    except Exception as e:  # noqa: BLE001 - backends raise their own errors
+        raise _url_error(pattern, e, "files") from None
+    # The filesystem answers stripped paths ("/dump/logits-2.npy" for memory://,
+    # "bucket/dump/..." for s3://): put back what the pattern had before its
+    # last "/" ahead of the first wildcard, where the two spellings agree.
+    start = _URL.match(pattern).end()
+    magic = min(i for i in (pattern.find(c, start) for c in "*?[") if i >= 0)
+    cut = pattern.rfind("/", start, magic)
+    if cut < 0:  # a wildcard in the first component: fsspec's own spelling
+        return [fs.unstrip_protocol(f) for f in found]
+    head = pattern[:cut]
+    base = _url_to_fs(head)[1].rstrip("/")
+    return [head + f[len(base):] if f.startswith(base + "/") else fs.unstrip_protocol(f) for f in found]
+
+
 def expand_paths(value):
-    """A list of paths if ``value`` is a path, glob pattern or list of them, else None.
+    """A list of paths if ``value`` is a path, URL, glob pattern or list of them, else None.
 
     A pattern (with ``*``, ``?`` or ``[``) that is not itself an existing file is
     expanded and sorted in natural order; one that matches nothing raises EvalInputError.
+    A URL pattern expands through its fsspec filesystem's ``glob``, and the names keep
+    the URL form (``memory://dump/logits-*.npy`` gives ``memory://dump/logits-2.npy``).
     """
     if isinstance(value, (str, os.PathLike)):
         items = [value]
@@ -346,13 +563,13 @@ def expand_paths(value):
     paths = []
     for item in items:
         p = os.fspath(item)
-        if glob.has_magic(p) and not os.path.exists(p):
-            found = sorted(glob.glob(p), key=natural_key)
-            if not found:
-                raise EvalInputError(p, "no file matches this pattern")
-            paths += found
-        else:
+        found = _matches(p) if glob.has_magic(p) else None
+        if found is None:
             paths.append(p)
+        elif not found:
+            raise EvalInputError(p, "no file matches this pattern")
+        else:
+            paths += sorted(found, key=natural_key)
     return paths
 
 
@@ -504,10 +721,10 @@ def load_whole(value, kind, layout):
     if len(shards) != 1:
         raise EvalInputError(shards[1].name, f"expected one {kind} file, found {len(shards)}")
     s = shards[0]
-    arr = np.asarray(s.read(0, s.rows))
-    if isinstance(s, _FileShard):
+    arr = s.read(0, s.rows)
+    if isinstance(arr, np.memmap):
         arr = np.array(arr)  # a private copy; the file is not kept mapped
-    return arr, s.name
+    return np.asarray(arr), s.name
 
 
 class Concat:
