@@ -306,6 +306,11 @@ def compare(base=None, model=None, targets=None, *, base_hidden=None, base_lm_he
         temporary folder); they are deleted before ``compare`` returns or raises.
     progress : bool or None, default False
         A progress bar on stderr (None: only when stderr is a terminal).
+    client, worker_threads, task_tokens
+        Run on a Dask cluster, as ``evaluate`` does. The per-token KL (and Δp) values
+        stay in the memory of the workers that computed them; the exact percentiles
+        come from radix-select passes whose histograms are summed on the workers, so
+        only a few 512 KB histograms reach the client per pass.
 
     Returns
     -------

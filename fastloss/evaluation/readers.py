@@ -706,25 +706,41 @@ def open_source(value, kind, layout):
         shards = [ArrayShard(arr, f"<{kind} array>", width)]
     else:
         shards = [open_file(p, kind, layout) for p in paths]
+    check_widths(shards, kind)
+    return shards
+
+
+def check_widths(shards, kind):
+    """EvalInputError unless the shards of one ``kind`` input agree on the row width."""
     first = shards[0]
     what = "vocabulary size" if kind == "logits" else "row size"
     for s in shards[1:]:
         if s.width != first.width:
             raise EvalInputError(s.name, f"{what} {s.width} (shape {s.shape}) differs "
                                          f"from {first.width} in {first.name}")
-    return shards
+
+
+def one_shard(value, kind, layout):
+    """The shard of a small input read whole (LM head, bias): one file or array."""
+    shards = open_source(value, kind, layout)
+    if len(shards) != 1:
+        raise EvalInputError(shards[1].name, f"expected one {kind} file, found {len(shards)}")
+    return shards[0]
+
+
+def read_all(shard):
+    """All rows of a shard in memory (a private copy of a mapped file, which is not
+    kept mapped)."""
+    arr = shard.read(0, shard.rows)
+    if isinstance(arr, np.memmap):
+        arr = np.array(arr)
+    return np.asarray(arr)
 
 
 def load_whole(value, kind, layout):
     """A small input (LM head, bias) read whole into memory: (array, name)."""
-    shards = open_source(value, kind, layout)
-    if len(shards) != 1:
-        raise EvalInputError(shards[1].name, f"expected one {kind} file, found {len(shards)}")
-    s = shards[0]
-    arr = s.read(0, s.rows)
-    if isinstance(arr, np.memmap):
-        arr = np.array(arr)  # a private copy; the file is not kept mapped
-    return np.asarray(arr), s.name
+    s = one_shard(value, kind, layout)
+    return read_all(s), s.name
 
 
 class Concat:

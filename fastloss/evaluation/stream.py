@@ -20,10 +20,13 @@ from .readers import (
     Concat,
     EvalInputError,
     Layout,
+    check_widths,
     expand_paths,
+    one_shard,
     open_file,
     open_source,
     positive_int,
+    read_all,
 )
 from .report import LN2, EvalReport
 
@@ -85,7 +88,7 @@ class LMHead:
     travels with it."""
 
     def __init__(self, shards, lm_head, bias, layout):
-        [self.wshard] = one_source(lm_head, "lm_head", layout)
+        self.wshard = one_shard(lm_head, "lm_head", layout)
         self.name = self.wshard.name
         dim = shards[0].width
         wshape = self.wshard.shape
@@ -99,7 +102,7 @@ class LMHead:
         self.upcast = any(d != self.acc for d in dtypes[:-1])
         self.bshard, self.bias_name = None, None
         if bias is not None:
-            [self.bshard] = one_source(bias, "bias", layout)
+            self.bshard = one_shard(bias, "bias", layout)
             self.bias_name = self.bshard.name
             if self.bshard.shape != (self.nclass,):
                 raise EvalInputError(self.bias_name, f"bias shape {self.bshard.shape} does not "
@@ -117,9 +120,9 @@ class LMHead:
     def allocate(self, rows):
         """Read the weights (first call in this process) and make the chunk buffers."""
         if self.w is None:
-            self.w = read_whole(self.wshard).astype(self.acc, copy=False)
+            self.w = read_all(self.wshard).astype(self.acc, copy=False)
             if self.bshard is not None:
-                self.b = read_whole(self.bshard).astype(self.acc)
+                self.b = read_all(self.bshard).astype(self.acc)
         if self.buf is None or self.buf.shape[0] < rows:
             self.buf = np.empty((rows, self.nclass), self.acc)
             if self.upcast:
@@ -135,20 +138,6 @@ class LMHead:
         if self.b is not None:
             x += self.b
         return x
-
-
-def one_source(value, kind, layout):
-    """The one shard of a small whole-read input (LM head, bias)."""
-    shards = open_source(value, kind, layout)
-    if len(shards) != 1:
-        raise EvalInputError(shards[1].name, f"expected one {kind} file, found {len(shards)}")
-    return shards
-
-
-def read_whole(shard):
-    """All of a shard's rows, as a private in-memory array (a file is not kept mapped)."""
-    arr = np.asarray(shard.read(0, shard.rows))
-    return arr if isinstance(shard, ArrayShard) else np.array(arr)
 
 
 def progress_bar(progress, total, desc="fastloss eval"):
@@ -197,6 +186,14 @@ def evaluate(logits=None, targets=None, *, hidden=None, lm_head=None, bias=None,
         Loaded whole. Required with ``hidden``.
     bias : array_like (V,) or one file, optional
         LM-head bias.
+    vocab_shards : list, instead of ``logits``
+        A vocabulary-sharded dump (tensor-parallel ranks each writing their columns):
+        one file set (path, pattern or list, or array) per vocabulary slice, in
+        vocabulary order. Every slice holds all tokens (its files may split the tokens
+        differently from the other slices') and its own columns; V is the sum of the
+        widths. Per row, each slice gives its max, sum of exps, entropy part, target
+        logit and top-5 (``fastloss.vocab_row_stats``), merged exactly in float64
+        (``fastloss.merge_vocab_row_stats``): the logits are never assembled.
     ignore_index : int, default -100
         Target value of tokens that are not counted.
     seq_len : int, optional
@@ -232,6 +229,20 @@ def evaluate(logits=None, targets=None, *, hidden=None, lm_head=None, bias=None,
     progress : bool or None, default False
         A tqdm progress bar (tokens/s) on stderr: True always, None only when stderr
         is a terminal, False never.
+    client : dask.distributed.Client, optional
+        Run on this Dask cluster (``pip install "fastloss[dask]"``): the dump is split
+        into tasks of ``task_tokens`` rows of one shard, the workers open and read the
+        files themselves (paths must be valid there: a shared file system, or fsspec
+        URLs such as ``s3://``), and each task returns a small partial of totals. The
+        partials are merged in task order, so the report is the same, to the bit, as
+        without a client. A worker lost mid-run has its tasks rerun by Dask. Arrays
+        given instead of files are sent to every worker. See docs/distributed.md.
+    worker_threads : int, optional
+        numba and BLAS threads per task on a Dask worker; default: the cores of its
+        machine over the task threads of all the workers there.
+    task_tokens : int, optional
+        Rows per task; default: as many as fit in ``fastloss.config.EVAL_TASK_BYTES``
+        (1 GiB) of logits (of hidden states with ``hidden``), and at least one chunk.
 
     Returns
     -------
@@ -255,6 +266,11 @@ def evaluate(logits=None, targets=None, *, hidden=None, lm_head=None, bias=None,
     float32 blocks (float64 for float64 logits) summed in float64, and all totals
     are float64.
     ECE = ``sum_b n_b / N |acc_b - conf_b|`` over 15 equal-width bins ``(k/15, (k+1)/15]``.
+    With ``on_invalid="skip"``, a shard whose rows fail to read during the run
+    (unreadable, truncated or deleted since it was opened, an object-store error) is
+    left out whole, with its targets, and listed in ``skipped_files``; a file whose
+    header is bad still stops the run before any work, since its token count, and so
+    the alignment of the targets, is unknown.
     With ``hidden``, a chunk's logits come from one matrix product into a reused
     buffer, then go through the same kernel.
 
@@ -545,16 +561,6 @@ def open_shards(runner, value, kind, layout):
     shards = runner.open(functools.partial(open_file, kind=kind, layout=layout), paths)
     check_widths(shards, kind)
     return shards
-
-
-def check_widths(shards, kind):
-    """EvalInputError unless the shards of one input agree on the row width."""
-    first = shards[0]
-    what = "vocabulary size" if kind == "logits" else "row size"
-    for sh in shards[1:]:
-        if sh.width != first.width:
-            raise EvalInputError(sh.name, f"{what} {sh.width} (shape {sh.shape}) differs "
-                                          f"from {first.width} in {first.name}")
 
 
 def _open_slices(runner, vocab_shards, layout):
