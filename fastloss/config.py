@@ -116,6 +116,12 @@ EVAL_CHUNK_BYTES = 64 * 2**20
 #: round trip per task (docs/distributed.md). Read at call time; tests patch it.
 EVAL_TASK_BYTES = 2**30
 
+#: At most this many tasks per ``fastloss.evaluate`` / ``compare`` run: past it the
+#: tasks grow. Each task costs the Dask scheduler ~1-4 ms and the client ~1 ms to
+#: merge its partial (docs/distributed.md), so 20000 tasks cost well under a minute
+#: of each, whatever the dump's size.
+EVAL_MAX_TASKS = 20000
+
 #: Probability targets: each row of the targets must sum to 1 within this
 #: absolute tolerance (and hold finite, non-negative entries), else
 #: ``ValueError``. 1e-2 accepts rows stored in bfloat16/float16 and rows from a

@@ -400,7 +400,8 @@ def compare(base=None, model=None, targets=None, *, base_hidden=None, base_lm_he
         chunk_tokens = max(1, budget // (nclass * max(a.itemsize, b.itemsize)))
     if task_tokens is None:
         width = max(s.head.wshard.shape[1] if s.head else nclass for s in (a, b))
-        task_tokens = max(chunk_tokens, config.EVAL_TASK_BYTES // (width * max(a.itemsize, b.itemsize)))
+        task_tokens = max(chunk_tokens, config.EVAL_TASK_BYTES // (width * max(a.itemsize, b.itemsize)),
+                          -(-ntok // config.EVAL_MAX_TASKS))
     job = _Job(a=a, b=b, tsrc=tsrc, ntok=ntok, ignore_index=ignore_index, seq_len=seq_len,
                shift=shift, chunk_tokens=chunk_tokens, top=top, threads=worker_threads,
                threads_by_host=getattr(runner, "threads_by_host", {}),
@@ -481,7 +482,8 @@ def _compare_task(job, task):
     for side in (job.a, job.b):
         if side.head is not None:
             side.head.allocate(max(1, min(job.chunk_tokens, task.h - task.g)))
-    with limited_threads(task_threads(job.threads_by_host, job.threads)):
+    with limited_threads(task_threads(job.threads_by_host, job.threads),
+                         blas=job.a.head is not None or job.b.head is not None):
         for g in range(task.g, task.h, job.chunk_tokens):
             h = min(g + job.chunk_tokens, task.h)
             for name, v in _chunk(tot, job, g, h).items():

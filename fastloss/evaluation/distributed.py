@@ -228,8 +228,10 @@ class LocalClusterRunner(DaskRunner):
             from distributed import Client, LocalCluster
         except ImportError:
             raise ImportError(f"--workers: {INSTALL_HINT}") from None
+        # ":0": the scheduler's HTTP server (dashboard, metrics) on a free port, so that
+        # a busy 8787 costs no warning
         self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                    dashboard_address=None)
+                                    dashboard_address=":0")
         try:
             super().__init__(Client(self.cluster))
         except BaseException:

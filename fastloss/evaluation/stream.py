@@ -242,7 +242,8 @@ def evaluate(logits=None, targets=None, *, hidden=None, lm_head=None, bias=None,
         machine over the task threads of all the workers there.
     task_tokens : int, optional
         Rows per task; default: as many as fit in ``fastloss.config.EVAL_TASK_BYTES``
-        (1 GiB) of logits (of hidden states with ``hidden``), and at least one chunk.
+        (1 GiB) of logits (of hidden states with ``hidden``), at least one chunk, and
+        enough that there are at most ``config.EVAL_MAX_TASKS`` (20000) tasks.
 
     Returns
     -------
@@ -385,7 +386,8 @@ def evaluate(logits=None, targets=None, *, hidden=None, lm_head=None, bias=None,
     job.edges = np.linspace(0.0, top, hist_bins + 1)
     if task_tokens is None:
         width = job.head.wshard.shape[1] if job.head else nclass
-        task_tokens = max(job.chunk_tokens, config.EVAL_TASK_BYTES // (width * itemsize))
+        task_tokens = max(job.chunk_tokens, config.EVAL_TASK_BYTES // (width * itemsize),
+                          -(-ntok // config.EVAL_MAX_TASKS))
     tasks = _plan(job, task_tokens)
 
     bar = progress_bar(progress, ntok)
@@ -470,7 +472,7 @@ def run_task(job, task):
     threads = task_threads(job.threads_by_host, job.threads)
     totals = M.Totals(job.nclass, job.edges, job.seq_len)
     try:
-        with limited_threads(threads):
+        with limited_threads(threads, blas=job.head is not None):
             _task_rows(job, task, totals)
     except (EvalInputError, OSError) as e:
         if job.on_invalid != "skip":
@@ -482,18 +484,24 @@ def run_task(job, task):
 
 
 @contextlib.contextmanager
-def limited_threads(threads):
-    """numba and BLAS threads of the calling thread limited to ``threads`` (None: as is)."""
+def limited_threads(threads, blas=False):
+    """numba threads of the calling thread (and with ``blas``, the BLAS threads of the
+    process: threadpoolctl's look-up costs ~2 ms, so only for tasks with an LM head)
+    limited to ``threads`` (None: as they are)."""
     if threads is None:
         yield
         return
     import numba
-    from threadpoolctl import threadpool_limits
 
     before = numba.get_num_threads()
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
-        with threadpool_limits(limits=threads, user_api="blas"):
+        if blas:
+            from threadpoolctl import threadpool_limits
+
+            with threadpool_limits(limits=threads, user_api="blas"):
+                yield
+        else:
             yield
     finally:
         numba.set_num_threads(before)
