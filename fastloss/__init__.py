@@ -42,7 +42,9 @@ _LAZY = {"evaluate": "evaluation", "EvalReport": "evaluation", "Layout": "evalua
          "compare": "evaluation", "CompareReport": "evaluation",
          "distill": "ops.distill", "distill_with_grad": "ops.distill", "DistillResult": "ops.distill",
          "TopKTeacher": "ops.distill",
-         "linear_distill_with_grad": "ops.linear_distill", "LinearDistillResult": "ops.linear_distill"}
+         "linear_distill_with_grad": "ops.linear_distill", "LinearDistillResult": "ops.linear_distill",
+         "vocab_row_stats": "ops.vocab_parallel", "merge_vocab_row_stats": "ops.vocab_parallel",
+         "vocab_parallel_cross_entropy": "ops.vocab_parallel", "VocabRowStats": "ops.vocab_parallel"}
 
 
 _SUBPACKAGES = ("evaluation", "bench", "cli", "cpu", "demo", "options", "config", "torch")
@@ -91,4 +93,8 @@ __all__ = [
     "compare",
     "CompareReport",
     "Layout",
+    "vocab_row_stats",
+    "merge_vocab_row_stats",
+    "vocab_parallel_cross_entropy",
+    "VocabRowStats",
 ]
