@@ -31,6 +31,7 @@ Dask (``distributed``) is imported only when a client is given:
 ``pip install "fastloss[dask]"``.
 """
 
+import logging
 import math
 import operator
 import os
@@ -229,9 +230,10 @@ class LocalClusterRunner(DaskRunner):
         except ImportError:
             raise ImportError(f"--workers: {INSTALL_HINT}") from None
         # ":0": the scheduler's HTTP server (dashboard, metrics) on a free port, so that
-        # a busy 8787 costs no warning
+        # a busy 8787 costs no warning; the workers' logs silenced: a task's error (a
+        # bad file) reaches the user once, as the command's one-line error
         self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                    dashboard_address=":0")
+                                    dashboard_address=":0", silence_logs=logging.CRITICAL)
         try:
             super().__init__(Client(self.cluster))
         except BaseException:
