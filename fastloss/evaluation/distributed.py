@@ -8,8 +8,8 @@ those tasks:
 * ``LocalRunner`` runs them one after the other in this process (the default,
   ``client=None``);
 * ``DaskRunner`` submits them to a ``dask.distributed.Client``: the job
-  description (shard headers, options, an in-memory LM head) is scattered once to
-  every worker, each task is one small message naming its row range, the workers
+  description (shard headers, options, an in-memory LM head) is one recomputable
+  task whose result the workers share, each task is one small message naming its row range, the workers
   read the files themselves (never through the scheduler) and only the partials
   come back. A worker that dies has its tasks rerun elsewhere by Dask.
 
@@ -35,6 +35,7 @@ import logging
 import math
 import operator
 import os
+import pickle
 import socket
 from urllib.parse import urlsplit
 
@@ -144,10 +145,18 @@ class DaskRunner:
             for f in futures:
                 f.release()
 
+    def _job(self, job):
+        """A future of ``job`` that Dask can recompute: a task (its pickle in the task
+        spec), not scattered data, which the scheduler's memory manager may leave on one
+        worker only and which is lost for good if that worker dies. Workers copy it
+        from each other as their tasks need it."""
+        return self.client.submit(pickle.loads, pickle.dumps(job, protocol=5), pure=False,
+                                  priority=1)
+
     def run(self, fn, job, tasks):
         """Yield ``(task, result)`` as tasks finish (any order). ``job`` goes to every
         worker once; an exception of a task cancels the others and is raised."""
-        [remote] = self.client.scatter([job], broadcast=True, hash=False)
+        remote = self._job(job)
         futures = {}
         try:
             for task in tasks:
@@ -167,7 +176,7 @@ class DaskRunner:
         ``(task, small, handle)`` where ``handle`` is a future of ``kept``, which stays in
         the memory of the worker that computed it (Dask recomputes it if that worker
         dies); :meth:`scan` reads it there, :meth:`release` frees it."""
-        [remote] = self.client.scatter([job], broadcast=True, hash=False)
+        remote = self._job(job)
         smalls, kept = {}, []
         try:
             for task in tasks:

@@ -67,6 +67,9 @@ class EvalInputError(ValueError):
         self.problem = problem
         super().__init__(f"{source}: {problem}")
 
+    def __reduce__(self):  # pickled from Dask workers to the client
+        return type(self), (self.source, self.problem)
+
 
 #: What each kind of input holds: (dtype family, allowed ndim or None, description).
 #:   logits (..., V), hidden (..., D): floats with a last axis of at least 1;

@@ -1,11 +1,13 @@
 """``evaluate``: stream a logits dump (or hidden states through an LM head) in chunks
 through the CPU kernels and total the metrics."""
 
+import bisect
 import contextlib
 import dataclasses
 import functools
 import math
 import sys
+import threading
 
 import numpy as np
 
@@ -394,7 +396,7 @@ def evaluate(logits=None, targets=None, *, hidden=None, lm_head=None, bias=None,
     if bar is not None and runner.workers == 1 and isinstance(runner, LocalRunner):
         job.on_chunk = bar.update
     try:
-        totals, skipped = _merge(runner.run(run_task, job, tasks), job, bar)
+        totals, skipped = _merge(runner.run(run_task, job, tasks), job, tasks, bar)
     finally:
         if bar is not None:
             bar.close()
@@ -420,6 +422,7 @@ class _Job:
     chunk_tokens: int = 0
     edges: np.ndarray = None
     threads_by_host: dict = dataclasses.field(default_factory=dict)
+    files: list = None  # (name, first row, end row) of every file read, set by _plan
     on_chunk: object = None  # progress callback (rows done), in this process only
 
     def __getstate__(self):
@@ -430,32 +433,44 @@ class _Job:
 
 @dataclasses.dataclass
 class _Task:
-    """Rows [g, h) of the dump; ``shard``/``lo``: the shard holding them and the first
-    row in it (None for a vocabulary-sharded dump, whose tasks span files); ``group``:
-    the tasks dropped together when one fails to read under on_invalid="skip" (those
-    of one shard, or the task alone)."""
+    """Rows [g, h) of the dump; ``shard``/``lo``: the logits (or hidden-state) shard
+    holding them and the first row in it (None for a vocabulary-sharded dump);
+    ``files``: the files the rows come from (indices into ``_Job.files``: one per
+    vocabulary slice or the logits shard, and the targets shard), dropped together
+    under on_invalid="skip" when one of them fails to read."""
 
     index: int
     g: int
     h: int
     shard: int | None
     lo: int
-    group: int
+    files: tuple
 
 
 def _plan(job, per_task):
-    """Tasks of at most ``per_task`` rows: row ranges of one shard each, or (vocabulary
-    slices, whose shards need not line up) of the whole dump."""
+    """Tasks of at most ``per_task`` rows, each within one file of every input (the
+    logits or hidden-state shards, or those of each vocabulary slice, and the targets'),
+    so that a file that fails to read can be left out exactly. Sets ``job.files``."""
+    sources = [job.shards] if job.slices is None else [sl.shards for sl in job.slices]
+    sources.append(job.tsrc.shards)
+    job.files, starts = [], []
+    for shards in sources:
+        g, st = 0, []
+        for sh in shards:
+            job.files.append((sh.name, g, g + sh.rows))
+            st.append((g, len(job.files) - 1))
+            g += sh.rows
+        starts.append(st)
+    bounds = sorted({g for st in starts for g, _ in st} | {job.ntok})
     tasks = []
-    if job.slices is None:
-        start = 0
-        for k, shard in enumerate(job.shards):
-            for lo, hi in split_rows(shard.rows, per_task):
-                tasks.append(_Task(len(tasks), start + lo, start + hi, k, lo, k))
-            start += shard.rows
-    else:
-        for g, h in split_rows(job.ntok, per_task):
-            tasks.append(_Task(len(tasks), g, h, None, g, len(tasks)))
+    for b0, b1 in zip(bounds[:-1], bounds[1:]):
+        # the file of each input holding row b0: the last one starting at or before it
+        cover = [st[bisect.bisect_right([g for g, _ in st], b0) - 1] for st in starts]
+        shard = None if job.slices is not None else cover[0][1]
+        first = cover[0][0]
+        for lo, hi in split_rows(b1 - b0, per_task):
+            tasks.append(_Task(len(tasks), b0 + lo, b0 + hi, shard, b0 + lo - first,
+                               tuple(f for _, f in cover)))
     return tasks
 
 
@@ -486,8 +501,7 @@ def run_task(job, task):
 @contextlib.contextmanager
 def limited_threads(threads, blas=False):
     """numba threads of the calling thread (and with ``blas``, the BLAS threads of the
-    process: threadpoolctl's look-up costs ~2 ms, so only for tasks with an LM head)
-    limited to ``threads`` (None: as they are)."""
+    process, see :func:`_blas_limited`) limited to ``threads`` (None: as they are)."""
     if threads is None:
         yield
         return
@@ -497,14 +511,38 @@ def limited_threads(threads, blas=False):
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
         if blas:
-            from threadpoolctl import threadpool_limits
-
-            with threadpool_limits(limits=threads, user_api="blas"):
+            with _blas_limited(threads):
                 yield
         else:
             yield
     finally:
         numba.set_num_threads(before)
+
+
+_BLAS_LOCK = threading.Lock()
+_BLAS = {"users": 0, "limiter": None}
+
+
+@contextlib.contextmanager
+def _blas_limited(threads):
+    """BLAS threads limited to ``threads`` while any task with an LM head runs in this
+    process. The limit is process-wide (threadpoolctl), so tasks running at once on the
+    threads of one Dask worker share it: the first sets it, the last restores what was
+    there before. (Only tasks with an LM head pay threadpoolctl's ~2 ms look-up.)"""
+    with _BLAS_LOCK:
+        if _BLAS["users"] == 0:
+            from threadpoolctl import threadpool_limits
+
+            _BLAS["limiter"] = threadpool_limits(limits=threads, user_api="blas")
+        _BLAS["users"] += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS["users"] -= 1
+            if _BLAS["users"] == 0:
+                _BLAS["limiter"].restore_original_limits()
+                _BLAS["limiter"] = None
 
 
 def _task_rows(job, task, totals):
@@ -527,36 +565,36 @@ def _task_rows(job, task, totals):
             job.on_chunk(h - g)
 
 
-def _merge(results, job, bar):
+def _merge(results, job, tasks, bar):
     """Merge the partials in task order (so the sums are the same, bit for bit, however
-    the tasks ran); a group with a failed task is dropped whole: (totals, skipped)."""
+    the tasks ran). A task's partial is merged once every task of every file it reads
+    has reported, and dropped if one of those files failed to read (on_invalid="skip"):
+    a failed file is left out whole. Returns (totals, skipped files)."""
     total = M.Totals(job.nclass, job.edges, job.seq_len)
-    pending, nxt = {}, 0
-    group, group_totals, group_failed, group_rows = None, None, None, 0
-    skipped = []
+    last = {}  # file -> the last task reading it
+    for t in tasks:
+        for f in t.files:
+            last[f] = t.index
+    arrived, contig, nxt = {}, 0, 0  # every task below contig has reported
+    failed = {}  # file -> problem, in the order seen
     for task, part in results:
         if bar is not None and job.on_chunk is None:
             bar.update(task.h - task.g)
-        pending[task.index] = (task, part)
-        while nxt in pending:
-            task, part = pending.pop(nxt)
+        arrived[task.index] = part
+        if part.failed is not None:
+            name, problem = part.failed
+            named = [f for f in task.files if job.files[f][0] == name] or list(task.files)
+            for f in named:
+                failed.setdefault(f, problem)
+        while contig in arrived:
+            contig += 1
+        while nxt < contig and all(last[f] < contig for f in tasks[nxt].files):
+            part = arrived.pop(nxt)
+            if not any(f in failed for f in tasks[nxt].files):
+                total.merge(part.totals)
             nxt += 1
-            if task.group != group:
-                if group_failed is None and group_totals is not None:
-                    total.merge(group_totals)
-                elif group_failed is not None:
-                    skipped.append({"file": group_failed[0], "tokens": group_rows,
-                                    "problem": group_failed[1]})
-                group, group_totals, group_failed, group_rows = task.group, None, None, 0
-            group_rows += task.h - task.g
-            if part.failed is not None:
-                group_failed = group_failed or part.failed
-            elif group_failed is None:
-                group_totals = part.totals if group_totals is None else group_totals.merge(part.totals)
-    if group_failed is None and group_totals is not None:
-        total.merge(group_totals)
-    elif group_failed is not None:
-        skipped.append({"file": group_failed[0], "tokens": group_rows, "problem": group_failed[1]})
+    skipped = [{"file": job.files[f][0], "tokens": job.files[f][2] - job.files[f][1], "problem": p}
+               for f, p in failed.items()]
     return total, skipped
 
 
