@@ -65,7 +65,7 @@ def _reset_peak():
 
 def _cluster(n):
     cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                       dashboard_address=None)
+                                       dashboard_address=":0")
     return cluster, distributed.Client(cluster)
 
 

@@ -135,9 +135,10 @@ def _save_split(d, stem, arr, sizes, fmt="npy"):
     return paths
 
 
-def _run_tasks(stream):
-    """(run_task count, workers that ran them) in a ``get_task_stream`` record."""
-    rows = [r for r in stream.data if str(r["key"]).startswith("run_task")]
+def _run_tasks(stream, name="run_task"):
+    """(count of the tasks of function ``name``, workers that ran them) in a
+    ``get_task_stream`` record."""
+    rows = [r for r in stream.data if str(r["key"]).startswith(name)]
     return len(rows), {r["worker"] for r in rows}
 
 
@@ -738,3 +739,85 @@ def test_totals_merge_order_independent(rng):
     assert a.loss_sum == pytest.approx(allx.sum(), rel=1e-14)
     assert a.loss_moments.m2 == pytest.approx(((allx - allx.mean()) ** 2).sum(), rel=1e-13)
     assert a.loss_max == allx.max()
+
+
+# ---- 8. compare on the cluster; URLs on the workers --------------------------------------
+
+@pytest.mark.parametrize("gather", [None, 64], ids=["default", "multi-pass"])
+def test_compare_distributed_equals_in_process(client, tmp_path, rng, monkeypatch, gather):
+    """``fastloss.compare(..., client=)``: the two sides sharded differently (tasks cut at
+    both sides' file boundaries), with targets, seq_len and the top list; the exact
+    percentiles come from radix-select passes over values kept on the workers. With
+    ``COMPARE_SELECT_GATHER`` = 64 (read on the client, where the select runs) every
+    percentile takes 2-4 histogram passes summed on the workers instead of one gather.
+    The report equals the in-process one exactly, and the percentiles equal numpy's."""
+    from fastloss import config
+
+    if gather is not None:
+        monkeypatch.setattr(config, "COMPARE_SELECT_GATHER", gather)
+    n, v = 1500, 300
+    base = _logits(rng, n, v)
+    model = (base + 0.3 * rng.standard_normal(base.shape)).astype(np.float32)
+    t = _targets(rng, n, v)
+    kw = dict(base=_save_split(tmp_path, "base", base, [700, 1, 799]),
+              model=_save_split(tmp_path, "model", model, [400, 1100]), targets=t, seq_len=30, top=7,
+              task_tokens=97, chunk_tokens=40)
+    with distributed.get_task_stream(client=client) as stream:
+        dist = fastloss.compare(**kw, client=client)
+    ntask, workers = _run_tasks(stream, "_compare_task")
+    assert ntask >= 16 and len(workers) == 2, (ntask, workers)
+    local = fastloss.compare(**kw)
+    assert dist.to_dict() == local.to_dict()
+    # the per-token KL against numpy's percentiles of the same values (float64 reference)
+    b64, m64 = base.astype(np.float64), model.astype(np.float64)
+    lb = b64 - np.logaddexp.reduce(b64, axis=1, keepdims=True)
+    lm = m64 - np.logaddexp.reduce(m64, axis=1, keepdims=True)
+    kl = (np.exp(lb) * (lb - lm)).sum(axis=1)[t != -100]
+    qs = list(dist.kl_percentiles)
+    # float32 logits: the kernel's KL is good to ~1e-7 absolute (a difference of sums)
+    assert list(dist.kl_percentiles.values()) == pytest.approx(np.percentile(kl, qs).tolist(),
+                                                               rel=1e-5, abs=1e-6)
+
+
+def test_compare_cli_on_scheduler(client, tmp_path, rng, capsys):
+    n, v = 400, 64
+    base = _logits(rng, n, v)
+    model = (base + 0.5 * rng.standard_normal(base.shape)).astype(np.float32)
+    np.save(tmp_path / "b.npy", base)
+    np.save(tmp_path / "m.npy", model)
+    out = tmp_path / "kl.json"
+    code = main(["compare", str(tmp_path / "b.npy"), str(tmp_path / "m.npy"), "--scheduler",
+                 client.scheduler.address, "--json", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    ref = fastloss.compare(str(tmp_path / "b.npy"), str(tmp_path / "m.npy"))
+    assert json.loads(out.read_text()) == json.loads(json.dumps(ref.to_dict()))
+
+
+def test_file_urls_on_process_workers(client, dumps, tmp_path):
+    """``file://`` URLs (and a URL glob) opened and read by worker processes."""
+    pytest.importorskip("fsspec")
+    kw = dumps["f32"]["kw"]
+    urls = ["file://" + os.path.abspath(p) for p in kw["logits"]]
+    got = fastloss.evaluate(urls, kw["targets"], task_tokens=97, client=client)
+    _assert_same(got, fastloss.evaluate(kw["logits"], kw["targets"], task_tokens=97),
+                 skip=FILE_KEYS)
+    assert got.logits_files == urls
+
+
+def test_memory_urls_on_thread_workers(thread_client, rng):
+    """``memory://`` objects live in one process: read by the workers of a threads
+    cluster (the file system object pickles to the same store)."""
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    x, t = _logits(rng, 500, 90), _targets(rng, 500, 90)
+    try:
+        for k, (lo, hi) in enumerate([(0, 123), (123, 500)]):
+            with fs.open(f"/fastloss-dist/logits-{k}.npy", "wb") as f:
+                np.save(f, x[lo:hi])
+        url = "memory://fastloss-dist/logits-*.npy"
+        got = fastloss.evaluate(url, t, task_tokens=50, client=thread_client)
+        _assert_same(got, fastloss.evaluate(url, t, task_tokens=50))
+        assert got.mean_loss == pytest.approx(_ref_mean_loss(x.astype(np.float64), t), rel=1e-5)
+        assert got.logits_files == [f"memory://fastloss-dist/logits-{k}.npy" for k in range(2)]
+    finally:
+        fs.rm("/fastloss-dist", recursive=True)
