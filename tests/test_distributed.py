@@ -821,3 +821,29 @@ def test_memory_urls_on_thread_workers(thread_client, rng):
         assert got.logits_files == [f"memory://fastloss-dist/logits-{k}.npy" for k in range(2)]
     finally:
         fs.rm("/fastloss-dist", recursive=True)
+
+
+def test_progress_bar_over_tasks(client, dumps, monkeypatch):
+    """``progress=True`` on a cluster: the client's bar advances by each task's tokens as
+    tasks finish, to the total."""
+    from fastloss.evaluation import stream
+
+    made = []
+
+    class Bar:
+        def __init__(self, total):
+            self.total, self.updates, self.closed = total, [], False
+            made.append(self)
+
+        def update(self, n):
+            self.updates.append(n)
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(stream, "progress_bar", lambda progress, total, *a: Bar(total) if progress else None)
+    kw = dumps["f32"]["kw"]
+    r = fastloss.evaluate(**kw, task_tokens=200, client=client, progress=True)
+    [bar] = made
+    assert bar.total == r.tokens + r.ignored and sum(bar.updates) == bar.total and bar.closed
+    assert len(bar.updates) >= 11  # one update per task (2100 tokens in tasks of <= 200)

@@ -1,5 +1,6 @@
 """Scalar numerics shared by the CPU kernels: bit casts, a vectorisable exp
-and log, tanh, and float16/bfloat16 <-> float32 conversion.
+and log, tanh, and float16/bfloat16 <-> float32 conversion; at the end, their
+float64 twins (a vectorisable float64 exp, order-preserving float64 bits).
 
 Everything here is ``inline="always"`` so it is compiled into the loops of the
 calling kernel, where LLVM can vectorise it (numba's own ``math.exp`` on
@@ -426,3 +427,102 @@ def _as_acc_ol(v, like):
     if like == types.float32:
         return lambda v, like: np.float32(v)
     return lambda v, like: np.float64(v)
+
+
+# float64 twins (the float64 block sums of fastloss.cpu.vocab_stats) -------------------
+
+_I64, _F64 = ir.IntType(64), ir.DoubleType()
+
+
+@intrinsic
+def f64_as_i64(typingctx, x):
+    """The bits of a float64 as an int64."""
+    if x != types.float64:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], _I64)
+
+    return types.int64(types.float64), codegen
+
+
+@intrinsic
+def _pow2_f64(typingctx, k):
+    """2**k as a float64 for an int64 k in [-1022, 1023], built from exponent bits."""
+    if k != types.int64:
+        return None
+
+    def codegen(context, builder, sig, args):
+        e = builder.shl(builder.add(args[0], ir.Constant(_I64, 1023)), ir.Constant(_I64, 52))
+        return builder.bitcast(e, _F64)
+
+    return types.float64(types.int64), codegen
+
+
+_SHIFTER64 = 6755399441055744.0  # 1.5 * 2**52: x + it rounds x to an integer in the low bits
+_SHIFTER64_BITS = 0x4338000000000000
+
+
+# No ``reassoc`` here: it would let LLVM merge the two-part ln 2 reduction
+# and reorder the polynomial. The flags are per instruction, so they survive
+# inlining into the vectorised (``reassoc``) loops of the kernel.
+@njit(fastmath={"nsz", "contract"})
+def exp_f64(x):
+    """exp(x) for float64 x in [EXP64_LOW, 88] (and NaN), within ~2 ulp.
+
+    exp(x) = 2**k exp(r), k = round(x / ln 2) (the shifter, read back from the
+    bits), r = x - k ln 2 in two parts, |r| <= ln2 / 2, exp(r) by its Taylor
+    polynomial of degree 13 (truncation < 1e-18), 2**k from exponent bits.
+    """
+    k = f64_as_i64(x * 1.4426950408889634 + _SHIFTER64) - _SHIFTER64_BITS
+    kf = np.float64(k)
+    r = x - kf * 6.93147180369123816490e-01
+    r = r - kf * 1.90821492927058770002e-10
+    p = 1.0 / 6227020800.0
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r * r + r + 1.0
+    return p * _pow2_f64(k)
+
+
+#: The float64 exps are taken of arguments clamped below at this, and are 0
+#: there: exp(-708) = 3.3e-308, the smallest normal float64 is 2.2e-308 (no
+#: subnormal handling in ``exp_f64``). A term that small cannot change a
+#: row's sum, which is >= 1 (its max term is exp(0)).
+EXP64_LOW = -708.0
+
+
+@intrinsic
+def ordered_bits64(typingctx, v):
+    """Map float64 bits to int64 so that integer order equals float order (the
+    float64 twin of ``ordered_bits``: NaN maps above +inf or below -inf)."""
+    if v != types.float64:
+        return None
+
+    def codegen(context, builder, sig, args):
+        b = builder.bitcast(args[0], _I64)
+        sign = builder.ashr(b, ir.Constant(_I64, 63))
+        return builder.xor(b, builder.and_(sign, ir.Constant(_I64, 0x7FFFFFFFFFFFFFFF)))
+
+    return types.int64(types.float64), codegen
+
+
+@intrinsic
+def i64_as_f64(typingctx, b):
+    """Reinterpret int64 bits as a float64."""
+    if b != types.int64:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], _F64)
+
+    return types.float64(types.int64), codegen

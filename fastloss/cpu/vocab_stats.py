@@ -24,7 +24,7 @@ Precision. The running sums and everything returned are float64. Within a
 block the exps and sums are float32 for float16/bfloat16/float32 logits (as
 in the cross-entropy and evaluation kernels: ~1e-7 relative per exp), or
 float64 when the caller passes a float64 ``zero`` (always for float64
-logits): the exp is then ``_exp_f64`` below, a vectorisable float64 exp
+logits): the exp is then ``_math.exp_f64``, a vectorisable float64 exp
 (numba's float64 ``math.exp`` is a scalar libm call here: no SVML), and the
 statistics are float64 functions of the stored values within a few ulp.
 Measured on (4096, 32000) float32 logits, 2-core AMD EPYC (noisy): float32
@@ -46,12 +46,22 @@ NaN; a +inf (without NaN) makes ``m = +inf`` and ``s = a = NaN``.
 import math
 
 import numpy as np
-from llvmlite import ir
 from numba import njit, prange, types
-from numba.core.extending import intrinsic, overload
+from numba.core.extending import overload
 
 from .. import _compile, config
-from ._math import as_acc, exp_f32, from_ordered_bits, load, ordered_bits, row_max
+from ._math import (
+    EXP64_LOW,
+    as_acc,
+    exp_f32,
+    exp_f64,
+    from_ordered_bits,
+    i64_as_f64,
+    load,
+    ordered_bits,
+    ordered_bits64,
+    row_max,
+)
 from ._rows import LAZY_SUM_LIMIT, ROW_BLOCK, task_rows
 
 _compile.install()  # the one-line notice before a cold compile
@@ -62,85 +72,17 @@ _FM = config.FASTMATH
 TOP_CHUNK = 128
 _CHUNKS = ROW_BLOCK // TOP_CHUNK
 
-_I64, _F64 = ir.IntType(64), ir.DoubleType()
-
-
-@intrinsic
-def _f64_bits(typingctx, x):
-    """The bits of a float64 as an int64."""
-    if x != types.float64:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], _I64)
-
-    return types.int64(types.float64), codegen
-
-
-@intrinsic
-def _pow2_f64(typingctx, k):
-    """2**k as a float64 for an int64 k in [-1022, 1023], built from exponent bits."""
-    if k != types.int64:
-        return None
-
-    def codegen(context, builder, sig, args):
-        e = builder.shl(builder.add(args[0], ir.Constant(_I64, 1023)), ir.Constant(_I64, 52))
-        return builder.bitcast(e, _F64)
-
-    return types.float64(types.int64), codegen
-
-
-_SHIFTER = 6755399441055744.0  # 1.5 * 2**52: x + it rounds x to an integer in the low bits
-_SHIFTER_BITS = 0x4338000000000000
-
-
-# No ``reassoc`` here: it would let LLVM merge the two-part ln 2 reduction
-# and reorder the polynomial. The flags are per instruction, so they survive
-# inlining into the vectorised (``reassoc``) loops of the kernel.
-@njit(fastmath={"nsz", "contract"})
-def _exp_f64(x):
-    """exp(x) for float64 x in [EXP64_LOW, 88] (and NaN), within ~2 ulp.
-
-    exp(x) = 2**k exp(r), k = round(x / ln 2) (the shifter, read back from the
-    bits), r = x - k ln 2 in two parts, |r| <= ln2 / 2, exp(r) by its Taylor
-    polynomial of degree 13 (truncation < 1e-18), 2**k from exponent bits.
-    """
-    k = _f64_bits(x * 1.4426950408889634 + _SHIFTER) - _SHIFTER_BITS
-    kf = np.float64(k)
-    r = x - kf * 6.93147180369123816490e-01
-    r = r - kf * 1.90821492927058770002e-10
-    p = 1.0 / 6227020800.0
-    p = p * r + 1.0 / 479001600.0
-    p = p * r + 1.0 / 39916800.0
-    p = p * r + 1.0 / 3628800.0
-    p = p * r + 1.0 / 362880.0
-    p = p * r + 1.0 / 40320.0
-    p = p * r + 1.0 / 5040.0
-    p = p * r + 1.0 / 720.0
-    p = p * r + 1.0 / 120.0
-    p = p * r + 1.0 / 24.0
-    p = p * r + 1.0 / 6.0
-    p = p * r + 0.5
-    p = p * r * r + r + 1.0
-    return p * _pow2_f64(k)
-
-
-#: The float64 exps are taken of arguments clamped below at this, and are 0
-#: there: exp(-708) = 3.3e-308, the smallest normal float64 is 2.2e-308 (no
-#: subnormal handling in ``_exp_f64``). A term that small cannot change a
-#: row's sum, which is >= 1 (its max term is exp(0)).
-EXP64_LOW = -708.0
 
 
 def _exp_acc(d):
-    """exp in the block-sum precision: ``exp_f32`` or ``_exp_f64``."""
+    """exp in the block-sum precision: ``exp_f32`` or ``exp_f64``."""
 
 
 @overload(_exp_acc, fastmath=_FM)
 def _exp_acc_ol(d):
     if d == types.float32:
         return lambda d: exp_f32(d)
-    return lambda d: _exp_f64(d)
+    return lambda d: exp_f64(d)
 
 
 def _exp_low(zero):
@@ -154,33 +96,6 @@ def _exp_low_ol(zero):
     return lambda zero: EXP64_LOW
 
 
-@intrinsic
-def _ordered_bits64(typingctx, v):
-    """Map float64 bits to int64 so that integer order equals float order (the
-    float64 twin of ``_math.ordered_bits``: NaN maps above +inf or below -inf)."""
-    if v != types.float64:
-        return None
-
-    def codegen(context, builder, sig, args):
-        b = builder.bitcast(args[0], _I64)
-        sign = builder.ashr(b, ir.Constant(_I64, 63))
-        return builder.xor(b, builder.and_(sign, ir.Constant(_I64, 0x7FFFFFFFFFFFFFFF)))
-
-    return types.int64(types.float64), codegen
-
-
-@intrinsic
-def _i64_as_f64(typingctx, b):
-    """Reinterpret int64 bits as a float64."""
-    if b != types.int64:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], _F64)
-
-    return types.float64(types.int64), codegen
-
-
 def _key(v):
     """An integer key of a float32 or float64 whose integer max is the float max
     (vectorises where a float max without ``nnan`` does not)."""
@@ -190,7 +105,7 @@ def _key(v):
 def _key_ol(v):
     if v == types.float32:
         return lambda v: ordered_bits(v)
-    return lambda v: _ordered_bits64(v)
+    return lambda v: ordered_bits64(v)
 
 
 def _key_low(zero):
@@ -212,7 +127,7 @@ def _key_value(k):
 def _key_value_ol(k):
     if k == types.int32:
         return lambda k: np.float64(from_ordered_bits(k))
-    return lambda k: _i64_as_f64(k ^ ((k >> np.int64(63)) & np.int64(0x7FFFFFFFFFFFFFFF)))
+    return lambda k: i64_as_f64(k ^ ((k >> np.int64(63)) & np.int64(0x7FFFFFFFFFFFFFFF)))
 
 
 @njit(fastmath=_FM)

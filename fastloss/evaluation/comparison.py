@@ -20,8 +20,7 @@ from .. import config
 from .._io import json_safe
 from ..cpu.compare_metrics import NO_TARGET, SKIP, compare_rows
 from . import metrics as M
-from .distributed import LocalRunner, runner_for, split_rows
-from .distributed import worker_threads as task_threads
+from .distributed import Job, LocalRunner, runner_for, split_rows
 from .readers import Concat, EvalInputError, Layout, positive_int
 from .report import pm
 from .stream import LMHead, check_all_targets, chunk_targets, limited_threads, open_shards, progress_bar
@@ -442,7 +441,7 @@ def compare(base=None, model=None, targets=None, *, base_hidden=None, base_lm_he
 
 
 @dataclasses.dataclass(eq=False)
-class _Job:
+class _Job(Job):
     """What every task of one comparison needs (sent once to each Dask worker)."""
 
     a: _Side
@@ -455,14 +454,6 @@ class _Job:
     chunk_tokens: int
     top: int
     zero: object
-    threads: int | None = None
-    threads_by_host: dict = dataclasses.field(default_factory=dict)
-    on_chunk: object = None
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["on_chunk"] = None
-        return state
 
 
 @dataclasses.dataclass
@@ -482,7 +473,7 @@ def _compare_task(job, task):
     for side in (job.a, job.b):
         if side.head is not None:
             side.head.allocate(max(1, min(job.chunk_tokens, task.h - task.g)))
-    with limited_threads(task_threads(job.threads_by_host, job.threads),
+    with limited_threads(job.task_threads(),
                          blas=job.a.head is not None or job.b.head is not None):
         for g in range(task.g, task.h, job.chunk_tokens):
             h = min(g + job.chunk_tokens, task.h)

@@ -31,12 +31,12 @@ Dask (``distributed``) is imported only when a client is given:
 ``pip install "fastloss[dask]"``.
 """
 
+import dataclasses
 import logging
 import math
 import operator
 import os
 import pickle
-import socket
 from urllib.parse import urlsplit
 
 INSTALL_HINT = 'needs Dask: pip install "fastloss[dask]"'
@@ -102,8 +102,24 @@ def worker_threads(threads_by_host, default):
     return threads_by_host.get(host, max(1, _cpus() // max(1, nthreads)))
 
 
-def _worker_cpus():
-    return socket.gethostname(), _cpus()
+@dataclasses.dataclass(eq=False, kw_only=True)
+class Job:
+    """The base of the job descriptions that every task of one run receives: the thread
+    settings of its tasks and the progress callback of an in-process run (dropped when
+    the job is pickled for Dask workers)."""
+
+    threads: int | None = None  # numba/BLAS threads per task on a worker (None: its share)
+    threads_by_host: dict = dataclasses.field(default_factory=dict)
+    on_chunk: object = None  # progress callback (rows done), in this process only
+
+    def task_threads(self):
+        """This task's thread count (see :func:`worker_threads`)."""
+        return worker_threads(self.threads_by_host, self.threads)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["on_chunk"] = None
+        return state
 
 
 class DaskRunner:

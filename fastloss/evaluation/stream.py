@@ -15,8 +15,7 @@ from .. import _validate as V
 from .. import config
 from ..cpu.eval_metrics import eval_rows
 from . import metrics as M
-from .distributed import LocalRunner, runner_for, split_rows
-from .distributed import worker_threads as task_threads
+from .distributed import Job, LocalRunner, runner_for, split_rows
 from .readers import (
     ArrayShard,
     Concat,
@@ -405,14 +404,13 @@ def evaluate(logits=None, targets=None, *, hidden=None, lm_head=None, bias=None,
 
 
 @dataclasses.dataclass(eq=False)
-class _Job:
+class _Job(Job):
     """What every task of one evaluation needs (sent once to each Dask worker)."""
 
     ignore_index: int
     seq_len: int | None
     shift: bool
     on_invalid: str
-    threads: int | None = None  # numba/BLAS threads per task on a worker (None: its share)
     shards: list = None  # logits or hidden shards (of the first vocabulary slice)
     slices: list = None  # vocabulary-sharded: one Concat of shards per slice
     head: LMHead = None
@@ -421,14 +419,7 @@ class _Job:
     ntok: int = 0
     chunk_tokens: int = 0
     edges: np.ndarray = None
-    threads_by_host: dict = dataclasses.field(default_factory=dict)
     files: list = None  # (name, first row, end row) of every file read, set by _plan
-    on_chunk: object = None  # progress callback (rows done), in this process only
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["on_chunk"] = None
-        return state
 
 
 @dataclasses.dataclass
@@ -484,7 +475,7 @@ class _Partial:
 
 def run_task(job, task):
     """Evaluate the rows of one task (here or on a Dask worker): a ``_Partial``."""
-    threads = task_threads(job.threads_by_host, job.threads)
+    threads = job.task_threads()
     totals = M.Totals(job.nclass, job.edges, job.seq_len)
     try:
         with limited_threads(threads, blas=job.head is not None):
