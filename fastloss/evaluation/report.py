@@ -62,6 +62,10 @@ class EvalReport:
     the population the tokens were drawn from (NaN below 2 tokens for the loss).
     ``generalization_gap`` is ``mean_loss - train_loss``, the training loss taken at
     the evaluated checkpoint; ``train_loss_source`` says where it came from.
+    ``vocab_shards`` lists the files of each vocabulary slice of a vocabulary-sharded
+    dump (None otherwise); ``skipped_files`` the files left out under
+    ``on_invalid="skip"`` because they failed to read, each a dict of ``file``,
+    ``tokens`` (its rows, left out of every number) and ``problem``.
     """
 
     tokens: int
