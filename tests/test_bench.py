@@ -29,9 +29,10 @@ BENCH_README = os.path.join(ROOT, "benchmarks", "README.md")
 
 MACHINE_KEYS = ("cpu_model", "cores", "numba_threads", "python", "numpy", "numba", "torch",
                 "fastloss")
-CALIBRATION_KEYS = ("copy_gbps", "read_gbps", "exp_gps", "copy_gbps_best", "read_gbps_best",
-                    "exp_gps_best", "exp_source", "exp_fastloss_gps", "exp_fastloss_gps_best",
-                    "exp_numpy_gps", "exp_numpy_gps_best", "bytes", "threads")
+CALIBRATION_KEYS = ("copy_gbps", "read_gbps", "exp_gps", "first_touch_gbps", "exp_source",
+                    "exp_fastloss_gps", "exp_numpy_gps", "copy_gbps_spread", "read_gbps_spread",
+                    "exp_gps_spread", "first_touch_gbps_spread", "copy_gbps_rounds", "rounds",
+                    "stable", "bytes", "threads")
 CONDITION_KEYS = ("date", "load_start", "load_end", "load1", "own", "own_share")
 
 
@@ -82,6 +83,11 @@ def test_cli_bench_json(bench_env, capsys):
     assert result["machine"]["numba_threads"] == threads
     assert result["settings"]["threads"] == threads
     assert set(CALIBRATION_KEYS) <= set(result["calibration"])
+    assert set(CALIBRATION_KEYS) <= set(result["calibration_end"])
+    cal = result["calibration"]
+    assert M.CALIBRATION_MIN_ROUNDS <= cal["rounds"] <= M.CALIBRATION_MAX_ROUNDS
+    assert cal["copy_gbps"] == max(cal["copy_gbps_rounds"]) and cal["first_touch_gbps"] > 0
+    assert "ceilings: copy" in captured.out and "at the end: copy" in captured.out
     rows = result["results"]
     for r in rows:
         assert set(R.ROW_KEYS) <= set(r), set(R.ROW_KEYS) - set(r)
@@ -97,6 +103,8 @@ def test_cli_bench_json(bench_env, capsys):
         assert r["median_ms"] > 0 and r["gbps"] > 0 and r["floor_ms"] > 0
         assert r["ratio_to_fastest"] >= 1.0
         assert math.isclose(r["floor_fraction"], r["floor_ms"] / r["median_ms"], rel_tol=1e-9)
+        fresh = r["mode"] == "fwd+bwd" and r["provider"] in C.FRESH_GRADIENT
+        assert (r["floor_touch_ms"] > 0) == fresh and r["floor_bound"].endswith("+first-touch") == fresh
     # Every provider that ran (torch.compile included, where it compiles) computed the same loss.
     x = C.make_inputs(C.Case("ce", (64, 1000)))
     want, _ = ce_reference(x["logits"], x["targets"])
@@ -406,6 +414,64 @@ def test_floor_and_ratios_from_given_ceilings():
                                        "numba_threads": 2, "torch_threads": 2},
                            "calibration": cal, "results": rows})
     assert "ce-fwd+bwd-4096x32000-float32" in text and "memory-bound" in text
+    assert all(r["floor_touch_ms"] == 0 for r in rows)  # no first-touch rate measured
+
+
+def test_first_touch_floor_of_fresh_gradients():
+    """A provider returning a new gradient pays the first touch of its pages: its floor
+    adds ``bytes written / first_touch_gbps``; reused and in-place buffers do not."""
+    cal = {"copy_gbps": 30.0, "read_gbps": 20.0, "exp_gps": 4.0, "first_touch_gbps": 8.0}
+    bwd = C.Case("ce", (4096, 32000), "float32", "fwd+bwd")
+    fl, _, _ = R.floor(bwd, cal)
+    touch = bwd.bytes_written / 8e9
+    rows = {p: R.fill_row(R.new_row(bwd, p), bwd, [0.2], cal)
+            for p in ("fastloss-out", "fastloss-inplace", "fastloss-alloc", "torch")}
+    for p in ("fastloss-alloc", "torch"):
+        assert rows[p]["floor_ms"] == pytest.approx((fl + touch) * 1e3)
+        assert rows[p]["floor_touch_ms"] == pytest.approx(touch * 1e3)
+        assert rows[p]["floor_bound"] == "memory+first-touch"
+    for p in ("fastloss-out", "fastloss-inplace"):
+        assert rows[p]["floor_ms"] == pytest.approx(fl * 1e3) and rows[p]["floor_touch_ms"] == 0
+    fwd = C.Case("ce", (4096, 32000), "float32", "forward")
+    assert R.touch_floor(fwd, cal, "torch") == 0.0
+
+
+def test_calibration_rounds_until_the_best_settles(monkeypatch):
+    """Rounds go on until no ceiling's best grew by more than CALIBRATION_TOL over the
+    last two rounds; every ceiling is its best round's figure, with its spread."""
+    seq = [40, 44, 52, 53, 53.5, 53, 20, 20]  # copy GB/s per round; the rest stays put
+    calls = []
+
+    def fake_round(src, repeat):
+        k = len(calls)
+        calls.append(k)
+        return {"copy_gbps": float(seq[k]), "read_gbps": 45.0, "exp_gps": 20.0, "first_touch_gbps": 8.0,
+                "exp_fastloss_gps": 20.0, "exp_numpy_gps": 10.0, "bytes": 4096}
+
+    monkeypatch.setattr(M, "_round", fake_round)
+    cal = M.calibrate(1 << 12, cached=False)
+    # after round 5 (53.5): best 53.5 vs 52 two rounds earlier, +2.9% <= 3%: settled
+    assert cal["rounds"] == 5 and cal["stable"] is True
+    assert cal["copy_gbps"] == 53.5 and cal["copy_gbps_rounds"] == [40.0, 44.0, 52.0, 53.0, 53.5]
+    assert cal["copy_gbps_spread"] == pytest.approx((53.5 - 40) / 53.5)
+    assert cal["read_gbps_spread"] == 0 and cal["exp_source"] == "fastloss exp_f32"
+    warnings = M.noise_warnings(cal, {}, 2, 2)
+    assert any(w.startswith("noisy ceilings: copy bandwidth varied by 25% over 5") for w in warnings)
+
+    growing = iter(range(100))
+    monkeypatch.setattr(M, "_round", lambda src, repeat: dict(fake_round(src, repeat),
+                                                             copy_gbps=10.0 * 1.1 ** next(growing)))
+    calls.clear()
+    cal = M.calibrate(1 << 12, cached=False)
+    assert cal["rounds"] == M.CALIBRATION_MAX_ROUNDS and cal["stable"] is False
+    assert any(w.startswith("unsettled ceilings") for w in M.noise_warnings(cal, {}, 2, 2))
+
+
+def test_calibration_moves_flags_a_ceiling_that_moved():
+    start = {"copy_gbps": 45.0, "read_gbps": 60.0, "exp_gps": 20.0, "first_touch_gbps": 8.0}
+    assert M.calibration_moves(start, dict(start, copy_gbps=48.0)) == []  # +7%
+    [w] = M.calibration_moves(start, dict(start, copy_gbps=71.0))
+    assert w.startswith("calibration moved: copy bandwidth 45 at the start of the run, 71 at the end (+58%")
 
 
 _NO_TORCH = """
@@ -507,8 +573,8 @@ def test_benchmark_machine_info_is_stable(monkeypatch):
     assert M.machine_info_for_json(2) == M.machine_info_for_json(2)
 
 
-_CAL = {"copy_gbps": 40.0, "read_gbps": 45.0, "exp_gps": 20.0, "copy_gbps_best": 41.0,
-        "read_gbps_best": 46.0, "exp_gps_best": 21.0}
+_CAL = {"copy_gbps": 40.0, "read_gbps": 45.0, "exp_gps": 20.0, "copy_gbps_spread": 0.02,
+        "read_gbps_spread": 0.03, "exp_gps_spread": 0.01, "rounds": 3, "stable": True}
 
 
 def _load(load1, own_share):
@@ -532,9 +598,10 @@ def test_noise_warning_busy(cores, threads, start, end, busy):
 
 @pytest.mark.parametrize("change, want", [
     ({}, None),
-    ({"read_gbps": 30.0, "read_gbps_best": 30.5}, "inconsistent ceilings: read bandwidth 30.0 GB/s below copy"),
-    ({"copy_gbps_best": 44.5}, "noisy ceilings: copy bandwidth fastest repeat 44.5 vs median 40"),
-    ({"exp_gps_best": 22.5}, "noisy ceilings: exp rate fastest repeat 22.5 vs median 20 (+12% > 10%)"),
+    ({"read_gbps": 30.0}, "inconsistent ceilings: read bandwidth 30.0 GB/s below copy"),
+    ({"copy_gbps_spread": 0.15}, "noisy ceilings: copy bandwidth varied by 15% over 3 calibration rounds"),
+    ({"exp_gps_spread": 0.12}, "noisy ceilings: exp rate varied by 12% over 3 calibration rounds (> 10%)"),
+    ({"stable": False}, "unsettled ceilings: the best figures still grew after 3 calibration rounds"),
 ])
 def test_noise_warning_ceilings(change, want):
     quiet = {"load_start": _load(0.0, 0.0), "load_end": _load(2.0, 2.0)}

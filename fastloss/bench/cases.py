@@ -110,6 +110,10 @@ _PAIR_OPS = ("soft-ce", "distill-kl", "distill-jsd")
 PROVIDERS = ("fastloss", "fastloss-out", "fastloss-inplace", "fastloss-alloc",
              "torch", "torch-compile", "numpy", "jax", "torch-lce", "blas-floor")
 
+#: Providers whose fwd+bwd returns a fresh gradient array each call, which pays
+#: the first touch of its pages (its floor counts it: ``runner.touch_floor``).
+FRESH_GRADIENT = ("fastloss-alloc", "torch", "torch-compile", "numpy", "jax")
+
 #: Linear cross-entropy shapes (N tokens, D hidden, V vocabulary).
 LCE_SHAPES = ((4096, 1024, 128256),)
 #: The small set (:func:`small_cases`): cross-entropy shapes (N, V); MSE runs

@@ -24,7 +24,11 @@ columns (one block per case; every provider timed in the same run, same threads)
               is the faster of two measured in the run, fastloss's own exp_f32
               in a numba loop and numpy's float32 np.exp on as many threads;
               the header line names the one used (on the project's machine:
-              fastloss exp_f32, ~3x numpy's)
+              fastloss exp_f32, ~3x numpy's). A provider that returns a fresh
+              gradient (fastloss-alloc, torch, ...) also pays the first touch
+              of its pages (faults and zeroing, measured): its floor adds it.
+              Every ceiling is the best of calibration rounds repeated until
+              it settles; "±" in the header is its spread over the rounds
   % floor     floor / median: 100% means the case ran at the machine's limit
   x fastest   median / the fastest median of the case (1.00 = fastest)
   x peer      median / the fastest median among the other implementations (all

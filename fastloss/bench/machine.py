@@ -13,7 +13,16 @@ comparable (see PERF.md):
   as an independent reference, of numpy's float32 ``np.exp`` (its SIMD
   implementation) on the same number of threads, over blocks reused from L2.
   The floors use the faster of the two (``exp_source`` names it), so a floor
-  never charges the exps more than the best implementation at hand needs.
+  never charges the exps more than the best implementation at hand needs;
+* first-touch rate: what writing into a fresh array costs beyond writing into
+  a touched one (page faults and page zeroing), in bytes per second; the floor
+  of a call that returns a new gradient counts it.
+
+A ceiling is the best the machine did, and one measurement on a shared machine
+is not it: :func:`calibrate` repeats rounds of every measurement until the best
+figures stop growing and reports the best, with each ceiling's spread over the
+rounds; a benchmark run calibrates again at its end and flags a ceiling that
+moved (:func:`calibration_moves`).
 
 :func:`machine_info` holds only what stays the same between runs on one
 machine (CPU, cores, threads, versions): pytest-benchmark compares it between
@@ -125,22 +134,57 @@ def _parallel_exp(a, ntask, passes, block):
     return part.sum()
 
 
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _parallel_copy(dst, src, ntask):
+    """dst[:] = src, split over ``ntask`` tasks (as the kernels write a gradient)."""
+    n = src.shape[0]
+    for k in prange(ntask):
+        lo = n * k // ntask
+        hi = n * (k + 1) // ntask
+        for j in range(lo, hi):
+            dst[j] = src[j]
+
+
 def _ntask():
     return max(1, numba.get_num_threads())
 
 
-def measure_bandwidth(nbytes=CALIBRATION_BYTES, repeat=5):
+def measure_first_touch(src, repeat=3):
+    """What writing into fresh memory costs beyond writing into touched memory: the
+    page faults and the kernel's zeroing of each new page, paid by every call that
+    returns a new gradient (``np.empty`` of a large array maps fresh pages each time).
+    Both writes are a parallel copy of ``src`` on the threads currently set.
+
+    Returns ``(first_touch_gbps, best)``: bytes per second of that extra cost (median
+    and best, in GB/s); the floor of a call writing ``b`` fresh bytes gains
+    ``b / first_touch_gbps``."""
+    ntask = _ntask()
+    dst = np.empty_like(src)
+    _parallel_copy(dst, src, ntask)  # compile, and touch dst
+
+    def fresh():
+        d = np.empty_like(src)
+        _parallel_copy(d, src, ntask)
+
+    touched, cold = [], []
+    for _ in range(repeat):  # interleaved, so both see the same machine
+        touched += _times(lambda: _parallel_copy(dst, src, ntask), 1)
+        cold += _times(fresh, 1)
+    extra = [max(c - t, 1e-9) for c, t in zip(cold, touched, strict=True)]
+    return src.nbytes / statistics.median(extra) / 1e9, src.nbytes / min(extra) / 1e9
+
+
+def measure_bandwidth(nbytes=CALIBRATION_BYTES, repeat=5, src=None):
     """Measured memory bandwidth in GB/s (1e9 bytes/s), medians of ``repeat``.
 
     Returns ``{"copy_gbps", "read_gbps", "bytes"}`` (plus ``*_best``, from the
     fastest call): copy counts the bytes read plus the bytes written by
     ``np.copyto`` into an already-touched buffer; read is a parallel sum with
-    the threads currently set.
+    the threads currently set. ``src``: the float32 array to use (default: one
+    of ``nbytes`` made here).
     """
-    n = max(1024, int(nbytes) // 4)
-    # Distinct values on every page, as real data has (a host may deduplicate
-    # pages that hold one repeated value).
-    src = np.arange(n, dtype=np.float32)
+    if src is None:
+        src = _calibration_array(nbytes)
     dst = np.empty_like(src)
     np.copyto(dst, src)  # touch: the page faults of a fresh buffer are not bandwidth
     copy_s = _times(lambda: np.copyto(dst, src), repeat)
@@ -153,6 +197,12 @@ def measure_bandwidth(nbytes=CALIBRATION_BYTES, repeat=5):
             "read_gbps": b / statistics.median(read_s) / 1e9,
             "copy_gbps_best": 2 * b / min(copy_s) / 1e9, "read_gbps_best": b / min(read_s) / 1e9,
             "bytes": b}
+
+
+def _calibration_array(nbytes):
+    # Distinct values on every page, as real data has (a host may deduplicate
+    # pages that hold one repeated value).
+    return np.arange(max(1024, int(nbytes) // 4), dtype=np.float32)
 
 
 def measure_exp_rate(elements=EXP_ELEMENTS, passes=EXP_PASSES, repeat=5):
@@ -206,30 +256,80 @@ EXP_SOURCES = {"fastloss": "fastloss exp_f32", "numpy": "numpy np.exp"}
 _CACHE = {}
 
 
-def calibrate(nbytes=CALIBRATION_BYTES, repeat=5, *, cached=True):
-    """Bandwidths and exp rate for the threads currently set (see module doc).
+#: Calibration rounds: at least ``CALIBRATION_MIN_ROUNDS``; then stop once no ceiling's best
+#: has grown by more than ``CALIBRATION_TOL`` over the last two rounds, or after
+#: ``CALIBRATION_MAX_ROUNDS``.
+CALIBRATION_MIN_ROUNDS = 3
+CALIBRATION_MAX_ROUNDS = 8
+CALIBRATION_TOL = 0.03
+#: The ceilings a calibration reports (the higher the better), and their labels.
+CEILINGS = {"copy_gbps": "copy bandwidth", "read_gbps": "read bandwidth", "exp_gps": "exp rate",
+            "first_touch_gbps": "first-touch rate"}
 
-    Returns ``{"copy_gbps", "read_gbps", "exp_gps", "bytes", "threads"}`` (medians,
-    used for the floors) plus ``copy_gbps_best``, ``read_gbps_best`` and
-    ``exp_gps_best`` (fastest call; a large gap to the median means the machine
-    was busy while it was measured). ``exp_gps`` is the faster of
+
+def _round(src, repeat):
+    """One calibration round: every ceiling once (medians of ``repeat`` calls)."""
+    out = measure_bandwidth(src=src, repeat=repeat)
+    out["exp_fastloss_gps"], _ = measure_exp_rate(repeat=repeat)
+    out["exp_numpy_gps"], _ = measure_numpy_exp_rate(repeat=repeat)
+    out["exp_gps"] = max(out["exp_fastloss_gps"], out["exp_numpy_gps"])
+    out["first_touch_gbps"], _ = measure_first_touch(src, repeat)
+    return out
+
+
+def calibrate(nbytes=CALIBRATION_BYTES, repeat=3, *, cached=True):
+    """The machine's ceilings for the threads currently set (see module doc).
+
+    A ceiling is the best the machine did: rounds of every measurement (each the
+    median of ``repeat`` calls) are repeated until the best of each ceiling has
+    stopped growing (by more than ``CALIBRATION_TOL`` over the last two rounds; at
+    least ``CALIBRATION_MIN_ROUNDS``, at most ``CALIBRATION_MAX_ROUNDS``), and each
+    ceiling is the best round's figure.
+
+    Returns ``{"copy_gbps", "read_gbps", "exp_gps", "first_touch_gbps", "bytes",
+    "threads", "rounds", "stable"}`` plus, per ceiling, ``*_spread``: (best - worst) /
+    best over the rounds (a large spread: the machine was busy while it was
+    measured) and ``*_rounds``, every round's figure. ``exp_gps`` is the faster of
     ``exp_fastloss_gps`` (``exp_f32``) and ``exp_numpy_gps`` (``np.exp``);
-    ``exp_source`` names it.
+    ``exp_source`` names it. ``stable`` is False when the rounds ran out first.
     Results are kept per (threads, nbytes) for the life of the process unless
     ``cached=False``.
     """
     key = (numba.get_num_threads(), int(nbytes))
     if cached and key in _CACHE:
         return dict(_CACHE[key])
-    out = measure_bandwidth(nbytes, repeat)
-    out["exp_fastloss_gps"], out["exp_fastloss_gps_best"] = measure_exp_rate(repeat=repeat)
-    out["exp_numpy_gps"], out["exp_numpy_gps_best"] = measure_numpy_exp_rate(repeat=repeat)
-    src = "fastloss" if out["exp_fastloss_gps"] >= out["exp_numpy_gps"] else "numpy"
-    out["exp_gps"], out["exp_gps_best"] = out[f"exp_{src}_gps"], out[f"exp_{src}_gps_best"]
-    out["exp_source"] = EXP_SOURCES[src]
-    out["threads"] = key[0]
+    src = _calibration_array(nbytes)
+    rounds, stable = [], False
+    while len(rounds) < CALIBRATION_MAX_ROUNDS:
+        rounds.append(_round(src, repeat))
+        if len(rounds) >= CALIBRATION_MIN_ROUNDS:
+            stable = all(max(r[c] for r in rounds) <= max(r[c] for r in rounds[:-2]) * (1 + CALIBRATION_TOL)
+                         for c in CEILINGS)
+            if stable:
+                break
+    out = {"bytes": src.nbytes, "threads": key[0], "rounds": len(rounds), "stable": stable}
+    for c in (*CEILINGS, "exp_fastloss_gps", "exp_numpy_gps"):
+        values = [r[c] for r in rounds]
+        out[c] = max(values)
+        out[f"{c}_rounds"] = values
+        out[f"{c}_spread"] = (max(values) - min(values)) / max(values)
+    src_name = "fastloss" if out["exp_fastloss_gps"] >= out["exp_numpy_gps"] else "numpy"
+    out["exp_source"] = EXP_SOURCES[src_name]
     _CACHE[key] = out
     return dict(out)
+
+
+def calibration_moves(start, end):
+    """Warning lines for each ceiling that moved by more than ``SPREAD_LIMIT`` between
+    two calibrations (the start and the end of a run)."""
+    out = []
+    for c, label in CEILINGS.items():
+        a, b = start.get(c), end.get(c)
+        if a and b and abs(b - a) > SPREAD_LIMIT * max(a, b):
+            out.append(f"calibration moved: {label} {a:.3g} at the start of the run, {b:.3g} at "
+                       f"the end ({b / a - 1:+.0%}, more than {SPREAD_LIMIT:.0%}); the floors are "
+                       f"uncertain, rerun")
+    return out
 
 
 def cpu_model():
@@ -415,7 +515,8 @@ def run_conditions():
             "load_start": load_sample(), "load_end": None}
 
 
-#: A ceiling whose fastest repeat beats its median by more than this is noisy.
+#: A ceiling whose calibration rounds spread by more than this, or that moved by more
+#: than this between the start and the end of a run, is flagged.
 SPREAD_LIMIT = 0.10
 #: Tolerance on the load of other processes before the machine counts as busy
 #: (the 1-minute load average is a decayed average, not an exact count).
@@ -439,8 +540,9 @@ def noise_warnings(calibration, conditions, cores, threads):
       :data:`LOAD_MARGIN`;
     * inconsistent ceilings: read bandwidth below copy bandwidth (a copy
       reads and writes the same bytes, so reading alone cannot be slower
-      unless something else ran), or a ceiling whose fastest repeat is more
-      than :data:`SPREAD_LIMIT` above its median.
+      unless something else ran), a ceiling whose calibration rounds spread by
+      more than :data:`SPREAD_LIMIT`, or rounds that ran out before the best
+      figures settled. (:func:`calibration_moves` compares two calibrations.)
     """
     out = []
     free = max(0, (cores or 1) - threads)
@@ -457,12 +559,15 @@ def noise_warnings(calibration, conditions, cores, threads):
             and calibration["read_gbps"] < calibration["copy_gbps"]:
         out.append(f"inconsistent ceilings: read bandwidth {calibration['read_gbps']:.1f} GB/s "
                    f"below copy bandwidth {calibration['copy_gbps']:.1f} GB/s; rerun")
-    for key, label in (("copy_gbps", "copy bandwidth"), ("read_gbps", "read bandwidth"),
-                       ("exp_gps", "exp rate")):
-        med, best = calibration.get(key), calibration.get(key + "_best")
-        if med and best and best > med * (1 + SPREAD_LIMIT):
-            out.append(f"noisy ceilings: {label} fastest repeat {best:.3g} vs median {med:.3g} "
-                       f"(+{best / med - 1:.0%} > {SPREAD_LIMIT:.0%}); the floors are uncertain")
+    for key, label in CEILINGS.items():
+        spread = calibration.get(key + "_spread")
+        if spread is not None and spread > SPREAD_LIMIT:
+            out.append(f"noisy ceilings: {label} varied by {spread:.0%} over "
+                       f"{calibration.get('rounds', '?')} calibration rounds (> {SPREAD_LIMIT:.0%}); "
+                       f"the best round is used, the floors are uncertain")
+    if calibration.get("stable") is False:
+        out.append(f"unsettled ceilings: the best figures still grew after "
+                   f"{calibration.get('rounds')} calibration rounds; the floors may be low")
     return out
 
 

@@ -14,7 +14,12 @@ The derived columns, per row, with the ceilings measured in the same run
 * ``bw_fraction``: ``gbps`` / the bandwidth that applies (read bandwidth for a
   forward pass, which only reads; copy bandwidth, read plus write, for fwd+bwd);
 * ``floor_ms``: ``max(bytes moved / that bandwidth, exp evaluations / exp rate)``,
-  the least time the case can take here; ``floor_fraction`` = floor / median;
+  the least time the case can take here, plus, for a provider returning a fresh
+  gradient (``cases.FRESH_GRADIENT``), ``floor_touch_ms``: the first touch of
+  its pages at the measured first-touch rate; ``floor_fraction`` = floor / median.
+  The ceilings are the best of calibration rounds repeated until they settle,
+  measured again at the end of the run (``calibration_end``): a ceiling that
+  moved by more than 10% is flagged;
 * ``ratio_to_fastest``: median / the fastest median of the case;
 * ``ratio_to_fastest_peer``: median / the fastest median among the other
   providers' families (``fastloss-out`` is not a peer of ``fastloss-inplace``);
@@ -34,16 +39,17 @@ from . import cases as C
 from . import machine as M
 from .legend import LEGEND  # noqa: F401 - re-exported: the table's legend
 
-SCHEMA = "fastloss-bench/2"
+SCHEMA = "fastloss-bench/3"  # 3: ceilings are the best of stable rounds; first-touch floors
 #: Top-level keys of a result.
-RESULT_KEYS = ("schema", "machine", "conditions", "calibration", "settings", "warnings", "results")
+RESULT_KEYS = ("schema", "machine", "conditions", "calibration", "calibration_end", "settings",
+               "warnings", "results")
 #: Keys of every row of ``results``.
 ROW_KEYS = (
     "case", "op", "shape", "dtype", "mode", "provider", "family", "status", "note",
     "rounds", "times_ms", "warmup_ms", "median_ms", "min_ms", "loss",
     "bytes_moved", "exp_evals", "gbps", "bandwidth_gbps", "bw_fraction",
-    "floor_ms", "floor_bound", "floor_fraction", "ratio_to_fastest", "ratio_to_fastest_peer",
-    "speedup_vs_torch",
+    "floor_ms", "floor_bound", "floor_touch_ms", "floor_fraction", "ratio_to_fastest",
+    "ratio_to_fastest_peer", "speedup_vs_torch",
 )
 DEFAULT_THREADS = int(os.environ.get("FASTLOSS_BENCH_THREADS", "2"))
 DEFAULT_REPEAT = 5
@@ -87,6 +93,16 @@ def floor(case, calibration):
     return max(mem, exp), bw, ("memory" if mem >= exp else "exp")
 
 
+def touch_floor(case, calibration, provider):
+    """Seconds a call of ``provider`` pays to first-touch the fresh gradient it returns
+    (page faults and zeroing, ``calibration["first_touch_gbps"]``); 0 for forward
+    passes and for providers that write into a reused or the input's buffer."""
+    rate = calibration.get("first_touch_gbps")
+    if case.mode != "fwd+bwd" or provider not in C.FRESH_GRADIENT or not rate:
+        return 0.0
+    return case.bytes_written / (rate * 1e9)
+
+
 def new_row(case, provider):
     """A result row of (case, provider) with every key of :data:`ROW_KEYS`; timing fields None."""
     row = dict.fromkeys(ROW_KEYS)
@@ -100,10 +116,12 @@ def fill_row(row, case, times_s, calibration):
     """Set the timing and derived columns of ``row`` from ``times_s`` (seconds)."""
     med = statistics.median(times_s)
     fl, bw, bound = floor(case, calibration)
+    touch = touch_floor(case, calibration, row["provider"])
     row.update(status="ok", rounds=len(times_s), times_ms=[t * 1e3 for t in times_s],
                median_ms=med * 1e3, min_ms=min(times_s) * 1e3,
                gbps=case.bytes_moved / med / 1e9, bandwidth_gbps=bw,
-               floor_ms=fl * 1e3, floor_bound=bound, floor_fraction=fl / med)
+               floor_ms=(fl + touch) * 1e3, floor_bound=bound + ("+first-touch" if touch else ""),
+               floor_touch_ms=touch * 1e3, floor_fraction=(fl + touch) / med)
     row["bw_fraction"] = row["gbps"] / bw
     return row
 
@@ -145,11 +163,11 @@ def run(cases, providers=None, *, threads=None, repeat=DEFAULT_REPEAT, warmup=DE
     info = M.machine_info()
     conditions = M.run_conditions()  # the date and load when the run began
     plan = [(case, p) for case in cases for p in C.providers_for(case, providers)]
-    if calibration is None:
-        say(f"measuring bandwidth ({calibration_bytes / 2**20:.0f} MiB) and exp rate ...", "")
-        calibration = M.calibrate(calibration_bytes)
-        say(f" copy {calibration['copy_gbps']:.1f} GB/s, read {calibration['read_gbps']:.1f} GB/s, "
-            f"exp {calibration['exp_gps']:.2f} G/s")
+    measured = calibration is None
+    if measured:
+        say(f"measuring bandwidth ({calibration_bytes / 2**20:.0f} MiB), exp rate and first touch ...", "")
+        calibration = M.calibrate(calibration_bytes, cached=False)
+        say(" " + _ceilings_text(calibration))
     rows = []
     inputs, inputs_key = None, None
     for i, (case, provider) in enumerate(plan, 1):
@@ -184,11 +202,31 @@ def run(cases, providers=None, *, threads=None, repeat=DEFAULT_REPEAT, warmup=DE
     settings = {"threads": M.numba_threads(), "repeat": repeat, "warmup": warmup,
                 "max_time_s": max_time, "seed": seed, "command": None}
     warnings = M.noise_warnings(calibration, conditions, info["cores"], settings["threads"])
+    calibration_end = None
+    if measured:  # again at the end: a ceiling that moved during the run makes its floors suspect
+        say("measuring the ceilings again ...", "")
+        calibration_end = M.calibrate(calibration_bytes, cached=False)
+        say(" " + _ceilings_text(calibration_end))
+        warnings += M.calibration_moves(calibration, calibration_end)
     for w in warnings:
         say(f"warning: {w}")
     return {"schema": SCHEMA, "machine": info, "conditions": conditions,
-            "calibration": calibration, "settings": settings, "warnings": warnings,
-            "results": rows}
+            "calibration": calibration, "calibration_end": calibration_end, "settings": settings,
+            "warnings": warnings, "results": rows}
+
+
+def _ceilings_text(cal):
+    """The ceilings of a calibration with their spread over its rounds, in one line."""
+    def spread(key):
+        v = cal.get(f"{key}_spread")
+        return f" ±{v:.0%}" if v is not None else ""
+
+    touch = cal.get("first_touch_gbps")
+    return (f"copy {cal['copy_gbps']:.1f} GB/s{spread('copy_gbps')}, read {cal['read_gbps']:.1f} GB/s"
+            f"{spread('read_gbps')}, exp {cal['exp_gps']:.2f} G/s{spread('exp_gps')}"
+            + (f", first touch {touch:.1f} GB/s{spread('first_touch_gbps')}" if touch else "")
+            + (f" (best of {cal['rounds']} rounds{'' if cal.get('stable', True) else ', unsettled'})"
+               if cal.get("rounds") else ""))
 
 
 # --- output -----------------------------------------------------------------
@@ -268,6 +306,10 @@ def format_table(result):
         f"measured: copy {cal['copy_gbps']:.1f} GB/s (np.copyto, read+write), "
         f"read {cal['read_gbps']:.1f} GB/s (parallel sum), " + _exp_line(cal),
     ]
+    if cal.get("rounds"):
+        out.append("ceilings: " + _ceilings_text(cal) + "; ± is the spread over the rounds")
+    if result.get("calibration_end"):
+        out.append("at the end: " + _ceilings_text(result["calibration_end"]))
     load = _load_line(conditions)
     if load:
         out.append(load)
@@ -303,7 +345,7 @@ def format_table(result):
                              "stays in the CPU caches between calls, so the memory floor does not bind")
             else:
                 notes.append("faster than the floor: the ceilings were measured while the machine "
-                             "was busy (compare the *_best figures in the JSON); rerun")
+                             "was busy (see their spread over the rounds and at the end); rerun")
         out += [f"  note: {n}" for n in notes]
     return "\n".join(out) + "\n"
 
