@@ -574,11 +574,14 @@ def test_metrics_kernel_multi_block_rows(rng, dtype, acc, rtol):
     assert conf == pytest.approx(rc, rel=rtol * 10, abs=rtol)
 
 
-def test_metrics_kernel_nan_inf_and_ignored_rows(rng):
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_metrics_kernel_nan_inf_and_ignored_rows(rng, dtype):
+    """(float64 too: its exp of the -88 clamp is not 0, and an all -inf row once got
+    entropy log V and confidence 1/V.)"""
     from fastloss.cpu import eval_metrics as M
 
     v = M.ROW_BLOCK + 300
-    x = rng.standard_normal((6, v)).astype(np.float32)
+    x = rng.standard_normal((6, v)).astype(dtype)
     t = np.array([3, 3, 3, 3, 3, -1])
     x[0, v - 2] = np.nan  # NaN in a block summed against the running max
     x[1, 0] = np.nan  # ... in the first block
@@ -586,6 +589,6 @@ def test_metrics_kernel_nan_inf_and_ignored_rows(rng):
     x[3, :] = -np.inf  # all masked
     x[4, 1] = -np.nan  # a NaN with its sign bit set
     loss, ent, conf, rank = (np.full(6, 7.0), np.full(6, 7.0), np.full(6, 7.0), np.full(6, 7, np.int64))
-    M.eval_rows(x, t, np.float32(0), 2, loss, ent, conf, rank)
+    M.eval_rows(x, t, dtype(0), 2, loss, ent, conf, rank)
     assert np.isnan(loss[:5]).all() and np.isnan(ent[:5]).all() and np.isnan(conf[:5]).all()
     assert (loss[5], ent[5], conf[5], rank[5]) == (0.0, 0.0, 0.0, -1)  # ignored: written, zero

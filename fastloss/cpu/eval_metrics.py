@@ -187,7 +187,7 @@ def _row_eval(xr, t, zero):
         u += ub
         r += rb
         em = eb if eb > em else em
-    if not s > 0:  # NaN, or 0 for an all -inf row
+    if not s > 0 or m == -np.inf:  # NaN; an all -inf row (s = 0, or float64's exp(-88) > 0)
         return np.nan, np.nan, np.nan, r
     ls = math.log(s)
     return np.float64(m) + ls - np.float64(zt), ls - u / s, em / s, r
