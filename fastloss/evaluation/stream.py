@@ -1,5 +1,12 @@
-"""``evaluate``: stream a logits dump (or hidden states through an LM head) in chunks
-through the CPU kernels and total the metrics."""
+"""``evaluate``: stream a logits dump (or hidden states through an LM head, or the
+vocabulary slices of a tensor-parallel dump) in chunks through the CPU kernels and
+total the metrics.
+
+The dump is planned as tasks (``_plan``: row ranges that never cross a file of any
+input), each run by ``run_task`` (in this process, or on a Dask worker through
+``fastloss.evaluation.distributed``) into a ``metrics.Totals`` partial; ``_merge``
+adds the partials in task order, leaving out the files that failed under
+``on_invalid="skip"``."""
 
 import bisect
 import contextlib
