@@ -22,6 +22,15 @@ MIN_ELEMENTS_PER_TASK = 1 << 16
 #: 1.0-1.2x faster from 2**19 (forward 1.0-1.3x slower still, fused 0.8-0.9x).
 SERIAL_MAX_ELEMENTS = 1 << 18
 
+#: The fused cross-entropy kernels write a gradient of at least this many
+#: bytes into a buffer given as ``out=`` (float32 or float64) with
+#: streaming (non-temporal) stores on x86-64: its cache lines are written
+#: without being read first (an ordinary store to memory that is not in the
+#: cache reads each line before writing it: 3 transfers per element of a
+#: fused pass instead of 2). A smaller gradient is left in the caches, where
+#: its reader will find it. See docs/performance.md, "Streaming stores".
+STREAM_STORE_MIN_BYTES = 32 << 20
+
 #: The same for MSE (``fastloss.cpu.mse.mse_serial``): memory-bound, and each
 #: element is cheap, so the second thread pays off sooner (serial 1.1-1.7x
 #: faster up to 2**17 elements, 0.55x at 2**18).

@@ -423,6 +423,65 @@ def test_out(rng, dtype, tol, reduction):
     assert np.array_equal(to_float64(logits), to_float64(before))
 
 
+STREAM_OPTIONS = [
+    pytest.param({}, id="plain"),
+    pytest.param({"label_smoothing": 0.1, "z_loss": 1e-3}, id="smooth-zloss"),
+    pytest.param({"softcap": 7.0, "logit_scale": 0.9}, id="softcap"),
+    pytest.param({"weight": True}, id="weights"),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), np.dtype(np.float64)])
+@pytest.mark.parametrize("options", STREAM_OPTIONS)
+@pytest.mark.parametrize("V", [4099, 777])
+def test_out_streaming_stores_same_bits(rng, monkeypatch, dtype, options, V):
+    """A gradient written with streaming stores (``out=`` of at least
+    config.STREAM_STORE_MIN_BYTES, lowered here to 0) has the same bits as one
+    written with plain stores, and matches the float64 reference: rows over
+    several blocks with the target in any of them, -inf logits, ignored rows,
+    rows and an output not aligned to 64 bytes."""
+    N = 29
+    opts = dict(options)
+    if opts.pop("weight", False):
+        opts["weight"] = rng.uniform(0.5, 2.0, V).astype(dtype)
+    logits = make_logits(rng, (N, V), dtype)
+    logits[1, ::3] = -np.inf
+    targets = _targets_with_ignored(rng, N, V, -100)
+    targets[0] = V - 1
+    plain_out = np.full((N, V), np.nan, dtype)
+    monkeypatch.setattr(fastloss.config, "STREAM_STORE_MIN_BYTES", 1 << 62)
+    plain_loss, _ = fastloss.cross_entropy_with_grad(logits, targets, out=plain_out, **opts)
+    monkeypatch.setattr(fastloss.config, "STREAM_STORE_MIN_BYTES", 0)
+    buf = np.full(N * V + 3, np.nan, dtype)
+    out = buf[3:].reshape(N, V)  # 12 or 24 bytes past the buffer's alignment
+    loss, grad = fastloss.cross_entropy_with_grad(logits, targets, out=out, **opts)
+    assert grad is out
+    assert loss == plain_loss
+    assert np.array_equal(out.view(np.uint8), plain_out.view(np.uint8))
+    assert np.isnan(buf[:3]).all()
+    ref = ce_reference(logits, targets, **opts)
+    check_result(loss, grad, logits, "mean", TOLS[dtype], *ref)
+
+
+def test_streaming_stores_chosen_for_large_given_wide_buffers(monkeypatch):
+    """Streaming stores are used for a large ``out=`` buffer of 4- or 8-byte
+    floats that is not the logits, and not for half precision, in place, a
+    fresh gradient or a buffer under the threshold."""
+    from fastloss.cpu import cross_entropy as K
+    from fastloss.cpu.cross_entropy_host import gradient_blocks
+
+    monkeypatch.setattr(fastloss.config, "STREAM_STORE_MIN_BYTES", 4096)
+    x = np.zeros((8, 1000), np.float32)
+    g = np.zeros_like(x)
+    chosen = gradient_blocks(2, g, x, True)
+    assert chosen.shape[0] == 2 and chosen.dtype == g.dtype
+    assert chosen.shape[1] >= K.ROW_BLOCK if K.HAS_STREAM_STORES else chosen.shape[1] == 0
+    assert gradient_blocks(2, g, x, False).shape[1] == 0
+    assert gradient_blocks(2, x, x, True).shape[1] == 0
+    assert gradient_blocks(2, np.zeros((8, 1000), np.uint16), x, True).shape[1] == 0
+    assert gradient_blocks(2, g[:1, :100], x, True).shape[1] == 0
+
+
 @pytest.mark.parametrize("dtype,tol", DTYPES)
 def test_out_nd_and_noncontiguous_logits(rng, dtype, tol):
     logits = make_logits(rng, (3, 5, 2 * 129), dtype)[..., ::2]

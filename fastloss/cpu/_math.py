@@ -8,6 +8,7 @@ float32 is a scalar libm call, ~10x slower here; see PERF.md).
 """
 
 import math
+import platform
 
 import numpy as np
 from llvmlite import ir
@@ -96,10 +97,15 @@ def _pow2(typingctx, k):
 @njit(fastmath=_FM)
 def exp_f32(x):
     """exp(x) for float32 x <= 88 (softmax arguments x - max are <= 0); relative
-    error < 5e-7. Arguments below -87.3 (including -inf) give exactly 0; NaN gives NaN.
+    error < 5e-7 (3.9e-7 measured over [-87, 88]). Arguments below -87.3
+    (including -inf) give exactly 0; NaN gives NaN.
 
-    exp(x) = 2**k * exp(r), k = round(x / ln 2), |r| <= ln2 / 2, exp(r) by a
-    degree-6 polynomial; 2**k is built from exponent bits. k is rounded with
+    exp(x) = 2**k * exp(r), k = round(x / ln 2), |r| <= ln2 / 2, exp(r) =
+    1 + r + r**2 q(r) with q a cubic fitted for the least maximum relative
+    error on that interval (1.6e-7 in float32; the kernels' exp loops are
+    bound by the FMA pipes, and a cubic instead of the Taylor quartic saves one
+    FMA of nine per element: 7-8% faster from L1 on Zen 4, see
+    docs/performance.md); 2**k is built from exponent bits. k is rounded with
     the 1.5 * 2**23 shifter and read back from the float's bits (no floor, no
     float->int conversion; together ~2.4x faster than a floor-based version
     here). k is converted back with an int->float cast rather than by
@@ -111,11 +117,10 @@ def exp_f32(x):
     kf = _i32_to_f32(ki)
     r = xc - kf * np.float32(0.693359375)
     r = r - kf * np.float32(-2.12194440e-4)
-    p = np.float32(1.3981999507e-3)
-    p = p * r + np.float32(8.3334519073e-3)
-    p = p * r + np.float32(4.1665795894e-2)
-    p = p * r + np.float32(1.6666665459e-1)
-    p = p * r + np.float32(5.0000001201e-1)
+    p = np.float32(8.31253e-3)
+    p = p * r + np.float32(4.189011e-2)
+    p = p * r + np.float32(1.6667114e-1)
+    p = p * r + np.float32(4.999923e-1)
     p = p * r * r + r + np.float32(1.0)
     y = p * _pow2(ki)
     return np.float32(0.0) if x < np.float32(-87.3) else y
@@ -526,3 +531,80 @@ def i64_as_f64(typingctx, b):
         return builder.bitcast(args[0], _F64)
 
     return types.float64(types.int64), codegen
+
+
+# Streaming (non-temporal) stores --------------------------------------------------------
+
+#: Whether this CPU has non-temporal vector stores and ``sfence`` (x86-64).
+HAS_STREAM_STORES = platform.machine().lower() in ("x86_64", "amd64")
+
+_V16I32 = ir.VectorType(_I32, 16)
+
+
+def _data_pointer(context, builder, aryty, ary):
+    """The data pointer of a numba array value, as an i8*."""
+    return builder.bitcast(context.make_array(aryty)(context, builder, ary).data, ir.IntType(8).as_pointer())
+
+
+@intrinsic
+def stream_copy(typingctx, dst, src):
+    """dst[:n] = src[:n], n = src.shape[0] (1-D C-order arrays of one dtype,
+    ``dst`` at least as long), the bulk with non-temporal stores of aligned
+    64-byte lines: the lines go to memory without being read first (no
+    read-for-ownership) and without evicting the caches. Head and tail (up to
+    63 bytes each) are copied element by element with plain stores. Without
+    ``HAS_STREAM_STORES`` every store is plain. The stores are weakly ordered:
+    :func:`store_fence` must run before another thread reads ``dst``."""
+    if not (isinstance(dst, types.Array) and isinstance(src, types.Array) and dst.ndim == 1
+            and src.ndim == 1 and dst.dtype == src.dtype and dst.layout == "C" and src.layout == "C"):
+        return None
+
+    def codegen(context, builder, sig, args):
+        dty, sty = sig.args
+        intp = context.get_value_type(types.intp)
+        item = context.get_abi_sizeof(context.get_data_type(dty.dtype))
+        elt = context.get_data_type(dty.dtype)
+        sary = context.make_array(sty)(context, builder, args[1])
+        n = cgutils.unpack_tuple(builder, sary.shape, 1)[0]
+        d = _data_pointer(context, builder, dty, args[0])
+        s = _data_pointer(context, builder, sty, args[1])
+        nbytes = builder.mul(n, ir.Constant(intp, item))
+        # Elements before the first 64-byte boundary of dst (all of them for a short copy).
+        mis = builder.and_(builder.sub(ir.Constant(intp, 0), builder.ptrtoint(d, intp)), ir.Constant(intp, 63))
+        head = builder.select(builder.icmp_signed("<", nbytes, mis), nbytes, mis)
+        body_end = builder.add(head, builder.and_(builder.sub(nbytes, head), ir.Constant(intp, ~63)))
+        if not HAS_STREAM_STORES:
+            head = body_end = nbytes
+
+        def copy_elements(lo, hi):
+            with cgutils.for_range_slice(builder, lo, hi, ir.Constant(intp, item), intp=intp) as (off, _):
+                sp = builder.bitcast(builder.gep(s, [off]), elt.as_pointer())
+                dp = builder.bitcast(builder.gep(d, [off]), elt.as_pointer())
+                builder.store(builder.load(sp, align=item), dp, align=item)
+
+        copy_elements(ir.Constant(intp, 0), head)
+        nt = builder.module.add_metadata([ir.Constant(_I32, 1)])
+        with cgutils.for_range_slice(builder, head, body_end, ir.Constant(intp, 64), intp=intp) as (off, _):
+            sp = builder.bitcast(builder.gep(s, [off]), _V16I32.as_pointer())
+            dp = builder.bitcast(builder.gep(d, [off]), _V16I32.as_pointer())
+            st = builder.store(builder.load(sp, align=1), dp, align=64)
+            st.set_metadata("nontemporal", nt)
+        copy_elements(body_end, nbytes)
+        return context.get_dummy_value()
+
+    return types.void(dst, src), codegen
+
+
+@intrinsic
+def store_fence(typingctx):
+    """``sfence``: the streaming stores issued so far are globally visible
+    before any later store (no-op without ``HAS_STREAM_STORES``)."""
+
+    def codegen(context, builder, sig, args):
+        if HAS_STREAM_STORES:
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                                "llvm.x86.sse.sfence")
+            builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen

@@ -42,8 +42,15 @@ Raw logits skip the per-block max pass after the first block
 reference max and accepted unless their sum passes ``LAZY_SUM_LIMIT``, in
 which case the block is redone against its own max. ``m`` below is then that
 reference (at most ~21 below the true max), which changes nothing in the
-formulas; ``lse`` is formed in float64. Half-precision rows are prefetched
-one row ahead (``PREFETCH_MAX_ITEMSIZE``).
+formulas; ``lse`` is formed in float64. In the fused kernel, each block of
+the next half-precision row is prefetched during the gradient pass
+(``PREFETCH_MAX_ITEMSIZE``); the forward kernels do not prefetch
+(``FORWARD_PREFETCH_MAX_ITEMSIZE``).
+
+A large ``out=`` buffer of float32/float64 is written with streaming stores
+(``gblocks``, ``_math.stream_copy``): each gradient block is formed in a
+per-task buffer in L1 and copied to ``out`` in non-temporal 64-byte lines,
+which are not read from memory first (``config.STREAM_STORE_MIN_BYTES``).
 """
 
 import math
@@ -55,7 +62,7 @@ from numba import njit, prange
 from .. import _compile, config
 from ..codes import PLAIN, SCALED, SOFTCAP
 from ..options import Transform
-from ._math import as_acc, exp, load, prefetch, row_max, store, tanh
+from ._math import HAS_STREAM_STORES, as_acc, exp, load, prefetch, row_max, store, store_fence, stream_copy, tanh
 from ._rows import (LAZY_SUM_LIMIT, ROW_BLOCK, inline_into, n_row_blocks, row_transform, task_rows,
                     task_scratch)
 
@@ -64,9 +71,9 @@ _compile.install()  # the one-line notice before a cold compile
 _FM = config.FASTMATH
 
 # The row plumbing of ``_rows`` is re-exported for the host code and the other row kernels.
-__all__ = ["CEConstants", "CEScratch", "LAZY_SUM_LIMIT", "PREFETCH_MAX_ITEMSIZE", "PREFETCH_STEP", "ROW_BLOCK",
-           "ce_forward", "ce_fused", "ce_serial_forward", "ce_serial_fused", "lse_forward", "n_row_blocks",
-           "task_rows", "task_scratch"]
+__all__ = ["CEConstants", "CEScratch", "FORWARD_PREFETCH_MAX_ITEMSIZE", "HAS_STREAM_STORES", "LAZY_SUM_LIMIT",
+           "PREFETCH_MAX_ITEMSIZE", "PREFETCH_STEP", "ROW_BLOCK", "ce_forward", "ce_fused", "ce_serial_forward",
+           "ce_serial_fused", "lse_forward", "n_row_blocks", "task_rows", "task_scratch"]
 
 
 class CEConstants(NamedTuple):
@@ -94,12 +101,19 @@ class CEScratch(NamedTuple):
     shifts: np.ndarray
 
 
-#: Software prefetch of the next row, block by block, for logits of at most
-#: this itemsize (half precision). Those rows are read at half the bytes per
-#: exp, and the kernels were latency-bound at row starts: at 4096x32000 bf16
-#: fwd+bwd went 28 -> 20.5 ms and forward 11.5 -> 10.6 ms. float32 rows
-#: already keep memory busy and got slower with it (fwd+bwd 25 -> 34-40 ms).
+#: Software prefetch of the next row, block by block, in the fused kernel's
+#: gradient pass, for logits of at most this itemsize (half precision). Those
+#: rows are read at half the bytes per exp, and the kernels were latency-bound
+#: at row starts: on a Zen 5 host 4096x32000 bf16 fwd+bwd went 28 -> 20.5 ms.
+#: float32 rows already keep memory busy and got slower with it (fwd+bwd 25 ->
+#: 34-40 ms).
 PREFETCH_MAX_ITEMSIZE = 2
+
+#: The same for the forward kernels (``ce_forward``, ``lse_forward``): 0, no
+#: prefetch. Their exp pass has no gradient pass to overlap the fetch with,
+#: and on a Zen 4 host the prefetch made 4096x32000 bf16 forward slower
+#: (21.8 -> 25.9 ms, same run); on Zen 5 it had gained 8% (11.5 -> 10.6 ms).
+FORWARD_PREFETCH_MAX_ITEMSIZE = 0
 
 #: Prefetch stride in elements: every 32-byte half line of a 2-byte row.
 PREFETCH_STEP = 16
@@ -130,10 +144,10 @@ def _row_exp_store(zr, er, m):
 
 
 @njit(fastmath=_FM, _nrt=False, inline=_in_rows)
-def _next_row(x, i, hi):
+def _next_row(x, i, hi, max_itemsize):
     """(row to prefetch, whether to): row i + 1 of the task's rows [.., hi) for
-    logits of at most ``PREFETCH_MAX_ITEMSIZE`` bytes, else none."""
-    ahead = i + 1 < hi and x.itemsize <= PREFETCH_MAX_ITEMSIZE
+    logits of at most ``max_itemsize`` bytes, else none."""
+    ahead = i + 1 < hi and x.itemsize <= max_itemsize
     return (x[i + 1] if ahead else x[i]), ahead
 
 
@@ -327,7 +341,7 @@ def _row_grad(er, tr, w, has_w, mode, scale, a, c, orow):
 def _forward_row(x, i, hi, t, w, tf, k, zr, tr):
     """(ce_i, lse_i) of counted row ``i`` (target ``t``) of a task whose rows end
     at ``hi``: the statistics, then the loss (weighted, smoothed, without z-loss)."""
-    nxt, ahead = _next_row(x, i, hi)
+    nxt, ahead = _next_row(x, i, hi, FORWARD_PREFETCH_MAX_ITEMSIZE)
     shift, s, zt, smooth = _row_stats(x[i], t, w, tf, k, zr, tr, zr, False, zr[:0], nxt, ahead)
     scale = tf[1]
     wt = w[t] if k.has_w else scale - scale + 1
@@ -381,7 +395,7 @@ def lse_forward(x, tf, scratch, lse):
         zr = zbuf[task]
         tr = tbuf[task]
         for i in range(lo, hi):
-            nxt, ahead = _next_row(x, i, hi)
+            nxt, ahead = _next_row(x, i, hi, FORWARD_PREFETCH_MAX_ITEMSIZE)
             shift, s, zt, smooth = _row_stats(x[i], 0, w, tf, k, zr, tr, zr, False, zr[:0], nxt, ahead)
             lse[i] = as_acc(_row_lse(shift, s), s)
 
@@ -404,11 +418,13 @@ def _target_grad(a, pt, c, wj, g, eps, wt, d):
 
 
 @njit(fastmath=_FM, _nrt=False, inline=_in_rows)
-def _fused_row(x, i, hi, t, w, tf, k, g, gzi, orow, er, tr, shifts):
+def _fused_row(x, i, hi, t, w, tf, k, g, gzi, orow, er, tr, shifts, gb):
     """Loss and gradient of row ``i`` of a task whose rows end at ``hi``:
     returns (ce_i, lse_i) and writes ``orow`` (which may be ``x[i]``: the row is
     fully read first). ``t < 0``: an ignored row (zero gradient, zero loss);
-    ``g``/``gzi``: the row's upstream coefficients (see :func:`ce_fused`)."""
+    ``g``/``gzi``: the row's upstream coefficients (see :func:`ce_fused`).
+    ``gb``: the task's gradient block buffer (storage type, ``ROW_BLOCK``
+    long) when the gradient is written with streaming stores, else empty."""
     nclass = x.shape[1]
     mode, scale, cap = tf
     has_w, wsum, eps, zl = k
@@ -428,7 +444,13 @@ def _fused_row(x, i, hi, t, w, tf, k, g, gzi, orow, er, tr, shifts):
             store(orow, j, one - one)
         return ce, l
     a, c = _grad_coefficients(g, gzi, wt, wsum, eps, zl, l, s, nclass)
-    nxt, ahead = _next_row(x, i, hi)
+    # The target's extra -gce (1 - eps) w_t term, rounded once with the rest.
+    d = scale * (one - tr[t] * tr[t]) if mode == SOFTCAP else scale
+    wj = w[t] if has_w else one
+    pt = er[t] * exp(shifts[t // ROW_BLOCK] - shift)
+    tg = _target_grad(a, pt, c, wj, g, eps, wt, d)
+    stream = gb.shape[0] > 0
+    nxt, ahead = _next_row(x, i, hi, PREFETCH_MAX_ITEMSIZE)
     for b in range((nclass + ROW_BLOCK - 1) // ROW_BLOCK):
         # Block b's exps are relative to shifts[b]; exp(-inf - shift) = 0
         # for blocks that were all -inf when they were seen.
@@ -439,29 +461,39 @@ def _fused_row(x, i, hi, t, w, tf, k, g, gzi, orow, er, tr, shifts):
             # cache, so memory stays busy between the rows' read sweeps.
             _prefetch_block(nxt, blo, bhi)
         ab = a * exp(shifts[b] - shift)
-        _row_grad(er[blo:bhi], tr[blo:bhi] if mode == SOFTCAP else tr,
-                  w[blo:bhi] if has_w else w, has_w, mode, scale, ab, c, orow[blo:bhi])
-    # The target's extra -gce (1 - eps) w_t term, rounded once with the rest.
-    d = scale * (one - tr[t] * tr[t]) if mode == SOFTCAP else scale
-    wj = w[t] if has_w else one
-    pt = er[t] * exp(shifts[t // ROW_BLOCK] - shift)
-    store(orow, t, _target_grad(a, pt, c, wj, g, eps, wt, d))
+        trb = tr[blo:bhi] if mode == SOFTCAP else tr
+        wb = w[blo:bhi] if has_w else w
+        if stream:
+            # Into the task's block buffer (in L1), then to memory in
+            # streaming stores: no read of the output's lines first.
+            gbb = gb[:bhi - blo]
+            _row_grad(er[blo:bhi], trb, wb, has_w, mode, scale, ab, c, gbb)
+            if blo <= t < bhi:
+                store(gbb, t - blo, tg)
+            stream_copy(orow[blo:bhi], gbb)
+        else:
+            _row_grad(er[blo:bhi], trb, wb, has_w, mode, scale, ab, c, orow[blo:bhi])
+    if not stream:
+        store(orow, t, tg)
     return ce, l
 
 
 @njit(fastmath=_FM, _nrt=False)
-def _fused_rows(x, tgt, ignore_index, w, tf, k, gce, gz, out, er, tr, shifts, lo, hi, loss, lse):
+def _fused_rows(x, tgt, ignore_index, w, tf, k, gce, gz, out, er, tr, shifts, gb, lo, hi, loss, lse):
     """Rows [lo, hi) of the fused pass (see :func:`ce_fused`); rows whose
-    target equals ``ignore_index`` or is negative are ignored."""
+    target equals ``ignore_index`` or is negative are ignored. A non-empty
+    ``gb`` streams the gradient to memory (fenced before returning)."""
     for i in range(lo, hi):
         t = tgt[i]
         if t == ignore_index:
             t = -1
-        loss[i], lse[i] = _fused_row(x, i, hi, t, w, tf, k, gce[i], gz[i], out[i], er, tr, shifts)
+        loss[i], lse[i] = _fused_row(x, i, hi, t, w, tf, k, gce[i], gz[i], out[i], er, tr, shifts, gb)
+    if gb.shape[0] > 0:
+        store_fence()
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def ce_fused(x, tgt, w, tf, k, gce, gz, out, scratch, loss, lse):
+def ce_fused(x, tgt, w, tf, k, gce, gz, out, scratch, gblocks, loss, lse):
     """Forward and backward in one sweep per row: ``loss``/``lse`` as in
     :func:`ce_forward` and ``out[i, j] = d(sum_i gce_i ce_i + gz_i zl lse_i**2)/dx_ij``.
 
@@ -469,14 +501,18 @@ def ce_fused(x, tgt, w, tf, k, gce, gz, out, scratch, loss, lse):
     is written. In ``scratch`` (a ``CEScratch``), ``z`` is always (ntask, V);
     ``t`` is (ntask, V) under softcap, else (ntask, 0); ``shifts`` is (ntask,
     n_row_blocks(V)): the running max each block's stored exponentials are
-    relative to.
+    relative to. ``gblocks``: (ntask, >= ROW_BLOCK) of ``out``'s storage type
+    to write the gradient with streaming stores (``_math.stream_copy``; for a
+    large ``out`` that is not ``x``), or (ntask, 0) for plain stores.
     """
     n = x.shape[0]
     zbuf, tbuf, sbuf = scratch
     ntask = zbuf.shape[0]
     for task in prange(ntask):
         lo, hi = task_rows(ntask, n, task)
-        _fused_rows(x, tgt, -1, w, tf, k, gce, gz, out, zbuf[task], tbuf[task], sbuf[task], lo, hi, loss, lse)
+        gb = gblocks[task, :ROW_BLOCK] if gblocks.shape[1] > 0 else gblocks[task]
+        _fused_rows(x, tgt, -1, w, tf, k, gce, gz, out, zbuf[task], tbuf[task], sbuf[task], gb, lo, hi,
+                    loss, lse)
 
 
 @njit
@@ -591,6 +627,6 @@ def ce_serial_fused(x, tgt, ignore_index, w, has_w, wsum, mode, scale, cap, eps,
             gce[i] = g_ce
             gz[i] = g_z
     _fused_rows(x, tgt, ignore_index, w, Transform(mode, scale, cap), CEConstants(has_w, wsum, eps, zl),
-                gce, gz, out, er, tr, shifts, 0, n, loss, lse)
+                gce, gz, out, er, tr, shifts, out[0, :0], 0, n, loss, lse)
     ce_sum, zz_sum = _serial_sums(loss, lse, zl, per_row)
     return nbad, first, ce_sum, zz_sum, count, twsum

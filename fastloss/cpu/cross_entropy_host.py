@@ -122,6 +122,23 @@ class CrossEntropyPlan(RowReduction):
                            K.task_scratch(ntask, K.n_row_blocks(self.nclass) if fused else 0, self.acc))
 
 
+def gradient_blocks(ntask, grad, x, given):
+    """The fused kernels' ``gblocks`` argument: per-task gradient blocks of
+    ``grad``'s (kernel view) dtype when the gradient should go to memory in
+    streaming stores, else (ntask, 0).
+
+    Streaming paid (docs/performance.md, "Streaming stores") only for a
+    ``given`` buffer (``out=``) of 4- or 8-byte floats that is large (at least
+    ``config.STREAM_STORE_MIN_BYTES``: it will not be read back from the
+    caches) and is not ``x`` (an in-place row was just read, so its lines are
+    in the cache already). A fresh array's cost is its page faults, which
+    streaming does not save, and the half-precision kernels are bound by
+    arithmetic, which the extra copy through the block adds to."""
+    stream = (K.HAS_STREAM_STORES and given and grad.itemsize >= 4
+              and grad.nbytes >= config.STREAM_STORE_MIN_BYTES and not np.may_share_memory(grad, x))
+    return K.task_scratch(ntask, K.ROW_BLOCK if stream else 0, grad.dtype)
+
+
 def cross_entropy(logits, targets, weight, opts):
     """``fastloss.cross_entropy`` on host arrays."""
     small = _serial_inputs(logits, targets, opts)
@@ -161,9 +178,10 @@ def cross_entropy_with_grad(logits, targets, weight, opts, grad_output, out, inp
         xk = V.kernel_view(x).reshape(n, plan.nclass)
         gk = V.kernel_view(grad).reshape(n, plan.nclass)
         scratch = plan.scratch(n, fused=True)
-        with V.kernel_launch(scratch.z.shape[0]):
+        ntask = scratch.z.shape[0]
+        with V.kernel_launch(ntask):
             K.ce_fused(xk, plan.tgt, plan.kernel_weight(), plan.transform(), plan.constants(),
-                       gce, gz, gk, scratch, loss, lse)
+                       gce, gz, gk, scratch, gradient_blocks(ntask, gk, xk, out is not None), loss, lse)
     if copy_back:
         x[...] = grad
     if inplace:

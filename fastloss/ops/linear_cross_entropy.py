@@ -251,7 +251,7 @@ def linear_cross_entropy_with_grad(hidden, lm_head, /, targets, *, bias=None, we
             nt = min(scratch.z.shape[0], c)
             with V.kernel_launch(nt):
                 K.ce_fused(x, _sub(idx, ce.tgt), w, tf, k, _sub(idx, gce), _sub(idx, gz), x,
-                           _tasks(scratch, nt), lrow[:c], srow[:c])
+                           _tasks(scratch, nt), x[:nt, :0], lrow[:c], srow[:c])
             loss[idx] = lrow[:c]
             lse[idx] = srow[:c]
             sweep.backward(idx, c, hc, x)  # x now holds dL/dlogits of the chunk
