@@ -176,3 +176,59 @@ def test_stream_copy_uses_streaming_stores_on_x86():
         assert "sfence" in asm
     else:
         assert "movnt" not in asm
+
+
+@njit
+def _affine_scalar(out, er, a, c):
+    """The scalar loop store_affine replaces for bfloat16 rows."""
+    for j in range(er.shape[0]):
+        M.store(out, j, a * er[j] - c)
+
+
+@njit
+def _affine(out, er, a, c, finite):
+    M.store_affine(out, er, a, c, finite)
+
+
+def test_store_affine_bf16_same_bits_as_the_scalar_store(rng):
+    """The vectorised bfloat16 store (bulk of 32 + scalar tail) writes exactly
+    the bits of the scalar loop, and those are ml_dtypes' rounding of the
+    float32 value: ties, values just off the ties, subnormal and overflowing
+    results, NaN and +-inf, at every length around the 32-element step and
+    nothing past n."""
+    vals = _encode_cases(rng)[-200_000:].copy()
+    a, c = np.float32(1.0), np.float32(0.0)  # a * v - c == v: the encode cases reach the rounding unchanged
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ref = vals.astype(ml_dtypes.bfloat16).view(np.uint16)
+    for finite in (False, True):
+        # The finite variant gets the values without NaN, which is its contract.
+        v = vals[~np.isnan(vals)] if finite else vals
+        r = ref[~np.isnan(vals)] if finite else ref
+        got = np.empty(v.size, np.uint16)
+        _affine(got, v, a, c, finite)
+        same = _same_bits(got, r, ml_dtypes.bfloat16)
+        assert same.all(), (finite, v[~same][:5], got[~same][:5], r[~same][:5])
+    er = (rng.standard_normal(300) * 3).astype(np.float32)
+    er[[40, 77, 101]] = [np.inf, 1e-39, 3.4e38]
+    er_nan = er.copy()
+    er_nan[3] = np.nan
+    for a, c in ((np.float32(0.37), np.float32(1.3e-5)), (np.float32(-2.5), np.float32(-0.75))):
+        for n in (0, 1, 31, 32, 33, 63, 64, 65, 100, 257):
+            for src, finite in ((er_nan, False), (er, False), (er, True)):
+                got = np.full(300, 0xABCD, np.uint16)
+                want = np.full(300, 0xABCD, np.uint16)
+                _affine(got, src[:n], a, c, finite)
+                _affine_scalar(want, src[:n], a, c)
+                assert np.array_equal(got, want), (n, a, c, finite)
+
+
+def test_store_affine_bf16_is_one_word_shuffle_per_32():
+    """The bfloat16 bulk packs two rounded vectors with one word shuffle
+    (vpermt2w / vpermi2w on AVX-512BW; AVX2 code packs otherwise), not a
+    vpmovdw store per 16 elements."""
+    out, er = np.empty(64, np.uint16), np.ones(64, np.float32)
+    _affine(out, er, np.float32(1.0), np.float32(0.0), False)
+    asm = _affine.inspect_asm(_affine.signatures[0])
+    if "zmm" in asm:
+        assert "vpermt2w" in asm or "vpermi2w" in asm

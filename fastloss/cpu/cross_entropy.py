@@ -62,7 +62,8 @@ from numba import njit, prange
 from .. import _compile, config
 from ..codes import PLAIN, SCALED, SOFTCAP
 from ..options import Transform
-from ._math import HAS_STREAM_STORES, as_acc, exp, load, prefetch, row_max, store, store_fence, stream_copy, tanh
+from ._math import (HAS_STREAM_STORES, as_acc, exp, load, prefetch, row_max, store, store_affine, store_fence,
+                    stream_copy, tanh)
 from ._rows import (LAZY_SUM_LIMIT, ROW_BLOCK, inline_into, n_row_blocks, row_transform, task_rows,
                     task_scratch)
 
@@ -315,8 +316,8 @@ def _row_loss(shift, s, zt, smooth, wt, wsum, eps, nclass):
 
 
 @njit(fastmath=_FM, _nrt=False, inline=_in_rows)
-def _row_grad(er, tr, w, has_w, mode, scale, a, c, orow):
-    """orow[j] = (a e_j - c w_j) dz_j/dx_j."""
+def _row_grad(er, tr, w, has_w, mode, scale, a, c, finite, orow):
+    """orow[j] = (a e_j - c w_j) dz_j/dx_j (``finite``: every e_j, a and c are finite)."""
     n = er.shape[0]
     one = scale - scale + 1
     if mode == SOFTCAP:
@@ -333,8 +334,7 @@ def _row_grad(er, tr, w, has_w, mode, scale, a, c, orow):
             for j in range(n):
                 store(orow, j, a * er[j] - c * w[j])
         else:
-            for j in range(n):
-                store(orow, j, a * er[j] - c)
+            store_affine(orow, er, a, c, finite)
 
 
 @njit(fastmath=_FM, _nrt=False, inline=_in_rows)
@@ -449,6 +449,10 @@ def _fused_row(x, i, hi, t, w, tf, k, g, gzi, orow, er, tr, shifts, gb):
     wj = w[t] if has_w else one
     pt = er[t] * exp(shifts[t // ROW_BLOCK] - shift)
     tg = _target_grad(a, pt, c, wj, g, eps, wt, d)
+    # A finite sum means every stored exp is finite (each is >= 0 and at most
+    # the sum), and each block's factor exp(shifts[b] - shift) is <= 1: with
+    # finite coefficients no gradient value is NaN.
+    finite = math.isfinite(s) and math.isfinite(a) and math.isfinite(c)
     stream = gb.shape[0] > 0
     nxt, ahead = _next_row(x, i, hi, PREFETCH_MAX_ITEMSIZE)
     for b in range((nclass + ROW_BLOCK - 1) // ROW_BLOCK):
@@ -467,12 +471,12 @@ def _fused_row(x, i, hi, t, w, tf, k, g, gzi, orow, er, tr, shifts, gb):
             # Into the task's block buffer (in L1), then to memory in
             # streaming stores: no read of the output's lines first.
             gbb = gb[:bhi - blo]
-            _row_grad(er[blo:bhi], trb, wb, has_w, mode, scale, ab, c, gbb)
+            _row_grad(er[blo:bhi], trb, wb, has_w, mode, scale, ab, c, finite, gbb)
             if blo <= t < bhi:
                 store(gbb, t - blo, tg)
             stream_copy(orow[blo:bhi], gbb)
         else:
-            _row_grad(er[blo:bhi], trb, wb, has_w, mode, scale, ab, c, orow[blo:bhi])
+            _row_grad(er[blo:bhi], trb, wb, has_w, mode, scale, ab, c, finite, orow[blo:bhi])
     if not stream:
         store(orow, t, tg)
     return ce, l
