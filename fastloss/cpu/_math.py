@@ -668,7 +668,7 @@ def _affine_bf16_bulk(finite):
             eary = context.make_array(ety)(context, builder, args[1])
             n = cgutils.unpack_tuple(builder, eary.shape, 1)[0]
             o = _data_pointer(context, builder, oty, args[0])
-            e = _data_pointer(context, builder, ety, args[1])
+            e = builder.bitcast(eary.data, ir.IntType(8).as_pointer())
             fmuladd = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(_V16F32, [_V16F32] * 3), "llvm.fmuladd.v16f32")
             av = _splat(builder, _V16F32, args[2])
@@ -702,10 +702,11 @@ affine_bf16_bulk_finite = _affine_bf16_bulk(True)
 def store_affine(row, er, a, c, finite):
     """row[j] = a er[j] - c (rounded once to the row's storage type) for j < er.shape[0].
 
-    ``finite``: the caller knows every ``a er[j] - c`` is finite (the fused
-    cross-entropy row's sum and coefficients are); bfloat16 rows then skip the
-    NaN check, a compare and a blend per vector of the rounding, which AVX2
-    code pays most for."""
+    ``finite``: the caller knows ``a``, ``c`` and every ``er[j]`` are finite
+    (the fused cross-entropy row's are when its sum is), so no ``a er[j] - c``
+    is NaN (it may still round to +-inf); bfloat16 rows then skip the NaN
+    check, a compare and a blend per vector of the rounding, which AVX2 code
+    pays most for."""
 
 
 @overload(store_affine, fastmath=_FM)
@@ -724,4 +725,3 @@ def _store_affine_ol(row, er, a, c, finite):
             for j in range(er.shape[0]):
                 store(row, j, a * er[j] - c)
     return impl
-
